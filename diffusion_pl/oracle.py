@@ -1,0 +1,109 @@
+"""An analytic oracle: Gaussian-mixture data, whose noisy marginals are closed form (DESIGN section 6).
+
+If x0 ~ sum_k w_k N(mu_k, s_k^2 I) then x_t = alpha x0 + sigma eps has
+p_t = sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I) for every process, so the exact
+score, the exact posterior means E[x0 | x_t] and E[eps | x_t] (hence the exact output of
+every parameterization) and the exact log-density are known. Plugging `model()` into a
+sampler or into the likelihood tests them against exact answers instead of golden numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from diffusion_pl.prediction import Model, Prediction
+from diffusion_pl.processes import Process
+
+__all__ = ["GaussianMixture"]
+
+
+class GaussianMixture:
+    """Isotropic Gaussian mixture sum_k w_k N(mu_k, s_k^2 I) in D dimensions, the exact 'perfect network'."""
+
+    def __init__(self, weights: Tensor, means: Tensor, stds: Tensor) -> None:
+        weights, means, stds = (torch.as_tensor(v, dtype=torch.float64) for v in (weights, means, stds))
+        if means.ndim != 2 or weights.shape != (means.shape[0],) or stds.shape != (means.shape[0],):
+            raise ValueError("expected weights (K,), means (K, D) and stds (K,), got "
+                             f"{tuple(weights.shape)}, {tuple(means.shape)}, {tuple(stds.shape)}")
+        if (weights <= 0).any() or (stds <= 0).any():
+            raise ValueError("mixture weights and stds must be positive")
+        self.weights = weights / weights.sum()
+        self.means = means
+        self.stds = stds
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @classmethod
+    def random(cls, num_components: int = 3, dim: int = 2, seed: int = 0, spread: float = 1.0,
+               std_range: tuple[float, float] = (0.1, 0.3)) -> "GaussianMixture":
+        """A reproducible mixture with unequal weights; means ~ N(0, spread^2 I)."""
+        g = torch.Generator().manual_seed(seed)
+        weights = torch.linspace(1.0, 2.0, num_components, dtype=torch.float64)  # unequal on purpose
+        means = spread * torch.randn(num_components, dim, generator=g, dtype=torch.float64)
+        lo, hi = std_range
+        stds = lo + (hi - lo) * torch.rand(num_components, generator=g, dtype=torch.float64)
+        return cls(weights, means, stds)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, return_components: bool = False):
+        """Exact samples (n, D) in float64 (and their component indices if asked)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        x = self.means[k] + self.stds[k, None] * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (x, k) if return_components else x
+
+    # -- closed-form marginals ------------------------------------------------------------------
+    def _marginal(self, x_t: Tensor, t: Tensor, process: Process):
+        """Per-component quantities at (x_t, t): responsibilities r (B, K) and the pieces below."""
+        x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0])
+        alpha = process.alpha(t)[:, None]  # (B, 1)
+        sigma = process.sigma(t)[:, None]
+        var = alpha**2 * self.stds[None] ** 2 + sigma**2  # (B, K)
+        diff = x[:, None, :] - alpha[:, :, None] * self.means[None]  # (B, K, D)
+        logp_k = (torch.log(self.weights)[None] - 0.5 * (diff**2).sum(-1) / var
+                  - 0.5 * self.dim * torch.log(2 * math.pi * var))  # (B, K)
+        return x, alpha, sigma, var, diff, logp_k
+
+    def log_prob(self, x_t: Tensor, t: Tensor | float | None = None, process: Process | None = None) -> Tensor:
+        """Exact log p_t(x_t) (B,); with t=None, the data density log p_0(x)."""
+        if t is None:
+            x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
+            diff = x[:, None, :] - self.means[None]
+            var = self.stds[None] ** 2
+            logp_k = torch.log(self.weights)[None] - 0.5 * (diff**2).sum(-1) / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+            return torch.logsumexp(logp_k, 1)
+        return torch.logsumexp(self._marginal(x_t, t, process)[-1], 1)
+
+    def posterior_means(self, x_t: Tensor, t: Tensor | float, process: Process) -> tuple[Tensor, Tensor]:
+        """E[x0 | x_t] and E[eps | x_t], shaped like x_t (float64); finite even where alpha = 0."""
+        x, alpha, sigma, var, diff, logp_k = self._marginal(x_t, t, process)
+        r = torch.softmax(logp_k, 1)[:, :, None]  # (B, K, 1)
+        # Gaussian conditioning per component: x0 | x_t, k ~ mean mu_k + alpha s_k^2 / var (x_t - alpha mu_k)
+        x0_k = self.means[None] + (alpha[:, :, None] * self.stds[None, :, None] ** 2 / var[:, :, None]) * diff
+        eps_k = (sigma[:, :, None] / var[:, :, None]) * diff
+        x0 = (r * x0_k).sum(1).reshape(x_t.shape)
+        eps = (r * eps_k).sum(1).reshape(x_t.shape)
+        return x0, eps
+
+    def score(self, x_t: Tensor, t: Tensor | float, process: Process) -> Tensor:
+        """Exact grad log p_t(x_t), shaped like x_t (float64)."""
+        x, alpha, sigma, var, diff, logp_k = self._marginal(x_t, t, process)
+        r = torch.softmax(logp_k, 1)[:, :, None]
+        return (-(r * diff / var[:, :, None]).sum(1)).reshape(x_t.shape)
+
+    def model(self, process: Process, prediction: Prediction) -> Model:
+        """The exact network for `prediction`: F = E[target | x_t], in the model contract (x_t, t, y) -> F.
+
+        Every target is linear in (x0, eps), so its posterior mean is the target of the posterior means.
+        """
+
+        def exact(x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+            t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+            x0, eps = self.posterior_means(x_t, t, process)
+            return prediction.target(x0, eps, t.to(torch.float64), process).to(x_t.dtype)
+
+        return exact

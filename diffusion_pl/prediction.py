@@ -1,0 +1,276 @@
+"""Network parameterizations and the one wrapper every sampler and loss talks to (DESIGN section 2).
+
+A network F(x_in, noise_label, y) predicts one of eps, x0, v, the score, the flow-matching
+velocity, or EDM's preconditioned residual. Every choice is affine in (x_t, F):
+
+    x0_hat  = a_x0(t)  * x_t + b_x0(t)  * F
+    eps_hat = a_eps(t) * x_t + b_eps(t) * F
+
+so a parameterization is four coefficients plus its training target, and converting any of
+them into (x0_hat, eps_hat, score = -eps_hat / sigma) is one place of code.
+
+The model contract used by samplers, losses and the likelihood is a callable
+`model(x_t, t, class_labels) -> F` with x_t the noisy sample, t the process time (B,) in
+x_t's dtype, and class_labels (B,) int64 or None. `precondition(net, process, prediction)`
+turns a network `net(x_in, noise_label, class_labels)` into such a callable by applying the
+parameterization's input scale c_in and noise label c_noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_pl.processes import Process, append_dims
+
+__all__ = [
+    "Model",
+    "Prediction",
+    "EpsPrediction",
+    "X0Prediction",
+    "VPrediction",
+    "ScorePrediction",
+    "VelocityPrediction",
+    "EDMPreconditioning",
+    "Denoised",
+    "Denoiser",
+    "precondition",
+]
+
+Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+Coefficients = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class Prediction:
+    """What the network predicts; subclasses give the affine coefficients and the target."""
+
+    def coefficients(self, t: Tensor, process: Process) -> Coefficients:
+        """(a_x0, b_x0, a_eps, b_eps) with x0 = a_x0 x_t + b_x0 F and eps = a_eps x_t + b_eps F."""
+        raise NotImplementedError
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor, process: Process) -> Tensor:
+        """The exact network output for clean data x0 and noise eps at time t."""
+        raise NotImplementedError
+
+    def c_in(self, t: Tensor, process: Process) -> Tensor:
+        """Input scale: the network sees c_in(t) * x_t."""
+        return torch.ones_like(t)
+
+    def c_noise(self, t: Tensor, process: Process) -> Tensor:
+        """Noise label the network is conditioned on; by default the process's own."""
+        return process.noise_label(t)
+
+    def to_x0_eps(self, out: Tensor, x_t: Tensor, t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+        """Convert network output into (x0_hat, eps_hat)."""
+        a_x0, b_x0, a_eps, b_eps = (append_dims(c.to(x_t.dtype), x_t.ndim) for c in self.coefficients(t, process))
+        return a_x0 * x_t + b_x0 * out, a_eps * x_t + b_eps * out
+
+    def x0_error_scale(self, t: Tensor, process: Process) -> Tensor:
+        """|d x0_hat / d F| (B,): an output error e gives an x0 error b_x0 * e (for loss weights)."""
+        return self.coefficients(t, process)[1].abs()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _scales(t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+    t64 = t.to(torch.float64)
+    return process.alpha(t64), process.sigma(t64)
+
+
+def _bcast(c: Tensor, x: Tensor) -> Tensor:
+    return append_dims(c.to(x.dtype), x.ndim)
+
+
+class EpsPrediction(Prediction):
+    """F predicts the noise eps (Ho et al. 2020)."""
+
+    def coefficients(self, t, process):
+        alpha, sigma = _scales(t, process)
+        return 1.0 / alpha, -sigma / alpha, torch.zeros_like(alpha), torch.ones_like(alpha)
+
+    def target(self, x0, eps, t, process):
+        return eps
+
+
+class X0Prediction(Prediction):
+    """F predicts the clean sample x0."""
+
+    def coefficients(self, t, process):
+        alpha, sigma = _scales(t, process)
+        return torch.zeros_like(alpha), torch.ones_like(alpha), 1.0 / sigma, -alpha / sigma
+
+    def target(self, x0, eps, t, process):
+        return x0
+
+
+class VPrediction(Prediction):
+    """F predicts v = alpha eps - sigma x0 (Salimans & Ho 2022, generalised to alpha^2 + sigma^2 != 1)."""
+
+    def coefficients(self, t, process):
+        alpha, sigma = _scales(t, process)
+        n = alpha**2 + sigma**2
+        return alpha / n, -sigma / n, sigma / n, alpha / n
+
+    def target(self, x0, eps, t, process):
+        alpha, sigma = _scales(t, process)
+        return _bcast(alpha, x0) * eps - _bcast(sigma, x0) * x0
+
+
+class ScorePrediction(Prediction):
+    """F predicts the score grad log p_t(x_t) = -eps / sigma (Song & Ermon 2019)."""
+
+    def coefficients(self, t, process):
+        alpha, sigma = _scales(t, process)
+        return 1.0 / alpha, sigma**2 / alpha, torch.zeros_like(alpha), -sigma
+
+    def target(self, x0, eps, t, process):
+        _, sigma = _scales(t, process)
+        return -eps / _bcast(sigma, eps)
+
+
+class VelocityPrediction(Prediction):
+    """F predicts the flow-matching velocity u = alpha' x0 + sigma' eps = dx_t/dt (Lipman et al. 2022)."""
+
+    def coefficients(self, t, process):
+        t64 = t.to(torch.float64)
+        alpha, sigma = process.alpha(t64), process.sigma(t64)
+        d_alpha, d_sigma = process.d_alpha(t64), process.d_sigma(t64)
+        # Solve [x_t; u] = [[alpha, sigma], [alpha', sigma']] [x0; eps]
+        det = alpha * d_sigma - sigma * d_alpha
+        return d_sigma / det, -sigma / det, -d_alpha / det, alpha / det
+
+    def target(self, x0, eps, t, process):
+        t64 = t.to(torch.float64)
+        return _bcast(process.d_alpha(t64), x0) * x0 + _bcast(process.d_sigma(t64), x0) * eps
+
+
+class EDMPreconditioning(Prediction):
+    """EDM preconditioning (Karras et al. 2022, Table 1), generalised to alpha != 1.
+
+    With the noise level s = sigma/alpha and x~ = x_t/alpha (an EDM-style sample):
+    x0_hat = c_skip(s) x~ + c_out(s) F(c_in(s) x~, c_noise(s)).
+    """
+
+    def __init__(self, sigma_data: float = 0.5) -> None:
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        self.sigma_data = sigma_data
+
+    def _edm(self, t: Tensor, process: Process) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        alpha, sigma = _scales(t, process)
+        s = sigma / alpha
+        sd2 = self.sigma_data**2
+        root = torch.sqrt(s**2 + sd2)
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / root
+        return alpha, s, c_skip, c_out
+
+    def coefficients(self, t, process):
+        alpha, s, c_skip, c_out = self._edm(t, process)
+        sd2 = self.sigma_data**2
+        # eps = (x_t - alpha x0_hat) / sigma, simplified so that nothing divides by sigma -> 0
+        a_eps = s / (alpha * (s**2 + sd2))
+        b_eps = -self.sigma_data / torch.sqrt(s**2 + sd2)
+        return c_skip / alpha, c_out, a_eps, b_eps
+
+    def target(self, x0, eps, t, process):
+        alpha, s, c_skip, c_out = self._edm(t, process)
+        x_tilde = x0 + _bcast(s, x0) * eps  # x_t / alpha
+        return (x0 - _bcast(c_skip, x0) * x_tilde) / _bcast(c_out, x0)
+
+    def c_in(self, t, process):
+        alpha, s, _, _ = self._edm(t, process)
+        return (1.0 / (alpha * torch.sqrt(s**2 + self.sigma_data**2))).to(t.dtype)
+
+    def c_noise(self, t, process):
+        _, s, _, _ = self._edm(t, process)
+        return (0.25 * torch.log(s)).to(t.dtype)
+
+    def __repr__(self) -> str:
+        return f"EDMPreconditioning(sigma_data={self.sigma_data})"
+
+
+class _Preconditioned(nn.Module):
+    """A network wrapped into the model contract: (x_t, t, y) -> net(c_in x_t, c_noise, y)."""
+
+    def __init__(self, net: nn.Module, process: Process, prediction: Prediction) -> None:
+        super().__init__()
+        self.net = net
+        self.process = process
+        self.prediction = prediction
+
+    def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        c_in = append_dims(self.prediction.c_in(t, self.process).to(x_t.dtype), x_t.ndim)
+        c_noise = self.prediction.c_noise(t, self.process).to(x_t.dtype)
+        return self.net(c_in * x_t, c_noise, class_labels)
+
+
+def precondition(net: nn.Module, process: Process, prediction: Prediction) -> nn.Module:
+    """Turn a network `net(x_in, noise_label, class_labels)` into a model `(x_t, t, class_labels)`."""
+    return _Preconditioned(net, process, prediction)
+
+
+@dataclass
+class Denoised:
+    """The wrapper's answer at (x_t, t): x0_hat and eps_hat (the score is -eps / sigma)."""
+
+    x0: Tensor
+    eps: Tensor
+
+
+class Denoiser:
+    """Model + process + parameterization -> (x0_hat, eps_hat), with classifier-free guidance.
+
+    Guidance (Ho & Salimans 2022): F = F_u + w (F_c - F_u), computed from one batched call with
+    the null label. Because x0_hat and eps_hat are affine in F with the same x_t term, mixing
+    raw outputs equals mixing eps_hat (or x0_hat) with the same weight. w = 1 is plain
+    conditional sampling; `null_label` is the index of the network's "no class" embedding.
+    `clip_x0` clamps x0_hat to [-clip_x0, clip_x0] and recomputes eps_hat (DDPM's clipping).
+    `nfe` counts network evaluations (a guided evaluation counts once).
+    """
+
+    def __init__(self, model: Model, process: Process, prediction: Prediction, guidance: float = 1.0,
+                 null_label: int | None = None, clip_x0: float | None = None) -> None:
+        if guidance != 1.0 and null_label is None:
+            raise ValueError("guidance != 1 needs null_label, the index of the network's unconditional label")
+        self.model, self.process, self.prediction = model, process, prediction
+        self.guidance, self.null_label, self.clip_x0 = guidance, null_label, clip_x0
+        self.nfe = 0
+
+    def output(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
+        """Raw (guided) network output F at (x_t, t)."""
+        self.nfe += 1
+        if self.guidance == 1.0 or class_labels is None:
+            return self.model(x_t, t, class_labels)
+        null = torch.full_like(class_labels, self.null_label)
+        out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
+        out_c, out_u = out.chunk(2)
+        return out_u + self.guidance * (out_c - out_u)
+
+    def __call__(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Denoised:
+        t = _per_sample_time(t, x_t)
+        x0, eps = self.prediction.to_x0_eps(self.output(x_t, t, class_labels), x_t, t, self.process)
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            alpha, sigma = _scales(t, self.process)
+            eps = (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
+        return Denoised(x0=x0, eps=eps)
+
+    def score(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """grad log p_t(x_t) = -eps_hat / sigma(t)."""
+        t = _per_sample_time(t, x_t)
+        sigma = _bcast(self.process.sigma(t.to(torch.float64)), x_t)
+        return -self(x_t, t, class_labels).eps / sigma
+
+
+def _per_sample_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """Broadcast a scalar or (B,) time to a (B,) tensor in x's dtype and device."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    return t.to(x.dtype)

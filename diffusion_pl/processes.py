@@ -432,7 +432,9 @@ class Trigonometric(Process):
         super().__init__(t_min, t_max)
 
     def _alpha(self, t: Tensor) -> Tensor:
-        return torch.cos(0.5 * math.pi * t)
+        # cos(pi t / 2) written as sin(pi (1 - t) / 2): exactly 0 at t = 1 (cos gives 6e-17), so
+        # f, g2 and the noise level are exactly infinite there, as they are for RectifiedFlow
+        return torch.sin(0.5 * math.pi * (1.0 - t))
 
     def _sigma(self, t: Tensor) -> Tensor:
         return torch.sin(0.5 * math.pi * t)
@@ -441,7 +443,7 @@ class Trigonometric(Process):
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
     def _d_sigma(self, t: Tensor) -> Tensor:
-        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - t))
 
     def _t_from_log_snr(self, log_snr: Tensor) -> Tensor:
         return torch.atan(torch.exp(-0.5 * log_snr)) * (2.0 / math.pi)

@@ -1,0 +1,115 @@
+"""FIDCallback: FID (+ KID, IS) of EMA samples during training, split over all DDP ranks.
+
+Sample i is drawn with seed `seed + i` (and class i % num_classes when conditional); rank r
+takes a contiguous block of indices, so the value does not depend on the world size or the batch
+size. Reference statistics are computed once per (data, extractor, protocol) and cached on disk.
+The feature extractor and metric states live in this callback, never in the LightningModule
+(whose state the EMA copies and checkpoints save).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from diffusion_pl.metrics import (ReferenceStats, SampleMetrics, generate, load_inception, metric_prefix,
+                                  rank_indices, reference_images, reference_stats, sampler_label)
+from diffusion_pl.sampling import HeunODE, Sampler
+
+__all__ = ["FIDCallback"]
+
+
+class FIDCallback(Callback):
+    """Every `every_n_steps`: FID of `num_samples` EMA samples per sampler, logged as e.g. `fid10k/heunode_17`.
+
+    Args:
+        every_n_steps: evaluate after every this many optimizer steps.
+        num_samples: samples per evaluation, split over ranks; 50000 is the published protocol,
+            fewer are labelled with the count (`fid10k/...`).
+        sampler: one sampler or a list of them (default HeunODE(steps=17), EDM's 35 NFE).
+        data: reference shard set (a `shards` string); default: the datamodule's training shards.
+        inception_weights: local InceptionV3 weights file (else $DIFFUSION_PL_INCEPTION_WEIGHTS, else
+            torch hub's cache, downloaded once); checked when fit starts.
+        feature_extractor: a stand-in nn.Module uint8 (B, 3, H, W) -> features (B, D) (tests).
+        kid, isc: also log KID (needs the reference features, cached separately) and Inception Score.
+        batch_size: samples per sampler call and images per extractor call, per rank.
+        seed: sample i uses seed + i.
+        guidance: classifier-free guidance weight w.
+        download_timeout: seconds to wait for the weights server before failing.
+    """
+
+    def __init__(self, every_n_steps: int = 10_000, num_samples: int = 10_000,
+                 sampler: Sampler | list[Sampler] | None = None, data: str | None = None,
+                 inception_weights: str | None = None, feature_extractor: nn.Module | None = None,
+                 kid: bool = False, isc: bool = False, batch_size: int = 256, seed: int = 0,
+                 guidance: float = 1.0, download_timeout: float = 10.0) -> None:
+        super().__init__()
+        if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
+            raise ValueError(f"FIDCallback: expected every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got "
+                             f"{every_n_steps}, {num_samples}, {batch_size}")
+        self.every_n_steps, self.num_samples, self.data = every_n_steps, num_samples, data
+        samplers = sampler if sampler is not None else HeunODE(steps=17)
+        self.samplers = list(samplers) if isinstance(samplers, (list, tuple)) else [samplers]
+        self.inception_weights, self.kid, self.isc = inception_weights, kid, isc
+        self.batch_size, self.seed, self.guidance, self.download_timeout = batch_size, seed, guidance, download_timeout
+        # kept in a list so Lightning / deepcopy never treat it as part of this callback's state
+        self._extractor: list[nn.Module] = [feature_extractor] if feature_extractor is not None else []
+        self.reference: ReferenceStats | None = None
+        self.image_shape: tuple[int, ...] | None = None
+        self.last: dict[str, float] = {}  # the latest logged values
+        self._last_step = -1
+
+    @property
+    def extractor(self) -> nn.Module:
+        return self._extractor[0]
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Preflight: fail before training, in one line, when the Inception weights cannot be loaded."""
+        if stage == "fit" and not self._extractor:
+            self._extractor.append(load_inception(self.inception_weights, download_timeout=self.download_timeout))
+        if stage == "fit" and self.num_samples < trainer.world_size:
+            raise ValueError(f"FIDCallback: num_samples={self.num_samples} is below the {trainer.world_size} ranks: "
+                             "expected at least one sample per rank")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        """Move the extractor to the module's device and load (or compute once) the reference statistics."""
+        self._extractor[0] = self.extractor.to(pl_module.device).eval()
+        data = self.data or getattr(trainer.datamodule, "shards", None)
+        if data is None:
+            raise ValueError("FIDCallback: no reference data: expected `data:` (a shards string) or a datamodule "
+                             "with a `shards` attribute")
+        images, key, count = reference_images(data, batch_size=self.batch_size)
+        self.reference = reference_stats(images, key, self.extractor, with_features=self.kid, total=count,
+                                         progress=trainer.is_global_zero)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.image_shape is None:
+            self.image_shape = tuple(batch[0].shape[1:])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self._last_step:  # once per step under accumulation
+            self._last_step = step
+            for name, value in self.evaluate(trainer, pl_module).items():
+                pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)  # equal on all ranks
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
+        """{'fid10k/heunode_17': value, ...} for every sampler; every rank must call it (collective)."""
+        indices = rank_indices(self.num_samples, trainer.global_rank, trainer.world_size)
+        values = {}
+        for sampler in self.samplers:
+            metrics = SampleMetrics(self.extractor, self.reference, kid=self.kid, isc=self.isc, seed=self.seed)
+            for _, images, _, _ in generate(pl_module, sampler, indices, self.image_shape, seed=self.seed,
+                                            guidance=self.guidance, batch_size=self.batch_size,
+                                            device=pl_module.device, progress=trainer.is_global_zero):
+                metrics.update(images)
+            out = metrics.compute()
+            label = sampler_label(sampler)
+            for key in ("fid", "kid", "is"):
+                if key in out:
+                    values[f"{metric_prefix(key, self.num_samples)}/{label}"] = out[key]
+        self.last = values
+        return values

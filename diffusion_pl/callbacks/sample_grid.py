@@ -1,0 +1,97 @@
+"""SampleGrid: a fixed-seed grid of EMA samples every N steps, as a PNG and in the logger."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torchvision.utils import make_grid, save_image
+
+from diffusion_pl.metrics import generate, sampler_label
+from diffusion_pl.sampling import HeunODE, Sampler
+
+__all__ = ["SampleGrid", "run_dir"]
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run folder: the logger's versioned log_dir when there is one, else default_root_dir."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class SampleGrid(Callback):
+    """Every `every_n_steps` and at train end: `num_samples` EMA samples from fixed seeds, per sampler.
+
+    Class-conditional models get one row per class (classes 0, 1, ...); unconditional ones a
+    square-ish grid of `nrow` images per row. Written by rank 0 to
+    <run folder>/samples/<sampler>_step<N>.png and, with TensorBoard, logged as an image.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64,
+                 sampler: Sampler | list[Sampler] | None = None, seed: int = 0, guidance: float = 1.0,
+                 nrow: int | None = None, at_train_end: bool = True, batch_size: int = 256) -> None:
+        super().__init__()
+        if every_n_steps < 1 or num_samples < 1 or batch_size < 1:
+            raise ValueError(f"SampleGrid: every_n_steps, num_samples, batch_size must be >= 1, got "
+                             f"{every_n_steps}, {num_samples}, {batch_size}")
+        if nrow is not None and nrow < 1:
+            raise ValueError(f"SampleGrid: nrow must be >= 1 or None, got {nrow}")
+        self.every_n_steps, self.num_samples, self.seed, self.guidance = every_n_steps, num_samples, seed, guidance
+        samplers = sampler if sampler is not None else HeunODE(steps=17)
+        self.samplers = list(samplers) if isinstance(samplers, (list, tuple)) else [samplers]
+        self.nrow, self.at_train_end, self.batch_size = nrow, at_train_end, batch_size
+        self.image_shape: tuple[int, ...] | None = None
+        self._last_step = -1
+        self.written: list[Path] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.image_shape is None:  # (C, H, W) of the training images: the shape to sample
+            self.image_shape = tuple(batch[0].shape[1:])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end:
+            self.write(trainer, pl_module)
+
+    def layout(self, num_classes: int | None) -> tuple[list[int], list[int] | None, int]:
+        """(sample indices, class of each or None, images per row)."""
+        n = self.num_samples
+        if num_classes is None:
+            return list(range(n)), None, self.nrow or max(1, math.ceil(math.sqrt(n)))
+        rows = min(num_classes, n)
+        cols = self.nrow or max(1, n // rows)
+        return list(range(rows * cols)), [k for k in range(rows) for _ in range(cols)], cols
+
+    @torch.no_grad()
+    def write(self, trainer: L.Trainer, pl_module) -> list[Path]:
+        """Sample and save one grid per sampler (rank 0 only; other ranks return at once)."""
+        step = trainer.global_step
+        if trainer.global_rank != 0 or step == self._last_step or self.image_shape is None:
+            return []
+        self._last_step = step
+        indices, labels, nrow = self.layout(pl_module.num_classes)
+        folder = run_dir(trainer) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for sampler in self.samplers:
+            images = [u8 for _, u8, _, _ in generate(
+                pl_module, sampler, indices, self.image_shape, seed=self.seed, guidance=self.guidance,
+                class_choices=labels, batch_size=self.batch_size, device=pl_module.device)]
+            grid = make_grid(torch.cat(images).cpu(), nrow=nrow, padding=1)  # uint8 (3, H', W')
+            path = folder / f"{sampler_label(sampler)}_step{step}.png"
+            tmp = path.with_name(f".{path.name}.tmp.png")
+            save_image(grid.float() / 255.0, tmp)
+            os.replace(tmp, path)
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_image"):  # TensorBoard (SummaryWriter)
+                    experiment.add_image(f"samples/{sampler_label(sampler)}", grid, global_step=step)
+            paths.append(path)
+        self.written.extend(paths)
+        return paths

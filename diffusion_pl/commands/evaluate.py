@@ -1,0 +1,258 @@
+"""`diffusion-pl evaluate`: FID (+ KID, IS) against cached reference statistics, and bits/dim.
+
+    diffusion-pl evaluate --ckpt last.ckpt --data shards/cifar10-train [--sampler heunode --steps 17] [--bpd]
+    diffusion-pl evaluate --samples OUT_or_samples.npz --data shards/cifar10-train
+
+Prints a table and writes a JSON report with the protocol (sample count, reference set,
+extractor, resize, sampler, steps, NFE, seed range, checkpoint sha256, EMA or not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.io import decode_png
+
+from diffusion_pl.commands import CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, sha256_file
+from diffusion_pl.metrics import (PROTOCOL, InceptionFeatures, InceptionWeightsError, SampleMetrics, fingerprint,
+                                  generate, load_inception, metric_prefix, rank_indices, reference_images,
+                                  reference_stats, sampler_label)
+
+__all__ = ["main", "parser", "run", "dataset_bits_per_dim", "read_samples"]
+
+INCEPTION_PROTOCOL = ("torch-fidelity InceptionV3 (TF FID graph weights), pool3 2048 features; "
+                      "bilinear resize to 299x299 as TF1 (no antialias)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffusion-pl evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="checkpoint written by `diffusion-pl fit`: generate and score its samples")
+    src.add_argument("--samples", help="score existing samples: a folder of PNGs or an .npz (arr_0 uint8 NHWC)")
+    p.add_argument("--data", required=True, help="reference shard set (e.g. the CIFAR-10 training shards)")
+    p.add_argument("--num-samples", type=int, default=50_000, help="generated samples per sampler")
+    p.add_argument("--sampler", nargs="+", default=["heunode"], help="sampler class name(s)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="steps per sampler (one, or one each)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--no-ema", action="store_true", help="use the raw network instead of the EMA weights")
+    p.add_argument("--kid", action="store_true", help="also report KID (caches the reference features)")
+    p.add_argument("--isc", action="store_true", help="also report the Inception Score")
+    p.add_argument("--bpd", action="store_true", help="also report bits/dim by the probability-flow ODE")
+    p.add_argument("--bpd-samples", type=int, default=1000, help="images of --bpd-data for bits/dim")
+    p.add_argument("--bpd-data", default=None, help="shard set for bits/dim (default: --data)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per batch, per device")
+    p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) to split over")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu, ...)")
+    p.add_argument("--inception-weights", default=None,
+                   help="local InceptionV3 weights (else $DIFFUSION_PL_INCEPTION_WEIGHTS, else torch hub's cache)")
+    p.add_argument("--feature-extractor", default=None,
+                   help="import path of an nn.Module class (no arguments) to use instead of InceptionV3")
+    p.add_argument("--report", default=None, help="JSON report path (default: beside --ckpt / --samples)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("num_samples", "batch_size", "bpd_samples"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: expected a positive integer")
+    if args.steps is not None and len(args.steps) not in (1, len(args.sampler)):
+        raise CommandError(f"--steps {args.steps} does not match --sampler {args.sampler}: expected one value "
+                           "or one per sampler")
+    if args.samples is not None and not Path(args.samples).exists():
+        raise CommandError(f"--samples {args.samples} does not exist: expected a folder of PNGs or an .npz file")
+    if args.bpd and args.ckpt is None:
+        raise CommandError("--bpd needs --ckpt: expected a model to evaluate the likelihood of")
+
+
+def _extractor(args: argparse.Namespace, device: torch.device):
+    if args.feature_extractor is None:
+        return load_inception(args.inception_weights, device=device)
+    module_name, _, cls_name = args.feature_extractor.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CommandError(f"--feature-extractor {args.feature_extractor!r} cannot be imported ({err}): expected "
+                           "a dotted path to an nn.Module class") from err
+    return cls().to(device).eval()
+
+
+def read_samples(path: str | Path, indices: range, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 (B, 3, H, W) batches of the given sample indices of a PNG folder (sorted) or an .npz arr_0."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.png"))
+        for a in range(indices.start, indices.stop, batch_size):
+            batch = [decode_png(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8))
+                     for f in files[a:min(a + batch_size, indices.stop)]]
+            yield torch.stack([b.expand(3, -1, -1) for b in batch])
+        return
+    images = np.load(path, mmap_mode="r")["arr_0"]
+    for a in range(indices.start, indices.stop, batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[a:min(a + batch_size, indices.stop)]))
+        yield batch.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)  # NHWC -> NCHW
+
+
+def count_samples(path: str | Path) -> int:
+    """Number of images in a PNG folder or an .npz (checking arr_0 is uint8 (N, H, W, C))."""
+    path = Path(path)
+    if path.is_dir():
+        n = len(list(path.glob("*.png")))
+        if n < 2:
+            raise CommandError(f"--samples {path} holds {n} PNG files: expected at least 2")
+        return n
+    try:
+        with np.load(path) as npz:
+            arr = npz["arr_0"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CommandError(f"--samples {path} is not an .npz with arr_0 ({type(err).__name__}): expected the "
+                           "ADM/EDM sample format") from err
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or arr.shape[0] < 2:
+        raise CommandError(f"--samples {path} arr_0 is {arr.dtype} {arr.shape}: expected uint8 (N >= 2, H, W, 3)")
+    return arr.shape[0]
+
+
+def dataset_bits_per_dim(model, process, prediction, images: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
+                         null_label: int | None = None, device=None, dequantize: bool = True,
+                         divergence: str = "rademacher", progress: bool = False) -> dict:
+    """Mean bits/dim of uint8 images (N, C, H, W), chunk k with generator seed + k, chunks split over ranks."""
+    from tqdm import tqdm
+
+    from diffusion_pl.likelihood import bits_per_dim
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    chunks = range(0, images.shape[0], batch_size)
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # sum bpd, sum bpd^2, count
+    nfe = []
+    for k in tqdm(list(chunks)[rank::world], desc="bits/dim", unit="batch", disable=not progress):
+        x = images[k:k + batch_size].to(device)
+        labels = torch.full((x.shape[0],), null_label, device=device) if null_label is not None else None
+        out = bits_per_dim(model, process, prediction, x, dequantize=dequantize, divergence=divergence,
+                           generator=torch.Generator().manual_seed(seed + k), class_labels=labels)
+        bpd = out.bpd.double()
+        total += torch.stack([bpd.sum(), bpd.square().sum(), torch.tensor(float(len(bpd)), device=bpd.device)])
+        nfe.append(out.nfe)
+    if world > 1:
+        dist.all_reduce(total)
+    n = int(total[2])
+    mean = float(total[0] / n)
+    var = max(float(total[1] / n) - mean**2, 0.0)
+    return {"bpd": mean, "bpd_stderr": math.sqrt(var / max(n - 1, 1)), "n": n,
+            "nfe_mean": float(np.mean(nfe)) if nfe else None}
+
+
+def _first_images(data: str, n: int, batch_size: int) -> torch.Tensor:
+    batches, kept = reference_images(data, batch_size=batch_size)[0], []
+    for batch in batches:
+        kept.append(batch[: n - sum(len(b) for b in kept)])
+        if sum(len(b) for b in kept) >= n:
+            break
+    return torch.cat(kept)
+
+
+def _score_checkpoint(args, fabric, extractor, reference) -> tuple[list[dict], dict]:
+    module = load_checkpoint(args.ckpt, fabric.device)
+    shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
+    steps = args.steps or [None]
+    points = []
+    for j, name in enumerate(args.sampler):
+        sampler = make_sampler(name, steps[j] if len(steps) > 1 else steps[0])
+        metrics = SampleMetrics(extractor, reference, kid=args.kid, isc=args.isc, seed=args.seed)
+        nfe = []
+        for _, images, _, batch_nfe in generate(module, sampler, rank_indices(args.num_samples, rank, world), shape,
+                                                seed=args.seed, guidance=args.guidance, ema=not args.no_ema,
+                                                batch_size=args.batch_size, device=fabric.device, progress=rank == 0):
+            metrics.update(images)
+            nfe.append(batch_nfe)
+        points.append({"name": sampler_label(sampler), "sampler": repr(sampler), "steps": sampler.steps,
+                       "nfe": float(np.mean(nfe)) if nfe else None, **metrics.compute()})
+    info = {"checkpoint": str(args.ckpt), "checkpoint_sha256": sha256_file(args.ckpt), "ema": not args.no_ema,
+            "guidance": args.guidance, "seed_range": [args.seed, args.seed + args.num_samples - 1],
+            "class_labels": "i % num_classes (balanced)" if module.num_classes else None}
+    if args.bpd:
+        images = _first_images(args.bpd_data or args.data, args.bpd_samples, args.batch_size)
+        info["bits_per_dim"] = {"data": args.bpd_data or args.data, "dequantization": "uniform",
+                                "divergence": "hutchinson-rademacher", "class_label": "null (unconditional)",
+                                **dataset_bits_per_dim(module.model(ema=not args.no_ema), module.process,
+                                                       module.prediction, images, batch_size=args.batch_size,
+                                                       seed=args.seed, null_label=module.null_label,
+                                                       device=fabric.device, progress=rank == 0)}
+    return points, info
+
+
+def _score_samples(args, fabric, extractor, reference) -> tuple[list[dict], dict]:
+    n = count_samples(args.samples)
+    metrics = SampleMetrics(extractor, reference, kid=args.kid, isc=args.isc, seed=args.seed)
+    for images in read_samples(args.samples, rank_indices(n, fabric.global_rank, fabric.world_size), args.batch_size):
+        metrics.update(images.to(fabric.device))
+    return [{"name": Path(args.samples).name, **metrics.compute()}], {"samples": str(args.samples)}
+
+
+def _table(points: list[dict]) -> str:
+    cols = [c for c in ("name", "steps", "nfe", "n", "fid", "kid", "kid_std", "is", "is_std")
+            if any(c in p for p in points)]
+    rows = [[f"{p[c]:.4g}" if isinstance(p.get(c), float) else str(p.get(c, "")) for c in cols] for p in points]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Score, print and write the report (rank 0); returns the report."""
+    _check_args(args)
+    start = time.time()
+    fabric = make_fabric(args.devices, args.accelerator)
+    extractor = _extractor(args, fabric.device)  # preflight: before any slow work
+    images, data_key, count = reference_images(args.data, batch_size=args.batch_size)
+    reference = reference_stats(images, data_key, extractor, with_features=args.kid, device=fabric.device,
+                                total=count, progress=fabric.global_rank == 0)
+    score = _score_samples if args.samples is not None else _score_checkpoint
+    points, info = score(args, fabric, extractor, reference)
+    n = points[0]["n"]
+    for p in points:
+        p.update({metric_prefix(k, n): p[k] for k in ("fid", "kid", "is") if k in p and metric_prefix(k, n) != k})
+    report = {
+        "protocol": {"n": n, "full_protocol": n >= 50_000, "reference": {"data": args.data, "n": reference.n},
+                     "extractor": INCEPTION_PROTOCOL if isinstance(extractor, InceptionFeatures)
+                     else f"{type(extractor).__module__}.{type(extractor).__qualname__}",
+                     "extractor_sha256": fingerprint(extractor), "quantisation": PROTOCOL,
+                     "world_size": fabric.world_size, "batch_size": args.batch_size},
+        **info, "results": points, "seconds": round(time.time() - start, 2)}
+    if fabric.global_rank == 0:
+        print(_table(points))
+        if "bits_per_dim" in info:
+            b = info["bits_per_dim"]
+            print(f"bits/dim {b['bpd']:.4f} +- {b['bpd_stderr']:.4f} ({b['n']} images of {b['data']})")
+        default = Path(args.ckpt).with_suffix(".eval.json") if args.ckpt else \
+            (Path(args.samples) / "eval.json" if Path(args.samples).is_dir() else Path(args.samples).with_suffix(".eval.json"))
+        path = Path(args.report) if args.report else default
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"report: {path}", file=sys.stderr)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `diffusion-pl evaluate`; returns a process exit code."""
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (CommandError, InceptionWeightsError) as err:
+        print(f"diffusion-pl evaluate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

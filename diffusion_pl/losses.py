@@ -1,0 +1,291 @@
+"""Denoising loss, loss weightings and time proposals (DESIGN section 3).
+
+    L = E_{t ~ proposal, x0, eps} [ w_out(t) * mean_dims (F(x_t, t, y) - target)^2 ]
+
+Every weighting is defined on the x0 error, w_x0(t) ||x0_hat - x0||^2, and converted to the
+network's output space with the wrapper's coefficient: x0_hat - x0 = b_x0 (F - target), so
+w_out = w_x0 * b_x0^2. Because alpha x0_hat + sigma eps_hat = x_t for every parameterization,
+the same weight is w_eps * b_eps^2 with w_eps = w_x0 * sigma^2 / alpha^2; the two forms are
+computed separately in float64 and the finite one is used, so that e.g. eps-MSE under eps
+prediction is exactly 1 even at alpha = 0, where w_x0 = 0 and b_x0 = infinity.
+
+The proposal only decides where t is sampled; it does not reweight (the loss is
+E_proposal[w_out * error], so a proposal and a weighting combine multiplicatively in the
+effective weight over t, as in EDM's log-normal sigma with lambda(sigma)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffusion_pl.prediction import Model, Prediction
+from diffusion_pl.processes import Process
+
+__all__ = [
+    "TimeProposal",
+    "UniformTime",
+    "LogNormalNoise",
+    "LogitNormalTime",
+    "Weighting",
+    "OutputMSE",
+    "EpsMSE",
+    "LikelihoodWeighting",
+    "MinSNR",
+    "EDMWeighting",
+    "VelocityMSE",
+    "DenoisingLoss",
+    "LossOutput",
+    "bucket_losses",
+]
+
+
+def _draw(fn, shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
+    """Draw on the generator's device (torch requires it), then move to `device`."""
+    gen_device = generator.device if generator is not None else device
+    return fn(shape, generator=generator, device=gen_device, dtype=torch.float64).to(device)
+
+
+# -- time proposals ------------------------------------------------------------------------------
+class TimeProposal:
+    """Distribution of the training time t on [t_min, t_max]."""
+
+    def sample(self, n: int, process: Process, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+        """n times (n,) float32 in [process.t_min, process.t_max]."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class UniformTime(TimeProposal):
+    """t ~ U[t_min, t_max]; uniform over the grid of a discrete process (Ho et al. 2020, Algorithm 1)."""
+
+    def sample(self, n, process, generator=None, device=None):
+        grid = process.discrete_times()
+        if grid is not None:
+            i = torch.randint(len(grid), (n,), generator=generator,
+                              device=generator.device if generator is not None else device)
+            return grid.to(i.device)[i].to(device=device, dtype=torch.float32)
+        u = _draw(torch.rand, (n,), generator, device)
+        return (process.t_min + (process.t_max - process.t_min) * u).float()
+
+
+class LogNormalNoise(TimeProposal):
+    """log(sigma/alpha) ~ N(p_mean, p_std^2), mapped to t and clamped (Karras et al. 2022, Table 1 'p_train')."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+        if p_std <= 0:
+            raise ValueError(f"p_std must be positive, got {p_std}")
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def sample(self, n, process, generator=None, device=None):
+        log_noise = self.p_mean + self.p_std * _draw(torch.randn, (n,), generator, device)
+        # noise level s = sigma/alpha means log-SNR = -2 log s; t_from_log_snr clamps to [t_min, t_max]
+        return process.t_from_log_snr(-2.0 * log_noise).float()
+
+
+class LogitNormalTime(TimeProposal):
+    """t = t_min + (t_max - t_min) sigmoid(N(mean, std^2)) (Esser et al. 2024, SD3, eq. 19)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        if std <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.mean, self.std = mean, std
+
+    def sample(self, n, process, generator=None, device=None):
+        u = torch.sigmoid(self.mean + self.std * _draw(torch.randn, (n,), generator, device))
+        return (process.t_min + (process.t_max - process.t_min) * u).float()
+
+
+# -- weightings ----------------------------------------------------------------------------------
+def _scales(t: Tensor, process: Process) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    t = t.to(torch.float64)
+    return process.alpha(t), process.sigma(t), process.d_alpha(t), process.d_sigma(t)
+
+
+class Weighting:
+    """A loss weight w_out(t) on the output MSE, defined through the x0-error weight w_x0(t).
+
+    Subclasses give `x0_weight` and `eps_weight` = x0_weight * sigma^2 / alpha^2, each written
+    so it stays finite where it is finite in exact arithmetic (float64 in, float64 out).
+    """
+
+    def x0_weight(self, t: Tensor, process: Process) -> Tensor:
+        """w_x0(t) on ||x0_hat - x0||^2."""
+        raise NotImplementedError
+
+    def eps_weight(self, t: Tensor, process: Process) -> Tensor:
+        """w_eps(t) = w_x0 sigma^2 / alpha^2 on ||eps_hat - eps||^2."""
+        raise NotImplementedError
+
+    def __call__(self, t: Tensor, process: Process, prediction: Prediction) -> Tensor:
+        """w_out(t) (B,) = w_x0 b_x0^2 = w_eps b_eps^2, in t's dtype."""
+        t64 = t.to(torch.float64)
+        _, b_x0, _, b_eps = prediction.coefficients(t64, process)
+        via_x0 = self.x0_weight(t64, process) * b_x0.to(torch.float64) ** 2
+        via_eps = self.eps_weight(t64, process) * b_eps.to(torch.float64) ** 2
+        # inf * 0 (e.g. b_x0 = sigma/alpha at alpha = 0) is NaN in one form and finite in the other
+        return torch.where(torch.isfinite(via_x0), via_x0, via_eps).to(t.dtype)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class OutputMSE(Weighting):
+    """w_out = 1: plain MSE on the network output (eps: Ho et al. 2020 'simple'; velocity: Lipman et al. 2022).
+
+    Under EDMPreconditioning this is EDM's lambda(sigma) = 1 / c_out^2 (Karras et al. 2022, eq. 8).
+    """
+
+    def x0_weight(self, t, process):
+        raise TypeError("OutputMSE's x0 weight depends on the parameterization: call it with a prediction")
+
+    eps_weight = x0_weight
+
+    def __call__(self, t, process, prediction):
+        return torch.ones_like(t)
+
+
+class EpsMSE(Weighting):
+    """w_eps = 1: 'simple' eps-MSE (Ho et al. 2020, eq. 14), whatever the network predicts."""
+
+    def x0_weight(self, t, process):
+        alpha, sigma, _, _ = _scales(t, process)
+        return (alpha / sigma) ** 2
+
+    def eps_weight(self, t, process):
+        return torch.ones_like(t, dtype=torch.float64)
+
+
+class LikelihoodWeighting(Weighting):
+    """w_eps = g2 / sigma^2 = -d log-SNR / dt: the KL bound (Song et al. 2021b, 'likelihood weighting', Thm. 1).
+
+    With the score error (eps_hat - eps)/sigma this is g(t)^2 ||s_theta - grad log p||^2, so
+    (t_max - t_min) * D / 2 * E_uniform[loss] bounds -log p_0 up to data-independent terms.
+    """
+
+    def x0_weight(self, t, process):
+        # -d SNR/dt = 2 alpha (alpha sigma' - alpha' sigma) / sigma^3: finite at alpha = 0, unlike g2 alpha^2 / sigma^4
+        alpha, sigma, d_alpha, d_sigma = _scales(t, process)
+        return 2.0 * alpha * (alpha * d_sigma - d_alpha * sigma) / sigma**3
+
+    def eps_weight(self, t, process):
+        alpha, sigma, d_alpha, d_sigma = _scales(t, process)
+        return 2.0 * (alpha * d_sigma - d_alpha * sigma) / (alpha * sigma)
+
+
+class MinSNR(Weighting):
+    """w_x0 = min(SNR, gamma) (Hang et al. 2023, 'Min-SNR-gamma', eq. 6)."""
+
+    def __init__(self, gamma: float = 5.0) -> None:
+        if gamma <= 0:
+            raise ValueError(f"gamma must be positive, got {gamma}")
+        self.gamma = gamma
+
+    def x0_weight(self, t, process):
+        alpha, sigma, _, _ = _scales(t, process)
+        return torch.clamp((alpha / sigma) ** 2, max=self.gamma)
+
+    def eps_weight(self, t, process):
+        alpha, sigma, _, _ = _scales(t, process)
+        return torch.clamp(self.gamma * (sigma / alpha) ** 2, max=1.0)  # min(1, gamma / SNR); inf -> 1
+
+
+class EDMWeighting(Weighting):
+    """w_x0 = (s^2 + sigma_data^2) / (s sigma_data)^2 with s = sigma / alpha (Karras et al. 2022, eq. 8 and Table 1)."""
+
+    def __init__(self, sigma_data: float = 0.5) -> None:
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        self.sigma_data = sigma_data
+
+    def x0_weight(self, t, process):
+        alpha, sigma, _, _ = _scales(t, process)
+        return 1.0 / self.sigma_data**2 + (alpha / sigma) ** 2
+
+    def eps_weight(self, t, process):
+        alpha, sigma, _, _ = _scales(t, process)
+        return (sigma / (alpha * self.sigma_data)) ** 2 + 1.0
+
+
+class VelocityMSE(Weighting):
+    """MSE on the velocity u = alpha' x0 + sigma' eps (Lipman et al. 2022, eq. 23), whatever the network predicts.
+
+    At fixed x_t, u_hat - u = -(alpha sigma' - alpha' sigma)/sigma (x0_hat - x0) = (alpha sigma' - alpha' sigma)/alpha (eps_hat - eps).
+    """
+
+    def x0_weight(self, t, process):
+        alpha, sigma, d_alpha, d_sigma = _scales(t, process)
+        return ((alpha * d_sigma - d_alpha * sigma) / sigma) ** 2
+
+    def eps_weight(self, t, process):
+        alpha, sigma, d_alpha, d_sigma = _scales(t, process)
+        return ((alpha * d_sigma - d_alpha * sigma) / alpha) ** 2
+
+
+# -- the loss ------------------------------------------------------------------------------------
+@dataclass
+class LossOutput:
+    """Per-sample weighted loss (B,) (mean over non-batch dims) and the times (B,) it was drawn at."""
+
+    loss: Tensor
+    t: Tensor
+
+
+class DenoisingLoss:
+    """E_t w_out(t) ||F(x_t, t, y) - target||^2 (DESIGN section 3), with label dropout (Ho & Salimans 2022)."""
+
+    def __init__(self, proposal: TimeProposal = UniformTime(), weighting: Weighting = OutputMSE(),
+                 p_uncond: float = 0.0) -> None:
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        self.proposal, self.weighting, self.p_uncond = proposal, weighting, p_uncond
+
+    def __call__(self, model: Model, x0: Tensor, process: Process, prediction: Prediction,
+                 class_labels: Tensor | None = None, null_label: int | None = None,
+                 generator: torch.Generator | None = None, t: Tensor | None = None,
+                 eps: Tensor | None = None) -> LossOutput:
+        """Per-sample loss for clean data x0 (B, ...); pass t and eps for a deterministic (validation) loss."""
+        b = x0.shape[0]
+        if t is None:
+            t = self.proposal.sample(b, process, generator=generator, device=x0.device)
+        t = t.to(device=x0.device, dtype=x0.dtype)  # the model contract: t in x_t's dtype
+        if eps is None:
+            eps = _draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
+        class_labels = self._drop_labels(class_labels, null_label, generator)
+        x_t = process.marginal(x0, t, eps)  # (B, ...)
+        out = model(x_t, t, class_labels)  # (B, ...)
+        target = prediction.target(x0, eps, t, process).to(out.dtype)
+        weight = self.weighting(t, process, prediction).to(out.dtype)  # (B,)
+        loss = weight * (out - target).pow(2).flatten(1).mean(1)  # (B,)
+        return LossOutput(loss=loss, t=t)
+
+    def _drop_labels(self, class_labels, null_label, generator):
+        """Replace each label by null_label with probability p_uncond (classifier-free guidance training)."""
+        if class_labels is None or self.p_uncond == 0.0:
+            return class_labels
+        if null_label is None:
+            raise ValueError("p_uncond > 0 with class labels needs null_label, the index of the 'no class' label")
+        drop = _draw(torch.rand, tuple(class_labels.shape), generator, class_labels.device) < self.p_uncond
+        return torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
+
+    def __repr__(self) -> str:
+        return f"DenoisingLoss(proposal={self.proposal}, weighting={self.weighting}, p_uncond={self.p_uncond})"
+
+
+def bucket_losses(loss: Tensor, t: Tensor, process: Process, num_buckets: int = 4) -> dict[str, Tensor]:
+    """Mean loss per bucket of u = (t - t_min)/(t_max - t_min), keyed 't_0.00-0.25' etc.; empty buckets are left out."""
+    u = (t.detach().to(torch.float64) - process.t_min) / (process.t_max - process.t_min)
+    index = (u * num_buckets).floor().clamp(0, num_buckets - 1).long()
+    out = {}
+    for i in range(num_buckets):
+        mask = index == i
+        if mask.any():
+            out[f"t_{i / num_buckets:.2f}-{(i + 1) / num_buckets:.2f}"] = loss.detach()[mask].mean()
+    return out

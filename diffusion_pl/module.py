@@ -1,0 +1,245 @@
+"""The LightningModule: network + forward process + parameterization + loss + EMA.
+
+A training batch reads top to bottom in `training_step`:
+images -> (t, eps) -> x_t -> network -> wrapper -> weighted loss.
+
+Randomness of a training step (t, eps, label dropout, network dropout) is a pure function of
+(seed, rank, step): the step reseeds the global generators from those three numbers. Runs
+therefore resume bit-exactly without storing generator states, ranks draw different noise,
+and nothing depends on how many steps a previous job ran (as EDM2 seeds from images seen).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # set by LightningCLI
+from torch import Tensor, nn
+
+from diffusion_pl.losses import DenoisingLoss, bucket_losses
+from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
+from diffusion_pl.processes import Process
+
+__all__ = ["DiffusionModule", "load_module", "step_seed"]
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=2e-4)
+
+
+def step_seed(*numbers: int) -> int:
+    """A 63-bit seed that mixes integers well (numpy SeedSequence), for per-(seed, rank, step) streams."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains `net` as a diffusion model of `process` in the `prediction` parameterization, with an EMA copy.
+
+    Args:
+        net: a network `net(x_in, noise_label, class_labels) -> tensor like x_in` (U-Net or DiT).
+        process: the forward process (alpha(t), sigma(t)).
+        prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
+        loss: time proposal x weighting, with label dropout for classifier-free guidance.
+        optimizer: a callable params -> optimizer (LightningCLI fills it from `optimizer:`).
+        lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000).
+        ema_decay: per-step EMA decay, used when `ema_half_life_images` is None (DDPM: 0.9999).
+        ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so early EMA tracks the net.
+        ema_half_life_images: EMA half-life counted in training images (EDM: 500k images).
+        ema_rampup_ratio: EDM's ramp-up: half-life <= ratio x images seen (EDM: 0.05); None disables.
+        seed: base seed of the per-step noise; each rank and step derives its own.
+        nonfinite_loss: "raise" stops with an error naming the step, "skip" skips that step.
+        val_num_times: validation loss uses this fixed grid of times (quantiles of the proposal range).
+        channels_last: run the network in channels_last memory format (faster convolutions on GPU).
+        compile: wrap the network in torch.compile for training.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        process: Process,
+        prediction: Prediction | None = None,
+        loss: DenoisingLoss | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = False,
+        ema_half_life_images: float | None = None,
+        ema_rampup_ratio: float | None = None,
+        seed: int = 0,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
+        val_num_times: int = 8,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if ema_half_life_images is not None and ema_half_life_images <= 0:
+            raise ValueError(f"ema_half_life_images must be positive, got {ema_half_life_images}")
+        if lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
+        # Under LightningCLI the hparams are the YAML config (class_path + init_args), which lets
+        # `load_module` rebuild everything from a checkpoint; built from Python, the objects are left
+        # out so that checkpoints stay loadable with weights_only=True.
+        if _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()
+        else:
+            self.save_hyperparameters(ignore=["net", "process", "prediction", "loss", "optimizer"])
+        self.net = net
+        # The EMA lives in the module, not in Lightning's EMAWeightAveraging callback: sampling and FID
+        # callbacks need the averaged network at arbitrary steps (not only inside validation, where the
+        # callback swaps weights), and `sample` / `evaluate` read it straight from a checkpoint.
+        self.ema = copy.deepcopy(net).requires_grad_(False).eval()
+        self.process = process
+        self.prediction = prediction if prediction is not None else EpsPrediction()
+        self.loss_fn = loss if loss is not None else DenoisingLoss()
+        self.optimizer_fn = optimizer
+        self.lr_warmup_steps = lr_warmup_steps
+        self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
+        self.ema_half_life_images, self.ema_rampup_ratio = ema_half_life_images, ema_rampup_ratio
+        self.seed = seed
+        self.nonfinite_loss = nonfinite_loss
+        self.val_num_times = val_num_times
+        self.channels_last = channels_last
+        self.compile = compile
+        self._train_model: Model | None = None
+        self._images_per_step = 0
+
+    # -- models in the sampler contract -------------------------------------------------------------
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.net, "num_classes", None)
+
+    @property
+    def null_label(self) -> int | None:
+        """Label index of the unconditional embedding (classifier-free guidance), or None."""
+        return self.num_classes
+
+    def model(self, ema: bool = True) -> Model:
+        """The network (EMA by default) as a model `(x_t, t, class_labels) -> output` for samplers."""
+        return precondition(self.ema if ema else self.net, self.process, self.prediction)
+
+    # -- training ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        net = self.net
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+            self.ema.to(memory_format=torch.channels_last)
+        if self.compile and stage == "fit":
+            net = torch.compile(net)
+        # Kept out of the module tree so the compiled wrapper adds no state_dict keys.
+        object.__setattr__(self, "_train_model", precondition(net, self.process, self.prediction))
+
+    def _reseed(self, batch_idx: int) -> None:
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step, micro))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        self._reseed(batch_idx)
+        x0, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
+        self._images_per_step = x0.shape[0] * self.trainer.world_size * max(1, self.trainer.accumulate_grad_batches)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        labels = class_labels if self.num_classes is not None else None
+        out = self.loss_fn(self._train_model, x0, self.process, self.prediction, labels, self.null_label)
+        loss = out.loss.mean()
+        if not self._loss_is_finite(loss):
+            return None
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in bucket_losses(out.loss.detach(), out.t, self.process).items():
+            self.log(f"train/{name}", value)
+        return loss
+
+    def _loss_is_finite(self, loss: Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        # every rank must take the same branch, or DDP's gradient all-reduce would hang
+        finite = self.trainer.strategy.reduce(finite, reduce_op="min") if self.trainer.world_size > 1 else finite
+        if finite.item() == 1.0:
+            return True
+        step = self.global_step
+        if self.nonfinite_loss == "raise":
+            raise FloatingPointError(f"non-finite training loss at step {step} ({loss.item()}); "
+                                     "lower the learning rate, enable gradient clipping, or set nonfinite_loss: skip")
+        self.print(f"warning: non-finite training loss at step {step}; step skipped (nonfinite_loss=skip)")
+        self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+        return False
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks (ModelCheckpoint) run their batch-end hooks
+        # before the module's, so a checkpoint saved at this step would miss this EMA update.
+        self.update_ema(batch_size=self._images_per_step)
+
+    @torch.no_grad()
+    def update_ema(self, batch_size: int) -> float:
+        """ema <- beta ema + (1 - beta) net; returns beta."""
+        beta = self.ema_beta(self.global_step, batch_size)
+        ema_params = list(self.ema.parameters())
+        net_params = [p.detach() for p in self.net.parameters()]
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+        for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
+            b_ema.copy_(b_net)
+        return beta
+
+    def ema_beta(self, step: int, batch_size: int) -> float:
+        """EMA decay after `step` optimizer steps of `batch_size` images (global)."""
+        if self.ema_half_life_images is None:
+            beta = self.ema_decay
+            if self.ema_warmup:
+                beta = min(beta, (1.0 + step) / (10.0 + step))
+            return beta
+        half_life = self.ema_half_life_images
+        if self.ema_rampup_ratio is not None:  # EDM: the half-life grows with the images seen
+            half_life = min(half_life, step * batch_size * self.ema_rampup_ratio)
+        return 0.5 ** (batch_size / max(half_life, 1e-8))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_fn(self.net.parameters())
+        if self.lr_warmup_steps == 0:
+            return optimizer
+        warmup = self.lr_warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation: a deterministic denoising loss with EMA weights ----------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, class_labels = batch
+        n = x0.shape[0]
+        # fixed times: quantiles of [t_min, t_max] cycled over the batch; fixed noise per batch index
+        u = (torch.arange(n, device=x0.device) % self.val_num_times + 0.5) / self.val_num_times
+        t = (self.process.t_min + u * (self.process.t_max - self.process.t_min)).to(x0.dtype)
+        g = torch.Generator(device=x0.device).manual_seed(step_seed(self.seed, 1, batch_idx))
+        eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        labels = class_labels if self.num_classes is not None else None
+        out = self.loss_fn(self.model(ema=True), x0, self.process, self.prediction, labels, self.null_label,
+                           t=t, eps=eps)
+        loss = out.loss.mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        for name, value in bucket_losses(out.loss, out.t, self.process).items():
+            self.log(f"val/{name}", value, sync_dist=True)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # record what a sampler needs to rebuild the model without the training config
+        checkpoint["diffusion_pl"] = {"num_classes": self.num_classes, "global_step": self.global_step}
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+
+def load_module(ckpt_path: str, map_location: str | torch.device = "cpu") -> DiffusionModule:
+    """Rebuild a DiffusionModule (net, EMA, process, prediction) from a checkpoint written by `diffusion-pl fit`."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "_instantiator" not in hparams:
+        raise ValueError(f"checkpoint {ckpt_path} has no saved config (it was not written by `diffusion-pl fit`); "
+                         "build the DiffusionModule yourself and call load_state_dict(checkpoint['state_dict'])")
+    return DiffusionModule.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)

@@ -1,0 +1,218 @@
+"""Diffusion Transformer with adaLN-Zero conditioning (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
+
+PatchEmbed, the fused Attention and Mlp come from timm; what is written here is what timm
+lacks: adaLN-Zero modulation, the timestep/label embedders and the un-patchify step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import Attention, Mlp, PatchEmbed
+from torch import Tensor, nn
+
+from diffusion_pl.networks.embeddings import (
+    ClassEmbedding,
+    PositionalEmbedding,
+    batch_noise_label,
+    embedding_mlp,
+    sincos_2d,
+)
+
+__all__ = ["DiT", "dit_s_2", "dit_b_2", "dit_l_2", "dit_xl_2", "dit_tiny"]
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """Adaptive LayerNorm modulation x * (1 + scale) + shift, broadcast over tokens (DiT, Sec. 3.2)."""
+    # x: (B, T, D), shift/scale: (B, D)
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: conditioning regresses shift, scale and a gate per branch (DiT, Fig. 3)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        # No learned affine: the modulation supplies scale and shift.
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn.fused_attn = True  # always F.scaled_dot_product_attention
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        # x: (B, T, D) tokens, c: (B, D) conditioning -> (B, T, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        x = x + gate1[:, None, :] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2[:, None, :] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map from tokens to patches (DiT, Sec. 3.1 "Transformer decoder")."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        # x: (B, T, D), c: (B, D) -> (B, T, p * p * C_out)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer (Peebles & Xie 2023); forward(x, noise_label, class_labels) -> shaped like x (or out_channels)."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        num_classes: int | None = None,
+        patch_size: int = 2,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        frequency_embedding_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if patch_size < 1 or img_resolution < patch_size or img_resolution % patch_size:
+            raise ValueError(f"img_resolution must be a positive multiple of patch_size={patch_size}, got {img_resolution}.")
+        if num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(f"hidden_size must be divisible by num_heads={num_heads}, got {hidden_size}.")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}.")
+        self.img_resolution = img_resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+
+        self.x_embedder = PatchEmbed(img_resolution, patch_size, in_channels, hidden_size, bias=True)
+        # Timestep embedder: sinusoid of the noise label (no endpoint, as in DiT) then an MLP.
+        self.t_embedder = nn.Sequential(
+            PositionalEmbedding(frequency_embedding_size, endpoint=False),
+            embedding_mlp(frequency_embedding_size, hidden_size),
+        )
+        self.y_embedder = ClassEmbedding(num_classes, hidden_size) if num_classes is not None else None
+        # Fixed sin-cos positions: a buffer, not a frozen parameter (so not counted as a parameter).
+        grid = img_resolution // patch_size
+        self.register_buffer("pos_embed", sincos_2d(hidden_size, grid)[None], persistent=False)  # (1, T, D)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation (Peebles & Xie 2023, Sec. 3.2 and models.py): adaLN and output zeroed."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Patch embedding initialised like a linear layer on the flattened patch.
+        weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder[1][0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder[1][2].weight, std=0.02)
+        # adaLN-Zero: every residual block starts as the identity (gates are zero)...
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # ...and the output starts at zero.
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, T, p * p * C) tokens -> (B, C, H, W) image."""
+        B, p, C = x.shape[0], self.patch_size, self.out_channels
+        g = self.img_resolution // p
+        x = x.reshape(B, g, g, p, p, C)  # (B, h, w, p, q, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
+        return x.reshape(B, C, g * p, g * p)
+
+    def forward(self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        # x: (B, C_in, H, W), noise_label: (B,), class_labels: (B,) int64 or None -> (B, C_out, H, W)
+        B = x.shape[0]
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, T, D), T = (H / p) * (W / p)
+        c = self.t_embedder(batch_noise_label(noise_label, B)).to(x.dtype)  # (B, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(class_labels, B).to(x.dtype)  # None -> null label
+        for block in self.blocks:
+            h = block(h, c)  # (B, T, D)
+        h = self.final_layer(h, c)  # (B, T, p * p * C_out)
+        return self.unpatchify(h)  # (B, C_out, H, W)
+
+
+# Presets name the four data-dependent arguments, so LightningCLI can set them under
+# `class_path: diffusion_pl.networks.dit_s_2`; from Python any other DiT argument can be
+# overridden as a keyword (jsonargparse cannot see through **overrides).
+
+
+def dit_s_2(
+    img_resolution: int = 32,
+    in_channels: int = 3,
+    out_channels: int | None = None,
+    num_classes: int | None = None,
+    **overrides,
+) -> DiT:
+    """DiT-S/2: hidden 384, depth 12, 6 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
+    return DiT(**{**dict(hidden_size=384, depth=12, num_heads=6, patch_size=2), **overrides},
+               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+
+
+def dit_b_2(
+    img_resolution: int = 32,
+    in_channels: int = 3,
+    out_channels: int | None = None,
+    num_classes: int | None = None,
+    **overrides,
+) -> DiT:
+    """DiT-B/2: hidden 768, depth 12, 12 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
+    return DiT(**{**dict(hidden_size=768, depth=12, num_heads=12, patch_size=2), **overrides},
+               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+
+
+def dit_l_2(
+    img_resolution: int = 32,
+    in_channels: int = 3,
+    out_channels: int | None = None,
+    num_classes: int | None = None,
+    **overrides,
+) -> DiT:
+    """DiT-L/2: hidden 1024, depth 24, 16 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
+    return DiT(**{**dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2), **overrides},
+               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+
+
+def dit_xl_2(
+    img_resolution: int = 32,
+    in_channels: int = 3,
+    out_channels: int | None = None,
+    num_classes: int | None = None,
+    **overrides,
+) -> DiT:
+    """DiT-XL/2: hidden 1152, depth 28, 16 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
+    return DiT(**{**dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2), **overrides},
+               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+
+
+def dit_tiny(
+    img_resolution: int = 32,
+    in_channels: int = 3,
+    out_channels: int | None = None,
+    num_classes: int | None = None,
+    **overrides,
+) -> DiT:
+    """A 0.33M-parameter DiT (hidden 64, depth 4, 4 heads, patch 2) for tests and quick CPU runs."""
+    return DiT(**{**dict(hidden_size=64, depth=4, num_heads=4, patch_size=2), **overrides},
+               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)

@@ -1,0 +1,77 @@
+"""The one entry point: noise -> time grid -> steps -> samples (DESIGN section 4).
+
+`sample` wraps the model into a `Denoiser` (parameterization, classifier-free guidance,
+x0 clipping), draws x_T from the prior N(0, prior_std^2 I) with the chosen noise source, runs
+the sampler and reports the samples with the number of network evaluations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_pl.prediction import Denoiser, Model, Prediction
+from diffusion_pl.processes import Process
+from diffusion_pl.sampling.base import Sampler
+from diffusion_pl.sampling.noise import GeneratorNoise, Noise, SeededNoise
+
+__all__ = ["SampleOutput", "sample"]
+
+
+@dataclass
+class SampleOutput:
+    """Samples x (in the sampling dtype, float32 by default), network evaluations nfe, and the float64 grid used."""
+
+    x: Tensor
+    nfe: int
+    times: Tensor
+
+
+def _device(model: Model, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, nn.Module):
+        p = next(model.parameters(), None)
+        if p is not None:
+            return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def sample(model: Model, process: Process, prediction: Prediction, sampler: Sampler, shape: Sequence[int], *,
+           noise: Tensor | None = None, class_labels: Tensor | None = None, guidance: float = 1.0,
+           null_label: int | None = None, clip_x0: float | None = None, seeds: Sequence[int] | Tensor | None = None,
+           generator: torch.Generator | None = None, device: torch.device | str | None = None,
+           dtype: torch.dtype = torch.float32, progress: bool = False) -> SampleOutput:
+    """Draw shape[0] samples with `sampler` from `model` in the model contract (x_t, t, class_labels) -> F.
+
+    noise: standard normal (shape) for x_T = prior_std * noise; drawn from the noise source if None.
+    seeds: one int per sample; all randomness of sample i then comes from its own generator
+    (same seed, same sample, whatever the batch). Otherwise `generator` (or torch's global RNG).
+    guidance, null_label: classifier-free guidance weight w and the unconditional label index.
+    clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every evaluation (DDPM's clipping).
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape must be (n, D) or (n, C, H, W), got {shape}")
+    if seeds is not None and generator is not None:
+        raise ValueError("pass either seeds (one per sample) or generator, not both")
+    device = _device(model, device)
+    source: Noise = SeededNoise(seeds) if seeds is not None else GeneratorNoise(generator)
+    if seeds is not None and len(source.seeds) != shape[0]:
+        raise ValueError(f"seeds must hold one integer per sample: got {len(source.seeds)} seeds for {shape[0]} samples")
+    if noise is None:
+        noise = source.randn(shape, dtype, device)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have the sample shape {shape}, got {tuple(noise.shape)}")
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels, device=device)
+        if class_labels.shape != (shape[0],):
+            raise ValueError(f"class_labels must have shape ({shape[0]},), got {tuple(class_labels.shape)}")
+    x = process.prior_std() * noise.to(device=device, dtype=dtype)
+    denoiser = Denoiser(model, process, prediction, guidance=guidance, null_label=null_label, clip_x0=clip_x0)
+    x = sampler.run(denoiser, x, source, class_labels, progress=progress)
+    return SampleOutput(x=x, nfe=denoiser.nfe, times=sampler.times(process))

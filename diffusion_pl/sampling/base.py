@@ -1,0 +1,127 @@
+"""The sampler base class and the per-time scalars every step needs.
+
+A sampler turns x at t_max into x at t_min along a `TimeGrid`, talking only to a `Denoiser`
+(x_t, t -> x0_hat, eps_hat) and to the process's alpha, sigma and their derivatives, so one
+implementation serves every process and every parameterization. The scalars of a step are
+Python floats computed in float64 from the float64 grid; they multiply float32 samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffusion_pl.prediction import Denoised, Denoiser
+from diffusion_pl.processes import Process
+from diffusion_pl.sampling.grids import TimeGrid, UniformGrid
+from diffusion_pl.sampling.noise import Noise
+
+__all__ = ["Sampler", "Point", "at", "posterior_step"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """alpha, sigma, their time derivatives and g^2 at one time t, as float64 Python floats."""
+
+    t: float
+    alpha: float
+    sigma: float
+    d_alpha: float
+    d_sigma: float
+    g2: float
+
+    @property
+    def noise_level(self) -> float:
+        """sigma/alpha, EDM's sigma; infinite where alpha = 0."""
+        return self.sigma / self.alpha if self.alpha > 0 else math.inf
+
+    @property
+    def lam(self) -> float:
+        """Half log-SNR lambda = log(alpha/sigma) (Lu et al. 2022); -inf where alpha = 0."""
+        return math.log(self.alpha / self.sigma) if self.alpha > 0 else -math.inf
+
+    def velocity(self, d: Denoised) -> Tensor:
+        """Probability-flow ODE dx/dt = alpha' x0_hat + sigma' eps_hat: finite even where alpha = 0."""
+        return self.d_alpha * d.x0 + self.d_sigma * d.eps
+
+
+def at(process: Process, t: float) -> Point:
+    """The process's scalars at time t (g2 is infinite where alpha = 0)."""
+    tt = torch.tensor([t], dtype=torch.float64)
+    fns = (process.alpha, process.sigma, process.d_alpha, process.d_sigma, process.g2)
+    return Point(t, *(float(fn(tt)[0]) for fn in fns))
+
+
+def posterior_step(d: Denoised, x: Tensor, p_t: Point, p_s: Point, eta: float, noise: Noise) -> Tensor:
+    """x_s ~ q(x_s | x_t, x0_hat) with DDIM's eta (Song et al. 2021a, eq. 12; DESIGN section 4).
+
+    With a = alpha_t/alpha_s, b2 = sigma_t^2 - a^2 sigma_s^2 and c2 = b2 sigma_s^2 / sigma_t^2:
+    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - eta^2 c2) eps_hat + eta sqrt(c2) z.
+    Finite where alpha_t = 0 (then a = 0, b2 = sigma_t^2). Noise is drawn only when eta^2 c2 > 0.
+    """
+    a = p_t.alpha / p_s.alpha
+    b2 = max(p_t.sigma**2 - a**2 * p_s.sigma**2, 0.0)  # >= 0 up to rounding
+    c2 = b2 * p_s.sigma**2 / p_t.sigma**2
+    # eta > 1 asks for more variance than sigma_s^2 holds; the eps_hat direction then vanishes
+    direction = math.sqrt(max(p_s.sigma**2 - eta**2 * c2, 0.0))
+    x_s = p_s.alpha * d.x0 + direction * d.eps
+    if eta * c2 > 0:
+        x_s = x_s + eta * math.sqrt(c2) * noise.randn_like(x)
+    return x_s
+
+
+class Sampler:
+    """Base: `steps` steps along `grid` from t_max to t_min, then optionally x <- x0_hat at t_min (Tweedie).
+
+    Subclasses implement `step` (one grid interval t -> s) or override `solve` (multistep and
+    adaptive samplers). `grid=None` picks the sampler's default grid (`default_grid`).
+    """
+
+    def __init__(self, steps: int, grid: TimeGrid | None = None, final_denoise: bool = True) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        self.steps = steps
+        self.grid = grid if grid is not None else self.default_grid()
+        self.final_denoise = final_denoise
+
+    def default_grid(self) -> TimeGrid:
+        return UniformGrid()
+
+    def times(self, process: Process) -> Tensor:
+        """The float64 grid (steps + 1,) this sampler visits on `process`."""
+        return self.grid.times(process, self.steps)
+
+    def run(self, denoiser: Denoiser, x: Tensor, noise: Noise, class_labels: Tensor | None = None,
+            progress: bool = False) -> Tensor:
+        """Carry x from t_max (a prior sample) to t_min, and to x0_hat if final_denoise."""
+        times = self.times(denoiser.process).tolist()
+        with tqdm(total=len(times) - 1, disable=not progress, desc=type(self).__name__) as bar:
+            x = self.solve(denoiser, x, times, noise, class_labels, bar)
+        if self.final_denoise:
+            x = self.denoise(denoiser, x, times[-1], noise, class_labels)
+        return x
+
+    def solve(self, denoiser: Denoiser, x: Tensor, times: list[float], noise: Noise,
+              class_labels: Tensor | None, bar: tqdm) -> Tensor:
+        """All grid steps, one `step` per interval."""
+        for t, s in zip(times[:-1], times[1:]):
+            x = self.step(denoiser, x, t, s, noise, class_labels)
+            bar.update()
+        return x
+
+    def step(self, denoiser: Denoiser, x: Tensor, t: float, s: float, noise: Noise,
+             class_labels: Tensor | None) -> Tensor:
+        """x at time s < t from x at time t."""
+        raise NotImplementedError
+
+    def denoise(self, denoiser: Denoiser, x: Tensor, t: float, noise: Noise, class_labels: Tensor | None) -> Tensor:
+        """The final x <- E[x0 | x_t] (Tweedie's formula, Efron 2011) at t = t_min."""
+        return denoiser(x, t, class_labels).x0
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"

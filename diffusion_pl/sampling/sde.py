@@ -1,0 +1,124 @@
+"""Stochastic samplers: Euler-Maruyama on the reverse SDE, predictor-corrector, annealed Langevin.
+
+The reverse SDE with stochasticity gamma (DESIGN section 4; Song et al. 2021, eq. 6 for gamma = 1)
+
+    dx = [f x - (1 + gamma^2)/2 g2 score] dt + gamma g dW
+       = [v + gamma^2/2 g2 eps_hat / sigma] dt + gamma g dW,   v = alpha' x0_hat + sigma' eps_hat,
+
+is written with the finite ODE velocity v. Where alpha(t) = 0 (RectifiedFlow, Trigonometric
+at t = 1) f and g2 are infinite and no explicit step exists: there `EulerMaruyama` takes the
+posterior step with eta = min(gamma, 1) (`base.posterior_step`), the discretization of the same
+SDE that is exact in its linear part (eta -> gamma as the step size -> 0). The predictor of
+`PredictorCorrector` is the posterior step with eta = 1 (ancestral sampling, Song et al.'s
+"reverse diffusion" predictor), finite everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from diffusion_pl.prediction import Denoiser
+from diffusion_pl.processes import append_dims
+from diffusion_pl.sampling.base import Point, Sampler, at, posterior_step
+from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid, UniformGrid
+from diffusion_pl.sampling.noise import Noise
+
+__all__ = ["EulerMaruyama", "PredictorCorrector", "AnnealedLangevin"]
+
+
+class EulerMaruyama(Sampler):
+    """Euler-Maruyama on the reverse SDE with stochasticity gamma (Song et al. 2021, eq. 6; gamma = 0 is Euler on the ODE).
+
+    NFE = steps + final_denoise (score_sde's `denoise=True`).
+    """
+
+    def __init__(self, steps: int = 1000, grid: TimeGrid | None = None, final_denoise: bool = True,
+                 gamma: float = 1.0) -> None:
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        super().__init__(steps, grid, final_denoise)
+        self.gamma = gamma
+
+    def default_grid(self) -> TimeGrid:
+        return UniformGrid()
+
+    def step(self, denoiser, x, t, s, noise, class_labels):
+        p_t = at(denoiser.process, t)
+        d = denoiser(x, t, class_labels)
+        if not math.isfinite(p_t.g2):  # alpha(t) = 0: see the module docstring
+            return posterior_step(d, x, p_t, at(denoiser.process, s), min(self.gamma, 1.0), noise)
+        h = t - s
+        x_s = x - h * p_t.velocity(d) - (0.5 * self.gamma**2 * p_t.g2 * h / p_t.sigma) * d.eps
+        if self.gamma > 0:
+            x_s = x_s + self.gamma * math.sqrt(p_t.g2 * h) * noise.randn_like(x)
+        return x_s
+
+
+def langevin_step(denoiser: Denoiser, x: Tensor, p: Point, snr: float, scale: float, noise: Noise,
+                  class_labels) -> Tensor:
+    """x += h score + sqrt(2h) z with h = 2 scale (snr |z| / |score|)^2 per sample (Song et al. 2021, Alg. 4/5)."""
+    score = -denoiser(x, p.t, class_labels).eps / p.sigma
+    z = noise.randn_like(x)
+    # per-sample norms (score_sde averages them over the batch, which would tie samples together)
+    ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-30)
+    h = append_dims(2.0 * scale * (snr * ratio) ** 2, x.ndim)
+    return x + h * score + (2.0 * h).sqrt() * z
+
+
+class PredictorCorrector(Sampler):
+    """Predictor-corrector sampling (Song et al. 2021, Alg. 2, 4, 5): an ancestral predictor step, then Langevin.
+
+    Corrector step size h = 2 a (snr |z| / |score|)^2 with a = (alpha_t / alpha_s)^2, the
+    generic form of Alg. 5's alpha_i = 1 - beta_i (a = 1 when alpha is constant, Alg. 4).
+    NFE = steps (1 + corrector_steps) + final_denoise.
+    """
+
+    def __init__(self, steps: int = 1000, grid: TimeGrid | None = None, final_denoise: bool = True,
+                 snr: float = 0.16, corrector_steps: int = 1) -> None:
+        if snr < 0 or corrector_steps < 0:
+            raise ValueError(f"snr and corrector_steps must be >= 0, got {snr}, {corrector_steps}")
+        super().__init__(steps, grid, final_denoise)
+        self.snr, self.corrector_steps = snr, corrector_steps
+
+    def default_grid(self) -> TimeGrid:
+        return UniformGrid()
+
+    def step(self, denoiser, x, t, s, noise, class_labels):
+        p_t, p_s = at(denoiser.process, t), at(denoiser.process, s)
+        x = posterior_step(denoiser(x, t, class_labels), x, p_t, p_s, 1.0, noise)
+        scale = (p_t.alpha / p_s.alpha) ** 2
+        for _ in range(self.corrector_steps):
+            x = langevin_step(denoiser, x, p_s, self.snr, scale, noise, class_labels)
+        return x
+
+
+class AnnealedLangevin(Sampler):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1): steps_per_level Langevin steps at each grid level.
+
+    Runs on x_t itself at the levels t_1, ..., t_steps = t_min (x at t_max is the prior sample),
+    with step size h = step_size * sigma(t)^2: NCSN's alpha_i = eps sigma_i^2 / sigma_L^2 with
+    step_size = eps / sigma_L^2 (0.2 in Song & Ermon 2019). sigma(t) is the right scale on any
+    process: Langevin on x_t/alpha with EDM's noise level s^2 and the same relative step size is
+    the same update. The default grid is uniform in log-SNR, NCSN's geometric noise levels.
+    NFE = steps * steps_per_level + final_denoise (NCSNv2's final denoising, Song & Ermon 2020).
+    """
+
+    def __init__(self, steps: int = 100, grid: TimeGrid | None = None, final_denoise: bool = True,
+                 steps_per_level: int = 5, step_size: float = 0.1) -> None:
+        if steps_per_level < 1 or step_size <= 0:
+            raise ValueError(f"steps_per_level must be >= 1 and step_size > 0, got {steps_per_level}, {step_size}")
+        super().__init__(steps, grid, final_denoise)
+        self.steps_per_level, self.step_size = steps_per_level, step_size
+
+    def default_grid(self) -> TimeGrid:
+        return LogSNRGrid()
+
+    def step(self, denoiser, x, t, s, noise, class_labels):
+        p = at(denoiser.process, s)
+        h = self.step_size * p.sigma**2
+        for _ in range(self.steps_per_level):
+            score = -denoiser(x, s, class_labels).eps / p.sigma
+            x = x + h * score + math.sqrt(2.0 * h) * noise.randn_like(x)
+        return x

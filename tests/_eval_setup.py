@@ -1,0 +1,48 @@
+"""Tiny evaluation setup shared by the metric / callback / command tests and their subprocess workers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion_pl.module import DiffusionModule
+from diffusion_pl.networks import UNet
+from diffusion_pl.prediction import EpsPrediction
+from diffusion_pl.processes import VPLinear
+
+IMAGE_SIZE = 8
+DATA = f"builtin:shapes?size={IMAGE_SIZE}&count=48"
+
+
+class StandInFeatures(nn.Module):
+    """A stand-in for InceptionV3: uint8 (B, 3, H, W) -> (features (B, D), logits (B, D)) by a fixed projection."""
+
+    def __init__(self, dim: int = 12, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("proj", torch.randn(3 * 4 * 4, dim, generator=g) / 4)
+        self.images_seen = 0  # counts every image passed through (real or generated)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        self.images_seen += x.shape[0]
+        pooled = F.adaptive_avg_pool2d(x.float() / 127.5 - 1.0, 4).flatten(1)  # (B, 48)
+        logits = pooled @ self.proj  # (B, D)
+        return torch.tanh(logits), logits
+
+
+def frozen_optimizer(params) -> torch.optim.Optimizer:
+    """lr = 0: weights (and so the EMA) stay at their initial values, equal across world sizes."""
+    return torch.optim.SGD(params, lr=0.0)
+
+
+def make_net(num_classes: int | None = None) -> UNet:
+    return UNet(img_resolution=IMAGE_SIZE, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                attn_resolutions=(), dropout=0.0, num_classes=num_classes)
+
+
+def make_module(num_classes: int | None = None, frozen: bool = False) -> DiffusionModule:
+    torch.manual_seed(0)
+    kwargs = {"optimizer": frozen_optimizer} if frozen else {}
+    return DiffusionModule(make_net(num_classes), VPLinear(), EpsPrediction(), ema_decay=0.5, **kwargs)

@@ -28,15 +28,18 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
+from diffusion_pl.data import ShardDataModule, builtin, resolve_shards
 from diffusion_pl.data.prepare import cache_dir
+from diffusion_pl.sampling import sample
 
 __all__ = [
     "PROTOCOL", "WEIGHTS_ENV", "InceptionWeightsError", "InceptionFeatures", "ReferenceStats", "SampleMetrics",
     "to_uint8", "extract", "load_inception", "inception_weights_file", "random_inception_weights",
-    "fingerprint", "reference_stats", "frechet_distance", "gaussian_stats", "metric_prefix", "rank_world",
+    "fingerprint", "reference_stats", "reference_images", "generate", "sampler_label", "class_labels_for", "frechet_distance", "gaussian_stats", "metric_prefix", "rank_world",
     "rank_indices",
 ]
 
@@ -184,6 +187,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where a module's tensors live (parameters or buffers), CPU for a stateless one."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+
+
 # ----------------------------------------------------------------------------- Frechet distance
 def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
     """(mean, unbiased covariance) of features (N, D), in float64."""
@@ -242,12 +250,10 @@ def _cache_file(data_key: str, extractor_key: str, with_features: bool) -> Path:
 
 def _compute_reference(images: Iterable[Tensor], extractor: nn.Module, with_features: bool,
                        device: torch.device, progress: bool, total: int | None) -> ReferenceStats:
-    from tqdm import tqdm
-
     n, feature_sum, outer_sum, kept = 0, None, None, []
     with tqdm(total=total, desc="reference statistics", unit="img", disable=not progress) as bar:
         for batch in images:
-            features, _ = extract(extractor, to_rgb_uint8(batch).to(device))
+            features, _ = extract(extractor, (batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch).to(device))
             if feature_sum is None:
                 feature_sum = features.new_zeros(features.shape[1])
                 outer_sum = features.new_zeros(features.shape[1], features.shape[1])
@@ -262,13 +268,6 @@ def _compute_reference(images: Iterable[Tensor], extractor: nn.Module, with_feat
     return ReferenceStats(n, feature_sum.cpu(), outer_sum.cpu(), torch.cat(kept) if with_features else None)
 
 
-def to_rgb_uint8(images: Tensor) -> Tensor:
-    """uint8 (B, C, H, W) -> uint8 (B, 3, H, W), grey repeated to RGB."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"reference images have dtype {images.dtype}: expected torch.uint8 (B, C, H, W)")
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
 def reference_stats(images: Iterable[Tensor], data_key: str, extractor: nn.Module, *, with_features: bool = False,
                     device: str | torch.device | None = None, progress: bool = True, total: int | None = None,
                     cache: bool = True) -> ReferenceStats:
@@ -277,7 +276,7 @@ def reference_stats(images: Iterable[Tensor], data_key: str, extractor: nn.Modul
     `images` is iterated only on a cache miss, and only by rank 0; other ranks wait and read the file.
     """
     file = _cache_file(data_key, fingerprint(extractor), with_features)
-    device = torch.device(device) if device is not None else next(extractor.parameters(), torch.empty(0)).device
+    device = torch.device(device) if device is not None else _device(extractor)
     if cache and file.is_file():
         return ReferenceStats(**torch.load(file, map_location="cpu", weights_only=True))
     rank, world = rank_world()
@@ -316,7 +315,7 @@ class SampleMetrics:
                              "for KID")
         self.extractor, self.reference, self.seed = extractor, reference, seed
         dim = reference.feature_sum.shape[0]
-        device = next(extractor.parameters(), torch.empty(0)).device  # DDP reduces tensors on this device
+        device = _device(extractor)  # DDP reduces the metric states on this device
         self.fid = FrechetInceptionDistance(_Passthrough(dim), sync_on_compute=False).to(device)
         self.kid = KernelInceptionDistance(_Passthrough(dim), subsets=kid_subsets, subset_size=kid_subset_size,
                                            sync_on_compute=False).to(device) if kid else None
@@ -369,24 +368,23 @@ def _gather_lists(metric, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- data and generation
-def reference_images(data: str, batch_size: int = 250, num_workers: int = 0) -> tuple[Iterable[Tensor], str, int | None]:
-    """(uint8 batches in stored order, cache key, image count) of a shard set (a `shards` string)."""
-    from diffusion_pl.data import ShardDataModule, builtin, resolve_shards
-
+def reference_images(data: str, batch_size: int = 250, num_workers: int = 0) -> tuple[Iterable[Tensor], str, dict]:
+    """(uint8 batches in stored order, cache key, {'count', 'split', 'source'}) of a shard set (a `shards` string)."""
+    manifest = None
     if data.startswith("builtin:"):  # generated deterministically from its parameters and version
-        key, count = f"{data}#v{builtin.VERSION}", None
+        key = f"{data}#v{builtin.VERSION}"
     else:
         urls, manifest = resolve_shards(data)
         if manifest is not None and all("sha256" in s for s in manifest["shards"]):
             key = json.dumps([manifest.get("count"), [s["sha256"] for s in manifest["shards"]]])
         else:  # no manifest: the files themselves (path and size)
             key = json.dumps([[u, Path(u).stat().st_size if Path(u).is_file() else None] for u in urls])
-        count = manifest.get("count") if manifest else None
+    info = {k: (manifest or {}).get(k) for k in ("count", "split", "source")}
     # the validation stream is finite, in order and unflipped: exactly the stored images
     dm = ShardDataModule(shards=data, val_shards=data, batch_size=batch_size, num_workers=num_workers,
                          random_flip=False)
     dm.setup("validate")
-    return (to_uint8(images) for images, _ in dm.val_dataloader()), key, count
+    return (to_uint8(images) for images, _ in dm.val_dataloader()), key, info
 
 
 def sampler_label(sampler) -> str:
@@ -408,9 +406,6 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
              batch_size: int = 64, device: str | torch.device | None = None,
              progress: bool = False) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
     """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter."""
-    from tqdm import tqdm
-
-    from diffusion_pl.sampling import sample
 
     indices = list(indices)
     model, net = module.model(ema=ema), module.ema if ema else module.net

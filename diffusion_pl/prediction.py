@@ -161,35 +161,38 @@ class EDMPreconditioning(Prediction):
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         self.sigma_data = sigma_data
 
-    def _edm(self, t: Tensor, process: Process) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _edm(self, t: Tensor, process: Process) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(alpha, sigma, r, c_skip, c_out) with r = alpha sqrt(s^2 + sigma_data^2) = sqrt(sigma^2 + sigma_data^2 alpha^2).
+
+        Written in (alpha, sigma) instead of s = sigma/alpha so that alpha = 0 (rectified flow at
+        t = 1, where s = inf) gives the finite limits c_skip = 0, c_out = sigma_data.
+        """
         alpha, sigma = _scales(t, process)
-        s = sigma / alpha
-        sd2 = self.sigma_data**2
-        root = torch.sqrt(s**2 + sd2)
-        c_skip = sd2 / (s**2 + sd2)
-        c_out = s * self.sigma_data / root
-        return alpha, s, c_skip, c_out
+        sd = self.sigma_data
+        r = torch.sqrt(sigma**2 + sd**2 * alpha**2)
+        c_skip = (sd * alpha / r) ** 2  # sd^2 / (s^2 + sd^2)
+        c_out = sigma * sd / r  # s sd / sqrt(s^2 + sd^2)
+        return alpha, sigma, r, c_skip, c_out
 
     def coefficients(self, t, process):
-        alpha, s, c_skip, c_out = self._edm(t, process)
-        sd2 = self.sigma_data**2
-        # eps = (x_t - alpha x0_hat) / sigma, simplified so that nothing divides by sigma -> 0
-        a_eps = s / (alpha * (s**2 + sd2))
-        b_eps = -self.sigma_data / torch.sqrt(s**2 + sd2)
-        return c_skip / alpha, c_out, a_eps, b_eps
+        alpha, sigma, r, c_skip, c_out = self._edm(t, process)
+        sd = self.sigma_data
+        # c_skip / alpha and eps = (x_t - alpha x0_hat) / sigma, simplified so nothing divides by alpha or sigma
+        return sd**2 * alpha / r**2, c_out, sigma / r**2, -sd * alpha / r
 
     def target(self, x0, eps, t, process):
-        alpha, s, c_skip, c_out = self._edm(t, process)
-        x_tilde = x0 + _bcast(s, x0) * eps  # x_t / alpha
-        return (x0 - _bcast(c_skip, x0) * x_tilde) / _bcast(c_out, x0)
+        # (x0 - c_skip x_t / alpha) / c_out, simplified to stay finite at alpha = 0
+        alpha, sigma, r, _, _ = self._edm(t, process)
+        sd = self.sigma_data
+        return (_bcast(sigma, x0) * x0 - sd**2 * _bcast(alpha, x0) * eps) / (sd * _bcast(r, x0))
 
     def c_in(self, t, process):
-        alpha, s, _, _ = self._edm(t, process)
-        return (1.0 / (alpha * torch.sqrt(s**2 + self.sigma_data**2))).to(t.dtype)
+        _, _, r, _, _ = self._edm(t, process)
+        return (1.0 / r).to(t.dtype)  # 1 / (alpha sqrt(s^2 + sd^2))
 
     def c_noise(self, t, process):
-        _, s, _, _ = self._edm(t, process)
-        return (0.25 * torch.log(s)).to(t.dtype)
+        alpha, sigma = _scales(t, process)
+        return (0.25 * torch.log(sigma / alpha)).to(t.dtype)  # +inf at alpha = 0: no finite label exists there
 
     def __repr__(self) -> str:
         return f"EDMPreconditioning(sigma_data={self.sigma_data})"

@@ -46,3 +46,28 @@ def make_module(num_classes: int | None = None, frozen: bool = False) -> Diffusi
     torch.manual_seed(0)
     kwargs = {"optimizer": frozen_optimizer} if frozen else {}
     return DiffusionModule(make_net(num_classes), VPLinear(), EpsPrediction(), ema_decay=0.5, **kwargs)
+
+
+def make_callbacks(extractor: nn.Module | None = None):
+    """The FID + grid callbacks of the callback tests (the same in-process and under DDP)."""
+    from diffusion_pl.callbacks.fid import FIDCallback
+    from diffusion_pl.callbacks.sample_grid import SampleGrid
+    from diffusion_pl.sampling import DDIM, HeunODE
+
+    fid = FIDCallback(every_n_steps=2, num_samples=12, sampler=[DDIM(steps=2), HeunODE(steps=1)],
+                      feature_extractor=extractor if extractor is not None else StandInFeatures(), batch_size=5)
+    return fid, SampleGrid(every_n_steps=2, num_samples=10, sampler=DDIM(steps=2))
+
+
+def fit(root, callbacks, devices: int = 1, logger=False, num_classes: int | None = 5, max_steps: int = 2):
+    """A short CPU fit of a frozen tiny conditional model on the built-in shapes."""
+    import lightning as L
+
+    from diffusion_pl.data import ShardDataModule
+
+    module = make_module(num_classes=num_classes, frozen=True)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        max_steps=max_steps, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=root, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(module, ShardDataModule(shards=DATA, batch_size=8, num_workers=0))
+    return trainer

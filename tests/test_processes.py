@@ -30,6 +30,15 @@ PREDICTIONS = [cls() for cls in subclasses(Prediction)]
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add overhead (20x on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def interior_times(process: Process, n: int = 25) -> torch.Tensor:
     """n times strictly inside (t_min, t_max), at irrational fractions so they avoid DDPM's grid."""
     u = torch.linspace(0.02, 0.98, n, dtype=F64) + 1e-3 / math.pi
@@ -51,16 +60,18 @@ def test_marginals_match_euler_maruyama(process):
     """Simulate dx = f x dt + g dW from the exact x_{t_min}; mean and variance must match alpha m0, alpha^2 s0^2 + sigma^2.
 
     Tolerances: the deterministic Euler moment recursion (the simulation's own mean and variance)
-    must be within 1% of the closed form (O(dt) bias with 2000 steps); the particle moments must
-    be within 5 standard errors (n*d = 40000 draws) of the recursion.
+    must be within 2% of the closed form (O(dt) bias with 1000 steps uniform in log-SNR); the particle moments must be within 5 standard errors
+    (n*d = 20000 draws) of the recursion.
     """
-    n, d, m0, s0, steps = 20000, 2, 0.7, 0.3, 2000
+    n, d, m0, s0, steps = 10000, 2, 0.7, 0.3, 1000
     g = torch.Generator().manual_seed(0)
     t_end = process.t_max
     end = torch.tensor([t_end], dtype=F64)
     if not (torch.isfinite(process.f(end)) & torch.isfinite(process.g2(end))).all():
         t_end = process.t_min + 0.95 * (process.t_max - process.t_min)  # f, g2 blow up where alpha = 0
-    ts = torch.linspace(process.t_min, t_end, steps + 1, dtype=F64)
+    # a grid uniform in log-SNR keeps |f dt| <= |d log-SNR| / 2 small even where beta is large (VPCosine near t_max)
+    ends = process.log_snr(torch.tensor([process.t_min, t_end], dtype=F64))
+    ts = process.t_from_log_snr(torch.linspace(ends[0].item(), ends[1].item(), steps + 1, dtype=F64))
     f, g2, dt = process.f(ts), process.g2(ts), ts.diff()
     assert (g2[:-1] >= 0).all()
 
@@ -74,8 +85,8 @@ def test_marginals_match_euler_maruyama(process):
 
     alpha, sigma = process.alpha(ts[-1:]).item(), process.sigma(ts[-1:]).item()
     exact_mean, exact_var = alpha * m0, alpha**2 * s0**2 + sigma**2
-    assert abs(mean - exact_mean) < 0.01 * math.sqrt(exact_var)
-    assert abs(var / exact_var - 1) < 0.01
+    assert abs(mean - exact_mean) < 0.02 * math.sqrt(exact_var)
+    assert abs(var / exact_var - 1) < 0.02
     assert abs(x.mean().item() - mean) < 5 * math.sqrt(var / (n * d))
     assert abs(x.var().item() / var - 1) < 5 * math.sqrt(2 / (n * d))
 
@@ -84,8 +95,9 @@ def test_marginals_match_euler_maruyama(process):
 def test_drift_and_diffusion_match_autograd(process):
     t = interior_times(process).requires_grad_(True)
     alpha, sigma = process.alpha(t), process.sigma(t)
-    (d_alpha,) = torch.autograd.grad(alpha.sum(), t)
-    (d_sigma2,) = torch.autograd.grad((sigma**2).sum(), t)
+    grad = lambda y: torch.autograd.grad(y.sum(), t, allow_unused=True, materialize_grads=True)[0] \
+        if y.requires_grad else torch.zeros_like(t)  # alpha = 1 (VE, EDM) has no graph
+    d_alpha, d_sigma2 = grad(alpha), grad(sigma**2)
     t, alpha, sigma = t.detach(), alpha.detach(), sigma.detach()
     f = d_alpha / alpha
     torch.testing.assert_close(process.d_alpha(t), d_alpha, rtol=1e-7, atol=1e-12)

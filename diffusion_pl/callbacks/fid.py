@@ -80,8 +80,8 @@ class FIDCallback(Callback):
         if data is None:
             raise ValueError("FIDCallback: no reference data: expected `data:` (a shards string) or a datamodule "
                              "with a `shards` attribute")
-        images, key, count = reference_images(data, batch_size=self.batch_size)
-        self.reference = reference_stats(images, key, self.extractor, with_features=self.kid, total=count,
+        images, key, info = reference_images(data, batch_size=self.batch_size)
+        self.reference = reference_stats(images, key, self.extractor, with_features=self.kid, total=info["count"],
                                          progress=trainer.is_global_zero)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -92,8 +92,13 @@ class FIDCallback(Callback):
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:  # once per step under accumulation
             self._last_step = step
-            for name, value in self.evaluate(trainer, pl_module).items():
-                pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)  # equal on all ranks
+            values = self.evaluate(trainer, pl_module)
+            # Straight to the loggers: self.log(on_step=True) would reach them only on steps that are
+            # multiples of log_every_n_steps. callback_metrics lets ModelCheckpoint monitor the value.
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(values, step=step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})  # equal on all ranks
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:

@@ -44,8 +44,12 @@ class SampleGrid(Callback):
         self.samplers = list(samplers) if isinstance(samplers, (list, tuple)) else [samplers]
         self.nrow, self.at_train_end, self.batch_size = nrow, at_train_end, batch_size
         self.image_shape: tuple[int, ...] | None = None
+        self.folder: Path | None = None
         self._last_step = -1
         self.written: list[Path] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.folder = run_dir(trainer) / "samples"  # trainer.log_dir is a collective: every rank, here
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.image_shape is None:  # (C, H, W) of the training images: the shape to sample
@@ -76,7 +80,7 @@ class SampleGrid(Callback):
             return []
         self._last_step = step
         indices, labels, nrow = self.layout(pl_module.num_classes)
-        folder = run_dir(trainer) / "samples"
+        folder = self.folder or run_dir(trainer) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for sampler in self.samplers:

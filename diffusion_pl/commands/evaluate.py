@@ -124,9 +124,11 @@ def count_samples(path: str | Path) -> int:
 
 
 def dataset_bits_per_dim(model, process, prediction, images: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
-                         null_label: int | None = None, device=None, dequantize: bool = True,
-                         divergence: str = "rademacher", progress: bool = False) -> dict:
-    """Mean bits/dim of uint8 images (N, C, H, W), chunk k with generator seed + k, chunks split over ranks."""
+                         null_label: int | None = None, device=None, progress: bool = False, **kwargs) -> dict:
+    """Mean bits/dim of uint8 images (N, C, H, W), chunk k with generator seed + k, chunks split over ranks.
+
+    kwargs go to `diffusion_pl.likelihood.bits_per_dim` (dequantize, divergence, rtol, atol, ...).
+    """
     from tqdm import tqdm
 
     from diffusion_pl.likelihood import bits_per_dim
@@ -138,8 +140,8 @@ def dataset_bits_per_dim(model, process, prediction, images: torch.Tensor, *, ba
     for k in tqdm(list(chunks)[rank::world], desc="bits/dim", unit="batch", disable=not progress):
         x = images[k:k + batch_size].to(device)
         labels = torch.full((x.shape[0],), null_label, device=device) if null_label is not None else None
-        out = bits_per_dim(model, process, prediction, x, dequantize=dequantize, divergence=divergence,
-                           generator=torch.Generator().manual_seed(seed + k), class_labels=labels)
+        out = bits_per_dim(model, process, prediction, x, generator=torch.Generator().manual_seed(seed + k),
+                           class_labels=labels, **kwargs)
         bpd = out.bpd.double()
         total += torch.stack([bpd.sum(), bpd.square().sum(), torch.tensor(float(len(bpd)), device=bpd.device)])
         nfe.append(out.nfe)
@@ -200,11 +202,14 @@ def _score_samples(args, fabric, extractor, reference) -> tuple[list[dict], dict
 
 
 def _table(points: list[dict]) -> str:
+    """Aligned text table; metric columns are named with the sample count below 50k (fid10k)."""
     cols = [c for c in ("name", "steps", "nfe", "n", "fid", "kid", "kid_std", "is", "is_std")
             if any(c in p for p in points)]
+    n = points[0]["n"]
+    heads = [metric_prefix(c, n) if c in ("fid", "kid", "is") else c for c in cols]
     rows = [[f"{p[c]:.4g}" if isinstance(p.get(c), float) else str(p.get(c, "")) for c in cols] for p in points]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
 
@@ -215,18 +220,20 @@ def run(args: argparse.Namespace) -> dict:
     start = time.time()
     fabric = make_fabric(args.devices, args.accelerator)
     extractor = _extractor(args, fabric.device)  # preflight: before any slow work
-    images, data_key, count = reference_images(args.data, batch_size=args.batch_size)
+    images, data_key, data_info = reference_images(args.data, batch_size=args.batch_size)
     reference = reference_stats(images, data_key, extractor, with_features=args.kid, device=fabric.device,
-                                total=count, progress=fabric.global_rank == 0)
+                                total=data_info["count"], progress=fabric.global_rank == 0)
     score = _score_samples if args.samples is not None else _score_checkpoint
     points, info = score(args, fabric, extractor, reference)
-    n = points[0]["n"]
-    for p in points:
-        p.update({metric_prefix(k, n): p[k] for k in ("fid", "kid", "is") if k in p and metric_prefix(k, n) != k})
+    n, inception = points[0]["n"], isinstance(extractor, InceptionFeatures)
     report = {
-        "protocol": {"n": n, "full_protocol": n >= 50_000, "reference": {"data": args.data, "n": reference.n},
-                     "extractor": INCEPTION_PROTOCOL if isinstance(extractor, InceptionFeatures)
+        "protocol": {"n": n, "full_protocol": n >= 50_000,
+                     "reference": {"data": args.data, "n": reference.n, "split": data_info["split"],
+                                   "source": data_info["source"]},
+                     "extractor": INCEPTION_PROTOCOL if inception
                      else f"{type(extractor).__module__}.{type(extractor).__qualname__}",
+                     "resize": "bilinear to 299x299, TF1-compatible (antialias=False)" if inception
+                     else "none (extractor's own)",
                      "extractor_sha256": fingerprint(extractor), "quantisation": PROTOCOL,
                      "world_size": fabric.world_size, "batch_size": args.batch_size},
         **info, "results": points, "seconds": round(time.time() - start, 2)}

@@ -79,7 +79,7 @@ def ensure_shapes(size: int = 32, count: int = 10_000, seed: int = 0, shard_size
     def samples() -> Iterator[Sample]:
         for a in range(0, count, CHUNK):
             images, labels = render_shapes(min(CHUNK, count - a), size, seed=seed * 1_000_003 + a)
-            for i, (image, label) in enumerate(zip(images, labels)):
+            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
                 yield Sample(f"{a + i:08d}", encode_png(image), "png", int(label), (size, size, 3))
 
     try:

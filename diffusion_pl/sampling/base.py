@@ -49,11 +49,13 @@ class Point:
         return self.d_alpha * d.x0 + self.d_sigma * d.eps
 
 
-def at(process: Process, t: float) -> Point:
-    """The process's scalars at time t (g2 is infinite where alpha = 0)."""
-    tt = torch.tensor([t], dtype=torch.float64)
+def at(process: Process, t: float | list[float]) -> Point | list[Point]:
+    """The process's scalars at time t, or at each of a list of times (one vectorized call per function)."""
+    tt = torch.tensor(t if isinstance(t, list) else [t], dtype=torch.float64)
     fns = (process.alpha, process.sigma, process.d_alpha, process.d_sigma, process.g2)
-    return Point(t, *(float(fn(tt)[0]) for fn in fns))
+    columns = [tt.tolist()] + [fn(tt).tolist() for fn in fns]
+    points = [Point(*row) for row in zip(*columns)]
+    return points if isinstance(t, list) else points[0]
 
 
 def posterior_step(d: Denoised, x: Tensor, p_t: Point, p_s: Point, eta: float, noise: Noise) -> Tensor:
@@ -98,29 +100,29 @@ class Sampler:
     def run(self, denoiser: Denoiser, x: Tensor, noise: Noise, class_labels: Tensor | None = None,
             progress: bool = False) -> Tensor:
         """Carry x from t_max (a prior sample) to t_min, and to x0_hat if final_denoise."""
-        times = self.times(denoiser.process).tolist()
-        with tqdm(total=len(times) - 1, disable=not progress, desc=type(self).__name__) as bar:
-            x = self.solve(denoiser, x, times, noise, class_labels, bar)
+        points = at(denoiser.process, self.times(denoiser.process).tolist())
+        with tqdm(total=len(points) - 1, disable=not progress, desc=type(self).__name__) as bar:
+            x = self.solve(denoiser, x, points, noise, class_labels, bar)
         if self.final_denoise:
-            x = self.denoise(denoiser, x, times[-1], noise, class_labels)
+            x = self.denoise(denoiser, x, points[-1], noise, class_labels)
         return x
 
-    def solve(self, denoiser: Denoiser, x: Tensor, times: list[float], noise: Noise,
+    def solve(self, denoiser: Denoiser, x: Tensor, points: list[Point], noise: Noise,
               class_labels: Tensor | None, bar: tqdm) -> Tensor:
         """All grid steps, one `step` per interval."""
-        for t, s in zip(times[:-1], times[1:]):
-            x = self.step(denoiser, x, t, s, noise, class_labels)
+        for p_t, p_s in zip(points[:-1], points[1:]):
+            x = self.step(denoiser, x, p_t, p_s, noise, class_labels)
             bar.update()
         return x
 
-    def step(self, denoiser: Denoiser, x: Tensor, t: float, s: float, noise: Noise,
+    def step(self, denoiser: Denoiser, x: Tensor, p_t: Point, p_s: Point, noise: Noise,
              class_labels: Tensor | None) -> Tensor:
-        """x at time s < t from x at time t."""
+        """x at time p_s.t < p_t.t from x at time p_t.t."""
         raise NotImplementedError
 
-    def denoise(self, denoiser: Denoiser, x: Tensor, t: float, noise: Noise, class_labels: Tensor | None) -> Tensor:
+    def denoise(self, denoiser: Denoiser, x: Tensor, p: Point, noise: Noise, class_labels: Tensor | None) -> Tensor:
         """The final x <- E[x0 | x_t] (Tweedie's formula, Efron 2011) at t = t_min."""
-        return denoiser(x, t, class_labels).x0
+        return denoiser(x, p.t, class_labels).x0
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from diffusion_pl.sampling.base import Sampler, at
+from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
 
 __all__ = ["DPMSolverPP"]
@@ -32,11 +32,10 @@ class DPMSolverPP(Sampler):
     def default_grid(self) -> TimeGrid:
         return LogSNRGrid()
 
-    def solve(self, denoiser, x, times, noise, class_labels, bar):
+    def solve(self, denoiser, x, points, noise, class_labels, bar):
         x0_prev, h_prev = None, math.inf
-        for t, s in zip(times[:-1], times[1:]):
-            p_t, p_s = at(denoiser.process, t), at(denoiser.process, s)
-            x0 = denoiser(x, t, class_labels).x0
+        for p_t, p_s in zip(points[:-1], points[1:]):
+            x0 = denoiser(x, p_t.t, class_labels).x0
             h = p_s.lam - p_t.lam
             D = x0
             if x0_prev is not None and math.isfinite(h_prev):

@@ -51,10 +51,9 @@ class EDMStochastic(Sampler):
     def default_grid(self) -> TimeGrid:
         return KarrasGrid()
 
-    def _churn(self, denoiser: Denoiser, x: Tensor, t: float, noise: Noise) -> tuple[Tensor, Point]:
+    def _churn(self, denoiser: Denoiser, x: Tensor, p: Point, noise: Noise) -> tuple[Tensor, Point]:
         """Raise the noise level from s_i to s_hat = (1 + gamma_i) s_i by adding noise (Alg. 2, lines 4-6)."""
         process = denoiser.process
-        p = at(process, t)
         s_i = p.noise_level
         n = self.steps + int(self.final_denoise)  # EDM's N counts the step to sigma = 0
         gamma = min(self.S_churn / n, math.sqrt(2.0) - 1.0) if self.S_min <= s_i <= self.S_max else 0.0
@@ -64,19 +63,18 @@ class EDMStochastic(Sampler):
         t_hat = float(process.t_from_noise_level(torch.tensor([s_hat], dtype=torch.float64))[0])
         p_hat = at(process, t_hat)
         s_hat = p_hat.noise_level  # the level actually reached after the round trip through t
-        x_hat = (p_hat.alpha / p.alpha) * x
-        return x_hat + (p_hat.alpha * math.sqrt(max(s_hat**2 - s_i**2, 0.0)) * self.S_noise) * noise.randn_like(x), p_hat
+        z = noise.randn_like(x)
+        return (p_hat.alpha / p.alpha) * x + (p_hat.alpha * math.sqrt(max(s_hat**2 - s_i**2, 0.0)) * self.S_noise) * z, p_hat
 
-    def step(self, denoiser, x, t, s, noise, class_labels):
-        x_hat, p_hat = self._churn(denoiser, x, t, noise)
-        p_s = at(denoiser.process, s)
+    def step(self, denoiser, x, p_t, p_s, noise, class_labels):
+        x_hat, p_hat = self._churn(denoiser, x, p_t, noise)
         d = denoiser(x_hat, p_hat.t, class_labels)
-        x_s = p_s.alpha * d.x0 + p_s.sigma * d.eps
+        x_s = p_s.alpha * d.x0 + p_s.sigma * d.eps  # Euler in s (Alg. 2, lines 7-8)
         if math.isfinite(p_hat.noise_level):  # Heun correction (Alg. 2, lines 9-11)
-            d_s = denoiser(x_s, s, class_labels)
+            d_s = denoiser(x_s, p_s.t, class_labels)
             x_s = x_s + (0.5 * p_s.alpha * (p_s.noise_level - p_hat.noise_level)) * (d_s.eps - d.eps)
         return x_s
 
-    def denoise(self, denoiser, x, t, noise, class_labels):
-        x_hat, p_hat = self._churn(denoiser, x, t, noise)
+    def denoise(self, denoiser, x, p, noise, class_labels):
+        x_hat, p_hat = self._churn(denoiser, x, p, noise)
         return denoiser(x_hat, p_hat.t, class_labels).x0

@@ -13,15 +13,14 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
-from diffusion_pl.sampling.base import Sampler, at
+from diffusion_pl.sampling.base import Point, Sampler, at
 from diffusion_pl.sampling.grids import KarrasGrid, TimeGrid, UniformGrid
-from diffusion_pl.sampling.noise import Noise
 
 __all__ = ["EulerODE", "HeunODE", "AdaptiveODE"]
 
 
-def _velocity(denoiser: Denoiser, x: Tensor, t: float, class_labels) -> Tensor:
-    return at(denoiser.process, t).velocity(denoiser(x, t, class_labels))
+def _velocity(denoiser: Denoiser, x: Tensor, p: Point, class_labels) -> Tensor:
+    return p.velocity(denoiser(x, p.t, class_labels))
 
 
 class EulerODE(Sampler):
@@ -33,8 +32,8 @@ class EulerODE(Sampler):
     def default_grid(self) -> TimeGrid:
         return KarrasGrid()
 
-    def step(self, denoiser, x, t, s, noise, class_labels):
-        return x + (s - t) * _velocity(denoiser, x, t, class_labels)
+    def step(self, denoiser, x, p_t, p_s, noise, class_labels):
+        return x + (p_s.t - p_t.t) * _velocity(denoiser, x, p_t, class_labels)
 
 
 class HeunODE(Sampler):
@@ -50,18 +49,19 @@ class HeunODE(Sampler):
     def default_grid(self) -> TimeGrid:
         return KarrasGrid()
 
-    def step(self, denoiser, x, t, s, noise, class_labels):
-        v = _velocity(denoiser, x, t, class_labels)
-        x_euler = x + (s - t) * v
-        return x + (s - t) * 0.5 * (v + _velocity(denoiser, x_euler, s, class_labels))
+    def step(self, denoiser, x, p_t, p_s, noise, class_labels):
+        h = p_s.t - p_t.t
+        v = _velocity(denoiser, x, p_t, class_labels)
+        v_s = _velocity(denoiser, x + h * v, p_s, class_labels)
+        return x + h * 0.5 * (v + v_s)
 
 
 class AdaptiveODE(Sampler):
     """Adaptive Dormand-Prince RK45 on the probability-flow ODE (Song et al. 2021, Sec. 4.3); NFE is adaptive.
 
-    Uses torchdiffeq's dopri5 (imported when first used); without torchdiffeq, scipy's
-    solve_ivp('RK45') in float64. `steps` is the number of grid segments integrated one after
-    the other (the progress bar ticks per segment); one segment t_max -> t_min by default.
+    One solve from t_max to t_min with torchdiffeq's dopri5 (imported when first used), or, without
+    torchdiffeq, scipy's solve_ivp('RK45') in float64. The solver picks its own steps: `steps` and
+    `grid` only place the progress bar's ticks.
     """
 
     def __init__(self, steps: int = 1, grid: TimeGrid | None = None, final_denoise: bool = True,
@@ -74,18 +74,29 @@ class AdaptiveODE(Sampler):
     def default_grid(self) -> TimeGrid:
         return UniformGrid()
 
-    def step(self, denoiser, x, t, s, noise: Noise, class_labels):
-        def f(tau, y):
-            return _velocity(denoiser, y.reshape(x.shape).to(x.dtype), float(tau), class_labels).reshape(y.shape).to(y.dtype)
+    def solve(self, denoiser, x, points, noise, class_labels, bar):
+        ticks = [p.t for p in points[1:]]
 
+        def f(tau: float, y: Tensor) -> Tensor:
+            while ticks and tau <= ticks[0]:  # the solver has reached the next grid time
+                ticks.pop(0)
+                bar.update()
+            v = _velocity(denoiser, y.reshape(x.shape).to(x.dtype), at(denoiser.process, tau), class_labels)
+            return v.reshape(y.shape).to(y.dtype)
+
+        t, s = points[0].t, points[-1].t
         try:
             from torchdiffeq import odeint
         except ImportError:
-            return _solve_ivp(f, x, t, s, self.rtol, self.atol)
-        span = torch.tensor([t, s], dtype=torch.float64, device=x.device)
-        # step_t makes dopri5 land on s instead of stepping past it and interpolating back:
-        # a process may be undefined beyond its range (VP at t < 0 gives sigma = NaN)
-        return odeint(f, x, span, rtol=self.rtol, atol=self.atol, method="dopri5", options={"step_t": span[1:]})[-1]
+            x = _solve_ivp(f, x, t, s, self.rtol, self.atol)
+        else:
+            span = torch.tensor([t, s], dtype=torch.float64, device=x.device)
+            # step_t makes dopri5 land on t_min instead of stepping past it and interpolating back:
+            # a process may be undefined beyond its range (VP at t < 0 gives sigma = NaN)
+            x = odeint(lambda tau, y: f(float(tau), y), x, span, rtol=self.rtol, atol=self.atol,
+                       method="dopri5", options={"step_t": span[1:]})[-1]
+        bar.update(len(ticks))
+        return x
 
 
 def _solve_ivp(f, x: Tensor, t: float, s: float, rtol: float, atol: float) -> Tensor:
@@ -93,11 +104,9 @@ def _solve_ivp(f, x: Tensor, t: float, s: float, rtol: float, atol: float) -> Te
     from scipy.integrate import solve_ivp
 
     def fun(tau, y):
-        y = torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
-        return f(tau, y).to(torch.float64).cpu().numpy()
+        return f(float(tau), torch.from_numpy(y).to(x.device)).cpu().numpy()
 
-    y0 = x.reshape(-1).to(torch.float64).cpu().numpy()
-    sol = solve_ivp(fun, (t, s), y0, method="RK45", rtol=rtol, atol=atol)
+    sol = solve_ivp(fun, (t, s), x.reshape(-1).to(torch.float64).cpu().numpy(), method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"solve_ivp failed between t={t} and t={s}: {sol.message}")
     return torch.from_numpy(sol.y[:, -1]).to(device=x.device, dtype=x.dtype).reshape(x.shape)

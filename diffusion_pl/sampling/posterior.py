@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
-from diffusion_pl.sampling.base import Sampler, at, posterior_step
-from diffusion_pl.sampling.grids import TimeGrid, UniformGrid
+from diffusion_pl.sampling.base import Point, Sampler, posterior_step
+from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
 from diffusion_pl.sampling.noise import Noise
 
 __all__ = ["DDIM", "DDPM"]
@@ -34,19 +34,21 @@ class DDIM(Sampler):
         self.eta = eta
 
     def default_grid(self) -> TimeGrid:
-        return UniformGrid()
+        # uniform in log-SNR works for every process (uniform t wastes steps on EDM's t in [0.002, 80]);
+        # DDPM's own grid on DDPMDiscrete is UniformGrid()
+        return LogSNRGrid()
 
-    def step(self, denoiser: Denoiser, x: Tensor, t: float, s: float, noise: Noise, class_labels) -> Tensor:
-        process = denoiser.process
-        return posterior_step(denoiser(x, t, class_labels), x, at(process, t), at(process, s), self.eta, noise)
+    def step(self, denoiser: Denoiser, x: Tensor, p_t: Point, p_s: Point, noise: Noise, class_labels) -> Tensor:
+        return posterior_step(denoiser(x, p_t.t, class_labels), x, p_t, p_s, self.eta, noise)
 
 
 class DDPM(DDIM):
-    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): DDIM with eta = 1 on a uniform grid.
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): DDIM with eta = 1.
 
-    On DDPMDiscrete with N training steps, steps = N - 1 visits t = 1, (N-1)/N, ..., 1/N and the
-    final denoise is DDPM's last step (t = 1/N to x0): diffusers' 1000-step DDPMScheduler is
-    DDPM(steps=999). NFE = steps + final_denoise.
+    DDPM's own schedule: on DDPMDiscrete with N training steps, grid=UniformGrid() and
+    steps = N - 1 visit t = 1, (N-1)/N, ..., 1/N, and the final denoise is DDPM's last step
+    (t = 1/N to x0), so diffusers' 1000-step DDPMScheduler is DDPM(steps=999, grid=UniformGrid()).
+    NFE = steps + final_denoise.
     """
 
     def __init__(self, steps: int = 1000, grid: TimeGrid | None = None, final_denoise: bool = True) -> None:

@@ -16,13 +16,14 @@ SDE that is exact in its linear part (eta -> gamma as the step size -> 0). The p
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
 from diffusion_pl.processes import append_dims
-from diffusion_pl.sampling.base import Point, Sampler, at, posterior_step
-from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid, UniformGrid
+from diffusion_pl.sampling.base import Point, Sampler, posterior_step
+from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
 from diffusion_pl.sampling.noise import Noise
 
 __all__ = ["EulerMaruyama", "PredictorCorrector", "AnnealedLangevin"]
@@ -42,29 +43,32 @@ class EulerMaruyama(Sampler):
         self.gamma = gamma
 
     def default_grid(self) -> TimeGrid:
-        return UniformGrid()
+        return LogSNRGrid()
 
-    def step(self, denoiser, x, t, s, noise, class_labels):
-        p_t = at(denoiser.process, t)
-        d = denoiser(x, t, class_labels)
+    def step(self, denoiser, x, p_t, p_s, noise, class_labels):
+        d = denoiser(x, p_t.t, class_labels)
         if not math.isfinite(p_t.g2):  # alpha(t) = 0: see the module docstring
-            return posterior_step(d, x, p_t, at(denoiser.process, s), min(self.gamma, 1.0), noise)
-        h = t - s
+            return posterior_step(d, x, p_t, p_s, min(self.gamma, 1.0), noise)
+        h = p_t.t - p_s.t
         x_s = x - h * p_t.velocity(d) - (0.5 * self.gamma**2 * p_t.g2 * h / p_t.sigma) * d.eps
         if self.gamma > 0:
             x_s = x_s + self.gamma * math.sqrt(p_t.g2 * h) * noise.randn_like(x)
         return x_s
 
 
-def langevin_step(denoiser: Denoiser, x: Tensor, p: Point, snr: float, scale: float, noise: Noise,
+def langevin_step(denoiser: Denoiser, x: Tensor, p: Point, snr: float, scale: float, norms: str, noise: Noise,
                   class_labels) -> Tensor:
-    """x += h score + sqrt(2h) z with h = 2 scale (snr |z| / |score|)^2 per sample (Song et al. 2021, Alg. 4/5)."""
+    """x += h score + sqrt(2h) z with h = 2 scale (snr |z| / |score|)^2 (Song et al. 2021, Alg. 4/5)."""
     score = -denoiser(x, p.t, class_labels).eps / p.sigma
     z = noise.randn_like(x)
-    # per-sample norms (score_sde averages them over the batch, which would tie samples together)
-    ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-30)
-    h = append_dims(2.0 * scale * (snr * ratio) ** 2, x.ndim)
-    return x + h * score + (2.0 * h).sqrt() * z
+    if norms == "sample":
+        # each sample's own norms (score_sde averages them over the batch, which would tie samples together)
+        ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-30)
+        h = append_dims(2.0 * scale * (snr * ratio) ** 2, x.ndim)
+        return x + h * score + (2.0 * h).sqrt() * z
+    # expected norms: |z|^2 -> D and |score|^2 -> E|eps|^2 / sigma^2 = D / sigma^2
+    h = 2.0 * scale * (snr * p.sigma) ** 2
+    return x + h * score + math.sqrt(2.0 * h) * z
 
 
 class PredictorCorrector(Sampler):
@@ -72,25 +76,32 @@ class PredictorCorrector(Sampler):
 
     Corrector step size h = 2 a (snr |z| / |score|)^2 with a = (alpha_t / alpha_s)^2, the
     generic form of Alg. 5's alpha_i = 1 - beta_i (a = 1 when alpha is constant, Alg. 4).
+    `norms` = "expected" takes |z|^2 = D and |score|^2 = D / sigma^2 (the score of the Gaussian
+    corruption alone), so h = 2 a snr^2 sigma^2: the same for every sample, stable in any
+    dimension, and what the adaptive rule gives for images, whose score norm is close to
+    sqrt(D)/sigma. `norms` = "sample" uses each sample's own |z| and |score| (Alg. 4/5 per
+    sample): adaptive, but heavy-tailed in low dimension, where a sample near a mode has a
+    vanishing score and so a huge step (2-D mixtures diverge with it; 64-D ones do not).
     NFE = steps (1 + corrector_steps) + final_denoise.
     """
 
     def __init__(self, steps: int = 1000, grid: TimeGrid | None = None, final_denoise: bool = True,
-                 snr: float = 0.16, corrector_steps: int = 1) -> None:
+                 snr: float = 0.16, corrector_steps: int = 1, norms: Literal["expected", "sample"] = "expected") -> None:
         if snr < 0 or corrector_steps < 0:
             raise ValueError(f"snr and corrector_steps must be >= 0, got {snr}, {corrector_steps}")
+        if norms not in ("expected", "sample"):
+            raise ValueError(f"norms must be 'expected' or 'sample', got {norms!r}")
         super().__init__(steps, grid, final_denoise)
-        self.snr, self.corrector_steps = snr, corrector_steps
+        self.snr, self.corrector_steps, self.norms = snr, corrector_steps, norms
 
     def default_grid(self) -> TimeGrid:
-        return UniformGrid()
+        return LogSNRGrid()
 
-    def step(self, denoiser, x, t, s, noise, class_labels):
-        p_t, p_s = at(denoiser.process, t), at(denoiser.process, s)
-        x = posterior_step(denoiser(x, t, class_labels), x, p_t, p_s, 1.0, noise)
+    def step(self, denoiser, x, p_t, p_s, noise, class_labels):
+        x = posterior_step(denoiser(x, p_t.t, class_labels), x, p_t, p_s, 1.0, noise)
         scale = (p_t.alpha / p_s.alpha) ** 2
         for _ in range(self.corrector_steps):
-            x = langevin_step(denoiser, x, p_s, self.snr, scale, noise, class_labels)
+            x = langevin_step(denoiser, x, p_s, self.snr, scale, self.norms, noise, class_labels)
         return x
 
 
@@ -115,10 +126,9 @@ class AnnealedLangevin(Sampler):
     def default_grid(self) -> TimeGrid:
         return LogSNRGrid()
 
-    def step(self, denoiser, x, t, s, noise, class_labels):
-        p = at(denoiser.process, s)
-        h = self.step_size * p.sigma**2
+    def step(self, denoiser, x, p_t, p_s, noise, class_labels):
+        h = self.step_size * p_s.sigma**2
         for _ in range(self.steps_per_level):
-            score = -denoiser(x, s, class_labels).eps / p.sigma
+            score = -denoiser(x, p_s.t, class_labels).eps / p_s.sigma
             x = x + h * score + math.sqrt(2.0 * h) * noise.randn_like(x)
         return x

@@ -1,0 +1,119 @@
+"""SampleGrid and FIDCallback inside short CPU fits: values, files, the reference cache, DDP, preflight."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.io import read_image
+
+from _eval_setup import DATA, IMAGE_SIZE, StandInFeatures, fit, make_callbacks
+from diffusion_pl import metrics
+from diffusion_pl.callbacks.fid import FIDCallback
+from diffusion_pl.callbacks.sample_grid import SampleGrid
+from diffusion_pl.sampling import DDIM
+
+TESTS = Path(__file__).parent
+REFERENCE_IMAGES = int(DATA.rsplit("count=", 1)[1])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: intra-op threads only add overhead on a 2-core machine (subprocesses get OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One in-process fit with both callbacks and TensorBoard; its FID values are the 1-process baseline."""
+    root = tmp_path_factory.mktemp("single")
+    env = {"DIFFUSION_PL_CACHE": str(root / "cache")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        extractor = StandInFeatures()
+        fid, grid = make_callbacks(extractor)
+        logger = TensorBoardLogger(root, name="tb")
+        trainer = fit(root, [fid, grid], logger=logger)
+        yield {"root": root, "fid": fid, "grid": grid, "trainer": trainer, "extractor": extractor, "env": env}
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_fid_is_logged_with_the_sample_count(single):
+    fid = single["fid"]
+    assert set(fid.last) == {"fid12/ddim_2", "fid12/heunode_1"}
+    assert all(math.isfinite(v) and v > 0 for v in fid.last.values())
+    assert float(single["trainer"].callback_metrics["fid12/ddim_2"]) == pytest.approx(fid.last["fid12/ddim_2"])
+    # real images once (reference), then 12 generated images per sampler
+    assert single["extractor"].images_seen == REFERENCE_IMAGES + 2 * 12
+
+
+def test_sample_grid_png_and_tensorboard(single):
+    trainer, grid = single["trainer"], single["grid"]
+    path = Path(trainer.log_dir) / "samples" / "ddim_2_step2.png"
+    assert grid.written == [path] and path.is_file()  # once: step 2 is also the end of training
+    image = read_image(str(path))
+    # conditional: 5 rows (classes) of 10 // 5 = 2 images, 1-pixel padding
+    assert tuple(image.shape) == (3, 5 * (IMAGE_SIZE + 1) + 1, 2 * (IMAGE_SIZE + 1) + 1)
+    assert list(Path(trainer.log_dir).glob("events.out.tfevents.*"))
+
+
+def test_reference_cache_is_hit_on_the_second_run(single, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", single["env"]["DIFFUSION_PL_CACHE"])
+    extractor = StandInFeatures()  # a new instance with the same weights: the same cache key
+    fid, _ = make_callbacks(extractor)
+    fit(tmp_path, [fid])
+    assert extractor.images_seen == 2 * 12  # generated images only: no real image went through it
+    assert fid.last == pytest.approx(single["fid"].last, rel=1e-12)
+
+
+def test_ddp_two_ranks_give_the_one_rank_fid(single, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_PL_CACHE": str(tmp_path / "cache")}  # rank 0 computes the reference here
+    proc = subprocess.run([sys.executable, str(TESTS / "_eval_ddp_worker.py"), str(tmp_path), "--devices", "2"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["fid"].keys() == single["fid"].last.keys()
+        for key, value in single["fid"].last.items():
+            assert rank["fid"][key] == pytest.approx(value, rel=1e-6), key
+    assert len(ranks[0]["grids"]) == 1 and ranks[1]["grids"] == []  # rank 0 alone writes the grid
+    # rank 0 saw the reference images and its 6 of 12 samples per sampler; rank 1 only its 6
+    assert ranks[0]["images_seen"] == REFERENCE_IMAGES + 2 * 6 and ranks[1]["images_seen"] == 2 * 6
+
+
+def test_preflight_stops_fit_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(metrics.WEIGHTS_ENV, raising=False)
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    grid = SampleGrid(every_n_steps=1, sampler=DDIM(steps=1))
+    with pytest.raises(metrics.InceptionWeightsError, match="--inception-weights PATH"):
+        fit(tmp_path, [FIDCallback(every_n_steps=1, num_samples=4), grid])
+    assert grid.written == [] and grid.image_shape is None  # no training batch was run
+
+
+def test_sample_grid_layout():
+    unconditional = SampleGrid(num_samples=10)
+    indices, labels, nrow = unconditional.layout(None)
+    assert indices == list(range(10)) and labels is None and nrow == 4
+    indices, labels, nrow = SampleGrid(num_samples=64).layout(10)  # one row per class
+    assert nrow == 6 and labels == [k for k in range(10) for _ in range(6)] and len(indices) == 60
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SampleGrid(every_n_steps=0)

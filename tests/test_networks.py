@@ -1,0 +1,269 @@
+"""Contract tests for the score networks, parametrized over every preset in networks.PRESETS.
+
+Published-size presets are built on the meta device (no memory, no compute); behaviour is
+checked on small versions of each preset (same options, fewer channels and blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion_pl.networks import PRESETS, DiT, UNet, dit_b_2, dit_s_2, dit_tiny, dit_xl_2, unet_tiny
+from diffusion_pl.networks.embeddings import PositionalEmbedding
+
+# Shrinks a preset to a few hundred thousand parameters while keeping its family options.
+SMALL = {
+    UNet: dict(img_resolution=16, model_channels=32, num_res_blocks=1, attn_resolutions=(8,)),
+    DiT: dict(img_resolution=16, hidden_size=64, depth=2, num_heads=4),
+}
+IDS = [preset.__name__ for preset in PRESETS]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tensors here are tiny: with 2+ threads, OpenMP synchronisation costs more than the
+    # arithmetic (10x slower on a busy 2-core machine), so run each test single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def count(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@functools.cache
+def family(preset) -> type:
+    with torch.device("meta"):
+        return type(preset())
+
+
+def small(preset, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return preset(**{**SMALL[family(preset)], **kwargs}).eval()
+
+
+def perturb(net: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter, so zero-initialised layers stop hiding the conditioning."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * std)
+    return net
+
+
+def inputs(batch: int = 2, res: int = 16, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, res, res, generator=generator)
+    return x, torch.rand(batch, generator=generator) * 1000
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=IDS)
+def test_output_shape_published_size_on_meta(preset):
+    # One forward of the published size on the meta device: shapes only, no memory or compute.
+    with torch.device("meta"):
+        x = torch.empty(2, 3, 32, 32)
+        net = preset(num_classes=10)
+        assert net.num_classes == 10
+        assert net(x, torch.empty(2), None).shape == x.shape
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=IDS)
+def test_zero_output_at_init_and_shape(preset):
+    # Every family zero-initialises its output layer (DDPM init_scale=0, ADM zero_module, DiT adaLN-Zero).
+    x, t = inputs()
+    out = small(preset)(x, t)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0
+    # out_channels overrides the output width (e.g. a learned variance doubles it).
+    assert small(preset, out_channels=6, num_classes=10)(x, t, torch.tensor([0, 10])).shape == (2, 6, 16, 16)
+
+
+# Published counts and where they come from (exact; the published figure is checked to +-2%):
+# - DDPM: "35.7 million" (Ho et al. 2020, App. B); 35,746,307 is the count of the released
+#   CIFAR-10 model (also diffusers' UNet2DModel at that config, see bench/bench_networks.py).
+# - DDPM++: 55.7M (Karras et al. 2022); 55,732,739 = NVlabs/edm SongUNet with train.py
+#   --arch=ddpmpp (model_channels=128, channel_mult=[2,2,2], resample_filter=[1,1]), augment_dim=0.
+# - ADM at iDDPM's CIFAR-10 size: 57,091,203 = openai/guided-diffusion UNetModel(128, (1,2,2,2),
+#   3 blocks, attention 16/8, 64 ch/head, scale-shift norm, resblock up/down, out_channels=3).
+# - DiT: facebookresearch/DiT models.py at input_size=32, in_channels=3, learn_sigma=False,
+#   num_classes=10, parameters other than the frozen pos_embed (a buffer here). Unconditional
+#   removes the 11-row label table (11 * hidden). DiT-XL/2 at the paper's ImageNet latent
+#   setting (4 -> 8 channels, 1000 classes) is 674,834,720 + 294,912 pos_embed = 675,129,632
+#   ("675M" in Peebles & Xie 2023).
+PUBLISHED = [
+    ("unet_ddpm_cifar10", {}, 35_746_307, 35.7e6),
+    ("unet_ddpmpp_cifar10", {}, 55_732_739, 55.7e6),
+    ("unet_adm_cifar10", {}, 57_091_203, None),
+    ("dit_s_2", dict(num_classes=10), 32_475_660, None),
+    ("dit_s_2", {}, 32_475_660 - 11 * 384, None),
+    ("dit_b_2", dict(num_classes=10), 129_537_036, None),
+    ("dit_b_2", {}, 129_537_036 - 11 * 768, None),
+    ("dit_xl_2", dict(in_channels=4, out_channels=8, num_classes=1000), 674_834_720, None),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, exact, published", PUBLISHED, ids=[f"{n}-{k}" for n, k, *_ in PUBLISHED])
+def test_parameter_count(name, kwargs, exact, published):
+    preset = {p.__name__: p for p in PRESETS}[name]
+    with torch.device("meta"):
+        n = count(preset(**kwargs))
+    assert n == exact
+    if published is not None:
+        assert abs(n - published) / published < 0.02
+
+
+def test_dit_xl_2_matches_paper_size():
+    with torch.device("meta"):
+        net = dit_xl_2(in_channels=4, out_channels=8, num_classes=1000)
+    # The paper's count includes the fixed position table, a frozen parameter in its code.
+    assert abs(count(net) + net.pos_embed.numel() - 675e6) / 675e6 < 0.02
+
+
+def test_tiny_presets_are_small():
+    assert count(unet_tiny()) <= 1.2e6
+    assert count(dit_tiny()) <= 1.2e6
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=IDS)
+def test_output_depends_on_noise_label_and_class(preset):
+    net = perturb(small(preset, num_classes=10))
+    x, _ = inputs()
+    labels = torch.tensor([3, 7])
+
+    def run(noise_label, class_labels=labels):
+        with torch.no_grad():
+            return net(x, noise_label, class_labels)
+
+    # Both noise-label conventions: 1000 t (0..1000) and EDM's c_noise = log(sigma) / 4.
+    for a, b in [(torch.tensor([10.0, 500.0]), torch.tensor([20.0, 510.0])), (torch.tensor([-1.2, 0.3]), torch.tensor([-1.0, 0.5]))]:
+        assert (run(a) - run(b)).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    t = torch.tensor([10.0, 500.0])
+    assert (run(t) - run(t, torch.tensor([4, 8]))).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    # class_labels=None means the null label, index num_classes.
+    assert torch.equal(run(t, None), run(t, torch.full((2,), 10)))
+    # A 0-d noise label is one noise level for the whole batch.
+    assert torch.equal(run(torch.tensor(7.0)), run(torch.tensor([7.0, 7.0])))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=IDS)
+def test_gradients_reach_every_parameter(preset):
+    net = perturb(small(preset, num_classes=10)).train()
+    x, t = inputs()
+    net(x, t, torch.tensor([3, 10])).square().mean().backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=IDS)
+def test_deterministic_forward_on_cpu(preset):
+    a, b = perturb(small(preset)), perturb(small(preset))
+    x, t = inputs()
+    with torch.no_grad():
+        assert torch.equal(a(x, t), a(x, t))
+        assert torch.equal(a(x, t), b(x, t))  # same seed -> same weights -> same output
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=IDS)
+def test_channels_last(preset):
+    net = perturb(small(preset))
+    x, t = inputs()
+    with torch.no_grad():
+        reference = net(x, t)
+        out = net.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=IDS)
+def test_bf16_autocast(preset):
+    net = perturb(small(preset, num_classes=10))
+    x, t = inputs()
+    with torch.no_grad():
+        reference = net(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, t)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # bf16 keeps ~3 significant digits: compare to float32 loosely, relative to the output scale.
+    assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_attention_is_fused(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    x, t = inputs()
+    with torch.no_grad():
+        small(unet_tiny)(x, t)
+        n_unet = len(calls)
+        small(dit_tiny)(x, t)
+    assert n_unet == 4  # 8x8: one encoder and two decoder blocks; one in the middle
+    assert len(calls) - n_unet == SMALL[DiT]["depth"]
+
+
+def test_positional_embedding_resolves_both_noise_label_ranges():
+    embed = PositionalEmbedding(128, endpoint=True)
+    # Steps of 1 in 1000 t and of 0.0027 in c_noise both move the embedding noticeably.
+    for grid in (torch.arange(0, 1000, 1.0), torch.linspace(-1.6, 1.1, 1000)):
+        e = embed(grid)
+        assert (e[1:] - e[:-1]).norm(dim=1).min() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: unet_tiny(img_resolution=30), "img_resolution"),
+        (lambda: unet_tiny(img_resolution=32, attn_resolutions=(12,)), "attn_resolutions"),
+        (lambda: unet_tiny(attn_head_channels=48), "attn_head_channels"),
+        (lambda: unet_tiny(attn_heads=3), "attn_heads"),
+        (lambda: unet_tiny(channel_mult=()), "channel_mult"),
+        (lambda: unet_tiny(embedding="gaussian"), "embedding"),
+        (lambda: unet_tiny(num_classes=0), "num_classes"),
+        (lambda: dit_tiny(img_resolution=31), "img_resolution"),
+        (lambda: dit_tiny(num_heads=3), "hidden_size"),
+    ],
+)
+def test_bad_constructor_input_raises_value_error(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_fourier_embedding_option():
+    net = perturb(unet_tiny(img_resolution=16, embedding="fourier"))
+    x, _ = inputs()
+    with torch.no_grad():
+        # NCSN++ feeds log(sigma) to random Fourier features (Song et al. 2021).
+        assert not torch.allclose(net(x, torch.tensor([-1.0, 0.0])), net(x, torch.tensor([-0.9, 0.1])))
+
+
+MICRO = [
+    lambda: unet_tiny(img_resolution=8, model_channels=16, channel_mult=(1, 2), attn_resolutions=(4,)),
+    lambda: dit_tiny(img_resolution=8, depth=1),
+]
+
+
+@pytest.mark.parametrize("build", MICRO, ids=["unet", "dit"])
+def test_torch_compile_fullgraph(build):
+    # Dynamo capture of forward and backward with no graph break (fullgraph=True); the
+    # "eager" backend skips code generation, which takes minutes on 2 CPU cores.
+    net = perturb(build())
+    x, t = inputs(res=8)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    out = compiled(x, t)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, net(x, t))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="TorchInductor's CPU backend needs a C++ compiler (g++ or c++) on PATH; none found")
+@pytest.mark.skipif(os.environ.get("DIFFUSION_PL_TEST_INDUCTOR") != "1", reason="Inductor code generation takes 0.5-4 min on 2 CPU cores with a cold cache; set DIFFUSION_PL_TEST_INDUCTOR=1 to run")
+def test_torch_compile_inductor():
+    net = perturb(MICRO[1]())
+    x, t = inputs(res=8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(net, fullgraph=True)(x, t), net(x, t), rtol=1e-4, atol=1e-4)

@@ -26,7 +26,8 @@ from torch import Tensor
 from diffusion_pl.prediction import Denoiser, Model, Prediction
 from diffusion_pl.processes import Process, append_dims
 
-__all__ = ["NLLResult", "BPDResult", "probability_flow", "jacobian_trace", "ode_nll", "bits_per_dim", "dequantize_uint8"]
+__all__ = ["NLLResult", "BPDResult", "probability_flow", "jacobian_trace", "ode_nll", "bits_per_dim",
+           "dequantize_uint8"]
 
 
 @dataclass
@@ -102,7 +103,7 @@ def ode_nll(model: Model, process: Process, prediction: Prediction, x: Tensor, *
             prior_log_prob: Callable[[Tensor], Tensor] | None = None,
             solver: Literal["torchdiffeq", "scipy"] = "torchdiffeq",
             time_variable: Literal["auto", "t", "log_snr"] = "auto", progress: bool = False) -> NLLResult:
-    """-log p_{t_min}(x) by integrating (x, int div v dt) from t_min to t_max (Song et al. 2021, eq. 39).
+    """-log p_{t_min}(x) by integrating (x, int div v dt) from t_min to t_max (Song et al. 2021, Appendix D.2).
 
     The ODE runs in x's dtype with dopri5 (torchdiffeq; scipy's RK45 if asked or torchdiffeq is
     missing). `prior_log_prob(x_T)` defaults to the process prior N(0, prior_std^2 I); the exact
@@ -146,12 +147,16 @@ def _time_change(process: Process, t0: float, t1: float, time_variable: str):
     In log-SNR the path (alpha, sigma) of every process here is smooth, including DDPM's, whose
     piecewise-linear log alpha(t) has 1000 kinks in t that stall an adaptive solver; log-SNR also
     spreads EDM's decades of sigma evenly. It is infinite where alpha = 0 (rectified flow at t = 1),
-    so "auto" falls back to t there.
+    so "auto" falls back to t there (and for ends outside the process's own [t_min, t_max]).
     """
     if time_variable not in ("auto", "t", "log_snr"):
         raise ValueError(f"time_variable must be 'auto', 't' or 'log_snr', got {time_variable!r}")
     ends = process.log_snr(torch.tensor([t0, t1], dtype=torch.float64))
-    if time_variable == "t" or (time_variable == "auto" and not torch.isfinite(ends).all()):
+    inside = process.t_min <= min(t0, t1) and max(t0, t1) <= process.t_max  # t_from_log_snr clamps to the range
+    if time_variable == "log_snr" and not (inside and torch.isfinite(ends).all()):
+        raise ValueError(f"time_variable='log_snr' needs a finite log-SNR on [{t0}, {t1}] inside the process's "
+                         f"[{process.t_min}, {process.t_max}]; use 't'")
+    if time_variable == "t" or not (inside and torch.isfinite(ends).all()):
         return t0, t1, (lambda s: s), (lambda t: torch.ones_like(t))
 
     def dt_ds(t: Tensor) -> Tensor:  # 1 / (d log-SNR / dt), d log-SNR/dt = 2 (alpha'/alpha - sigma'/sigma)
@@ -208,7 +213,10 @@ def _solve_scipy(rhs, x: Tensor, t0: float, t1: float, rtol: float, atol: float)
 
 def dequantize_uint8(images_uint8: Tensor, uniform: bool = True, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
-    """8-bit k to x = 2 (k + u) / 256 - 1 in [-1, 1], u ~ U[0, 1) (Song et al. 2021; Theis et al. 2016); u = 1/2 if not uniform."""
+    """8-bit k to x = 2 (k + u) / 256 - 1 in [-1, 1], u ~ U[0, 1) (Theis et al. 2016; Song et al. 2021).
+
+    With uniform=False, u = 1/2 (bin centres).
+    """
     k = images_uint8.to(torch.float64)
     if uniform:
         device = generator.device if generator is not None else k.device

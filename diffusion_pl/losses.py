@@ -90,7 +90,7 @@ class LogNormalNoise(TimeProposal):
 
 
 class LogitNormalTime(TimeProposal):
-    """t = t_min + (t_max - t_min) sigmoid(N(mean, std^2)) (Esser et al. 2024, SD3, eq. 19)."""
+    """t = t_min + (t_max - t_min) sigmoid(N(mean, std^2)) (Esser et al. 2024, SD3, Sec. 3.1)."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
         if std <= 0:
@@ -140,7 +140,7 @@ class Weighting:
 class OutputMSE(Weighting):
     """w_out = 1: plain MSE on the network output (eps: Ho et al. 2020 'simple'; velocity: Lipman et al. 2022).
 
-    Under EDMPreconditioning this is EDM's lambda(sigma) = 1 / c_out^2 (Karras et al. 2022, eq. 8).
+    Under EDMPreconditioning this is EDM's lambda(sigma) = 1 / c_out^2 (Karras et al. 2022, Sec. 5).
     """
 
     def x0_weight(self, t, process):
@@ -164,7 +164,7 @@ class EpsMSE(Weighting):
 
 
 class LikelihoodWeighting(Weighting):
-    """w_eps = g2 / sigma^2 = -d log-SNR / dt: the KL bound (Song et al. 2021b, 'likelihood weighting', Thm. 1).
+    """w_eps = g2 / sigma^2 = -d log-SNR / dt: the KL bound (Song, Durkan et al. 2021, 'likelihood weighting', Thm. 1).
 
     With the score error (eps_hat - eps)/sigma this is g(t)^2 ||s_theta - grad log p||^2, so
     (t_max - t_min) * D / 2 * E_uniform[loss] bounds -log p_0 up to data-independent terms.
@@ -181,7 +181,7 @@ class LikelihoodWeighting(Weighting):
 
 
 class MinSNR(Weighting):
-    """w_x0 = min(SNR, gamma) (Hang et al. 2023, 'Min-SNR-gamma', eq. 6)."""
+    """w_x0 = min(SNR, gamma) (Hang et al. 2023, 'Min-SNR weighting')."""
 
     def __init__(self, gamma: float = 5.0) -> None:
         if gamma <= 0:
@@ -198,7 +198,7 @@ class MinSNR(Weighting):
 
 
 class EDMWeighting(Weighting):
-    """w_x0 = (s^2 + sigma_data^2) / (s sigma_data)^2 with s = sigma / alpha (Karras et al. 2022, eq. 8 and Table 1)."""
+    """w_x0 = (s^2 + sigma_data^2) / (s sigma_data)^2 with s = sigma / alpha (Karras et al. 2022, Table 1)."""
 
     def __init__(self, sigma_data: float = 0.5) -> None:
         if sigma_data <= 0:
@@ -215,9 +215,10 @@ class EDMWeighting(Weighting):
 
 
 class VelocityMSE(Weighting):
-    """MSE on the velocity u = alpha' x0 + sigma' eps (Lipman et al. 2022, eq. 23), whatever the network predicts.
+    """MSE on the velocity u = alpha' x0 + sigma' eps (Lipman et al. 2022, flow matching), whatever F predicts.
 
-    At fixed x_t, u_hat - u = -(alpha sigma' - alpha' sigma)/sigma (x0_hat - x0) = (alpha sigma' - alpha' sigma)/alpha (eps_hat - eps).
+    At fixed x_t, with det = alpha sigma' - alpha' sigma:
+    u_hat - u = -(det / sigma) (x0_hat - x0) = (det / alpha) (eps_hat - eps).
     """
 
     def x0_weight(self, t, process):

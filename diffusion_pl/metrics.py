@@ -38,9 +38,9 @@ from diffusion_pl.sampling import sample
 
 __all__ = [
     "PROTOCOL", "WEIGHTS_ENV", "InceptionWeightsError", "InceptionFeatures", "ReferenceStats", "SampleMetrics",
-    "to_uint8", "extract", "load_inception", "inception_weights_file", "random_inception_weights",
-    "fingerprint", "reference_stats", "reference_images", "generate", "sampler_label", "class_labels_for", "frechet_distance", "gaussian_stats", "metric_prefix", "rank_world",
-    "rank_indices",
+    "to_uint8", "extract", "load_inception", "inception_weights_file", "random_inception_weights", "fingerprint",
+    "reference_images", "reference_stats", "frechet_distance", "gaussian_stats", "metric_prefix", "sampler_label",
+    "class_labels_for", "generate", "rank_world", "rank_indices",
 ]
 
 PROTOCOL = "uint8-round-clamp/rgb/v1"  # part of every cache key: bump when the image -> uint8 path changes
@@ -269,27 +269,23 @@ def _compute_reference(images: Iterable[Tensor], extractor: nn.Module, with_feat
 
 
 def reference_stats(images: Iterable[Tensor], data_key: str, extractor: nn.Module, *, with_features: bool = False,
-                    device: str | torch.device | None = None, progress: bool = True, total: int | None = None,
-                    cache: bool = True) -> ReferenceStats:
+                    device: str | torch.device | None = None, progress: bool = True,
+                    total: int | None = None) -> ReferenceStats:
     """Reference statistics of uint8 image batches, cached on disk per (data_key, extractor, protocol).
 
-    `images` is iterated only on a cache miss, and only by rank 0; other ranks wait and read the file.
+    `images` is iterated only on a cache miss, by local rank 0 of each node; the others wait and read the file.
     """
     file = _cache_file(data_key, fingerprint(extractor), with_features)
-    device = torch.device(device) if device is not None else _device(extractor)
-    if cache and file.is_file():
-        return ReferenceStats(**torch.load(file, map_location="cpu", weights_only=True))
-    rank, world = rank_world()
-    if not cache:
-        return _compute_reference(images, extractor, with_features, device, progress and rank == 0, total)
-    if rank == 0:
+    local_rank = int(os.environ.get("LOCAL_RANK", rank_world()[0]))
+    if local_rank == 0 and not file.is_file():
+        device = torch.device(device) if device is not None else _device(extractor)
         stats = _compute_reference(images, extractor, with_features, device, progress, total)
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         torch.save({"n": stats.n, "feature_sum": stats.feature_sum, "outer_sum": stats.outer_sum,
                     "features": stats.features}, tmp)
         os.replace(tmp, file)  # atomic: a reader never sees half a file
-    _barrier()
+    _barrier()  # on every rank, hit or miss, so the collective calls always pair up
     return ReferenceStats(**torch.load(file, map_location="cpu", weights_only=True))
 
 
@@ -368,8 +364,12 @@ def _gather_lists(metric, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- data and generation
-def reference_images(data: str, batch_size: int = 250, num_workers: int = 0) -> tuple[Iterable[Tensor], str, dict]:
-    """(uint8 batches in stored order, cache key, {'count', 'split', 'source'}) of a shard set (a `shards` string)."""
+def reference_images(data: str, batch_size: int = 250, num_workers: int = 0,
+                     image_size: int | None = None) -> tuple[Iterable[Tensor], str, dict]:
+    """(uint8 batches in stored order, cache key, {'count', 'split', 'source'}) of a shard set (a `shards` string).
+
+    `image_size` resizes (and centre-crops) as ShardDataModule(image_size=...) does for training.
+    """
     manifest = None
     if data.startswith("builtin:"):  # generated deterministically from its parameters and version
         key = f"{data}#v{builtin.VERSION}"
@@ -379,10 +379,11 @@ def reference_images(data: str, batch_size: int = 250, num_workers: int = 0) -> 
             key = json.dumps([manifest.get("count"), [s["sha256"] for s in manifest["shards"]]])
         else:  # no manifest: the files themselves (path and size)
             key = json.dumps([[u, Path(u).stat().st_size if Path(u).is_file() else None] for u in urls])
+    key += f"@{image_size}" if image_size is not None else ""
     info = {k: (manifest or {}).get(k) for k in ("count", "split", "source")}
     # the validation stream is finite, in order and unflipped: exactly the stored images
     dm = ShardDataModule(shards=data, val_shards=data, batch_size=batch_size, num_workers=num_workers,
-                         random_flip=False)
+                         image_size=image_size, random_flip=False)
     dm.setup("validate")
     return (to_uint8(images) for images, _ in dm.val_dataloader()), key, info
 

@@ -81,7 +81,8 @@ def test_reference_cache_is_hit_on_the_second_run(single, tmp_path, monkeypatch)
 
 
 def test_ddp_two_ranks_give_the_one_rank_fid(single, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_PL_CACHE": str(tmp_path / "cache")}  # rank 0 computes the reference here
+    # a fresh cache: rank 0 computes the reference under DDP while rank 1 waits
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_PL_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, str(TESTS / "_eval_ddp_worker.py"), str(tmp_path), "--devices", "2"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

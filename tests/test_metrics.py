@@ -52,7 +52,7 @@ def pipeline_fid(real: torch.Tensor, fake: torch.Tensor, **kwargs) -> dict:
     n_real = real.shape[0]
     real_batches = (index_images(range(a, min(a + 500, n_real))) for a in range(0, n_real, 500))
     reference = reference_stats(real_batches, "table", extractor, with_features=kwargs.get("kid", False),
-                                cache=False, progress=False)
+                                progress=False)  # the table is in the extractor's weights: its own cache key
     scores = SampleMetrics(extractor, reference, **kwargs)
     for a in range(n_real, n_real + fake.shape[0], 700):
         scores.update(index_images(range(a, min(a + 700, n_real + fake.shape[0]))))

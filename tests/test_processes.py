@@ -57,10 +57,12 @@ def test_every_class_is_collected():
 # -- processes -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("process", PROCESSES, ids=repr)
 def test_marginals_match_euler_maruyama(process):
-    """Simulate dx = f x dt + g dW from the exact x_{t_min}; mean and variance must match alpha m0, alpha^2 s0^2 + sigma^2.
+    """Simulate dx = f x dt + g dW from the exact x_{t_min}; mean and variance must match the closed form
+    alpha m0 and alpha^2 s0^2 + sigma^2.
 
     Tolerances: the deterministic Euler moment recursion (the simulation's own mean and variance)
-    must be within 2% of the closed form (O(dt) bias with 1000 steps uniform in log-SNR); the particle moments must be within 5 standard errors
+    must be within 2% of the closed form (O(dt) bias with 1000 steps uniform in log-SNR); the particle
+    moments must be within 5 standard errors
     (n*d = 20000 draws) of the recursion.
     """
     n, d, m0, s0, steps = 10000, 2, 0.7, 0.3, 1000

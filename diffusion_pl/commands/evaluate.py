@@ -66,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("num_samples", "batch_size", "bpd_samples"):
         if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: expected a positive integer")
+            flag = "--" + name.replace("_", "-")
+            raise CommandError(f"{flag} {getattr(args, name)} is invalid: expected a positive integer")
     if args.steps is not None and len(args.steps) not in (1, len(args.sampler)):
         raise CommandError(f"--steps {args.steps} does not match --sampler {args.sampler}: expected one value "
                            "or one per sampler")
@@ -242,8 +243,8 @@ def run(args: argparse.Namespace) -> dict:
         if "bits_per_dim" in info:
             b = info["bits_per_dim"]
             print(f"bits/dim {b['bpd']:.4f} +- {b['bpd_stderr']:.4f} ({b['n']} images of {b['data']})")
-        default = Path(args.ckpt).with_suffix(".eval.json") if args.ckpt else \
-            (Path(args.samples) / "eval.json" if Path(args.samples).is_dir() else Path(args.samples).with_suffix(".eval.json"))
+        source = Path(args.ckpt or args.samples)
+        default = source / "eval.json" if source.is_dir() else source.with_suffix(".eval.json")
         path = Path(args.report) if args.report else default
         path.write_text(json.dumps(report, indent=1) + "\n")
         print(f"report: {path}", file=sys.stderr)

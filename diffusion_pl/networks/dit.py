@@ -1,4 +1,5 @@
-"""Diffusion Transformer with adaLN-Zero conditioning (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
+"""Diffusion Transformer with adaLN-Zero conditioning (Peebles & Xie 2023, "Scalable Diffusion Models
+with Transformers").
 
 PatchEmbed, the fused Attention and Mlp come from timm; what is written here is what timm
 lacks: adaLN-Zero modulation, the timestep/label embedders and the un-patchify step.
@@ -66,7 +67,20 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer (Peebles & Xie 2023); forward(x, noise_label, class_labels) -> shaped like x (or out_channels)."""
+    """Diffusion Transformer (Peebles & Xie 2023); output shaped like x, with out_channels channels.
+
+    Args:
+        img_resolution: input height and width, a multiple of patch_size.
+        in_channels: image (or latent) channels.
+        out_channels: output channels; None means in_channels (2 * in_channels for a learned variance).
+        num_classes: None for unconditional; else labels 0..num_classes-1 plus the null label num_classes.
+        patch_size: side of the square patches; tokens = (img_resolution / patch_size) ** 2.
+        hidden_size: token width.
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of hidden_size.
+        frequency_embedding_size: width of the sinusoidal noise-label embedding before its MLP.
+    """
 
     def __init__(
         self,
@@ -83,11 +97,15 @@ class DiT(nn.Module):
     ) -> None:
         super().__init__()
         if patch_size < 1 or img_resolution < patch_size or img_resolution % patch_size:
-            raise ValueError(f"img_resolution must be a positive multiple of patch_size={patch_size}, got {img_resolution}.")
+            raise ValueError(
+                f"img_resolution must be a positive multiple of patch_size={patch_size}, got {img_resolution}."
+            )
         if num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size must be divisible by num_heads={num_heads}, got {hidden_size}.")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}.")
+        if frequency_embedding_size < 2 or frequency_embedding_size % 2:
+            raise ValueError(f"frequency_embedding_size must be positive and even, got {frequency_embedding_size}.")
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
@@ -159,60 +177,45 @@ class DiT(nn.Module):
 
 
 def dit_s_2(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> DiT:
     """DiT-S/2: hidden 384, depth 12, 6 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
-    return DiT(**{**dict(hidden_size=384, depth=12, num_heads=6, patch_size=2), **overrides},
-               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    size = dict(hidden_size=384, depth=12, num_heads=6, patch_size=2)
+    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
 
 
 def dit_b_2(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> DiT:
     """DiT-B/2: hidden 768, depth 12, 12 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
-    return DiT(**{**dict(hidden_size=768, depth=12, num_heads=12, patch_size=2), **overrides},
-               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    size = dict(hidden_size=768, depth=12, num_heads=12, patch_size=2)
+    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
 
 
 def dit_l_2(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> DiT:
     """DiT-L/2: hidden 1024, depth 24, 16 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
-    return DiT(**{**dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2), **overrides},
-               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    size = dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2)
+    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
 
 
 def dit_xl_2(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> DiT:
     """DiT-XL/2: hidden 1152, depth 28, 16 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
-    return DiT(**{**dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2), **overrides},
-               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    size = dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2)
+    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
 
 
 def dit_tiny(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> DiT:
     """A 0.33M-parameter DiT (hidden 64, depth 4, 4 heads, patch 2) for tests and quick CPU runs."""
-    return DiT(**{**dict(hidden_size=64, depth=4, num_heads=4, patch_size=2), **overrides},
-               img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    size = dict(hidden_size=64, depth=4, num_heads=4, patch_size=2)
+    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})

@@ -38,15 +38,19 @@ class PositionalEmbedding(nn.Module):
         super().__init__()
         if num_channels < 2 or num_channels % 2:
             raise ValueError(f"num_channels must be a positive even number, got {num_channels}.")
-        half = num_channels // 2
-        # endpoint=True makes the last frequency exactly 1 / max_positions (DDPM, EDM's
-        # DDPM++); endpoint=False stops one step short (Transformer, ADM, DiT).
-        exponent = torch.arange(half, dtype=torch.float32) / (half - (1 if endpoint and half > 1 else 0))
-        self.register_buffer("freqs", (1.0 / max_positions) ** exponent, persistent=False)
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, noise_label: Tensor) -> Tensor:
         # noise_label: (B,) -> (B, num_channels), float32
-        angle = noise_label.to(torch.float32)[:, None] * self.freqs[None, :].to(torch.float32)
+        half = self.num_channels // 2
+        # endpoint=True makes the last frequency exactly 1 / max_positions (DDPM, EDM's
+        # DDPM++); endpoint=False stops one step short (Transformer, ADM, DiT).
+        exponent = torch.arange(half, dtype=torch.float32, device=noise_label.device)
+        exponent = exponent / (half - (1 if self.endpoint and half > 1 else 0))
+        # Computed here rather than stored: net.to(bfloat16) would round a buffer by up to
+        # 0.2%, which at a noise label of 1000 is up to 2 radians of phase.
+        freqs = (1.0 / self.max_positions) ** exponent
+        angle = noise_label.to(torch.float32)[:, None] * freqs[None, :]
         return torch.cat([angle.cos(), angle.sin()], dim=1)
 
 
@@ -59,6 +63,8 @@ class FourierEmbedding(nn.Module):
             raise ValueError(f"num_channels must be a positive even number, got {num_channels}.")
         # A fixed seed so two networks built with the same arguments embed identically; a
         # buffer rather than a frozen parameter, so every parameter receives a gradient.
+        # (net.to(bfloat16) rounds these random frequencies: still random features, but keep
+        # training and sampling in one dtype, or use autocast, which leaves buffers alone.)
         generator = torch.Generator().manual_seed(seed)
         freqs = torch.randn(num_channels // 2, generator=generator, device="cpu") * scale
         self.register_buffer("freqs", freqs.to(torch.get_default_device()))
@@ -99,7 +105,8 @@ class ClassEmbedding(nn.Module):
         # class_labels: (B,) int64 in [0, num_classes] or None -> (B, num_channels)
         if class_labels is None:
             # Index num_classes is the null label: the unconditional model of CFG.
-            class_labels = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.table.weight.device)
+            device = self.table.weight.device
+            class_labels = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
         return self.table(class_labels.reshape(-1).long())
 
 

@@ -1,4 +1,5 @@
-"""U-Net score network: DDPM (Ho et al. 2020), DDPM++ (Song et al. 2021; Karras et al. 2022), ADM (Dhariwal & Nichol 2021).
+"""U-Net score network: DDPM (Ho et al. 2020), DDPM++ (Song et al. 2021; Karras et al. 2022) and
+ADM (Dhariwal & Nichol 2021).
 
 One implementation; the three published families differ only in the options below:
 
@@ -64,7 +65,7 @@ class ConvResample(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """Self-attention over all pixels (Ho et al. 2020, Sec. B) using timm's fused Attention."""
+    """Self-attention over all pixels (Ho et al. 2020, App. B) using timm's fused Attention."""
 
     def __init__(self, channels: int, num_heads: int, skip_scale: float) -> None:
         super().__init__()
@@ -130,7 +131,29 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net score network with the options of DDPM, DDPM++ and ADM (see the module table)."""
+    """U-Net score network with the options of DDPM, DDPM++ and ADM (see the module table).
+
+    Args:
+        img_resolution: input height and width.
+        in_channels: image channels.
+        out_channels: output channels; None means in_channels.
+        num_classes: None for unconditional; else labels 0..num_classes-1 plus the null label num_classes.
+        model_channels: channels at the first resolution (and of the noise embedding).
+        channel_mult: per-resolution channel multipliers; len - 1 halvings of the resolution.
+        num_res_blocks: residual blocks per resolution in the encoder (decoder has one more).
+        attn_resolutions: resolutions with self-attention (the lowest always has it, in the middle).
+        attn_heads: attention heads, used when attn_head_channels is None.
+        attn_head_channels: channels per head (ADM uses 64); overrides attn_heads.
+        dropout: dropout before the second convolution of each residual block.
+        resample: strided/upsampling convolutions (DDPM) or BigGAN-style resampling residual blocks.
+        resample_proj: 1x1 convolution on the skip path of resampling residual blocks (DDPM++).
+        scale_shift: adaptive GroupNorm, embedding gives scale and shift (ADM); else an added bias.
+        skip_rescale: multiply every residual sum by 1/sqrt(2) (DDPM++).
+        decoder_attention: attention after every decoder block or only the last of each resolution.
+        embedding: sinusoidal positional (DDPM, DDPM++, ADM) or random Fourier (NCSN++) noise embedding.
+        fourier_scale: standard deviation of the Fourier frequencies.
+        emb_mult: conditioning-vector width as a multiple of model_channels.
+    """
 
     def __init__(
         self,
@@ -157,7 +180,8 @@ class UNet(nn.Module):
         super().__init__()
         levels = len(channel_mult)
         resolutions = tuple(img_resolution >> level for level in range(levels))
-        _check_args(img_resolution, in_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions, dropout)
+        _check_args(img_resolution, in_channels, model_channels, channel_mult, num_res_blocks, attn_resolutions,
+                    resolutions, dropout)
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
@@ -168,14 +192,17 @@ class UNet(nn.Module):
         def heads(channels: int, res: int) -> int:
             if attn_head_channels is None:
                 if channels % attn_heads:
-                    raise ValueError(f"attn_heads={attn_heads} must divide the {channels} channels at resolution {res}.")
+                    raise ValueError(f"attn_heads={attn_heads} must divide the {channels} channels at {res}x{res}.")
                 return attn_heads
             if channels % attn_head_channels:
-                raise ValueError(f"attn_head_channels={attn_head_channels} must divide the {channels} channels at resolution {res}.")
+                raise ValueError(
+                    f"attn_head_channels={attn_head_channels} must divide the {channels} channels at {res}x{res}."
+                )
             return channels // attn_head_channels
 
         def block(cin: int, cout: int, res: int, attn: bool = False, mode: str = "none") -> ResBlock:
-            return ResBlock(cin, cout, emb_channels, dropout, skip_scale, scale_shift, mode, resample_proj, heads(cout, res) if attn else 0)
+            num_heads = heads(cout, res) if attn else 0
+            return ResBlock(cin, cout, emb_channels, dropout, skip_scale, scale_shift, mode, resample_proj, num_heads)
 
         def resampler(ch: int, res: int, mode: Literal["up", "down"]) -> nn.Module:
             return block(ch, ch, res, mode=mode) if resample == "resblock" else ConvResample(ch, mode)
@@ -221,7 +248,7 @@ class UNet(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform weights, zero biases (DDPM's variance_scaling(1, fan_avg, uniform)); residual branches zeroed."""
+        """Xavier-uniform weights and zero biases, as DDPM's variance_scaling(1, fan_avg, uniform)."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
@@ -266,15 +293,21 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
 
 
-def _check_args(img_resolution, in_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions, dropout) -> None:
+def _check_args(
+    img_resolution, in_channels, model_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions, dropout
+) -> None:
     """One-sentence ValueErrors for bad constructor input."""
     if not channel_mult or min(channel_mult) < 1:
         raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {channel_mult}.")
     factor = 2 ** (len(channel_mult) - 1)
     if img_resolution < factor or img_resolution % factor:
-        raise ValueError(f"img_resolution must be a positive multiple of 2**(len(channel_mult)-1)={factor}, got {img_resolution}.")
+        raise ValueError(
+            f"img_resolution must be a positive multiple of 2**(len(channel_mult)-1)={factor}, got {img_resolution}."
+        )
     if in_channels < 1:
         raise ValueError(f"in_channels must be positive, got {in_channels}.")
+    if model_channels < 2 or model_channels % 2:
+        raise ValueError(f"model_channels must be positive and even (it sizes the embedding), got {model_channels}.")
     if num_res_blocks < 1:
         raise ValueError(f"num_res_blocks must be at least 1, got {num_res_blocks}.")
     for res in attn_resolutions:
@@ -290,68 +323,48 @@ def _check_args(img_resolution, in_channels, channel_mult, num_res_blocks, attn_
 
 
 def unet_ddpm_cifar10(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> UNet:
     """DDPM's CIFAR-10 U-Net, 35,746,307 parameters (Ho et al. 2020, App. B: "35.7 million")."""
-    return UNet(**{
-        **dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-               dropout=0.1, resample="conv"),
-        **overrides,
-    }, img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    config = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                  dropout=0.1, resample="conv")
+    return UNet(img_resolution, in_channels, out_channels, num_classes, **{**config, **overrides})
 
 
 def unet_ddpmpp_cifar10(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> UNet:
     """EDM's DDPM++ CIFAR-10 U-Net, 55,732,739 parameters (Karras et al. 2022; NVlabs/edm train.py --arch=ddpmpp)."""
     # Equals EDM's SongUNet(model_channels=128, channel_mult=[2,2,2], num_blocks=4,
     # resample_filter=[1,1]) without its 1,152-parameter augmentation-label layer.
-    return UNet(**{
-        **dict(model_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
-               dropout=0.13, resample="resblock", resample_proj=True, skip_rescale=True,
-               decoder_attention="last_block", embedding="positional"),
-        **overrides,
-    }, img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    config = dict(model_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
+                  dropout=0.13, resample="resblock", resample_proj=True, skip_rescale=True,
+                  decoder_attention="last_block", embedding="positional")
+    return UNet(img_resolution, in_channels, out_channels, num_classes, **{**config, **overrides})
 
 
 def unet_adm_cifar10(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> UNet:
-    """ADM U-Net (Dhariwal & Nichol 2021, Sec. 3) at iDDPM's CIFAR-10 size (Nichol & Dhariwal 2021), 57,091,203 parameters."""
+    """ADM U-Net (Dhariwal & Nichol 2021, Sec. 3) at iDDPM's CIFAR-10 size (Nichol & Dhariwal 2021), 57.1M params."""
     # Equals guided-diffusion's UNetModel(model_channels=128, channel_mult=(1,2,2,2),
     # num_res_blocks=3, attention_resolutions=16,8, num_head_channels=64,
     # use_scale_shift_norm=True, resblock_updown=True, dropout=0.3, out_channels=3);
     # learn_sigma (out_channels=6) adds 3,459.
-    return UNet(**{
-        **dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attn_resolutions=(16, 8),
-               attn_head_channels=64, dropout=0.3, resample="resblock", resample_proj=False, scale_shift=True),
-        **overrides,
-    }, img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    config = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attn_resolutions=(16, 8),
+                  attn_head_channels=64, dropout=0.3, resample="resblock", resample_proj=False, scale_shift=True)
+    return UNet(img_resolution, in_channels, out_channels, num_classes, **{**config, **overrides})
 
 
 def unet_tiny(
-    img_resolution: int = 32,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    num_classes: int | None = None,
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
     **overrides,
 ) -> UNet:
     """A 1.1M-parameter DDPM-style U-Net for tests and the CPU quickstart (16x16 or 32x32 images)."""
     # Attention only at the lowest resolution (img_resolution / 4), where it is cheap.
-    return UNet(**{
-        **dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-               attn_resolutions=(img_resolution // 4,), dropout=0.0),
-        **overrides,
-    }, img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, num_classes=num_classes)
+    config = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                  attn_resolutions=(img_resolution // 4,), dropout=0.0)
+    return UNet(img_resolution, in_channels, out_channels, num_classes, **{**config, **overrides})

@@ -127,6 +127,10 @@ class AnnealedLangevin(Sampler):
         return LogSNRGrid()
 
     def step(self, denoiser, x, p_t, p_s, noise, class_labels):
+        if p_t.alpha > 0:
+            # carry x/alpha (NCSN's variable) to the new level, so that samples follow the means alpha mu
+            # when alpha changes; at alpha_t = 0 (t_max) x is a prior sample, already right for t_1
+            x = (p_s.alpha / p_t.alpha) * x
         h = self.step_size * p_s.sigma**2
         for _ in range(self.steps_per_level):
             score = -denoiser(x, p_s.t, class_labels).eps / p_s.sigma

@@ -330,10 +330,21 @@ class SampleMetrics:
 
     def compute(self) -> dict[str, float]:
         """{'fid', 'n'} (+ 'kid', 'kid_std', 'is', 'is_std'); the same value on every rank."""
-        self.fid.sync()  # sums of the generated features over ranks (a no-op outside DDP)
-        n = int(self.fid.fake_features_num_samples)
+        # collectives first, on every rank: feature sums (FID) and features (KID, IS) over ranks
+        self.fid.sync()  # a no-op outside DDP
+        for metric, name in ((self.kid, "fake_features"), (self.isc, "features")):
+            if metric is not None:
+                _gather_lists(metric, name)
+        rank, world = rank_world()
+        # then rank 0 alone does the matrix square root (2048 x 2048) and tells the others
+        out = [self._values() if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(out, src=0)
+        return out[0]
+
+    def _values(self) -> dict[str, float]:
+        n, ref = int(self.fid.fake_features_num_samples), self.reference
         # the reference enters after the reduction, so it is counted once whatever the world size
-        ref = self.reference
         self.fid.real_features_sum = ref.feature_sum.to(self.fid.fake_features_sum)
         self.fid.real_features_cov_sum = ref.outer_sum.to(self.fid.fake_features_sum)
         self.fid.real_features_num_samples = torch.tensor(ref.n, device=self.fid.fake_features_sum.device)
@@ -342,12 +353,10 @@ class SampleMetrics:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             if self.kid is not None:
-                _gather_lists(self.kid, "fake_features")
                 self.kid.real_features = [ref.features.to(self.kid.fake_features[0])]
                 self.kid.subset_size = min(self.kid.subset_size, n, ref.n)
                 out["kid"], out["kid_std"] = (float(v) for v in self.kid.compute())
             if self.isc is not None:
-                _gather_lists(self.isc, "features")
                 out["is"], out["is_std"] = (float(v) for v in self.isc.compute())
         return out
 

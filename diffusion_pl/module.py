@@ -12,6 +12,7 @@ and nothing depends on how many steps a previous job ran (as EDM2 seeds from ima
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -26,6 +27,9 @@ from diffusion_pl.prediction import EpsPrediction, Model, Prediction, preconditi
 from diffusion_pl.processes import Process
 
 __all__ = ["DiffusionModule", "load_module", "step_seed"]
+
+# Lightning warns about submodules in eval mode at the start of fit; the EMA copy is one on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -109,6 +113,11 @@ class DiffusionModule(L.LightningModule):
         self.compile = compile
         self._train_model: Model | None = None
         self._images_per_step = 0
+
+    def train(self, mode: bool = True) -> "DiffusionModule":
+        super().train(mode)
+        self.ema.eval()  # the EMA network only ever evaluates (no dropout when sampling)
+        return self
 
     # -- models in the sampler contract -------------------------------------------------------------
     @property

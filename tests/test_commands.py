@@ -77,18 +77,14 @@ def run(tmp_path_factory):
     """A 2-step `diffusion-pl fit` (callbacks from YAML by class_path); yields its folder and checkpoint."""
     root = tmp_path_factory.mktemp("fit")
     env = {"DIFFUSION_PL_CACHE": str(root / "cache"), "TORCH_HOME": str(root / "torch")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    os.environ.pop(metrics.WEIGHTS_ENV, None)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv(metrics.WEIGHTS_ENV, raising=False)
         config = root / "fit.yaml"
         config.write_text(FIT_CONFIG.replace("ROOT", str(root)))
         assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}"]) == 0
-        ckpt = next(root.rglob("*.ckpt"))
-        yield {"root": root, "ckpt": str(ckpt), "env": env}
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        yield {"root": root, "ckpt": str(next(root.rglob("*.ckpt"))), "env": env}
 
 
 def sample(run, out, *args) -> int:
@@ -107,7 +103,7 @@ def test_fit_cli_builds_the_callbacks_from_yaml(run):
     assert len(list(run["root"].rglob("samples/ddim_2_step2.png"))) == 1
 
 
-def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys):
+def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "a"
     assert sample(run, out, "--num-samples", "6", "--batch-size", "4") == 0
     first = read_npz(out / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")
@@ -125,12 +121,8 @@ def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys):
         written["indices"] = list(indices)
         return original(module, sampler, indices, *args, **kwargs)
 
-    import diffusion_pl.commands.sample as sample_cmd
-    sample_cmd.generate = counting
-    try:
-        assert sample(run, out, "--num-samples", "6", "--batch-size", "2") == 0
-    finally:
-        sample_cmd.generate = original
+    monkeypatch.setattr("diffusion_pl.commands.sample.generate", counting)
+    assert sample(run, out, "--num-samples", "6", "--batch-size", "2") == 0
     assert written["indices"] == [1, 4, 5]  # only the missing ones, each once
     assert "resuming: 3 of 6" in capsys.readouterr().err
     resumed = read_npz(out / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")

@@ -39,17 +39,12 @@ def single(tmp_path_factory):
     """One in-process fit with both callbacks and TensorBoard; its FID values are the 1-process baseline."""
     root = tmp_path_factory.mktemp("single")
     env = {"DIFFUSION_PL_CACHE": str(root / "cache")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFUSION_PL_CACHE", env["DIFFUSION_PL_CACHE"])
         extractor = StandInFeatures()
         fid, grid = make_callbacks(extractor)
-        logger = TensorBoardLogger(root, name="tb")
-        trainer = fit(root, [fid, grid], logger=logger)
+        trainer = fit(root, [fid, grid], logger=TensorBoardLogger(root, name="tb"))
         yield {"root": root, "fid": fid, "grid": grid, "trainer": trainer, "extractor": extractor, "env": env}
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_fid_is_logged_with_the_sample_count(single):

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchvision.io import decode_png
+from torchvision.io import ImageReadMode, decode_png
 
 from diffusion_pl.commands import CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, sha256_file
 from diffusion_pl.metrics import (PROTOCOL, InceptionFeatures, InceptionWeightsError, SampleMetrics, fingerprint,
@@ -95,9 +95,9 @@ def read_samples(path: str | Path, indices: range, batch_size: int) -> Iterator[
     if path.is_dir():
         files = sorted(path.glob("*.png"))
         for a in range(indices.start, indices.stop, batch_size):
-            batch = [decode_png(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8))
-                     for f in files[a:min(a + batch_size, indices.stop)]]
-            yield torch.stack([b.expand(3, -1, -1) for b in batch])
+            yield torch.stack([decode_png(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8),
+                                          mode=ImageReadMode.RGB)  # grey and RGBA -> RGB
+                               for f in files[a:min(a + batch_size, indices.stop)]])
         return
     images = np.load(path, mmap_mode="r")["arr_0"]
     for a in range(indices.start, indices.stop, batch_size):

@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> Path:
     module = load_checkpoint(args.ckpt, fabric.device)
     config, out, shape = _config(args, module, sampler), Path(args.out), image_shape(module)
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None
-    done = npz_path(out, args.num_samples, shape).is_file() and _check_out(out, config, args.overwrite)
     resume = _check_out(out, config, args.overwrite)  # every rank checks before anyone writes
+    done = resume and npz_path(out, args.num_samples, shape).is_file()
     fabric.barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ __all__ = [
     "dit_l_2",
     "dit_xl_2",
     "dit_tiny",
+    "PRESETS",
 ]
 
 PRESETS = (

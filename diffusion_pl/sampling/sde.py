@@ -117,7 +117,7 @@ class AnnealedLangevin(Sampler):
     """
 
     def __init__(self, steps: int = 100, grid: TimeGrid | None = None, final_denoise: bool = True,
-                 steps_per_level: int = 5, step_size: float = 0.1) -> None:
+                 steps_per_level: int = 10, step_size: float = 0.2) -> None:
         if steps_per_level < 1 or step_size <= 0:
             raise ValueError(f"steps_per_level must be >= 1 and step_size > 0, got {steps_per_level}, {step_size}")
         super().__init__(steps, grid, final_denoise)

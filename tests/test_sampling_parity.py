@@ -1,0 +1,126 @@
+"""Parity with diffusers' schedulers: the same eps-network, the same noise, the same samples (DESIGN section 6).
+
+DDPMDiscrete (1000 linear betas 1e-4..0.02) is diffusers' default DDPM schedule; its noise label
+t N - 1 is diffusers' integer timestep, so a timestep k is the process time (k + 1) / 1000.
+diffusers is a test-only dependency.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_pl.prediction import EpsPrediction
+from diffusion_pl.processes import DDPMDiscrete
+from diffusion_pl.sampling import DDIM, DDPM, DPMSolverPP, ExplicitGrid, UniformGrid, sample
+
+diffusers = pytest.importorskip("diffusers")
+# diffusers 0.42 calls np.array(tensor, copy=False) in DPMSolverMultistepScheduler: NumPy 2 warns, not our code
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+SHAPE = (4, 3, 8, 8)
+BETAS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+
+class EpsNet(nn.Module):
+    """A fixed smooth eps(x, timestep): the exact eps of N(0, 0.5^2 I) data plus a small seeded conv net.
+
+    The Gaussian part keeps samples at unit scale (a random net alone would make x0_hat explode);
+    the conv part makes the function non-trivial. alpha_bar is interpolated between integer
+    timesteps, so eps is defined (and smooth) at our float32 noise labels too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        self.register_buffer("alpha_bar", torch.cumprod(1 - betas, 0))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        k = timestep.to(torch.float64).reshape(-1).expand(len(x)).clamp(0, 999)
+        lo = k.floor().long().clamp(max=998)
+        abar = self.alpha_bar[lo] + (k - lo) * (self.alpha_bar[lo + 1] - self.alpha_bar[lo])
+        a, s = abar.sqrt().float()[:, None, None, None], (1 - abar).sqrt().float()[:, None, None, None]
+        gaussian = s * x / (0.25 * a**2 + s**2)
+        return gaussian + 0.1 * torch.tanh(self.conv(x)) * torch.sin(k / 300.0).float()[:, None, None, None]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    net = EpsNet().eval()
+    process = DDPMDiscrete(1000, 1e-4, 0.02)
+
+    def model(x_t, t, class_labels=None):
+        return net(x_t, process.noise_label(t))
+
+    return net, process, model
+
+
+def _diffusers_loop(scheduler, net, x, generator, **step_kwargs):
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            x = scheduler.step(net(x, k), k, x, generator=generator, **step_kwargs).prev_sample
+    return x
+
+
+def _times(scheduler) -> list[float]:
+    return ((scheduler.timesteps.to(torch.float64) + 1) / 1000).tolist()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddpm_ancestral_matches_diffusers(setup, clip):
+    net, process, model = setup
+    scheduler = diffusers.DDPMScheduler(**BETAS, clip_sample=clip, clip_sample_range=1.0, variance_type="fixed_small")
+    scheduler.set_timesteps(1000)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(SHAPE, generator=g)
+    theirs = _diffusers_loop(scheduler, net, x_T, g)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(SHAPE, generator=g)
+    # all 1000 steps: t = 1, 0.999, ..., 0.001 (999 posterior steps), then diffusers' last step to x0
+    ours = sample(model, process, EpsPrediction(), DDPM(steps=999, grid=UniformGrid()), SHAPE, noise=x_T, generator=g,
+                  clip_x0=1.0 if clip else None)
+    assert ours.nfe == 1000
+    diff = float((ours.x - theirs).abs().max())
+    print(f"DDPM 1000 steps, clip={clip}: max |ours - diffusers| = {diff:.2e}, sample std {float(theirs.std()):.2f}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_matches_diffusers(setup, eta):
+    net, process, model = setup
+    scheduler = diffusers.DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                        timestep_spacing="leading")
+    scheduler.set_timesteps(50)  # timesteps 980, 960, ..., 0
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(SHAPE, generator=g)
+    theirs = _diffusers_loop(scheduler, net, x_T, g, eta=eta)
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(SHAPE, generator=g)
+    # set_alpha_to_one: the last step goes from timestep 0 to alpha = 1, i.e. our final denoise
+    sampler = DDIM(steps=49, grid=ExplicitGrid(_times(scheduler)), eta=eta)
+    ours = sample(model, process, EpsPrediction(), sampler, SHAPE, noise=x_T, generator=g)
+    assert ours.nfe == 50
+    diff = float((ours.x - theirs).abs().max())
+    print(f"DDIM 50 steps, eta={eta}: max |ours - diffusers| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpm_solver_pp_2m_matches_diffusers(setup, steps):
+    net, process, model = setup
+    scheduler = diffusers.DPMSolverMultistepScheduler(**BETAS, algorithm_type="dpmsolver++", solver_order=2,
+                                                      solver_type="midpoint", lower_order_final=True,
+                                                      final_sigmas_type="zero", timestep_spacing="linspace")
+    scheduler.set_timesteps(steps)  # timesteps 999, ..., then a last step to sigma = 0
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    theirs = _diffusers_loop(scheduler, net, x_T * scheduler.init_noise_sigma, None)
+    # diffusers' last step to sigma = 0 is first order from x0_hat: our final denoise
+    sampler = DPMSolverPP(steps=steps - 1, grid=ExplicitGrid(_times(scheduler)))
+    ours = sample(model, process, EpsPrediction(), sampler, SHAPE, noise=x_T)
+    assert ours.nfe == steps
+    diff = float((ours.x - theirs).abs().max())
+    print(f"DPM-Solver++(2M) {steps} steps: max |ours - diffusers| = {diff:.2e}")
+    assert diff <= 1e-4

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, find_resume_checkpoint
+from diffusion_pl.metrics import InceptionWeightsError
 from diffusion_pl.module import DiffusionModule
 
 __all__ = ["DiffusionCLI", "main"]
@@ -103,5 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffusion-pl: unknown command {argv[0]!r}; expected one of "
               f"{', '.join([*LIGHTNING_COMMANDS, *PROJECT_COMMANDS])}", file=sys.stderr)
         return 2
-    DiffusionCLI(args=argv)
+    try:
+        DiffusionCLI(args=argv)
+    except InceptionWeightsError as err:  # the FID preflight: one line, no traceback
+        print(f"diffusion-pl: error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -346,9 +346,10 @@ class SubVP(Process):
         return self._vp._beta(t) * torch.exp(-self._vp._integral_beta(t))
 
     def _t_from_log_snr(self, log_snr: Tensor) -> Tensor:
-        # r = alpha / (1 - alpha^2) solves r a^2 + a - r = 0; a = 2r / (1 + sqrt(1 + 4 r^2)) without cancellation
-        r = torch.exp(0.5 * log_snr)
-        alpha = 2.0 * r / (1.0 + torch.sqrt(1.0 + 4.0 * r**2))
+        # r = e^{log_snr/2} = alpha / (1 - alpha^2) solves r a^2 + a - r = 0: a = 2r / (1 + sqrt(1 + 4 r^2))
+        # written with 1/r and a clamped log-SNR so that +-inf map to the ends instead of nan
+        inv_r = torch.exp(-0.5 * log_snr.clamp(-80.0, 80.0))
+        alpha = 2.0 / (inv_r + torch.sqrt(inv_r**2 + 4.0))
         b = -2.0 * torch.log(alpha)  # B(t), then VP-linear's quadratic
         db = self.beta_max - self.beta_min
         return 2.0 * b / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * db * b))

@@ -39,6 +39,7 @@ def test_quickstart_recipe_writes_a_sample_grid(tmp_path):
     grid = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("SampleGrid"))
     _localise(config, tmp_path, max_steps=3)
     grid["init_args"].update(every_n_steps=3, num_samples=8)
+    grid["init_args"]["sampler"]["init_args"]["steps"] = 2
     config["trainer"]["callbacks"].append(grid)
     config["data"]["init_args"]["batch_size"] = 8
     _run(config, tmp_path / "quickstart.yaml")

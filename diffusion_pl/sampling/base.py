@@ -84,9 +84,9 @@ class Sampler:
     """
 
     def __init__(self, steps: int, grid: TimeGrid | None = None, final_denoise: bool = True) -> None:
-        if not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        self.steps = steps
+        self.steps = int(steps)
         self.grid = grid if grid is not None else self.default_grid()
         self.final_denoise = final_denoise
 

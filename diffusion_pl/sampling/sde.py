@@ -74,8 +74,9 @@ def langevin_step(denoiser: Denoiser, x: Tensor, p: Point, snr: float, scale: fl
 class PredictorCorrector(Sampler):
     """Predictor-corrector sampling (Song et al. 2021, Alg. 2, 4, 5): an ancestral predictor step, then Langevin.
 
-    Corrector step size h = 2 a (snr |z| / |score|)^2 with a = (alpha_t / alpha_s)^2, the
-    generic form of Alg. 5's alpha_i = 1 - beta_i (a = 1 when alpha is constant, Alg. 4).
+    Corrector step size h = 2 a (snr |z| / |score|)^2 with a = (alpha_t / alpha_s)^2 over the
+    predictor's step t -> s, the generic form of Alg. 5's alpha_i = 1 - beta_i (a = 1 when alpha
+    is constant, Alg. 4; a = 0, no correction, after a step from alpha_t = 0).
     `norms` = "expected" takes |z|^2 = D and |score|^2 = D / sigma^2 (the score of the Gaussian
     corruption alone), so h = 2 a snr^2 sigma^2: the same for every sample, stable in any
     dimension, and what the adaptive rule gives for images, whose score norm is close to
@@ -108,12 +109,14 @@ class PredictorCorrector(Sampler):
 class AnnealedLangevin(Sampler):
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1): steps_per_level Langevin steps at each grid level.
 
-    Runs on x_t itself at the levels t_1, ..., t_steps = t_min (x at t_max is the prior sample),
+    Langevin runs on x_t at the levels t_1, ..., t_steps = t_min (x at t_max is the prior sample)
     with step size h = step_size * sigma(t)^2: NCSN's alpha_i = eps sigma_i^2 / sigma_L^2 with
-    step_size = eps / sigma_L^2 (0.2 in Song & Ermon 2019). sigma(t) is the right scale on any
-    process: Langevin on x_t/alpha with EDM's noise level s^2 and the same relative step size is
-    the same update. The default grid is uniform in log-SNR, NCSN's geometric noise levels.
-    NFE = steps * steps_per_level + final_denoise (NCSNv2's final denoising, Song & Ermon 2020).
+    step_size = eps / sigma_L^2 (2e-5 / 0.01^2 = 0.2 in Song & Ermon 2019). sigma(t) is the right
+    scale on any process: Langevin on x_t/alpha with EDM's noise level s^2 and the same relative
+    step size is the same update. Between levels x is multiplied by alpha_s/alpha_t, which keeps
+    x/alpha (NCSN's variable) and changes nothing for alpha = 1 (NCSN exactly). The default grid
+    is uniform in log-SNR, NCSN's geometric noise levels. NFE = steps * steps_per_level +
+    final_denoise (NCSNv2's final denoising step, Song & Ermon 2020).
     """
 
     def __init__(self, steps: int = 100, grid: TimeGrid | None = None, final_denoise: bool = True,

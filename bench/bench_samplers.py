@@ -83,7 +83,8 @@ def main() -> None:
     model = mix.model(process, pred)
     sliced_w2 = SlicedW2(mix.sample(20 * args.n, torch.Generator().manual_seed(1)))
     x_T = torch.randn(args.n, args.dim, generator=torch.Generator().manual_seed(0))
-    floor = sliced_w2(mix.sample(args.n, torch.Generator().manual_seed(3)).float())
+    floors = [sliced_w2(mix.sample(args.n, torch.Generator().manual_seed(10 + k)).float()) for k in range(5)]
+    floor = sum(floors) / len(floors)
     start = time.perf_counter()
 
     rows: dict[str, dict[int, tuple[float, int]]] = {}
@@ -130,8 +131,8 @@ def main() -> None:
                 times.append(dt / target)
             rows[name], ms_per_nfe[name] = cells, 1e3 * sorted(times)[len(times) // 2]
 
-    print(f"\n64-D oracle ({args.dim}-D, 3 components), DDPMDiscrete, n = {args.n}; SW2 to data "
-          f"(exact-vs-exact floor {floor:.4f}); cell = SW2 [NFE used if not the column's]\n")
+    print(f"\nGaussian-mixture oracle ({args.dim}-D, 3 components), DDPMDiscrete, n = {args.n}; SW2 to data "
+          f"(exact n-sample floor {floor:.4f}, mean of 5 draws); cell = SW2 [NFE used if not the column's]\n")
     header = "| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " | ms/NFE |"
     print(header)
     print("|" + "---|" * (len(NFES) + 2))
@@ -147,21 +148,26 @@ def main() -> None:
     print("| AdaptiveODE | " + " | ".join(f"{k}: {e:.4f} [{n}]" for k, (e, n) in adaptive.items())
           + " | | | " + f"{ms_per_nfe['AdaptiveODE']:.1f} |")
 
-    # the targets
-    ours = {k: v for k, v in rows.items() if not k.startswith("diffusers")}
-    best = None
-    for name, cells in ours.items():
-        if 1000 not in cells:
+    # the targets: per sampler, the smallest NFE from which on every column stays within 1.1x of its
+    # 1000-NFE error (a single column can dip below by chance: n samples carry their own noise)
+    reach = {}
+    for name, cells in rows.items():
+        if 1000 not in cells or not cells[1000][0] == cells[1000][0]:  # missing or nan
             continue
-        for target in (t for t in NFES if t <= 35 and t in cells):
-            ratio = cells[target][0] / cells[1000][0]
-            if ratio <= 1.1 and (best is None or cells[target][1] < best[2]):
-                best = (name, ratio, cells[target][1])
-    print("\nbest sampler within 1.1x of its 1000-NFE error at <= 35 NFE:",
-          f"{best[0]} at NFE {best[2]} ({best[1]:.3f}x)" if best else "none")
+        within = [t for t in NFES if t in cells and cells[t][0] <= 1.1 * cells[1000][0]]
+        settled = [t for t in within if all(u in within for u in NFES if u >= t and u in cells)]
+        if settled:
+            reach[name] = cells[min(settled)][1]
+    print("\nNFE from which the error stays within 1.1x of the 1000-NFE error:",
+          ", ".join(f"{k} {v}" for k, v in sorted(reach.items(), key=lambda kv: kv[1])))
+    ours_reach = {k: v for k, v in reach.items() if not k.startswith("diffusers") and v <= 35}
+    best = min(ours_reach.items(), key=lambda kv: kv[1]) if ours_reach else None
+    print("target (best sampler within 1.1x of its 1000-step error at <= 35 NFE):",
+          f"met by {best[0]} at NFE {best[1]}" if best else "not met")
     if diffusers is not None:
         ours_dpm, theirs = rows["DPMSolverPP"].get(10), rows["diffusers DPMSolverMultistep"][10]
-        print(f"DPM-Solver++ at 10 NFE: ours {ours_dpm[0]:.4f} vs diffusers {theirs[0]:.4f}")
+        print(f"target (DPM-Solver++ at 10 NFE no worse than diffusers'): ours {ours_dpm[0]:.4f} vs diffusers "
+              f"{theirs[0]:.4f}: {'met' if ours_dpm[0] <= theirs[0] else 'not met'}")
     print(f"runtime {time.perf_counter() - start:.0f} s")
 
 

@@ -93,6 +93,7 @@ def _print_help() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `diffusion-pl` console script and of `python -m diffusion_pl`."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         _print_help()
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join([*LIGHTNING_COMMANDS, *PROJECT_COMMANDS])}", file=sys.stderr)
         return 2
     try:
-        DiffusionCLI(args=argv)
+        # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
+        DiffusionCLI(args=None if from_command_line else argv)
     except InceptionWeightsError as err:  # the FID preflight: one line, no traceback
         print(f"diffusion-pl: error: {err}", file=sys.stderr)
         return 2

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser, Model, Prediction
-from diffusion_pl.processes import Process, append_dims
+from diffusion_pl.processes import Process
 
-__all__ = ["NLLResult", "BPDResult", "probability_flow", "jacobian_trace", "ode_nll", "bits_per_dim",
+__all__ = ["NLLResult", "BPDResult", "jacobian_trace", "ode_nll", "bits_per_dim",
            "dequantize_uint8"]
 
 
@@ -46,15 +46,6 @@ class BPDResult:
     bpd: Tensor
     nll: Tensor
     nfe: int
-
-
-def probability_flow(denoiser: Denoiser, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-    """Probability-flow ODE velocity v = alpha' x0_hat + sigma' eps_hat (Song et al. 2021, eq. 13)."""
-    d = denoiser(x, t, class_labels)
-    t64 = t.to(torch.float64)
-    d_alpha = append_dims(denoiser.process.d_alpha(t64).to(x.dtype), x.ndim)
-    d_sigma = append_dims(denoiser.process.d_sigma(t64).to(x.dtype), x.ndim)
-    return d_alpha * d.x0 + d_sigma * d.eps
 
 
 def jacobian_trace(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -126,7 +117,7 @@ def ode_nll(model: Model, process: Process, prediction: Prediction, x: Tensor, *
         if bar is not None:
             bar.set_postfix(t=float(t), refresh=False)
             bar.update()
-        v, div = jacobian_trace(lambda y: probability_flow(denoiser, y, t_b, class_labels), x_t, probes)
+        v, div = jacobian_trace(lambda y: denoiser.velocity(y, t_b, class_labels), x_t, probes)
         scale = dt_ds(t).to(dtype=x.dtype, device=x.device)  # (1,): dx/ds = v dt/ds
         return v * scale, div * scale
 

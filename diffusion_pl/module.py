@@ -233,16 +233,6 @@ class DiffusionModule(L.LightningModule):
             self.log(f"val/{name}", value, sync_dist=True)
         return loss
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # record what a sampler needs to rebuild the model without the training config
-        checkpoint["diffusion_pl"] = {"num_classes": self.num_classes, "global_step": self.global_step}
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 
 def load_module(ckpt_path: str, map_location: str | torch.device = "cpu") -> DiffusionModule:
     """Rebuild a DiffusionModule (net, EMA, process, prediction) from a checkpoint written by `diffusion-pl fit`."""

@@ -264,6 +264,13 @@ class Denoiser:
             eps = (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
         return Denoised(x0=x0, eps=eps)
 
+    def velocity(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """Probability-flow ODE velocity dx/dt = alpha' x0_hat + sigma' eps_hat (finite where alpha = 0)."""
+        t = _per_sample_time(t, x_t)
+        d = self(x_t, t, class_labels)
+        t64 = t.to(torch.float64)
+        return _bcast(self.process.d_alpha(t64), x_t) * d.x0 + _bcast(self.process.d_sigma(t64), x_t) * d.eps
+
     def score(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """grad log p_t(x_t) = -eps_hat / sigma(t)."""
         t = _per_sample_time(t, x_t)

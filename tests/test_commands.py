@@ -63,15 +63,6 @@ data:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: intra-op threads only add overhead on a 2-core machine (subprocesses get OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 2-step `diffusion-pl fit` (callbacks from YAML by class_path); yields its folder and checkpoint."""

@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.io import read_image
 
@@ -23,15 +22,6 @@ from diffusion_pl.sampling import DDIM
 
 TESTS = Path(__file__).parent
 REFERENCE_IMAGES = int(DATA.rsplit("count=", 1)[1])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: intra-op threads only add overhead on a 2-core machine (subprocesses get OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

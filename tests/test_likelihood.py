@@ -17,19 +17,12 @@ import pytest
 import torch
 from scipy import stats
 
-from diffusion_pl.likelihood import bits_per_dim, dequantize_uint8, jacobian_trace, ode_nll, probability_flow
+from diffusion_pl.likelihood import bits_per_dim, dequantize_uint8, jacobian_trace, ode_nll
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import Denoiser, EpsPrediction, Prediction, VelocityPrediction
 from diffusion_pl.processes import EDM, VE, Process, RectifiedFlow, VPLinear
 
-
-def subclasses(cls: type) -> list[type]:
-    out = []
-    for sub in cls.__subclasses__():
-        if not sub.__name__.startswith("_"):
-            out.append(sub)
-        out.extend(subclasses(sub))
-    return sorted(set(out), key=lambda c: c.__name__)
+from _helpers import subclasses
 
 
 PROCESSES = [cls() for cls in subclasses(Process)]
@@ -37,15 +30,6 @@ PREDICTIONS = [cls() for cls in subclasses(Prediction)]
 MIXTURE = GaussianMixture.random(3, 2, seed=0)
 F64 = torch.float64
 TOL_NATS = 2e-3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (20x on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def exact_prior(mixture: GaussianMixture, process: Process):
@@ -138,7 +122,7 @@ def test_hutchinson_is_unbiased(kind):
     denoiser = Denoiser(mixture.model(process, prediction), process, prediction)
     x = process.marginal(mixture.sample(3, torch.Generator().manual_seed(23)), torch.full((3,), 0.3, dtype=F64),
                          torch.randn(3, 16, generator=torch.Generator().manual_seed(24), dtype=F64))
-    fn = lambda y: probability_flow(denoiser, y, torch.full((y.shape[0],), 0.3, dtype=F64))
+    fn = lambda y: denoiser.velocity(y, torch.full((y.shape[0],), 0.3, dtype=F64))
     _, exact = jacobian_trace(fn, x)
     jac = torch.stack([torch.autograd.functional.jacobian(lambda y: fn(y[None])[0], x_i) for x_i in x])  # (3, D, D)
     torch.testing.assert_close(exact, jac.diagonal(dim1=1, dim2=2).sum(1))  # exact mode == dense trace

@@ -18,14 +18,7 @@ from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EDMPreconditioning, EpsPrediction, Prediction, VelocityPrediction, X0Prediction
 from diffusion_pl.processes import Process
 
-
-def subclasses(cls: type) -> list[type]:
-    out = []
-    for sub in cls.__subclasses__():
-        if not sub.__name__.startswith("_"):
-            out.append(sub)
-        out.extend(subclasses(sub))
-    return sorted(set(out), key=lambda c: c.__name__)
+from _helpers import subclasses
 
 
 PROCESSES = [cls() for cls in subclasses(Process)]
@@ -35,15 +28,6 @@ PROPOSALS = [cls() for cls in subclasses(TimeProposal)]
 X0_DEFINED = [w for w in WEIGHTINGS if type(w).__call__ is Weighting.__call__]  # all but OutputMSE
 MIXTURE = GaussianMixture.random(3, 2, seed=0)
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (20x on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def interior_times(process: Process, n: int = 25) -> torch.Tensor:

@@ -33,15 +33,6 @@ FACTOR = 4.0
 N_SAMPLES = 20000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: intra-op threads only add overhead (and thrash on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MLP(nn.Module):
     """net(x_in, noise_label, y): 3 hidden SiLU layers on [x_in, sin/cos(omega noise_label)].
 

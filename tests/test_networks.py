@@ -25,16 +25,6 @@ SMALL = {
 IDS = [preset.__name__ for preset in PRESETS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tensors here are tiny: with 2+ threads, OpenMP synchronisation costs more than the
-    # arithmetic (10x slower on a busy 2-core machine), so run each test single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 

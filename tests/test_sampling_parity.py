@@ -33,8 +33,9 @@ class EpsNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        with torch.random.fork_rng():  # seeded weights without touching the caller's global RNG
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
         betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
         self.register_buffer("alpha_bar", torch.cumprod(1 - betas, 0))
 

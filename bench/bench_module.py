@@ -2,10 +2,12 @@
 
 Both sides train the same network (same process, parameterization, loss, Adam, gradient clipping
 and EMA update) on the same in-memory batch, so the difference is what Lightning and the module
-add per step (hooks, logging, the per-step reseed, the finiteness check). Rounds alternate between
-the two sides; the reported ratio is median(Lightning step) / median(bare step).
+add per step (hooks, logging, the per-step reseed, the finiteness check). Each round runs both
+sides, and the order flips every round (ABBA...): whichever side runs first in a fresh round was
+measured a few per cent slower on this CPU, so a fixed order biases the ratio. The reported ratio
+is median(Lightning step) / median(bare step) over all rounds.
 
-usage: python bench/bench_module.py [--steps 30] [--rounds 3] [--batch 32] [--size 32]
+usage: python bench/bench_module.py [--steps 30] [--rounds 4] [--batch 32] [--size 32]
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def bare_steps(batch, steps: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
@@ -99,8 +101,9 @@ def main() -> None:
     warm = 5  # the first steps include allocator warm-up on both sides
     lit, bare = [], []
     for r in range(args.rounds):
-        lit += lightning_steps(batch, args.steps)[warm:]
-        bare += bare_steps(batch, args.steps)[warm:]
+        sides = [(lit, lightning_steps), (bare, bare_steps)]
+        for times, run in sides if r % 2 == 0 else sides[::-1]:
+            times += run(batch, args.steps)[warm:]
         print(f"round {r + 1}: lightning median {statistics.median(lit) * 1e3:.1f} ms, "
               f"bare median {statistics.median(bare) * 1e3:.1f} ms", flush=True)
     ratio = statistics.median(lit) / statistics.median(bare)

@@ -280,13 +280,24 @@ class DenoisingLoss:
         return f"DenoisingLoss(proposal={self.proposal}, weighting={self.weighting}, p_uncond={self.p_uncond})"
 
 
-def bucket_losses(loss: Tensor, t: Tensor, process: Process, num_buckets: int = 4) -> dict[str, Tensor]:
-    """Mean loss per bucket of u = (t - t_min)/(t_max - t_min), keyed 't_0.00-0.25' etc.; empty buckets are left out."""
-    u = (t.detach().to(torch.float64) - process.t_min) / (process.t_max - process.t_min)
-    index = (u * num_buckets).floor().clamp(0, num_buckets - 1).long()
+LOG_SNR_EDGES = (-4.0, 0.0, 4.0)  # sigma/alpha > 7.4 | 1..7.4 | 0.14..1 | < 0.14
+
+
+def bucket_losses(loss: Tensor, t: Tensor, process: Process,
+                  edges: tuple[float, ...] = LOG_SNR_EDGES) -> dict[str, Tensor]:
+    """Mean loss per log-SNR bucket, from the noisiest: 'logsnr_lt_-4', 'logsnr_-4_to_0', ..., 'logsnr_gt_4'.
+
+    Buckets in log-SNR rather than in t, so they mean the same noise levels for every process (EDM's
+    t = sigma in [0.002, 80] put nearly every training sample in the first quarter of [t_min, t_max]).
+    Empty buckets are left out.
+    """
+    log_snr = process.log_snr(t.detach().to(torch.float64))
+    index = torch.bucketize(log_snr, torch.tensor(edges, dtype=torch.float64, device=log_snr.device))
+    names = ([f"logsnr_lt_{edges[0]:g}"] + [f"logsnr_{a:g}_to_{b:g}" for a, b in zip(edges[:-1], edges[1:])]
+             + [f"logsnr_gt_{edges[-1]:g}"])
     out = {}
-    for i in range(num_buckets):
+    for i, name in enumerate(names):
         mask = index == i
         if mask.any():
-            out[f"t_{i / num_buckets:.2f}-{(i + 1) / num_buckets:.2f}"] = loss.detach()[mask].mean()
+            out[name] = loss.detach()[mask].mean()
     return out

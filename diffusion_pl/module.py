@@ -57,7 +57,7 @@ class DiffusionModule(L.LightningModule):
         ema_rampup_ratio: EDM's ramp-up: half-life <= ratio x images seen (EDM: 0.05); None disables.
         seed: base seed of the per-step noise; each rank and step derives its own.
         nonfinite_loss: "raise" stops with an error naming the step, "skip" skips that step.
-        val_num_times: validation loss uses this fixed grid of times (quantiles of the proposal range).
+        val_num_times: validation loss uses this many fixed times, evenly spaced in log-SNR.
         channels_last: run the network in channels_last memory format (faster convolutions on GPU).
         compile: wrap the network in torch.compile for training.
     """
@@ -219,9 +219,11 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, class_labels = batch
         n = x0.shape[0]
-        # fixed times: quantiles of [t_min, t_max] cycled over the batch; fixed noise per batch index
-        u = (torch.arange(n, device=x0.device) % self.val_num_times + 0.5) / self.val_num_times
-        t = (self.process.t_min + u * (self.process.t_max - self.process.t_min)).to(x0.dtype)
+        # fixed times: val_num_times log-SNRs evenly spaced over the process's range (the same noise
+        # levels for every process), cycled over the batch; fixed noise per batch index
+        u = (torch.arange(n, device=x0.device, dtype=torch.float64) % self.val_num_times + 0.5) / self.val_num_times
+        ends = self.process.log_snr(torch.tensor([self.process.t_min, self.process.t_max], dtype=torch.float64))
+        t = self.process.t_from_log_snr(ends[0] + u * (ends[1] - ends[0])).to(x0.dtype)
         g = torch.Generator(device=x0.device).manual_seed(step_seed(self.seed, 1, batch_idx))
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         labels = class_labels if self.num_classes is not None else None

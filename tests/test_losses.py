@@ -261,12 +261,15 @@ def test_loss_shapes_overrides_and_images():
     assert torch.equal(c.loss, d.loss) and torch.equal(c.t, a.t)
 
 
-def test_bucket_losses():
-    process = PROCESSES[0]
-    span = process.t_max - process.t_min
-    t = process.t_min + span * torch.tensor([0.0, 0.1, 0.3, 0.6, 0.99, 1.0], dtype=F64)
+def test_bucket_losses_are_log_snr_ranges_for_every_process():
     loss = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0, 11.0])
-    out = bucket_losses(loss, t, process, num_buckets=4)
-    assert list(out) == ["t_0.00-0.25", "t_0.25-0.50", "t_0.50-0.75", "t_0.75-1.00"]
-    assert [v.item() for v in out.values()] == [2.0, 5.0, 7.0, 10.0]
-    assert list(bucket_losses(loss[:2], t[:2], process, num_buckets=4)) == ["t_0.00-0.25"]  # empty buckets left out
+    log_snr = torch.tensor([-5.5, -4.5, -1.0, 2.0, 4.5, 5.5], dtype=F64)
+    for process in PROCESSES:
+        t = process.t_from_log_snr(log_snr)
+        assert torch.allclose(process.log_snr(t), log_snr, atol=1e-6), process  # inside every range tested
+        out = bucket_losses(loss, t, process)
+        assert list(out) == ["logsnr_lt_-4", "logsnr_-4_to_0", "logsnr_0_to_4", "logsnr_gt_4"], process
+        assert [v.item() for v in out.values()] == [2.0, 5.0, 7.0, 10.0], process
+    assert list(bucket_losses(loss[:2], t[:2], process)) == ["logsnr_lt_-4"]  # empty buckets left out
+
+

@@ -1,10 +1,13 @@
 """The built-in quickstart dataset: coloured shapes, generated once (seeded) and cached as shards.
 
-``shapes``: small RGB images of one filled shape on a plain background; the class is the
-shape (circle, cross, diamond, square, triangle), colour, size and position are random.
-Edges are anti-aliased from each shape's signed distance (a one-pixel ramp).
+``shapes``: small RGB images of one filled shape on a plain dark-grey background; the class is
+the shape (circle, cross, diamond, square, triangle), its colour is one of six saturated palette
+colours, and size, position (near the centre) and background grey level are random. Edges are
+anti-aliased from each shape's signed distance (a one-pixel ramp). The distribution is kept this
+simple on purpose: a 1M-parameter U-Net draws recognisable shapes after 700 steps (the quick
+start); with free RGB colours and positions anywhere, 1,000 steps still gave colour blobs.
 Written through the same shard writer as ``diffusion-pl prepare`` into
-``$DIFFUSION_PL_CACHE/builtin/shapes-<size>px-n<count>-seed<seed>-v1`` on first use.
+``$DIFFUSION_PL_CACHE/builtin/shapes-<size>px-n<count>-seed<seed>-v<VERSION>`` on first use.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import numpy as np
 from diffusion_pl.data.prepare import MANIFEST, PrepareError, Sample, cache_dir, encode_png, write_shards
 
 SHAPES = ("circle", "cross", "diamond", "square", "triangle")  # sorted: class index = position
+PALETTE = ((230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (220, 60, 220), (40, 220, 230))
 CHUNK = 1024  # images rendered per vectorized numpy call
-VERSION = 1  # bump when the rendering changes, so old caches are not reused
+VERSION = 2  # bump when the rendering changes, so old caches are not reused
 
 
 def _sdf(label: int, du: np.ndarray, dv: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -41,11 +45,10 @@ def render_shapes(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.
     """Deterministic images uint8 (count, size, size, 3) and labels int64 (count,)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPES), count)
-    r = rng.uniform(0.18, 0.38, count).astype(np.float32)[:, None, None]
-    cx, cy = rng.uniform(r, 1 - r).astype(np.float32), rng.uniform(r, 1 - r).astype(np.float32)
-    bg = rng.uniform(0, 255, (count, 1, 1, 3)).astype(np.float32)
-    # shift every channel by 64..192 (mod 256) so the shape always contrasts with the background
-    fg = (bg + rng.uniform(64, 192, (count, 1, 1, 3)).astype(np.float32)) % 256
+    r = rng.uniform(0.30, 0.42, count).astype(np.float32)[:, None, None]
+    cx, cy = (0.5 + rng.uniform(-0.08, 0.08, (2, count, 1, 1))).astype(np.float32)
+    bg = np.repeat(rng.uniform(0, 90, (count, 1, 1, 1)), 3, axis=-1).astype(np.float32)  # dark grey
+    fg = np.array(PALETTE, np.float32)[rng.integers(0, len(PALETTE), count)][:, None, None, :]
     grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
     u, v = np.meshgrid(grid, grid)  # u: x (columns), v: y (rows, downward), pixel centres in [0, 1]
     alpha = np.empty((count, size, size, 1), np.float32)

@@ -5,7 +5,8 @@ and EMA update) on the same in-memory batch, so the difference is what Lightning
 add per step (hooks, logging, the per-step reseed, the finiteness check). Each round runs both
 sides, and the order flips every round (ABBA...): whichever side runs first in a fresh round was
 measured a few per cent slower on this CPU, so a fixed order biases the ratio. The reported ratio
-is median(Lightning step) / median(bare step) over all rounds.
+is median(Lightning step) / median(bare step) over all rounds; the median and range of the
+per-round ratios show how far the machine's drift moves it.
 
 usage: python bench/bench_module.py [--steps 30] [--rounds 4] [--batch 32] [--size 32]
 """
@@ -99,18 +100,23 @@ def main() -> None:
     args = parser.parse_args()
     batch = (torch.rand(args.batch, 3, args.size, args.size) * 2 - 1, torch.zeros(args.batch, dtype=torch.long))
     warm = 5  # the first steps include allocator warm-up on both sides
-    lit, bare = [], []
+    lit, bare, paired = [], [], []
     for r in range(args.rounds):
-        sides = [(lit, lightning_steps), (bare, bare_steps)]
-        for times, run in sides if r % 2 == 0 else sides[::-1]:
-            times += run(batch, args.steps)[warm:]
-        print(f"round {r + 1}: lightning median {statistics.median(lit) * 1e3:.1f} ms, "
-              f"bare median {statistics.median(bare) * 1e3:.1f} ms", flush=True)
+        round_times: dict[str, list[float]] = {}
+        sides = [("lightning", lightning_steps), ("bare", bare_steps)]
+        for name, run in sides if r % 2 == 0 else sides[::-1]:
+            round_times[name] = run(batch, args.steps)[warm:]
+        lit += round_times["lightning"]
+        bare += round_times["bare"]
+        # the two sides of one round ran back to back, so their ratio is free of the slow drift
+        paired.append(statistics.median(round_times["lightning"]) / statistics.median(round_times["bare"]))
+        print(f"round {r + 1}: lightning median {statistics.median(round_times['lightning']) * 1e3:.1f} ms, "
+              f"bare median {statistics.median(round_times['bare']) * 1e3:.1f} ms, ratio {paired[-1]:.3f}", flush=True)
     ratio = statistics.median(lit) / statistics.median(bare)
     print(f"unet_tiny {args.size}x{args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps - warm} timed steps per side")
-    print(f"DiffusionModule + Trainer step / bare loop step = {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)")
-
+    print(f"DiffusionModule + Trainer step / bare loop step = {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%); "
+          f"per-round ratios: median {statistics.median(paired):.3f}, range {min(paired):.3f}-{max(paired):.3f}")
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,7 @@ __all__ = [
     "DenoisingLoss",
     "LossOutput",
     "bucket_losses",
+    "log_snr_grid",
 ]
 
 
@@ -281,6 +282,15 @@ class DenoisingLoss:
 
 
 LOG_SNR_EDGES = (-4.0, 0.0, 4.0)  # sigma/alpha > 7.4 | 1..7.4 | 0.14..1 | < 0.14
+
+
+def log_snr_grid(process: Process, num: int, limit: float = 10.0) -> Tensor:
+    """`num` times (float64, increasing) whose log-SNRs are evenly spaced (bin centres) over the process's
+    range clipped to [-limit, limit]; the clip keeps the grid finite where alpha or sigma reaches 0
+    (rectified flow at t = 1: log-SNR = -inf)."""
+    ends = process.log_snr(torch.tensor([process.t_min, process.t_max], dtype=torch.float64)).clamp(-limit, limit)
+    u = (torch.arange(num, dtype=torch.float64) + 0.5) / num
+    return process.t_from_log_snr(ends[0] + u * (ends[1] - ends[0]))
 
 
 def bucket_losses(loss: Tensor, t: Tensor, process: Process,

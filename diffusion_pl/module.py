@@ -22,7 +22,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # set by LightningCLI
 from torch import Tensor, nn
 
-from diffusion_pl.losses import DenoisingLoss, bucket_losses
+from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes import Process
 
@@ -221,9 +221,8 @@ class DiffusionModule(L.LightningModule):
         n = x0.shape[0]
         # fixed times: val_num_times log-SNRs evenly spaced over the process's range (the same noise
         # levels for every process), cycled over the batch; fixed noise per batch index
-        u = (torch.arange(n, device=x0.device, dtype=torch.float64) % self.val_num_times + 0.5) / self.val_num_times
-        ends = self.process.log_snr(torch.tensor([self.process.t_min, self.process.t_max], dtype=torch.float64))
-        t = self.process.t_from_log_snr(ends[0] + u * (ends[1] - ends[0])).to(x0.dtype)
+        grid = log_snr_grid(self.process, self.val_num_times)
+        t = grid[torch.arange(n) % self.val_num_times].to(device=x0.device, dtype=x0.dtype)
         g = torch.Generator(device=x0.device).manual_seed(step_seed(self.seed, 1, batch_idx))
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         labels = class_labels if self.num_classes is not None else None

@@ -13,7 +13,7 @@ from scipy import stats
 
 from diffusion_pl.losses import (DenoisingLoss, EDMWeighting, EpsMSE, LikelihoodWeighting, LogitNormalTime,
                                  LogNormalNoise, MinSNR, OutputMSE, TimeProposal, UniformTime, VelocityMSE,
-                                 Weighting, bucket_losses)
+                                 Weighting, bucket_losses, log_snr_grid)
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EDMPreconditioning, EpsPrediction, Prediction, VelocityPrediction, X0Prediction
 from diffusion_pl.processes import Process
@@ -273,3 +273,14 @@ def test_bucket_losses_are_log_snr_ranges_for_every_process():
     assert list(bucket_losses(loss[:2], t[:2], process)) == ["logsnr_lt_-4"]  # empty buckets left out
 
 
+
+
+def test_validation_grid_is_even_in_log_snr_and_finite_for_every_process():
+    for process in PROCESSES:
+        t = log_snr_grid(process, 8)
+        log_snr = process.log_snr(t)
+        assert t.shape == (8,) and bool(torch.isfinite(log_snr).all()), process  # rectified flow: alpha(1) = 0
+        assert bool((t[1:] > t[:-1]).all()), process  # 8 distinct noise levels, not all at t_max
+        steps = log_snr[:-1] - log_snr[1:]
+        assert torch.allclose(steps, steps.mean().expand(7), rtol=1e-6) and -10 <= log_snr.min(), process
+        assert log_snr.max() <= 10, process

@@ -66,23 +66,28 @@ def _diffusers_loop(scheduler, net, x, generator, **step_kwargs):
     return x
 
 
+def _stochastic_pair(setup, scheduler, sampler, seed, clip_x0=None, **step_kwargs):
+    """(ours, diffusers') from the same x_T and the same generator stream for the step noise."""
+    net, process, model = setup
+    g = torch.Generator().manual_seed(seed)
+    theirs = _diffusers_loop(scheduler, net, torch.randn(SHAPE, generator=g), g, **step_kwargs)
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(SHAPE, generator=g)
+    ours = sample(model, process, EpsPrediction(), sampler, SHAPE, noise=x_T, generator=g, clip_x0=clip_x0)
+    return ours, theirs
+
+
 def _times(scheduler) -> list[float]:
     return ((scheduler.timesteps.to(torch.float64) + 1) / 1000).tolist()
 
 
 @pytest.mark.parametrize("clip", [False, True])
 def test_ddpm_ancestral_matches_diffusers(setup, clip):
-    net, process, model = setup
     scheduler = diffusers.DDPMScheduler(**BETAS, clip_sample=clip, clip_sample_range=1.0, variance_type="fixed_small")
     scheduler.set_timesteps(1000)
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(SHAPE, generator=g)
-    theirs = _diffusers_loop(scheduler, net, x_T, g)
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(SHAPE, generator=g)
     # all 1000 steps: t = 1, 0.999, ..., 0.001 (999 posterior steps), then diffusers' last step to x0
-    ours = sample(model, process, EpsPrediction(), DDPM(steps=999, grid=UniformGrid()), SHAPE, noise=x_T, generator=g,
-                  clip_x0=1.0 if clip else None)
+    ours, theirs = _stochastic_pair(setup, scheduler, DDPM(steps=999, grid=UniformGrid()), seed=0,
+                                    clip_x0=1.0 if clip else None)
     assert ours.nfe == 1000
     diff = float((ours.x - theirs).abs().max())
     print(f"DDPM 1000 steps, clip={clip}: max |ours - diffusers| = {diff:.2e}, sample std {float(theirs.std()):.2f}")
@@ -91,18 +96,12 @@ def test_ddpm_ancestral_matches_diffusers(setup, clip):
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_ddim_matches_diffusers(setup, eta):
-    net, process, model = setup
     scheduler = diffusers.DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
                                         timestep_spacing="leading")
     scheduler.set_timesteps(50)  # timesteps 980, 960, ..., 0
-    g = torch.Generator().manual_seed(1)
-    x_T = torch.randn(SHAPE, generator=g)
-    theirs = _diffusers_loop(scheduler, net, x_T, g, eta=eta)
-    g = torch.Generator().manual_seed(1)
-    x_T = torch.randn(SHAPE, generator=g)
     # set_alpha_to_one: the last step goes from timestep 0 to alpha = 1, i.e. our final denoise
     sampler = DDIM(steps=49, grid=ExplicitGrid(_times(scheduler)), eta=eta)
-    ours = sample(model, process, EpsPrediction(), sampler, SHAPE, noise=x_T, generator=g)
+    ours, theirs = _stochastic_pair(setup, scheduler, sampler, seed=1, eta=eta)
     assert ours.nfe == 50
     diff = float((ours.x - theirs).abs().max())
     print(f"DDIM 50 steps, eta={eta}: max |ours - diffusers| = {diff:.2e}")

@@ -54,15 +54,15 @@ def _optimizer_state(trainer: L.Trainer) -> dict:
     return {f"{i}.{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
 
 
-def test_resume_is_bit_exact(tmp_path, num_workers=0):
+def test_resume_is_bit_exact(tmp_path):
     """6 steps straight == 3 steps + resume from the step-3 checkpoint + 3 steps (weights, EMA, optimizer).
 
     The data stream's exact resume with dataloader workers is tested in test_data.py."""
-    straight, t_straight = _fit(tmp_path / "a", 6, num_workers=num_workers)
-    _fit(tmp_path / "b", 3, num_workers=num_workers)
+    straight, t_straight = _fit(tmp_path / "a", 6)
+    _fit(tmp_path / "b", 3)
     ckpt = tmp_path / "b" / "checkpoints" / "epoch=0-step=3.ckpt"
     assert ckpt.exists(), sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
-    resumed, t_resumed = _fit(tmp_path / "b", 6, ckpt_path=str(ckpt), num_workers=num_workers)
+    resumed, t_resumed = _fit(tmp_path / "b", 6, ckpt_path=str(ckpt))
     assert t_resumed.global_step == t_straight.global_step == 6
     _assert_same_state(straight.net.state_dict(), resumed.net.state_dict())
     _assert_same_state(straight.ema.state_dict(), resumed.ema.state_dict())

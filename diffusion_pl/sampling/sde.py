@@ -59,7 +59,7 @@ class EulerMaruyama(Sampler):
 def langevin_step(denoiser: Denoiser, x: Tensor, p: Point, snr: float, scale: float, norms: str, noise: Noise,
                   class_labels) -> Tensor:
     """x += h score + sqrt(2h) z with h = 2 scale (snr |z| / |score|)^2 (Song et al. 2021, Alg. 4/5)."""
-    score = -denoiser(x, p.t, class_labels).eps / p.sigma
+    score = denoiser.score(x, p.t, class_labels)
     z = noise.randn_like(x)
     if norms == "sample":
         # each sample's own norms (score_sde averages them over the batch, which would tie samples together)
@@ -136,6 +136,6 @@ class AnnealedLangevin(Sampler):
             x = (p_s.alpha / p_t.alpha) * x
         h = self.step_size * p_s.sigma**2
         for _ in range(self.steps_per_level):
-            score = -denoiser(x, p_s.t, class_labels).eps / p_s.sigma
+            score = denoiser.score(x, p_s.t, class_labels)
             x = x + h * score + math.sqrt(2.0 * h) * noise.randn_like(x)
         return x

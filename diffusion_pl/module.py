@@ -178,6 +178,12 @@ class DiffusionModule(L.LightningModule):
         self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
         return False
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the total gradient norm before clipping (all-reduced under DDP, unscaled under fp16)."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end: callbacks (ModelCheckpoint) run their batch-end hooks

@@ -99,6 +99,28 @@ def test_lr_warmup_is_linear(tmp_path):
     assert lr == pytest.approx(2e-4 * 1.0)  # after 1 step of a 2-step warm-up: (1 + 1) / 2
 
 
+class _GradRecorder(L.Callback):
+    """The gradients' total norm as the optimizer is about to step (Lightning calls callbacks before the module)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        flat = torch.cat([p.grad.flatten() for p in pl_module.net.parameters() if p.grad is not None])
+        self.norms.append(flat.norm().item())
+
+
+def test_grad_norm_is_logged_before_clipping(tmp_path):
+    L.seed_everything(0, verbose=False)
+    module, recorder = make_module(), _GradRecorder()
+    trainer = _trainer(tmp_path, 2, enable_checkpointing=False, gradient_clip_val=1e-3, callbacks=[recorder])
+    trainer.fit(module, make_datamodule())
+    assert len(recorder.norms) == 2
+    logged = trainer.callback_metrics["train/grad_norm"].item()
+    assert logged == pytest.approx(recorder.norms[-1], rel=1e-5)
+    assert logged > 1e-2, "the logged norm must be the one before clipping to 1e-3"
+
+
 def test_load_module_requires_a_cli_checkpoint(tmp_path):
     _fit(tmp_path, 3)
     with pytest.raises(ValueError, match="was not written by `diffusion-pl fit`"):

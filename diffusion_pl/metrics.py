@@ -375,9 +375,11 @@ def _gather_lists(metric, name: str) -> None:
 # ----------------------------------------------------------------------------- data and generation
 def reference_images(data: str, batch_size: int = 250, num_workers: int = 0,
                      image_size: int | None = None) -> tuple[Iterable[Tensor], str, dict]:
-    """(uint8 batches in stored order, cache key, {'count', 'split', 'source'}) of a shard set (a `shards` string).
+    """(uint8 batches in stored order, cache key, info) of a shard set (a `shards` string).
 
-    `image_size` resizes (and centre-crops) as ShardDataModule(image_size=...) does for training.
+    When the stored images are not `image_size` square, they are resized (and centre-cropped) as
+    ShardDataModule(image_size=...) does for training, and the cache key says so. info holds 'count',
+    'split', 'source' (from the manifest), 'image_size' (the size scored) and 'stored_size', both (H, W).
     """
     manifest = None
     if data.startswith("builtin:"):  # generated deterministically from its parameters and version
@@ -388,12 +390,20 @@ def reference_images(data: str, batch_size: int = 250, num_workers: int = 0,
             key = json.dumps([manifest.get("count"), [s["sha256"] for s in manifest["shards"]]])
         else:  # no manifest: the files themselves (path and size)
             key = json.dumps([[u, Path(u).stat().st_size if Path(u).is_file() else None] for u in urls])
-    key += f"@{image_size}" if image_size is not None else ""
-    info = {k: (manifest or {}).get(k) for k in ("count", "split", "source")}
-    # the validation stream is finite, in order and unflipped: exactly the stored images
-    dm = ShardDataModule(shards=data, val_shards=data, batch_size=batch_size, num_workers=num_workers,
-                         image_size=image_size, random_flip=False)
+
+    def datamodule(size: int | None) -> ShardDataModule:
+        # the validation stream is finite, in order and unflipped: exactly the stored images
+        return ShardDataModule(shards=data, val_shards=data, batch_size=batch_size, num_workers=num_workers,
+                               image_size=size, random_flip=False)
+
+    dm = datamodule(None)
+    stored = tuple(dm.output_size)
+    if image_size is not None and (image_size, image_size) != stored:
+        dm = datamodule(image_size)
+        key += f"@{image_size}"
     dm.setup("validate")
+    info = {k: (manifest or {}).get(k) for k in ("count", "split", "source")}
+    info.update(image_size=list(dm.output_size), stored_size=list(stored))
     return (to_uint8(images) for images, _ in dm.val_dataloader()), key, info
 
 

@@ -19,6 +19,7 @@ from _eval_setup import DATA, IMAGE_SIZE
 from diffusion_pl import metrics
 from diffusion_pl.cli import main
 from diffusion_pl.commands.evaluate import dataset_bits_per_dim
+from diffusion_pl.data import ShardDataModule
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EpsPrediction
 from diffusion_pl.processes import VPLinear
@@ -169,6 +170,31 @@ def test_evaluate_checkpoint_and_its_samples_agree(run, tmp_path, capsys):
                      "--report", str(tmp_path / "r2.json")]) == 0
         again = json.loads((tmp_path / "r2.json").read_text())["results"][0]
         assert again["n"] == 6 and again["fid"] == pytest.approx(point["fid"], rel=1e-6)
+
+
+def test_evaluate_resizes_the_reference_to_the_samples_size(run, tmp_path, capsys):
+    """8x8 samples against 16x16 shards: the reference is resized as training resizes, so the training
+    pipeline's own 8x8 images score FID ~0 (against the unresized 16x16 images they would not)."""
+    big = "builtin:shapes?size=16&count=48"
+    dm = ShardDataModule(shards=big, val_shards=big, batch_size=16, num_workers=0, image_size=8, random_flip=False)
+    dm.setup("validate")
+    images = torch.cat([metrics.to_uint8(x) for x, _ in dm.val_dataloader()])
+    assert images.shape == (48, 3, 8, 8)
+    np.savez(tmp_path / "s.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    report = tmp_path / "r.json"
+    assert main(["evaluate", "--samples", str(tmp_path / "s.npz"), "--data", big, "--feature-extractor", STAND_IN,
+                 "--report", str(report)]) == 0
+    assert "reference images resized from 16x16 to 8x8" in capsys.readouterr().err
+    r = json.loads(report.read_text())
+    assert r["protocol"]["reference"]["image_size"] == [8, 8]
+    assert r["protocol"]["reference"]["stored_size"] == [16, 16]
+    assert r["results"][0]["fid"] == pytest.approx(0.0, abs=1e-6)
+    # non-square samples cannot be matched by the square resize: one line naming both sizes
+    np.savez(tmp_path / "wide.npz", arr_0=np.zeros((4, 8, 6, 3), np.uint8))
+    assert main(["evaluate", "--samples", str(tmp_path / "wide.npz"), "--data", big,
+                 "--feature-extractor", STAND_IN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "samples are 8x6" in err[0] and "are 16x16" in err[0]
 
 
 def test_evaluate_without_inception_weights_fails_in_one_line(run, tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.io import read_image
 
@@ -18,6 +19,7 @@ from _eval_setup import DATA, IMAGE_SIZE, StandInFeatures, fit, make_callbacks
 from diffusion_pl import metrics
 from diffusion_pl.callbacks.fid import FIDCallback
 from diffusion_pl.callbacks.sample_grid import SampleGrid
+from diffusion_pl.data import ShardDataModule
 from diffusion_pl.sampling import DDIM
 
 TESTS = Path(__file__).parent
@@ -79,6 +81,21 @@ def test_ddp_two_ranks_give_the_one_rank_fid(single, tmp_path):
     assert len(ranks[0]["grids"]) == 1 and ranks[1]["grids"] == []  # rank 0 alone writes the grid
     # rank 0 saw the reference images and its 6 of 12 samples per sampler; rank 1 only its 6
     assert ranks[0]["images_seen"] == REFERENCE_IMAGES + 2 * 6 and ranks[1]["images_seen"] == 2 * 6
+
+
+def test_explicit_reference_data_is_resized_to_the_training_size(tmp_path, monkeypatch):
+    """`data:` stored at 2x the training size: its images are scored as the training pipeline resizes them."""
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+    big = f"builtin:shapes?size={2 * IMAGE_SIZE}&count=20"
+    extractor = StandInFeatures()
+    fid = FIDCallback(every_n_steps=100, num_samples=4, data=big, feature_extractor=extractor)
+    fit(tmp_path, [fid], max_steps=1)
+    dm = ShardDataModule(shards=big, val_shards=big, batch_size=8, num_workers=0, image_size=IMAGE_SIZE,
+                         random_flip=False)
+    dm.setup("validate")
+    features = torch.cat([extractor(metrics.to_uint8(x))[0] for x, _ in dm.val_dataloader()]).double()
+    assert fid.reference.n == 20
+    torch.testing.assert_close(fid.reference.feature_sum, features.sum(0))
 
 
 def test_preflight_stops_fit_before_training(tmp_path, monkeypatch):

@@ -29,8 +29,8 @@ class FIDCallback(Callback):
         num_samples: samples per evaluation, split over ranks; 50000 is the published protocol,
             fewer are labelled with the count (`fid10k/...`).
         sampler: one sampler or a list of them (default HeunODE(steps=17), EDM's 35 NFE).
-        data: reference shard set (a `shards` string); default: the datamodule's training shards at its
-            image_size.
+        data: reference shard set (a `shards` string); default: the datamodule's training shards. Its
+            images are resized to the datamodule's image_size when they differ, as training resizes them.
         inception_weights: local InceptionV3 weights file (else $DIFFUSION_PL_INCEPTION_WEIGHTS, else
             torch hub's cache, downloaded once); checked when fit starts.
         feature_extractor: a stand-in nn.Module uint8 (B, 3, H, W) -> features (B, D) (tests).
@@ -82,8 +82,9 @@ class FIDCallback(Callback):
         if data is None:
             raise ValueError("FIDCallback: no reference data: expected `data:` (a shards string) or a datamodule "
                              "with a `shards` attribute")
-        # the training images' size, so a resized dataset is compared at the resolution the model learns
-        size = getattr(datamodule, "image_size", None) if self.data is None else None
+        # reference images are scored at the training images' size (resized as training resizes them),
+        # so a model trained on resized data is compared at the resolution it learns
+        size = getattr(datamodule, "image_size", None)
         images, key, info = reference_images(data, batch_size=self.batch_size, image_size=size)
         self.reference = reference_stats(images, key, self.extractor, with_features=self.kid, total=info["count"],
                                          progress=trainer.is_global_zero)

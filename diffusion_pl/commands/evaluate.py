@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_png
 
 from diffusion_pl.commands import CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, sha256_file
@@ -105,14 +106,16 @@ def read_samples(path: str | Path, indices: range, batch_size: int) -> Iterator[
         yield batch.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)  # NHWC -> NCHW
 
 
-def count_samples(path: str | Path) -> int:
-    """Number of images in a PNG folder or an .npz (checking arr_0 is uint8 (N, H, W, C))."""
+def inspect_samples(path: str | Path) -> tuple[int, int, int]:
+    """(N, H, W) of a PNG folder (its first image's size) or an .npz (checking arr_0 is uint8 (N, H, W, C))."""
     path = Path(path)
     if path.is_dir():
-        n = len(list(path.glob("*.png")))
-        if n < 2:
-            raise CommandError(f"--samples {path} holds {n} PNG files: expected at least 2")
-        return n
+        files = sorted(path.glob("*.png"))
+        if len(files) < 2:
+            raise CommandError(f"--samples {path} holds {len(files)} PNG files: expected at least 2")
+        with Image.open(files[0]) as im:  # reads the header only
+            width, height = im.size
+        return len(files), height, width
     try:
         with np.load(path) as npz:
             arr = npz["arr_0"]
@@ -121,7 +124,7 @@ def count_samples(path: str | Path) -> int:
                            "ADM/EDM sample format") from err
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or arr.shape[0] < 2:
         raise CommandError(f"--samples {path} arr_0 is {arr.dtype} {arr.shape}: expected uint8 (N >= 2, H, W, 3)")
-    return arr.shape[0]
+    return arr.shape[0], arr.shape[1], arr.shape[2]
 
 
 def dataset_bits_per_dim(model, process, prediction, images: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
@@ -164,8 +167,7 @@ def _first_images(data: str, n: int, batch_size: int) -> torch.Tensor:
     return torch.cat(kept)
 
 
-def _score_checkpoint(args, fabric, extractor, reference) -> tuple[list[dict], dict]:
-    module = load_checkpoint(args.ckpt, fabric.device)
+def _score_checkpoint(args, fabric, module, extractor, reference) -> tuple[list[dict], dict]:
     shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
     steps = args.steps or [None]
     points = []
@@ -194,8 +196,7 @@ def _score_checkpoint(args, fabric, extractor, reference) -> tuple[list[dict], d
     return points, info
 
 
-def _score_samples(args, fabric, extractor, reference) -> tuple[list[dict], dict]:
-    n = count_samples(args.samples)
+def _score_samples(args, fabric, n, extractor, reference) -> tuple[list[dict], dict]:
     metrics = SampleMetrics(extractor, reference, kid=args.kid, isc=args.isc, seed=args.seed)
     for images in read_samples(args.samples, rank_indices(n, fabric.global_rank, fabric.world_size), args.batch_size):
         metrics.update(images.to(fabric.device))
@@ -221,16 +222,34 @@ def run(args: argparse.Namespace) -> dict:
     start = time.time()
     fabric = make_fabric(args.devices, args.accelerator)
     extractor = _extractor(args, fabric.device)  # preflight: before any slow work
-    images, data_key, data_info = reference_images(args.data, batch_size=args.batch_size)
+    if args.samples is not None:
+        n, height, width = inspect_samples(args.samples)
+    else:
+        module = load_checkpoint(args.ckpt, fabric.device)
+        _, height, width = image_shape(module)
+    # the reference is scored at the samples' size: resized as training resizes it when stored at another size
+    images, data_key, data_info = reference_images(args.data, batch_size=args.batch_size,
+                                                   image_size=height if height == width else None)
+    if data_info["image_size"] != [height, width]:
+        size = "x".join(map(str, data_info["image_size"]))
+        raise CommandError(f"samples are {height}x{width} but the reference images of --data {args.data} are "
+                           f"{size}: expected the same size (square samples get the reference resized to them)")
+    if data_info["stored_size"] != data_info["image_size"] and fabric.global_rank == 0:
+        stored = "x".join(map(str, data_info["stored_size"]))
+        print(f"reference images resized from {stored} to {height}x{width} (resize + centre crop, as in training)",
+              file=sys.stderr)
     reference = reference_stats(images, data_key, extractor, with_features=args.kid, device=fabric.device,
                                 total=data_info["count"], progress=fabric.global_rank == 0)
-    score = _score_samples if args.samples is not None else _score_checkpoint
-    points, info = score(args, fabric, extractor, reference)
+    if args.samples is not None:
+        points, info = _score_samples(args, fabric, n, extractor, reference)
+    else:
+        points, info = _score_checkpoint(args, fabric, module, extractor, reference)
     n, inception = points[0]["n"], isinstance(extractor, InceptionFeatures)
     report = {
         "protocol": {"n": n, "full_protocol": n >= 50_000,
                      "reference": {"data": args.data, "n": reference.n, "split": data_info["split"],
-                                   "source": data_info["source"]},
+                                   "source": data_info["source"], "image_size": data_info["image_size"],
+                                   "stored_size": data_info["stored_size"]},
                      "extractor": INCEPTION_PROTOCOL if inception
                      else f"{type(extractor).__module__}.{type(extractor).__qualname__}",
                      "resize": "bilinear to 299x299, TF1-compatible (antialias=False)" if inception

@@ -298,6 +298,13 @@ class ShardDataModule(L.LightningDataModule):
         return size[0] if size and size[0] == size[1] else None
 
     @property
+    def output_size(self) -> tuple[int, int]:
+        """(H, W) of the images the loaders yield, after any resize (reads one image when no manifest says)."""
+        if self._size is None:
+            self.setup()
+        return self._size
+
+    @property
     def channels(self) -> int:
         """Image channels: 1 for a grey-scale manifest, else 3."""
         return int((self._meta() or {}).get("channels") or 3)

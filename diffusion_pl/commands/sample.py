@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import decode_png, write_png
+from PIL import Image
 
 from diffusion_pl.commands import CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, sha256_file
 from diffusion_pl.metrics import class_labels_for, generate, rank_indices
@@ -112,7 +112,7 @@ def _clear(out: Path) -> None:
 
 def _write_png(image: torch.Tensor, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    write_png(image.cpu(), str(tmp))
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
     os.replace(tmp, path)  # a PNG under its final name is always complete: resume may trust it
 
 
@@ -121,8 +121,8 @@ def assemble_npz(out: Path, n: int, shape: tuple[int, int, int], num_classes: in
     """Stack PNGs 0..n-1 into arr_0 (N, H, W, 3) uint8 (+ arr_1 labels), written atomically."""
     images = np.empty((n, shape[1], shape[2], 3), np.uint8)
     for i in range(n):
-        data = torch.frombuffer(bytearray(png_path(out, i).read_bytes()), dtype=torch.uint8)
-        images[i] = decode_png(data).permute(1, 2, 0).numpy()
+        with Image.open(png_path(out, i)) as im:
+            images[i] = np.asarray(im.convert("RGB"))
     arrays = {"arr_0": images}
     labels = class_labels_for(range(n), num_classes, class_labels)
     if labels is not None:

@@ -10,9 +10,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 
 from _eval_setup import DATA, IMAGE_SIZE, StandInFeatures, fit, make_callbacks
@@ -57,6 +58,39 @@ def test_sample_grid_png_and_tensorboard(single):
     # conditional: 5 rows (classes) of 10 // 5 = 2 images, 1-pixel padding
     assert mode == "RGB" and (height, width) == (5 * (IMAGE_SIZE + 1) + 1, 2 * (IMAGE_SIZE + 1) + 1)
     assert list(Path(trainer.log_dir).glob("events.out.tfevents.*"))
+
+
+class _ImageLogger(Logger):
+    """A logger with WandbLogger's `log_image(key, images, step)` and no TensorBoard experiment."""
+
+    name, version = "images", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple] = []
+
+    @property
+    def experiment(self) -> None:
+        return None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_image(self, key, images, step=None, **kwargs) -> None:
+        self.images.append((key, images, step))
+
+
+def test_sample_grid_goes_to_a_log_image_logger(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+    logger, grid = _ImageLogger(), SampleGrid(every_n_steps=2, num_samples=10, sampler=DDIM(steps=2))
+    fit(tmp_path, [grid], logger=logger)
+    assert [(key, step) for key, _, step in logger.images] == [("samples/ddim_2", 2)]
+    (image,) = logger.images[0][1]
+    with Image.open(grid.written[0]) as png:  # the logged grid is the PNG written to disk, as HWC uint8
+        assert image.dtype == np.uint8 and np.array_equal(image, np.asarray(png.convert("RGB")))
 
 
 def test_reference_cache_is_hit_on_the_second_run(single, tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ class SampleGrid(Callback):
 
     Class-conditional models get one row per class (classes 0, 1, ...); unconditional ones a
     square-ish grid of `nrow` images per row. Written by rank 0 to
-    <run folder>/samples/<sampler>_step<N>.png and, with TensorBoard, logged as an image.
+    <run folder>/samples/<sampler>_step<N>.png and logged as an image (TensorBoard, or a logger with
+    `log_image` such as WandbLogger).
     """
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64,
@@ -96,6 +97,9 @@ class SampleGrid(Callback):
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_image"):  # TensorBoard (SummaryWriter)
                     experiment.add_image(f"samples/{sampler_label(sampler)}", grid, global_step=step)
+                elif hasattr(logger, "log_image"):  # Weights & Biases (WandbLogger.log_image)
+                    logger.log_image(key=f"samples/{sampler_label(sampler)}", images=[grid.permute(1, 2, 0).numpy()],
+                                     step=step)
             paths.append(path)
         self.written.extend(paths)
         return paths

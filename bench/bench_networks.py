@@ -1,7 +1,7 @@
 """Benchmark the score networks: parameters and forward FLOPs per preset, and a training step
 of the DDPM CIFAR-10 U-Net against diffusers' UNet2DModel of the same size.
 
-    python bench/bench_networks.py                     # 1 warm-up + 3 measured steps per side
+    python bench/bench_networks.py                     # 2 warm-up + 10 measured steps per side
     python bench/bench_networks.py --steps 5 --batch 16
     python bench/bench_networks.py --skip-compare      # preset table only (seconds)
 
@@ -155,8 +155,8 @@ def compare(batch: int, res: int, warmup: int, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="measured training steps per side")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per side first")
+    parser.add_argument("--steps", type=int, default=10, help="measured training steps per side")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side first")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--skip-compare", action="store_true", help="only the preset table")

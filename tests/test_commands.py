@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from _eval_setup import DATA, IMAGE_SIZE
 from diffusion_pl import metrics
@@ -195,6 +196,21 @@ def test_evaluate_resizes_the_reference_to_the_samples_size(run, tmp_path, capsy
                  "--feature-extractor", STAND_IN]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "samples are 8x6" in err[0] and "are 16x16" in err[0]
+
+
+def test_evaluate_refuses_a_sample_folder_of_mixed_sizes_or_broken_files(run, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, side in enumerate((8, 8, 6)):
+        Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(folder / f"{i:06d}.png")
+    args = ["evaluate", "--samples", str(folder), "--data", DATA, "--feature-extractor", STAND_IN]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "000002.png is 6x6 but 000000.png is 8x8" in err[0]
+    (folder / "000002.png").write_bytes(b"not a png")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "000002.png cannot be read" in err[0]
 
 
 def test_evaluate_without_inception_weights_fails_in_one_line(run, tmp_path, capsys, monkeypatch):

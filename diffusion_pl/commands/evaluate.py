@@ -110,14 +110,25 @@ def read_samples(path: str | Path, indices: range, batch_size: int) -> Iterator[
 
 
 def inspect_samples(path: str | Path) -> tuple[int, int, int]:
-    """(N, H, W) of a PNG folder (its first image's size) or an .npz (checking arr_0 is uint8 (N, H, W, C))."""
+    """(N, H, W) of a PNG folder (all of one size) or an .npz (checking arr_0 is uint8 (N, H, W, C))."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.png"))
         if len(files) < 2:
             raise CommandError(f"--samples {path} holds {len(files)} PNG files: expected at least 2")
-        with Image.open(files[0]) as im:  # reads the header only
-            width, height = im.size
+        sizes = {}
+        for file in files:  # headers only, on every rank: a bad folder fails before any collective
+            try:
+                with Image.open(file) as im:
+                    sizes.setdefault(im.size, file)
+            except OSError as err:
+                raise CommandError(f"--samples {file} cannot be read ({type(err).__name__}): expected a PNG "
+                                   "image") from err
+            if len(sizes) > 1:
+                (w0, h0), (w1, h1) = sizes
+                raise CommandError(f"--samples {file} is {h1}x{w1} but {sizes[w0, h0].name} is {h0}x{w0}: "
+                                   "expected PNGs of one size")
+        ((width, height),) = sizes
         return len(files), height, width
     try:
         with np.load(path) as npz:

@@ -139,6 +139,9 @@ class InceptionFeatures(nn.Module):
         # torch-fidelity resizes with TF1's bilinear (no antialias), as the published FID numbers did
         self.net = tf_inception.FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights))
+        # channels_last convolutions: 1.44x the images/s on one CPU thread (5.50 vs 3.83 at batch 32), with
+        # features equal to float32 rounding (relative difference 2e-7); the fingerprint is unchanged
+        self.net.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features, logits = self.net(x)  # (B, 2048), (B, 1008)

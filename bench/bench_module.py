@@ -118,5 +118,6 @@ def main() -> None:
     print(f"DiffusionModule + Trainer step / bare loop step = {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%); "
           f"per-round ratios: median {statistics.median(paired):.3f}, range {min(paired):.3f}-{max(paired):.3f}")
 
+
 if __name__ == "__main__":
     main()

@@ -404,7 +404,6 @@ def reference_images(data: str, batch_size: int = 250, num_workers: int = 0,
     if image_size is not None and (image_size, image_size) != stored:
         dm = datamodule(image_size)
         key += f"@{image_size}"
-    dm.setup("validate")
     info = {k: (manifest or {}).get(k) for k in ("count", "split", "source")}
     info.update(image_size=list(dm.output_size), stored_size=list(stored))
     return (to_uint8(images) for images, _ in dm.val_dataloader()), key, info

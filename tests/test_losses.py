@@ -273,8 +273,6 @@ def test_bucket_losses_are_log_snr_ranges_for_every_process():
     assert list(bucket_losses(loss[:2], t[:2], process)) == ["logsnr_lt_-4"]  # empty buckets left out
 
 
-
-
 def test_validation_grid_is_even_in_log_snr_and_finite_for_every_process():
     for process in PROCESSES:
         t = log_snr_grid(process, 8)

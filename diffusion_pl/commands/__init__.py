@@ -11,7 +11,9 @@ import hashlib
 import inspect
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from diffusion_pl import sampling
 from diffusion_pl.sampling import Sampler
@@ -40,6 +42,12 @@ def make_sampler(name: str, steps: int | None = None) -> Sampler:
     if steps is not None and steps < 1:
         raise CommandError(f"--steps {steps} is invalid: expected a positive integer")
     return cls(steps=steps) if steps is not None else cls()
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """uint8 (H, W, 3) of an image file (a writable copy); grey and RGBA become RGB (alpha dropped)."""
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
 
 
 def sha256_file(path: str | Path) -> str:

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from diffusion_pl.commands import CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, sha256_file
+from diffusion_pl.commands import (CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, read_rgb,
+                                   sha256_file)
 from diffusion_pl.metrics import (PROTOCOL, InceptionFeatures, InceptionWeightsError, SampleMetrics, fingerprint,
                                   generate, load_inception, metric_prefix, rank_indices, reference_images,
                                   reference_stats, sampler_label)
@@ -89,19 +90,14 @@ def _extractor(args: argparse.Namespace, device: torch.device):
     return cls().to(device).eval()
 
 
-def _read_rgb(path: Path) -> torch.Tensor:
-    """uint8 (3, H, W) of an image file; grey and RGBA become RGB (alpha dropped)."""
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-
-
 def read_samples(path: str | Path, indices: range, batch_size: int) -> Iterator[torch.Tensor]:
     """uint8 (B, 3, H, W) batches of the given sample indices of a PNG folder (sorted) or an .npz arr_0."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.png"))
         for a in range(indices.start, indices.stop, batch_size):
-            yield torch.stack([_read_rgb(f) for f in files[a:min(a + batch_size, indices.stop)]])
+            batch = np.stack([read_rgb(f) for f in files[a:min(a + batch_size, indices.stop)]])
+            yield torch.from_numpy(batch).permute(0, 3, 1, 2)  # NHWC -> NCHW
         return
     images = np.load(path, mmap_mode="r")["arr_0"]
     for a in range(indices.start, indices.stop, batch_size):

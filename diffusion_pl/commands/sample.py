@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_pl.commands import CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, sha256_file
+from diffusion_pl.commands import (CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, read_rgb,
+                                   sha256_file)
 from diffusion_pl.metrics import class_labels_for, generate, rank_indices
 
 __all__ = ["main", "parser", "run"]
@@ -121,8 +122,7 @@ def assemble_npz(out: Path, n: int, shape: tuple[int, int, int], num_classes: in
     """Stack PNGs 0..n-1 into arr_0 (N, H, W, 3) uint8 (+ arr_1 labels), written atomically."""
     images = np.empty((n, shape[1], shape[2], 3), np.uint8)
     for i in range(n):
-        with Image.open(png_path(out, i)) as im:
-            images[i] = np.asarray(im.convert("RGB"))
+        images[i] = read_rgb(png_path(out, i))
     arrays = {"arr_0": images}
     labels = class_labels_for(range(n), num_classes, class_labels)
     if labels is not None:

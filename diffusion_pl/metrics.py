@@ -34,6 +34,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
 from diffusion_pl.data import ShardDataModule, builtin, resolve_shards
 from diffusion_pl.data.prepare import cache_dir
+from diffusion_pl.errors import UserError
 from diffusion_pl.sampling import sample
 
 __all__ = [
@@ -49,7 +50,7 @@ INCEPTION_URL = tf_inception.URL_INCEPTION_V3
 FULL_PROTOCOL_SAMPLES = 50_000
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError, RuntimeError):
     """The InceptionV3 weights are missing or unreadable; the message says how to provide them."""
 
 

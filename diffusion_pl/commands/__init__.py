@@ -16,13 +16,14 @@ import torch
 from PIL import Image
 
 from diffusion_pl import sampling
+from diffusion_pl.errors import UserValueError
 from diffusion_pl.sampling import Sampler
 
 __all__ = ["CommandError", "sampler_classes", "make_sampler", "sha256_file", "make_fabric", "image_shape",
            "load_checkpoint"]
 
 
-class CommandError(ValueError):
+class CommandError(UserValueError):
     """A bad command-line input; the message is one line naming the input and what was expected."""
 
 

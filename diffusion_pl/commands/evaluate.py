@@ -25,7 +25,8 @@ from PIL import Image
 
 from diffusion_pl.commands import (CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, read_rgb,
                                    sha256_file)
-from diffusion_pl.metrics import (PROTOCOL, InceptionFeatures, InceptionWeightsError, SampleMetrics, fingerprint,
+from diffusion_pl.errors import run_command
+from diffusion_pl.metrics import (PROTOCOL, InceptionFeatures, SampleMetrics, fingerprint,
                                   generate, load_inception, metric_prefix, rank_indices, reference_images,
                                   reference_stats, sampler_label)
 
@@ -283,12 +284,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `diffusion-pl evaluate`; returns a process exit code."""
     args = parser().parse_args(argv)
-    try:
-        run(args)
-    except (CommandError, InceptionWeightsError) as err:
-        print(f"diffusion-pl evaluate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("evaluate", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from PIL import Image
 
 from diffusion_pl.commands import (CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, read_rgb,
                                    sha256_file)
+from diffusion_pl.errors import run_command
 from diffusion_pl.metrics import class_labels_for, generate, rank_indices
 
 __all__ = ["main", "parser", "run"]
@@ -178,12 +179,7 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `diffusion-pl sample`; returns a process exit code."""
     args = parser().parse_args(argv)
-    try:
-        run(args)
-    except CommandError as err:
-        print(f"diffusion-pl sample: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("sample", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from diffusion_pl.errors import UserValueError, run_command
+
 MANIFEST = "manifest.json"
 FORMAT = "diffusion_pl.shards/1"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -47,7 +49,7 @@ IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": None, ".gif"
               ".ppm": None, ".tif": None, ".tiff": None, ".webp": None}
 
 
-class PrepareError(ValueError):
+class PrepareError(UserValueError):
     """A bad input to prepare; the message is one line naming the input and what was expected."""
 
 
@@ -370,17 +372,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``diffusion-pl prepare``; returns a process exit code."""
     args = _parser().parse_args(argv)
-    try:
-        if args.max_samples is not None and args.max_samples < 1:
-            raise PrepareError(f"--max-samples {args.max_samples} is invalid: expected a positive integer")
-        _check_output(Path(args.out), args.overwrite)  # refuse before reading a large source
-        m = prepare(args.source(args), args.out, split=args.split, max_samples=args.max_samples,
-                    shard_size=args.shard_size, overwrite=args.overwrite)
-    except PrepareError as err:
-        print(f"diffusion-pl prepare: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("prepare", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.max_samples is not None and args.max_samples < 1:
+        raise PrepareError(f"--max-samples {args.max_samples} is invalid: expected a positive integer")
+    _check_output(Path(args.out), args.overwrite)  # refuse before reading a large source
+    m = prepare(args.source(args), args.out, split=args.split, max_samples=args.max_samples,
+                shard_size=args.shard_size, overwrite=args.overwrite)
     print(f"wrote {m['count']} images ({m['num_classes']} classes) in {len(m['shards'])} shards to {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,15 +8,21 @@ argparse front ends and are dispatched before LightningCLI sees the arguments.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from jsonargparse import ActionYesNo
+from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, find_resume_checkpoint
-from diffusion_pl.metrics import InceptionWeightsError
+from diffusion_pl.callbacks.checkpointing import (AtomicCheckpointIO, FinalCheckpoint, PreemptionCheckpoint,
+                                                  checkpoint_step, find_resume_checkpoint)
+from diffusion_pl.errors import MissingFileError, UserValueError, run_command
 from diffusion_pl.module import DiffusionModule
+from diffusion_pl.run_folder import RunFolderError, lock_run_folder, previous_run_outputs, remove_run_outputs
 
 __all__ = ["DiffusionCLI", "main"]
 
@@ -35,10 +41,17 @@ LIGHTNING_COMMANDS = {
 
 
 class DiffusionCLI(LightningCLI):
-    """LightningCLI for DiffusionModule and any LightningDataModule, with crash-safe checkpointing."""
+    """LightningCLI for DiffusionModule and any LightningDataModule, with crash-safe checkpointing.
+
+    On top of LightningCLI: `trainer.default_root_dir` is the one option that places a run (see
+    diffusion_pl.run_folder); network shape options left unset (`in_channels`, `img_resolution`) are
+    filled from the data; `--ckpt_path last` resumes from the newest checkpoint by stored step; every
+    fit saves its final step and saves on SIGTERM.
+    """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self._lock_fd: int | None = None
         super().__init__(
             DiffusionModule,
             None,
@@ -49,34 +62,105 @@ class DiffusionCLI(LightningCLI):
             **kwargs,
         )
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--overwrite", action=ActionYesNo, default=False,
+                            help="fit: start over in a run folder that holds a previous run, deleting its "
+                                 "checkpoints, samples, logs and config.yaml (other files stay)")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        fill_network_shape(config)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # No logger configured: TensorBoard straight into the run folder (Lightning's default would add
+        # lightning_logs/version_N), so checkpoints (ModelCheckpoint without dirpath), samples and
+        # config.yaml all follow --trainer.default_root_dir.
+        if config.get("logger") in (None, True):
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            config["logger"] = TensorBoardLogger(save_dir=config.get("default_root_dir") or os.getcwd(), name="",
+                                                 version="")
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
-        # Always checkpoint atomically and save on SIGTERM, whatever the recipe lists.
+        # Always checkpoint atomically, save the final step and save on SIGTERM, whatever the recipe lists.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if not any(isinstance(cb, PreemptionCheckpoint) for cb in trainer.callbacks):
-            trainer.callbacks.append(PreemptionCheckpoint())
+        for cls in (FinalCheckpoint, PreemptionCheckpoint):
+            if not any(isinstance(cb, cls) for cb in trainer.callbacks):
+                trainer.callbacks.append(cls())
         return trainer
 
     def before_fit(self) -> None:
-        self._resolve_last("fit")
+        trainer = self.trainer
+        ckpt_path = self.config["fit"].get("ckpt_path")
+        root = Path(trainer.default_root_dir)
+        ckpt_cb = trainer.checkpoint_callback
+        ckpt_dir = getattr(ckpt_cb, "dirpath", None) or root / "checkpoints"
+        if ckpt_path not in (None, "last", "hpc", "best", "registry") and _is_local(ckpt_path):
+            if not Path(ckpt_path).is_file():
+                raise MissingFileError(f"--ckpt_path {ckpt_path} does not exist: expected a checkpoint written by "
+                                       "`diffusion-pl fit`, or `last` for the newest one in the run folder")
+            checkpoint_step(ckpt_path)  # a truncated or foreign file: "not a checkpoint", in one line
+        if trainer.global_rank == 0:
+            self._lock_fd = lock_run_folder(root)  # held until this process exits
+            previous = previous_run_outputs(root, ckpt_dir)
+            if previous and ckpt_path is None:
+                if not self.config["fit"].get("overwrite"):
+                    names = ", ".join(str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+                                      for p in previous[:3])
+                    raise RunFolderError(f"run folder {root} holds a previous run ({names}): expected "
+                                         "--ckpt_path last to continue it, --overwrite to start over, or another "
+                                         "--trainer.default_root_dir")
+                remove_run_outputs(previous)
+                print(f"diffusion-pl: --overwrite: removed the previous run's outputs in {root}", file=sys.stderr)
+        if ckpt_path == "last":
+            self._resolve_last(root, ckpt_dir)
 
-    def _resolve_last(self, subcommand: str) -> None:
-        """`--ckpt_path last`: the newest checkpoint under the run folder by stored global step."""
-        config = self.config[subcommand]
-        if config.get("ckpt_path") != "last":
-            return
-        folders = [self.trainer.default_root_dir]
-        ckpt_cb = self.trainer.checkpoint_callback
-        if ckpt_cb is not None and getattr(ckpt_cb, "dirpath", None):
-            folders.append(ckpt_cb.dirpath)
-        path = find_resume_checkpoint(*folders)
+    def _resolve_last(self, root: Path, ckpt_dir: Path) -> None:
+        """`--ckpt_path last`: the newest checkpoint in the run folder by stored global step."""
+        # the run folder's top (SLURM's hpc_ckpt_N.ckpt) and the checkpoint folder: not a recursive
+        # walk of default_root_dir, which defaults to the working directory
+        path = find_resume_checkpoint(*dict.fromkeys([root, root / "checkpoints", Path(ckpt_dir)]), recursive=False)
         if path is None:
-            print(f"diffusion-pl: --ckpt_path last: no checkpoint under {', '.join(map(str, folders))}; "
-                  "starting from scratch", file=sys.stderr)
+            print(f"diffusion-pl: --ckpt_path last: no checkpoint in {root}; starting from scratch", file=sys.stderr)
         else:
-            print(f"diffusion-pl: resuming from {path}", file=sys.stderr)
-        config["ckpt_path"] = path
+            print(f"diffusion-pl: resuming from {path} (step {checkpoint_step(path)})", file=sys.stderr)
+        # LightningCLI passes the *instantiated* config (config_init) to trainer.fit; the parsed one is
+        # what config.yaml records. Both must say which checkpoint was loaded.
+        self.config["fit"]["ckpt_path"] = path
+        self.config_init["fit"]["ckpt_path"] = path
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path)
+
+
+def fill_network_shape(config) -> None:
+    """Set `model.net.init_args.in_channels` / `img_resolution` from the data when the config leaves them None."""
+    net, data = config.get("model.net"), config.get("data")
+    if net is None or data is None or not hasattr(net, "init_args") or not hasattr(data, "class_path"):
+        return
+    unset = [key for key in ("in_channels", "img_resolution") if key in net.init_args and net.init_args[key] is None]
+    if not unset:
+        return
+    # a throwaway instance: ShardDataModule reads only its manifest (or one image) for these
+    datamodule = import_object(data.class_path)(**data.init_args.as_dict())
+    values = {}
+    if "in_channels" in unset and getattr(datamodule, "channels", None) is not None:
+        values["in_channels"] = int(datamodule.channels)
+    if "img_resolution" in unset and getattr(datamodule, "output_size", None) is not None:
+        h, w = datamodule.output_size
+        if h != w:
+            raise UserValueError(f"the data yields {h}x{w} images but model.net img_resolution is unset: expected "
+                                 "square images; set data image_size to a side to resize them to")
+        values["img_resolution"] = int(h)
+    for key, value in values.items():
+        net.init_args[key] = value
+    if values:
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        print(f"diffusion-pl: model.net {shown} (from the data)", file=sys.stderr)
 
 
 def _print_help() -> None:
@@ -98,17 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         _print_help()
         return 0 if argv else 2
-    if argv[0] in PROJECT_COMMANDS:
+    if argv[0] in PROJECT_COMMANDS:  # each prints its UserErrors in one line itself (run_command)
         module_name = PROJECT_COMMANDS[argv[0]][0]
         return int(importlib.import_module(module_name).main(argv[1:]) or 0)
     if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         print(f"diffusion-pl: unknown command {argv[0]!r}; expected one of "
               f"{', '.join([*LIGHTNING_COMMANDS, *PROJECT_COMMANDS])}", file=sys.stderr)
         return 2
-    try:
-        # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
-        DiffusionCLI(args=None if from_command_line else argv)
-    except InceptionWeightsError as err:  # the FID preflight: one line, no traceback
-        print(f"diffusion-pl: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
+    return run_command(argv[0], lambda: DiffusionCLI(args=None if from_command_line else argv))

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Callable
 
-__all__ = ["UserError", "UserValueError", "MissingFileError", "DataError", "TRACEBACK_ENV", "one_line",
+__all__ = ["UserError", "UserValueError", "MissingFileError", "DataError", "NonFiniteLossError", "TRACEBACK_ENV", "one_line",
            "find_user_error", "run_command"]
 
 TRACEBACK_ENV = "DIFFUSION_PL_TRACEBACK"
@@ -34,6 +34,10 @@ class UserValueError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training stopped on a non-finite loss (the run, not the code, went wrong)."""
 
 
 class DataError(UserError, RuntimeError):

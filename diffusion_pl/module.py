@@ -22,11 +22,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # set by LightningCLI
 from torch import Tensor, nn
 
+from diffusion_pl.errors import NonFiniteLossError, UserValueError, one_line
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes import Process
 
-__all__ = ["DiffusionModule", "load_module", "step_seed"]
+__all__ = ["DiffusionModule", "check_data_fits", "load_module", "step_seed"]
 
 # Lightning warns about submodules in eval mode at the start of fit; the EMA copy is one on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -57,6 +58,8 @@ class DiffusionModule(L.LightningModule):
         ema_rampup_ratio: EDM's ramp-up: half-life <= ratio x images seen (EDM: 0.05); None disables.
         seed: base seed of the per-step noise; each rank and step derives its own.
         nonfinite_loss: "raise" stops with an error naming the step, "skip" skips that step.
+        max_nonfinite_skips: with "skip", stop after this many consecutive skipped steps (a dead model
+            would otherwise skip forever and exit 0).
         val_num_times: validation loss uses this many fixed times, evenly spaced in log-SNR.
         channels_last: run the network in channels_last memory format (faster convolutions on GPU).
         compile: wrap the network in torch.compile for training.
@@ -76,17 +79,24 @@ class DiffusionModule(L.LightningModule):
         ema_rampup_ratio: float | None = None,
         seed: int = 0,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
+        max_nonfinite_skips: int = 20,
         val_num_times: int = 8,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+            raise UserValueError(f"ema_decay is {ema_decay}: expected a value in [0, 1)")
         if ema_half_life_images is not None and ema_half_life_images <= 0:
-            raise ValueError(f"ema_half_life_images must be positive, got {ema_half_life_images}")
+            raise UserValueError(f"ema_half_life_images is {ema_half_life_images}: expected a positive number")
+        if ema_rampup_ratio is not None and ema_rampup_ratio <= 0:
+            raise UserValueError(f"ema_rampup_ratio is {ema_rampup_ratio}: expected a positive number or None")
         if lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
+            raise UserValueError(f"lr_warmup_steps is {lr_warmup_steps}: expected an integer >= 0")
+        if max_nonfinite_skips < 1:
+            raise UserValueError(f"max_nonfinite_skips is {max_nonfinite_skips}: expected an integer >= 1")
+        if val_num_times < 1:
+            raise UserValueError(f"val_num_times is {val_num_times}: expected an integer >= 1")
         # Under LightningCLI the hparams are the YAML config (class_path + init_args), which lets
         # `load_module` rebuild everything from a checkpoint; built from Python, the objects are left
         # out so that checkpoints stay loadable with weights_only=True.
@@ -107,7 +117,8 @@ class DiffusionModule(L.LightningModule):
         self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
         self.ema_half_life_images, self.ema_rampup_ratio = ema_half_life_images, ema_rampup_ratio
         self.seed = seed
-        self.nonfinite_loss = nonfinite_loss
+        self.nonfinite_loss, self.max_nonfinite_skips = nonfinite_loss, max_nonfinite_skips
+        self._nonfinite_run = 0  # consecutive skipped steps
         self.val_num_times = val_num_times
         self.channels_last = channels_last
         self.compile = compile
@@ -135,6 +146,9 @@ class DiffusionModule(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:  # the datamodule is set up before the module: its shapes are known
+            check_data_fits(self.net, datamodule)
         net = self.net
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -169,11 +183,17 @@ class DiffusionModule(L.LightningModule):
         # every rank must take the same branch, or DDP's gradient all-reduce would hang
         finite = self.trainer.strategy.reduce(finite, reduce_op="min") if self.trainer.world_size > 1 else finite
         if finite.item() == 1.0:
+            self._nonfinite_run = 0
             return True
         step = self.global_step
         if self.nonfinite_loss == "raise":
-            raise FloatingPointError(f"non-finite training loss at step {step} ({loss.item()}); "
-                                     "lower the learning rate, enable gradient clipping, or set nonfinite_loss: skip")
+            raise NonFiniteLossError(f"non-finite training loss at step {step} ({loss.item()}); lower the learning "
+                                     "rate, enable gradient clipping, or set nonfinite_loss: skip")
+        self._nonfinite_run += 1
+        if self._nonfinite_run >= self.max_nonfinite_skips:
+            raise NonFiniteLossError(f"non-finite training loss at {self._nonfinite_run} consecutive steps (up to step "
+                                     f"{step}; max_nonfinite_skips={self.max_nonfinite_skips}): the model is diverged; "
+                                     "resume from an earlier checkpoint with a lower learning rate")
         self.print(f"warning: non-finite training loss at step {step}; step skipped (nonfinite_loss=skip)")
         self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
         return False
@@ -214,7 +234,10 @@ class DiffusionModule(L.LightningModule):
         return 0.5 ** (batch_size / max(half_life, 1e-8))
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_fn(self.net.parameters())
+        try:
+            optimizer = self.optimizer_fn(self.net.parameters())
+        except ValueError as err:  # torch.optim checks its values (lr, betas, eps, weight_decay) this way
+            raise UserValueError(f"optimizer: {one_line(err)}: expected the optimizer's valid range") from err
         if self.lr_warmup_steps == 0:
             return optimizer
         warmup = self.lr_warmup_steps
@@ -232,13 +255,45 @@ class DiffusionModule(L.LightningModule):
         g = torch.Generator(device=x0.device).manual_seed(step_seed(self.seed, 1, batch_idx))
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         labels = class_labels if self.num_classes is not None else None
+        # the generator also draws the label dropout (p_uncond), so val/loss is deterministic
         out = self.loss_fn(self.model(ema=True), x0, self.process, self.prediction, labels, self.null_label,
-                           t=t, eps=eps)
+                           generator=g, t=t, eps=eps)
         loss = out.loss.mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         for name, value in bucket_losses(out.loss, out.t, self.process).items():
             self.log(f"val/{name}", value, sync_dist=True)
         return loss
+
+
+def check_data_fits(net: nn.Module, datamodule: Any) -> None:
+    """Refuse, in one line naming both values, data whose channels, size or classes the network does not take.
+
+    Reads the attributes the networks (`in_channels`, `img_resolution`, `num_classes`) and
+    ShardDataModule (`channels`, `output_size`, `num_classes`) expose; anything absent is not checked.
+    """
+    net_name, data_name = type(net).__name__, type(datamodule).__name__
+    channels, data_channels = getattr(net, "in_channels", None), getattr(datamodule, "channels", None)
+    if channels is not None and data_channels is not None and channels != data_channels:
+        raise UserValueError(f"{net_name} in_channels={channels} but the data has {data_channels}-channel images: "
+                             f"expected equal values (set model.net in_channels: {data_channels}, or leave it unset)")
+    size = getattr(net, "img_resolution", None)
+    data_size = getattr(datamodule, "output_size", None)
+    if size is not None and data_size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(size) != tuple(data_size):
+            raise UserValueError(f"{net_name} img_resolution={size[0]}x{size[1]} but the data yields "
+                                 f"{data_size[0]}x{data_size[1]} images: expected equal sizes (set data image_size: "
+                                 f"{size[0]} to resize the data, or model.net img_resolution: {data_size[0]})")
+    classes = getattr(net, "num_classes", None)
+    if classes is not None and hasattr(datamodule, "num_classes"):
+        data_classes = datamodule.num_classes
+        if data_classes is None:
+            raise UserValueError(f"{net_name} num_classes={classes} but the data {data_name} has no class labels: "
+                                 "expected labelled data (a manifest with 'classes') or num_classes: null")
+        if data_classes != classes:
+            raise UserValueError(f"{net_name} num_classes={classes} but the data has {data_classes} classes: "
+                                 f"expected equal values (set model.net num_classes: {data_classes}, or null for an "
+                                 "unconditional model)")
 
 
 def load_module(ckpt_path: str, map_location: str | torch.device = "cpu") -> DiffusionModule:

@@ -6,6 +6,8 @@
 - `PreemptionCheckpoint`: Lightning turns SIGTERM into a SystemExit with status 0 and saves
   nothing. This saves a checkpoint on SIGTERM and exits with 143 (128 + SIGTERM), so schedulers
   and scripts see that the run did not finish.
+- `FinalCheckpoint`: ModelCheckpoint(every_n_train_steps=N) never saves the steps after the last
+  multiple of N; this saves them when fit ends.
 - `find_resume_checkpoint`: Lightning's `ckpt_path="last"` looks at `last*.ckpt` by file time
   and ignores SLURM's `hpc_ckpt_*.ckpt`; this picks the newest loadable checkpoint by the
   global step stored inside it.
@@ -27,7 +29,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-__all__ = ["AtomicCheckpointIO", "PreemptionCheckpoint", "find_resume_checkpoint", "read_global_step"]
+from diffusion_pl import lightning_compat
+from diffusion_pl.errors import UserValueError, one_line
+
+__all__ = ["AtomicCheckpointIO", "FinalCheckpoint", "PreemptionCheckpoint", "checkpoint_step", "find_resume_checkpoint",
+           "read_global_step"]
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -96,23 +102,51 @@ class PreemptionCheckpoint(Callback):
         exception.code = SIGTERM_EXIT_CODE  # Lightning re-raises this SystemExit after the hooks
 
 
-def read_global_step(path: str | os.PathLike) -> int | None:
-    """The global step stored in a checkpoint, or None if the file is not a loadable checkpoint."""
+class FinalCheckpoint(Callback):
+    """Save at the end of fit whatever the ModelCheckpoints have not saved yet.
+
+    ModelCheckpoint(every_n_train_steps=N) saves only at multiples of N, and its `save_last` at train
+    end is skipped once any checkpoint was written, so a run whose max_steps is not a multiple of N
+    loses its last steps. This saves the step-named checkpoint (when the callback keeps them) and
+    `last.ckpt` (when save_last is set) at the final step, through the callback's own saving code so
+    its bookkeeping (last_model_path, best_k_models) stays right.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or trainer.global_step == 0:
+                continue
+            if lightning_compat.last_step_saved(callback) == trainer.global_step:
+                continue  # it saved this very step already
+            lightning_compat.save_now(callback, trainer)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The global step stored in a checkpoint; a UserValueError when the file is not a loadable checkpoint."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(ckpt["global_step"])
-    except Exception as err:  # truncated, foreign or corrupt files are not resume candidates
-        warnings.warn(f"skipping checkpoint {path}: not loadable ({type(err).__name__}: {err})", stacklevel=2)
+    except Exception as err:  # truncated, foreign or corrupt: torch's own message hints at zip serialization
+        raise UserValueError(f"{path} is not a checkpoint ({type(err).__name__}: {one_line(err, 120)}): expected a "
+                             ".ckpt file written by `diffusion-pl fit`") from err
+
+
+def read_global_step(path: str | os.PathLike) -> int | None:
+    """The global step stored in a checkpoint, or None (with a warning) if it is not a loadable checkpoint."""
+    try:
+        return checkpoint_step(path)
+    except UserValueError as err:  # truncated, foreign or corrupt files are not resume candidates
+        warnings.warn(f"skipping {err}", stacklevel=2)
         return None
 
 
-def find_resume_checkpoint(*folders: str | os.PathLike) -> str | None:
+def find_resume_checkpoint(*folders: str | os.PathLike, recursive: bool = True) -> str | None:
     """Newest loadable `*.ckpt` under `folders` by stored global step (file time breaks ties), or None."""
     candidates = []
     for folder in folders:
         if folder is None or not Path(folder).is_dir():
             continue
-        for path in Path(folder).rglob("*.ckpt"):
+        for path in sorted(set(Path(folder).rglob("*.ckpt") if recursive else Path(folder).glob("*.ckpt"))):
             if path.name.startswith("."):
                 continue  # temporary files of an interrupted atomic save
             step = read_global_step(path)

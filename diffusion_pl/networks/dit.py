@@ -17,6 +17,7 @@ from diffusion_pl.networks.embeddings import (
     ClassEmbedding,
     PositionalEmbedding,
     batch_noise_label,
+    data_shape,
     embedding_mlp,
     sincos_2d,
 )
@@ -70,8 +71,9 @@ class DiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023); output shaped like x, with out_channels channels.
 
     Args:
-        img_resolution: input height and width, a multiple of patch_size.
-        in_channels: image (or latent) channels.
+        img_resolution: input height and width, a multiple of patch_size (required; `diffusion-pl fit`
+            fills it from the data when a recipe leaves it out).
+        in_channels: image (or latent) channels; None: 3, or the data's channels under `diffusion-pl fit`.
         out_channels: output channels; None means in_channels (2 * in_channels for a learned variance).
         num_classes: None for unconditional; else labels 0..num_classes-1 plus the null label num_classes.
         patch_size: side of the square patches; tokens = (img_resolution / patch_size) ** 2.
@@ -84,8 +86,8 @@ class DiT(nn.Module):
 
     def __init__(
         self,
-        img_resolution: int,
-        in_channels: int = 3,
+        img_resolution: int | None = None,
+        in_channels: int | None = None,
         out_channels: int | None = None,
         num_classes: int | None = None,
         patch_size: int = 2,
@@ -96,6 +98,7 @@ class DiT(nn.Module):
         frequency_embedding_size: int = 256,
     ) -> None:
         super().__init__()
+        img_resolution, in_channels = data_shape("DiT", img_resolution, in_channels)
         if patch_size < 1 or img_resolution < patch_size or img_resolution % patch_size:
             raise ValueError(
                 f"img_resolution must be a positive multiple of patch_size={patch_size}, got {img_resolution}."
@@ -162,7 +165,9 @@ class DiT(nn.Module):
         # x: (B, C_in, H, W), noise_label: (B,), class_labels: (B,) int64 or None -> (B, C_out, H, W)
         B = x.shape[0]
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, T, D), T = (H / p) * (W / p)
-        c = self.t_embedder(batch_noise_label(noise_label, B)).to(x.dtype)  # (B, D)
+        frequencies = self.t_embedder[0](batch_noise_label(noise_label, B))  # (B, F) float32
+        mlp = self.t_embedder[1]
+        c = mlp(frequencies.to(mlp[0].weight.dtype)).to(x.dtype)  # (B, D); float64 nets get float64
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels, B).to(x.dtype)  # None -> null label
         for block in self.blocks:

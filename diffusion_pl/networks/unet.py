@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import Tensor, nn
 
-from diffusion_pl.networks.embeddings import ClassEmbedding, batch_noise_label, embedding_mlp, noise_embedding
+from diffusion_pl.networks.embeddings import (ClassEmbedding, batch_noise_label, data_shape, embedding_mlp,
+                                              noise_embedding)
 
 __all__ = ["UNet", "unet_ddpm_cifar10", "unet_ddpmpp_cifar10", "unet_adm_cifar10", "unet_tiny"]
 
@@ -134,8 +135,9 @@ class UNet(nn.Module):
     """U-Net score network with the options of DDPM, DDPM++ and ADM (see the module table).
 
     Args:
-        img_resolution: input height and width.
-        in_channels: image channels.
+        img_resolution: input height and width (required; `diffusion-pl fit` fills it from the data when
+            a recipe leaves it out).
+        in_channels: image channels; None: 3, or the data's channels under `diffusion-pl fit`.
         out_channels: output channels; None means in_channels.
         num_classes: None for unconditional; else labels 0..num_classes-1 plus the null label num_classes.
         model_channels: channels at the first resolution (and of the noise embedding).
@@ -157,8 +159,8 @@ class UNet(nn.Module):
 
     def __init__(
         self,
-        img_resolution: int,
-        in_channels: int = 3,
+        img_resolution: int | None = None,
+        in_channels: int | None = None,
         out_channels: int | None = None,
         num_classes: int | None = None,
         model_channels: int = 128,
@@ -178,6 +180,7 @@ class UNet(nn.Module):
         emb_mult: int = 4,
     ) -> None:
         super().__init__()
+        img_resolution, in_channels = data_shape("UNet", img_resolution, in_channels)
         levels = len(channel_mult)
         resolutions = tuple(img_resolution >> level for level in range(levels))
         _check_args(img_resolution, in_channels, model_channels, channel_mult, num_res_blocks, attn_resolutions,

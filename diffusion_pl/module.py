@@ -12,7 +12,10 @@ and nothing depends on how many steps a previous job ran (as EDM2 seeds from ima
 from __future__ import annotations
 
 import copy
+import importlib.util
+import re
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -22,12 +25,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # set by LightningCLI
 from torch import Tensor, nn
 
-from diffusion_pl.errors import NonFiniteLossError, UserValueError, one_line
+from diffusion_pl.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes import Process
 
-__all__ = ["DiffusionModule", "check_data_fits", "load_module", "step_seed"]
+__all__ = ["DiffusionModule", "TRUSTED_PACKAGES", "check_data_fits", "load_module", "step_seed", "untrusted_imports"]
 
 # Lightning warns about submodules in eval mode at the start of fit; the EMA copy is one on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -296,11 +299,55 @@ def check_data_fits(net: nn.Module, datamodule: Any) -> None:
                                  "unconditional model)")
 
 
-def load_module(ckpt_path: str, map_location: str | torch.device = "cpu") -> DiffusionModule:
-    """Rebuild a DiffusionModule (net, EMA, process, prediction) from a checkpoint written by `diffusion-pl fit`."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    hparams = checkpoint.get("hyper_parameters", {})
+# Packages a checkpoint's saved config may import from without trust_config=True.
+TRUSTED_PACKAGES = ("diffusion_pl", "torch", "lightning", "timm", "diffusers")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+def untrusted_imports(config: Any) -> list[str]:
+    """Import paths in a saved config (class_path values, callables given by name) outside TRUSTED_PACKAGES."""
+    found = []
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, str) and _IMPORT_PATH.match(value):
+            top = value.split(".", 1)[0]
+            # any dotted name under class_path / _instantiator is imported; elsewhere only if it names a package
+            names_import = key in ("class_path", "_instantiator") or importlib.util.find_spec(top) is not None
+            if names_import and top not in TRUSTED_PACKAGES:
+                found.append(value)
+
+    walk(config)
+    return found
+
+
+def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
+                trust_config: bool = False) -> DiffusionModule:
+    """Rebuild a DiffusionModule (net, EMA, process, prediction) from a checkpoint written by `diffusion-pl fit`.
+
+    Tensors load with weights_only=True; the saved config, though, names classes to import. Unless
+    `trust_config`, those must come from TRUSTED_PACKAGES (a checkpoint from elsewhere could otherwise
+    import and run any installed module).
+    """
+    if not Path(ckpt_path).is_file():
+        raise MissingFileError(f"checkpoint {ckpt_path} does not exist: expected a .ckpt written by `diffusion-pl fit`")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch's message for a truncated or foreign file talks of zip serialization
+        raise UserValueError(f"{ckpt_path} is not a checkpoint (torch.load failed: {type(err).__name__}): "
+                             "expected a .ckpt written by `diffusion-pl fit`") from err
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     if "_instantiator" not in hparams:
-        raise ValueError(f"checkpoint {ckpt_path} has no saved config (it was not written by `diffusion-pl fit`); "
-                         "build the DiffusionModule yourself and call load_state_dict(checkpoint['state_dict'])")
+        raise UserValueError(f"checkpoint {ckpt_path} has no saved config (it was not written by `diffusion-pl fit`): "
+                             "build the DiffusionModule yourself and call load_state_dict(checkpoint['state_dict'])")
+    untrusted = untrusted_imports(hparams)
+    if untrusted and not trust_config:
+        raise UserValueError(f"checkpoint {ckpt_path} names classes outside {', '.join(TRUSTED_PACKAGES)} "
+                             f"({', '.join(untrusted[:3])}): its config is code; pass trust_config=True "
+                             "(--trust-config) if you trust where it came from")
     return DiffusionModule.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)

@@ -155,3 +155,44 @@ def test_sample_grid_layout():
     assert nrow == 6 and labels == [k for k in range(10) for _ in range(6)] and len(indices) == 60
     with pytest.raises(ValueError, match="every_n_steps"):
         SampleGrid(every_n_steps=0)
+
+
+class _CountingFID(FIDCallback):
+    """FIDCallback that records the global step of every evaluation."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[int] = []
+
+    def evaluate(self, trainer, pl_module):
+        self.steps.append(trainer.global_step)
+        return super().evaluate(trainer, pl_module)
+
+
+def test_callbacks_fire_once_per_reached_step_under_accumulation(tmp_path, monkeypatch):
+    """accumulate_grad_batches=2: step 0 (untrained) never fires, and a resumed run does not repeat its step."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from _eval_setup import make_module
+
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+
+    def run(max_steps: int, ckpt_path=None):
+        fid = _CountingFID(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1), feature_extractor=StandInFeatures(),
+                           batch_size=4)
+        grid = SampleGrid(every_n_steps=1, num_samples=2, sampler=DDIM(steps=1), at_train_end=False)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=2,
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, limit_val_batches=0, callbacks=[fid, grid, ckpt])
+        trainer.fit(make_module(num_classes=5), ShardDataModule(shards=DATA, batch_size=4, num_workers=0),
+                    ckpt_path=ckpt_path)
+        return fid, grid
+
+    fid, grid = run(2)
+    assert fid.steps == [1, 2]
+    assert [p.name for p in grid.written] == ["ddim_1_step1.png", "ddim_1_step2.png"]
+    fid, grid = run(3, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert fid.steps == [3]
+    assert [p.name for p in grid.written] == ["ddim_1_step3.png"]

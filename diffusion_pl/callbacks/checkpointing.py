@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from diffusion_pl import lightning_compat
-from diffusion_pl.errors import UserValueError, one_line
+from diffusion_pl.errors import UserValueError
 
 __all__ = ["AtomicCheckpointIO", "FinalCheckpoint", "PreemptionCheckpoint", "checkpoint_step", "find_resume_checkpoint",
            "read_global_step"]
@@ -127,7 +127,7 @@ def checkpoint_step(path: str | os.PathLike) -> int:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(ckpt["global_step"])
     except Exception as err:  # truncated, foreign or corrupt: torch's own message hints at zip serialization
-        raise UserValueError(f"{path} is not a checkpoint ({type(err).__name__}: {one_line(err, 120)}): expected a "
+        raise UserValueError(f"{path} is not a checkpoint (torch.load failed: {type(err).__name__}): expected a "
                              ".ckpt file written by `diffusion-pl fit`") from err
 
 

@@ -60,7 +60,7 @@ class FIDCallback(Callback):
         self.reference: ReferenceStats | None = None
         self.image_shape: tuple[int, ...] | None = None
         self.last: dict[str, float] = {}  # the latest logged values
-        self._last_step = -1
+        self._step_at_batch_start = -1
 
     @property
     def extractor(self) -> nn.Module:
@@ -90,13 +90,15 @@ class FIDCallback(Callback):
                                          progress=trainer.is_global_zero)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
         if self.image_shape is None:
             self.image_shape = tuple(batch[0].shape[1:])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step != self._last_step:  # once per step under accumulation
-            self._last_step = step
+        # only when this batch completed an optimizer step: under gradient accumulation the step count
+        # stays put for several batches (step 0 included, and the resumed step after a restart)
+        if step != self._step_at_batch_start and step % self.every_n_steps == 0:
             values = self.evaluate(trainer, pl_module)
             # Straight to the loggers: self.log(on_step=True) would reach them only on steps that are
             # multiples of log_every_n_steps. callback_metrics lets ModelCheckpoint monitor the value.

@@ -47,17 +47,21 @@ class SampleGrid(Callback):
         self.image_shape: tuple[int, ...] | None = None
         self.folder: Path | None = None
         self._last_step = -1
+        self._step_at_batch_start = -1
         self.written: list[Path] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.folder = run_dir(trainer) / "samples"  # trainer.log_dir is a collective: every rank, here
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
         if self.image_shape is None:  # (C, H, W) of the training images: the shape to sample
             self.image_shape = tuple(batch[0].shape[1:])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        # only when this batch completed an optimizer step: under gradient accumulation the step count
+        # stays put for several batches (step 0 included, and the resumed step after a restart)
+        if trainer.global_step != self._step_at_batch_start and trainer.global_step % self.every_n_steps == 0:
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

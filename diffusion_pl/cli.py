@@ -22,7 +22,8 @@ from diffusion_pl.callbacks.checkpointing import (AtomicCheckpointIO, FinalCheck
                                                   checkpoint_step, find_resume_checkpoint)
 from diffusion_pl.errors import MissingFileError, UserValueError, run_command
 from diffusion_pl.module import DiffusionModule
-from diffusion_pl.run_folder import RunFolderError, lock_run_folder, previous_run_outputs, remove_run_outputs
+from diffusion_pl.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
+                                     remove_run_outputs)
 
 __all__ = ["DiffusionCLI", "main"]
 
@@ -87,10 +88,19 @@ class DiffusionCLI(LightningCLI):
         # Always checkpoint atomically, save the final step and save on SIGTERM, whatever the recipe lists.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        for cls in (FinalCheckpoint, PreemptionCheckpoint):
-            if not any(isinstance(cb, cls) for cb in trainer.callbacks):
-                trainer.callbacks.append(cls())
+        if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
+            # first, so that its train-end save comes before ModelCheckpoint's own (last.ckpt only) one
+            trainer.callbacks.insert(0, FinalCheckpoint())
+        if not any(isinstance(cb, PreemptionCheckpoint) for cb in trainer.callbacks):
+            trainer.callbacks.append(PreemptionCheckpoint())
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # the run is over (or failed): free its folder, also for a next fit in this process
+            release_run_folder(self._lock_fd)
+            self._lock_fd = None
 
     def before_fit(self) -> None:
         trainer = self.trainer

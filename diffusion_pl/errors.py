@@ -44,8 +44,8 @@ class DataError(UserError, RuntimeError):
     """The training data cannot be read or decoded (raised inside data loader workers too)."""
 
 
-def one_line(err: BaseException, width: int = 300) -> str:
-    """The first line of an error's message (its type name when empty), at most `width` characters.
+def one_line(err: BaseException, width: int | None = None) -> str:
+    """The first line of an error's message (its type name when empty), cut to `width` characters if given.
 
     An error re-raised by a DataLoader worker carries the worker's traceback in its message; the
     original message is its last line, which is what the user needs to see.
@@ -55,7 +55,7 @@ def one_line(err: BaseException, width: int = 300) -> str:
         last = text.rstrip().splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return first if len(first) <= width else first[: width - 3] + "..."
+    return first if width is None or len(first) <= width else first[: width - 3] + "..."
 
 
 def find_user_error(err: BaseException) -> UserError | None:

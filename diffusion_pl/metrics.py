@@ -426,9 +426,12 @@ def class_labels_for(indices: Sequence[int], num_classes: int | None, choices: S
 
 def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int], *, seed: int = 0,
              guidance: float = 1.0, ema: bool = True, class_choices: Sequence[int] | None = None,
-             batch_size: int = 64, device: str | torch.device | None = None,
+             batch_size: int = 64, device: str | torch.device | None = None, clip_x0: float | None = None,
              progress: bool = False) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
-    """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter."""
+    """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
+
+    clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's sampling clips at 1).
+    """
 
     indices = list(indices)
     model, net = module.model(ema=ema), module.ema if ema else module.net
@@ -442,7 +445,7 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
                 labels = class_labels_for(idx, module.num_classes, class_choices, device)
                 out = sample(model, module.process, module.prediction, sampler, (len(idx), *image_shape),
                              class_labels=labels, guidance=guidance, null_label=module.null_label,
-                             seeds=[seed + i for i in idx], device=device)
+                             clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device)
                 bar.update(len(idx))
                 yield idx, to_uint8(out.x), labels, out.nfe
     finally:

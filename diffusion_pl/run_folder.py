@@ -21,7 +21,8 @@ try:
 except ImportError:  # Windows: no advisory locks; the previous-run check still applies
     fcntl = None
 
-__all__ = ["LOCK_NAME", "RunFolderError", "lock_run_folder", "previous_run_outputs", "remove_run_outputs"]
+__all__ = ["LOCK_NAME", "RunFolderError", "lock_run_folder", "previous_run_outputs", "release_run_folder",
+           "remove_run_outputs"]
 
 LOCK_NAME = ".diffusion_pl.lock"
 # what `diffusion-pl fit` writes at the top of a run folder (TensorBoard's events, Lightning's files)
@@ -56,6 +57,12 @@ def lock_run_folder(folder: str | os.PathLike) -> int | None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def release_run_folder(fd: int | None) -> None:
+    """Release a lock taken by lock_run_folder (closing the descriptor drops the flock)."""
+    if fd is not None:
+        os.close(fd)
 
 
 def previous_run_outputs(*folders: str | os.PathLike | None) -> list[Path]:

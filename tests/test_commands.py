@@ -24,6 +24,7 @@ from diffusion_pl.data import ShardDataModule
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EpsPrediction
 from diffusion_pl.processes import VPLinear
+from diffusion_pl.sampling import DDIM, EDMStochastic, KarrasGrid
 
 TESTS = Path(__file__).parent
 STAND_IN = "_eval_setup.StandInFeatures"
@@ -80,8 +81,17 @@ def run(tmp_path_factory):
         yield {"root": root, "ckpt": str(next(root.rglob("*.ckpt"))), "env": env}
 
 
-def sample(run, out, *args) -> int:
-    return main(["sample", "--ckpt", run["ckpt"], "--sampler", "ddim", "--steps", "2", "--out", str(out), *args])
+def sample(run, out, *args, sampler: tuple[str, ...] = ("ddim", "--steps", "2")) -> int:
+    return main(["sample", "--ckpt", run["ckpt"], "--sampler", *sampler, "--out", str(out), *args])
+
+
+DDIM_ETA1 = '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"eta": 1.0}}'
+
+
+def ddim_spec(steps: int = 2, eta: float = 0.0, grid: dict | None = None) -> dict:
+    """The resolved spec of DDIM as sample_config.json and the evaluate report record it (defaults included)."""
+    return {"class_path": "diffusion_pl.sampling.DDIM",
+            "init_args": {"steps": steps, "grid": grid, "final_denoise": True, "eta": eta}}
 
 
 def read_npz(path: Path) -> dict:
@@ -139,6 +149,107 @@ def test_sample_refuses_to_overwrite_another_run(run, tmp_path, capsys):
     assert "expected one of" in capsys.readouterr().err
 
 
+def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys):
+    npz = f"samples_3x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz"
+    assert sample(run, tmp_path / "short", "--num-samples", "3") == 0  # the short-name form: DDIM, eta = 0
+    config = json.loads((tmp_path / "short" / "sample_config.json").read_text())
+    assert config["sampler"] == ddim_spec(eta=0.0)  # the short name records the whole resolved spec too
+    spec = '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 2, "eta": 1.0}}'
+    out = tmp_path / "eta1"
+    assert sample(run, out, "--num-samples", "3", sampler=(spec,)) == 0
+    assert json.loads((out / "sample_config.json").read_text())["sampler"] == ddim_spec(eta=1.0)
+    eta0, eta1 = read_npz(tmp_path / "short" / npz)["arr_0"], read_npz(out / npz)["arr_0"]
+    assert (eta0 != eta1).any()  # eta reached the sampler: DDIM's noise changed the images
+    # the same spec resumes; the same spec with another eta is a different run
+    (out / "000001.png").unlink()
+    (out / npz).unlink()
+    capsys.readouterr()
+    assert sample(run, out, "--num-samples", "3", sampler=(spec,)) == 0
+    assert "resuming: 2 of 3" in capsys.readouterr().err
+    np.testing.assert_array_equal(read_npz(out / npz)["arr_0"], eta1)
+    assert sample(run, out, "--num-samples", "3", sampler=(spec.replace("1.0", "0.5"),)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a different run (differs in sampler)" in err[0]
+    # a full spec without steps takes --steps; equal to the short name's spec, so it resumes the short run
+    full = '{"class_path": "diffusion_pl.sampling.DDIM"}'
+    assert sample(run, tmp_path / "short", "--num-samples", "3", sampler=(full, "--steps", "2")) == 0
+    # a folder written before specs were recorded (repr(sampler)) resumes too, and then records the spec
+    legacy = tmp_path / "short" / "sample_config.json"
+    legacy.write_text(json.dumps({**config, "sampler": repr(DDIM(steps=2))}))
+    assert sample(run, tmp_path / "short", "--num-samples", "3") == 0
+    assert json.loads(legacy.read_text()) == config
+    legacy.write_text(json.dumps({**config, "sampler": repr(DDIM(steps=2, eta=1.0))}))
+    assert sample(run, tmp_path / "short", "--num-samples", "3") == 2
+
+
+def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch):
+    used = []
+    original = metrics.generate
+
+    def recording(module, sampler, *args, **kwargs):
+        used.append(sampler)
+        return original(module, sampler, *args, **kwargs)
+
+    monkeypatch.setattr("diffusion_pl.commands.sample.generate", recording)
+    # YAML, as LightningCLI accepts it (EDM's stochastic sampler with churn)
+    edm = "class_path: diffusion_pl.sampling.EDMStochastic\ninit_args: {steps: 2, S_churn: 40}"
+    assert sample(run, tmp_path / "edm", "--num-samples", "2", "--npz", sampler=(edm,)) == 0
+    config = json.loads((tmp_path / "edm" / "sample_config.json").read_text())["sampler"]
+    assert config["class_path"] == "diffusion_pl.sampling.EDMStochastic"
+    assert config["init_args"]["steps"] == 2 and config["init_args"]["S_churn"] == 40.0
+    assert config["init_args"]["S_noise"] == 1.003  # the defaults are recorded too
+    assert isinstance(used[-1], EDMStochastic) and used[-1].S_churn == 40.0
+    # a nested grid object: KarrasGrid instead of DDIM's default log-SNR grid
+    grid = {"class_path": "diffusion_pl.sampling.KarrasGrid", "init_args": {"rho": 3}}
+    spec = json.dumps({"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 2, "grid": grid}})
+    assert sample(run, tmp_path / "karras", "--num-samples", "2", "--npz", sampler=(spec,)) == 0
+    resolved = ddim_spec(grid={"class_path": "diffusion_pl.sampling.KarrasGrid",
+                               "init_args": {"rho": 3.0, "max_noise_level": 80.0}})
+    assert json.loads((tmp_path / "karras" / "sample_config.json").read_text())["sampler"] == resolved
+    assert isinstance(used[-1].grid, KarrasGrid) and used[-1].grid.rho == 3.0  # the grid reached the sampler
+    # the same spec from a .yaml file (class names resolved, steps from --steps): the same run, so it resumes
+    file = tmp_path / "sampler.yaml"
+    file.write_text("class_path: DDIM\ninit_args:\n  grid: {class_path: KarrasGrid, init_args: {rho: 3}}\n")
+    assert sample(run, tmp_path / "karras", "--num-samples", "2", "--npz", sampler=(str(file), "--steps", "2")) == 0
+    assert used[-1].steps == 2 and used[-1].grid.rho == 3.0
+    file.write_text(file.read_text().replace("rho: 3", "rho: 5"))  # another grid: another run
+    assert sample(run, tmp_path / "karras", "--num-samples", "2", "--npz", sampler=(str(file), "--steps", "2")) == 2
+
+
+SPEC_ERRORS = [  # (--sampler and other arguments, what the one line says)
+    (['{"class_path": "diffusion_pl.sampling.NoSuchSampler"}'], "has no attribute 'NoSuchSampler'"),
+    (['{"class_path": "diffusion_pl.sampling.KarrasGrid"}'], "does not correspond to a subclass of Sampler"),
+    (['{"class_path": "this.Sampler"}'], "this.Sampler lies outside the packages diffusion_pl and torch"),
+    (['{"class_path": "DDIM", "init_args": {"grid": "{class_path: this.Grid}"}}'], "this.Grid lies outside"),
+    (['{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"eta": "high"}}'], "init_args.eta: Expected a"),
+    (['{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"eta": -1}}'], "eta must be >= 0"),
+    (['{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 3}}', "--steps", "2"], "both set steps"),
+    (['{"class_path": "diffusion_pl.sampling.DDIM"'], "is not valid JSON / YAML"),
+    (["missing.yaml"], "the file does not exist"),
+    (["nope"], "expected one of"),
+]
+
+
+@pytest.mark.parametrize("sampler, message", SPEC_ERRORS, ids=[m for _, m in SPEC_ERRORS])
+def test_sample_refuses_a_bad_sampler_spec_in_one_line(run, tmp_path, capsys, sampler, message):
+    assert sample(run, tmp_path / "out", "--num-samples", "1", sampler=tuple(sampler)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffusion-pl sample: error: --") and message in err[0], err
+    assert "expected" in err[0] and not (tmp_path / "out").exists()
+    assert "this" not in sys.modules  # a spec names a module outside diffusion_pl / torch: it is not imported
+
+
+def test_evaluate_checks_the_sampler_specs_before_any_work(run, tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise AssertionError("evaluate reached the Inception weights before checking --sampler")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "4", "--sampler", "ddim",
+                 '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"eta": "high"}}']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffusion-pl evaluate: error: --sampler") and "init_args.eta" in err[0]
+
+
 def test_sample_two_processes_match_one(run, tmp_path):
     assert sample(run, tmp_path / "one", "--num-samples", "5", "--batch-size", "5") == 0
     env = {**os.environ, **run["env"], "OMP_NUM_THREADS": "1"}
@@ -155,15 +266,18 @@ def test_sample_two_processes_match_one(run, tmp_path):
 
 def test_evaluate_checkpoint_and_its_samples_agree(run, tmp_path, capsys):
     report = tmp_path / "report.json"
+    # a short name and a full spec (its steps from --steps), scored side by side
     assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "6", "--sampler", "ddim",
-                 "--steps", "2", "--batch-size", "4", "--isc", "--feature-extractor", STAND_IN,
+                 DDIM_ETA1, "--steps", "2", "--batch-size", "4", "--isc", "--feature-extractor", STAND_IN,
                  "--report", str(report)]) == 0
     assert "fid6" in capsys.readouterr().out  # the table names the sample count
     r = json.loads(report.read_text())
     assert r["protocol"]["n"] == 6 and r["protocol"]["reference"]["n"] == int(DATA.rsplit("=", 1)[1])
     assert r["seed_range"] == [0, 5] and r["ema"] is True and len(r["checkpoint_sha256"]) == 64
-    point = r["results"][0]
+    point, stochastic = r["results"]
     assert point["name"] == "ddim_2" and point["nfe"] == 3 and math.isfinite(point["fid"]) and "is" in point
+    assert point["sampler"] == ddim_spec(eta=0.0) and stochastic["sampler"] == ddim_spec(eta=1.0)
+    assert stochastic["name"] == "ddim_2#2" and stochastic["steps"] == 2 and stochastic["fid"] != point["fid"]
     # the same samples written by `sample`, scored from the PNG folder and from the npz
     assert sample(run, tmp_path / "s", "--num-samples", "6") == 0
     for source in (tmp_path / "s", tmp_path / "s" / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz"):
@@ -241,3 +355,28 @@ def test_bits_per_dim_of_the_oracle_is_exact():
     x = 2.0 * (images.double().reshape(5, 4) + 0.5) / 256.0 - 1.0  # bin centres (no dequantization noise)
     exact = -mixture.log_prob(x, process.t_min, process) / (4 * math.log(2.0)) + 7.0
     assert out["n"] == 5 and out["bpd"] == pytest.approx(float(exact.mean()), abs=1e-3)
+
+
+def test_sample_clip_x0_clamps_the_final_images_and_is_recorded(run, tmp_path):
+    """DDIM ends with x = x0_hat, so --clip-x0 0.1 keeps every pixel within 127.5 * (1 +- 0.1)."""
+    out = tmp_path / "clip"
+    assert sample(run, out, "--num-samples", "4", "--clip-x0", "0.1", "--npz") == 0
+    images = read_npz(out / f"samples_4x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")["arr_0"]
+    assert images.min() >= 114 and images.max() <= 141
+    assert json.loads((out / "sample_config.json").read_text())["clip_x0"] == 0.1
+    assert sample(run, tmp_path / "free", "--num-samples", "4", "--npz") == 0
+    free = read_npz(tmp_path / "free" / f"samples_4x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")["arr_0"]
+    assert free.max() - free.min() > 27  # the same samples unclipped span a wider range
+
+
+def test_sample_refuses_a_checkpoint_whose_config_imports_elsewhere(run, tmp_path, capsys):
+    """A checkpoint's config is code: a class_path outside the trusted packages needs --trust-config."""
+    ckpt = torch.load(run["ckpt"], map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["process"]["class_path"] = "collections.OrderedDict"
+    forged = tmp_path / "forged.ckpt"
+    torch.save(ckpt, forged)
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(forged), "--num-samples", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "collections.OrderedDict" in err[0] and "--trust-config" in err[0]
+    assert not (tmp_path / "o").exists()

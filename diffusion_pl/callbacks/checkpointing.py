@@ -109,7 +109,8 @@ class FinalCheckpoint(Callback):
     end is skipped once any checkpoint was written, so a run whose max_steps is not a multiple of N
     loses its last steps. This saves the step-named checkpoint (when the callback keeps them) and
     `last.ckpt` (when save_last is set) at the final step, through the callback's own saving code so
-    its bookkeeping (last_model_path, best_k_models) stays right.
+    its bookkeeping (last_model_path, best_k_models) stays right. It must come before the
+    ModelCheckpoints in `trainer.callbacks` (DiffusionCLI puts it first).
     """
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

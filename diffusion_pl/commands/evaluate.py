@@ -1,10 +1,15 @@
 """`diffusion-pl evaluate`: FID (+ KID, IS) against cached reference statistics, and bits/dim.
 
     diffusion-pl evaluate --ckpt last.ckpt --data shards/cifar10-train [--sampler heunode --steps 17] [--bpd]
+    diffusion-pl evaluate --ckpt last.ckpt --data shards/cifar10-train \
+        --sampler ddim '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 50, "eta": 1.0}}'
     diffusion-pl evaluate --samples OUT_or_samples.npz --data shards/cifar10-train
 
-Prints a table and writes a JSON report with the protocol (sample count, reference set,
-extractor, resize, sampler, steps, NFE, seed range, checkpoint sha256, EMA or not).
+Each --sampler is a short name or a class_path / init_args spec (JSON, YAML or a .yaml / .json
+file; see `diffusion-pl sample`); all are checked before any slow work. Prints a table and writes
+a JSON report with the protocol (sample count, reference set, extractor, resize, each sampler's
+resolved spec, steps, NFE, seed range, checkpoint sha256, EMA or not). A row is named by class and
+steps (`ddim_50`); samplers that share both are told apart as `ddim_50#2`, ... in the given order.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from diffusion_pl.commands import (CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, read_rgb,
-                                   sha256_file)
+from diffusion_pl.commands import (SAMPLER_STEPS_HELP, CommandError, add_model_options, image_shape, load_checkpoint,
+                                   make_fabric, read_rgb, resolve_sampler, sampler_help, sha256_file)
 from diffusion_pl.errors import run_command
 from diffusion_pl.metrics import (PROTOCOL, InceptionFeatures, SampleMetrics, fingerprint,
                                   generate, load_inception, metric_prefix, rank_indices, reference_images,
                                   reference_stats, sampler_label)
+from diffusion_pl.sampling import Sampler
 
 __all__ = ["main", "parser", "run", "dataset_bits_per_dim", "read_samples"]
 
@@ -44,9 +50,12 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--samples", help="score existing samples: a folder of PNGs or an .npz (arr_0 uint8 NHWC)")
     p.add_argument("--data", required=True, help="reference shard set (e.g. the CIFAR-10 training shards)")
     p.add_argument("--num-samples", type=int, default=50_000, help="generated samples per sampler")
-    p.add_argument("--sampler", nargs="+", default=["heunode"], help="sampler class name(s)")
-    p.add_argument("--steps", type=int, nargs="+", default=None, help="steps per sampler (one, or one each)")
+    p.add_argument("--sampler", nargs="+", default=["heunode"],
+                   help="one or more samplers (with --ckpt), each " + sampler_help())
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="one value for every sampler or one each: " + SAMPLER_STEPS_HELP)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
+    add_model_options(p)
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--no-ema", action="store_true", help="use the raw network instead of the EMA weights")
     p.add_argument("--kid", action="store_true", help="also report KID (caches the reference features)")
@@ -178,23 +187,30 @@ def _first_images(data: str, n: int, batch_size: int) -> torch.Tensor:
     return torch.cat(kept)
 
 
-def _score_checkpoint(args, fabric, module, extractor, reference) -> tuple[list[dict], dict]:
-    shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
+def _samplers(args: argparse.Namespace) -> list[tuple[Sampler, dict]]:
+    """(sampler, resolved spec) for each --sampler, with its --steps (one value for all, or one each)."""
     steps = args.steps or [None]
+    return [resolve_sampler(text, steps[j] if len(steps) > 1 else steps[0]) for j, text in enumerate(args.sampler)]
+
+
+def _score_checkpoint(args, fabric, module, samplers, extractor, reference) -> tuple[list[dict], dict]:
+    shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
     points = []
-    for j, name in enumerate(args.sampler):
-        sampler = make_sampler(name, steps[j] if len(steps) > 1 else steps[0])
+    for sampler, spec in samplers:
         metrics = SampleMetrics(extractor, reference, kid=args.kid, isc=args.isc, seed=args.seed)
         nfe = []
         for _, images, _, batch_nfe in generate(module, sampler, rank_indices(args.num_samples, rank, world), shape,
-                                                seed=args.seed, guidance=args.guidance, ema=not args.no_ema,
+                                                seed=args.seed, guidance=args.guidance, clip_x0=args.clip_x0,
+                                                ema=not args.no_ema,
                                                 batch_size=args.batch_size, device=fabric.device, progress=rank == 0):
             metrics.update(images)
             nfe.append(batch_nfe)
-        points.append({"name": sampler_label(sampler), "sampler": repr(sampler), "steps": sampler.steps,
+        name = sampler_label(sampler)  # the class and steps; a repeat (another eta, grid, ...) gets #2, #3, ...
+        repeats = sum(p["name"].split("#")[0] == name for p in points)
+        points.append({"name": f"{name}#{repeats + 1}" if repeats else name, "sampler": spec, "steps": sampler.steps,
                        "nfe": float(np.mean(nfe)) if nfe else None, **metrics.compute()})
     info = {"checkpoint": str(args.ckpt), "checkpoint_sha256": sha256_file(args.ckpt), "ema": not args.no_ema,
-            "guidance": args.guidance, "seed_range": [args.seed, args.seed + args.num_samples - 1],
+            "guidance": args.guidance, "clip_x0": args.clip_x0, "seed_range": [args.seed, args.seed + args.num_samples - 1],
             "class_labels": "i % num_classes (balanced)" if module.num_classes else None}
     if args.bpd:
         images = _first_images(args.bpd_data or args.data, args.bpd_samples, args.batch_size)
@@ -230,13 +246,14 @@ def _table(points: list[dict]) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Score, print and write the report (rank 0); returns the report."""
     _check_args(args)
+    samplers = _samplers(args) if args.ckpt is not None else []  # a bad spec fails before any slow work
     start = time.time()
     fabric = make_fabric(args.devices, args.accelerator)
     extractor = _extractor(args, fabric.device)  # preflight: before any slow work
     if args.samples is not None:
         n, height, width = inspect_samples(args.samples)
     else:
-        module = load_checkpoint(args.ckpt, fabric.device)
+        module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
         _, height, width = image_shape(module)
     # the reference is scored at the samples' size: resized as training resizes it when stored at another size
     images, data_key, data_info = reference_images(args.data, batch_size=args.batch_size,
@@ -254,7 +271,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.samples is not None:
         points, info = _score_samples(args, fabric, n, extractor, reference)
     else:
-        points, info = _score_checkpoint(args, fabric, module, extractor, reference)
+        points, info = _score_checkpoint(args, fabric, module, samplers, extractor, reference)
     n, inception = points[0]["n"], isinstance(extractor, InceptionFeatures)
     report = {
         "protocol": {"n": n, "full_protocol": n >= 50_000,

@@ -2,7 +2,16 @@
 
     OUT/000000.png ...                 sample i, drawn with seed + i (class i % num_classes, or --class-labels)
     OUT/samples_<N>x<H>x<W>x3.npz      arr_0 uint8 (N, H, W, 3); arr_1 int64 (N,) labels (class-conditional)
-    OUT/sample_config.json             what the samples depend on (checkpoint sha256, sampler, seed, ...)
+    OUT/sample_config.json             what the samples depend on (checkpoint sha256, sampler spec, seed, ...)
+
+`--sampler` is a short name (`ddim`, with `--steps 20`) or a class_path / init_args spec as the
+recipes write it, in JSON or YAML or as a .yaml / .json file, nested objects (a grid) included:
+
+    --sampler '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 50, "eta": 0.5}}'
+
+jsonargparse parses and checks it against the Sampler base type; class paths are limited to the
+packages diffusion_pl and torch. sample_config.json records the resolved spec (class_path and
+every init_arg, defaults and nested objects included).
 
 PNGs are the resumable unit: a rerun with the same settings skips the indices already written
 (each PNG is renamed into place when complete), then assembles the npz. A different run into a
@@ -22,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_pl.commands import (CommandError, image_shape, load_checkpoint, make_fabric, make_sampler, read_rgb,
-                                   sha256_file)
+from diffusion_pl.commands import (SAMPLER_STEPS_HELP, CommandError, add_model_options, image_shape, load_checkpoint,
+                                   make_fabric, read_rgb, resolve_sampler, sampler_help, sha256_file)
 from diffusion_pl.errors import run_command
 from diffusion_pl.metrics import class_labels_for, generate, rank_indices
 
@@ -38,9 +47,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by `diffusion-pl fit`")
     p.add_argument("--num-samples", type=int, required=True, help="number of images N (indices 0..N-1)")
-    p.add_argument("--sampler", default="heunode", help="sampler class name from diffusion_pl.sampling")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's own)")
+    p.add_argument("--sampler", default="heunode", help=sampler_help())
+    p.add_argument("--steps", type=int, default=None, help=SAMPLER_STEPS_HELP)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
+    add_model_options(p)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="labels cycled over the samples (default: balanced, i %% num_classes)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per network batch, per device")
@@ -75,25 +85,34 @@ def npz_path(out: Path, n: int, shape: tuple[int, int, int]) -> Path:
     return out / f"samples_{n}x{shape[1]}x{shape[2]}x3.npz"
 
 
-def _config(args: argparse.Namespace, module, sampler) -> dict:
-    """Everything sample i depends on (not N: a run can be extended to more samples)."""
+def _config(args: argparse.Namespace, module, sampler_spec: dict) -> dict:
+    """Everything sample i depends on (not N: a run can be extended to more samples); the sampler as its
+    resolved spec, so the same spec resumes and any other init_arg (eta, a grid, ...) is another run."""
     labels = args.class_labels
     if labels and module.num_classes is None:
         raise CommandError(f"--class-labels {labels} given but the model is unconditional: expected no labels")
     if labels and any(not 0 <= y < module.num_classes for y in labels):
         raise CommandError(f"--class-labels {labels} is invalid: expected labels in 0..{module.num_classes - 1}")
-    return {"checkpoint_sha256": sha256_file(args.ckpt), "sampler": repr(sampler), "guidance": args.guidance,
+    return {"checkpoint_sha256": sha256_file(args.ckpt), "sampler": sampler_spec, "guidance": args.guidance,
             "class_labels": labels or ("balanced" if module.num_classes else None), "seed": args.seed,
-            "ema": not args.no_ema, "image_shape": list(image_shape(module))}
+            "ema": not args.no_ema, "image_shape": list(image_shape(module)),
+            **({"clip_x0": args.clip_x0} if args.clip_x0 is not None else {})}  # absent: as folders before it
 
 
-def _check_out(out: Path, config: dict, overwrite: bool) -> bool:
-    """True when OUT holds samples of this same run (resume); raises on another run unless overwrite."""
+def _check_out(out: Path, config: dict, overwrite: bool, sampler_repr: str | None = None) -> bool:
+    """True when OUT holds samples of this same run (resume); raises on another run unless overwrite.
+
+    A config written before samplers were recorded as specs holds `repr(sampler)`: it is the same run
+    when that equals `sampler_repr` and all else is equal (the rerun then records the spec).
+    """
     if not out.is_dir() or not any(out.iterdir()):
         return False
     file = out / CONFIG
     old = json.loads(file.read_text()) if file.is_file() else None
     if old == config:
+        return True
+    if (isinstance(old, dict) and sampler_repr is not None and old.get("sampler") == sampler_repr
+            and {**old, "sampler": config["sampler"]} == config):
         return True
     if overwrite:
         return False
@@ -139,13 +158,13 @@ def run(args: argparse.Namespace) -> Path:
     """Generate (resuming) the samples; returns the output folder."""
     _check_args(args)
     keep_png, want_npz = (args.png, args.npz) if (args.png or args.npz) else (True, True)
-    sampler = make_sampler(args.sampler, args.steps)
+    sampler, spec = resolve_sampler(args.sampler, args.steps)
     fabric = make_fabric(args.devices, args.accelerator)
     rank, world = fabric.global_rank, fabric.world_size
-    module = load_checkpoint(args.ckpt, fabric.device)
-    config, out, shape = _config(args, module, sampler), Path(args.out), image_shape(module)
+    module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
+    config, out, shape = _config(args, module, spec), Path(args.out), image_shape(module)
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None
-    resume = _check_out(out, config, args.overwrite)  # every rank checks before anyone writes
+    resume = _check_out(out, config, args.overwrite, repr(sampler))  # every rank checks before anyone writes
     done = resume and npz_path(out, args.num_samples, shape).is_file()
     fabric.barrier()
     if rank == 0:
@@ -161,7 +180,7 @@ def run(args: argparse.Namespace) -> Path:
               file=sys.stderr)
     mine = [missing[j] for j in rank_indices(len(missing), rank, world)]
     for idx, images, _, _ in generate(module, sampler, mine, shape, seed=args.seed, guidance=args.guidance,
-                                      ema=not args.no_ema, class_choices=labels, batch_size=args.batch_size,
+                                      clip_x0=args.clip_x0, ema=not args.no_ema, class_choices=labels, batch_size=args.batch_size,
                                       device=fabric.device, progress=rank == 0):
         for i, image in zip(idx, images):
             _write_png(image, png_path(out, i))

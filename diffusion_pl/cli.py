@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ from diffusion_pl.run_folder import (RunFolderError, lock_run_folder, previous_r
                                      remove_run_outputs)
 
 __all__ = ["DiffusionCLI", "main"]
+
+# Resuming writes into a checkpoint folder that holds the run's earlier checkpoints, on purpose; folders
+# of other runs are refused before training (diffusion_pl.run_folder), so Lightning's warning says nothing.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 # name -> (module with `main(argv) -> int`, one-line description)
 PROJECT_COMMANDS = {
@@ -62,6 +67,15 @@ class DiffusionCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of an explicit --ckpt_path right after parsing: a truncated
+        # or foreign file must say "not a checkpoint" here, not torch's zip-archive error
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and _is_local(ckpt_path) and Path(ckpt_path).is_file():
+            checkpoint_step(ckpt_path)
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--overwrite", action=ActionYesNo, default=False,
@@ -108,11 +122,10 @@ class DiffusionCLI(LightningCLI):
         root = Path(trainer.default_root_dir)
         ckpt_cb = trainer.checkpoint_callback
         ckpt_dir = getattr(ckpt_cb, "dirpath", None) or root / "checkpoints"
-        if ckpt_path not in (None, "last", "hpc", "best", "registry") and _is_local(ckpt_path):
-            if not Path(ckpt_path).is_file():
-                raise MissingFileError(f"--ckpt_path {ckpt_path} does not exist: expected a checkpoint written by "
-                                       "`diffusion-pl fit`, or `last` for the newest one in the run folder")
-            checkpoint_step(ckpt_path)  # a truncated or foreign file: "not a checkpoint", in one line
+        if ckpt_path not in (None, "last", "hpc", "best", "registry") and _is_local(ckpt_path) \
+                and not Path(ckpt_path).is_file():  # (an existing one was checked in _parse_ckpt_path)
+            raise MissingFileError(f"--ckpt_path {ckpt_path} does not exist: expected a checkpoint written by "
+                                   "`diffusion-pl fit`, or `last` for the newest one in the run folder")
         if trainer.global_rank == 0:
             self._lock_fd = lock_run_folder(root)  # held until this process exits
             previous = previous_run_outputs(root, ckpt_dir)

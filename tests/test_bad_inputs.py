@@ -1,0 +1,150 @@
+"""Bad input meets one line: every probe runs a real command line and expects exit status 2, a last stderr
+line `diffusion-pl <command>: error: ...` containing the given words, and no traceback.
+
+A new bad input joins in one line: add a `Probe(...)` to PROBES (the placeholders {run}, {data}, {grey},
+{corrupt}, {nomanifest}, {badmanifest}, {junk}, {ckpt} name the fixture files below).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from diffusion_pl.cli import main
+from diffusion_pl.data import Sample, write_shards
+from diffusion_pl.data.prepare import encode_png
+from diffusion_pl.errors import TRACEBACK_ENV
+
+SHAPES = "builtin:shapes?size=8&count=64"  # RGB 8x8, 5 classes
+
+CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "enable_progress_bar": False,
+                "enable_model_summary": False, "limit_val_batches": 0, "logger": False,
+                "enable_checkpointing": False},
+    "model": {
+        "net": {"class_path": "diffusion_pl.networks.UNet",
+                "init_args": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                              "attn_resolutions": [], "dropout": 0.0}},
+        "process": {"class_path": "diffusion_pl.processes.VPLinear"},
+        "ema_decay": 0.5,
+    },
+    "data": {"class_path": "diffusion_pl.data.ShardDataModule",
+             "init_args": {"shards": SHAPES, "batch_size": 4, "num_workers": 0}},
+}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A command line (placeholders filled from the fixtures) and words its one-line error must contain."""
+
+    name: str
+    argv: tuple[str, ...]
+    expect: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def fit(*args: str) -> tuple[str, ...]:
+    return ("fit", "--config", "{config}", "--trainer.default_root_dir={run}", *args)
+
+
+PROBES = [
+    # data the run cannot read
+    Probe("missing shards", fit("--data.init_args.shards={run}/nowhere.tar"), ("nowhere.tar", "does not exist")),
+    Probe("folder without manifest", fit("--data.init_args.shards={nomanifest}"), ("manifest.json",)),
+    Probe("corrupt manifest", fit("--data.init_args.shards={badmanifest}"), ("manifest", "JSON")),
+    Probe("mistyped builtin", fit("--data.init_args.shards=builtin:shapez"), ("builtin:shapez", "expected")),
+    Probe("missing val_shards", fit("--data.init_args.val_shards={run}/val.tar"), ("val.tar", "does not exist")),
+    Probe("all samples undecodable", fit("--data.init_args.shards={corrupt}"), ("decod",)),
+    Probe("all samples undecodable, workers", fit("--data.init_args.shards={corrupt}", "--data.init_args.num_workers=1"),
+          ("decod",)),
+    # numeric options
+    Probe("batch size 0", fit("--data.init_args.batch_size=0"), ("batch_size", "0")),
+    Probe("batch size -4", fit("--data.init_args.batch_size=-4"), ("batch_size", "-4")),
+    Probe("negative learning rate", fit("--model.optimizer=torch.optim.Adam", "--model.optimizer.lr=-0.1"),
+          ("optimizer", "-0.1")),
+    Probe("ema decay above 1", fit("--model.ema_decay=1.5"), ("ema_decay", "1.5")),
+    Probe("nonfinite skips 0", fit("--model.max_nonfinite_skips=0"), ("max_nonfinite_skips",)),
+    # data and network disagree
+    Probe("grey data, RGB net", fit("--data.init_args.shards={grey}", "--model.net.init_args.in_channels=3"),
+          ("in_channels=3", "1-channel")),
+    Probe("8x8 data, 16x16 net", fit("--model.net.init_args.img_resolution=16"), ("img_resolution=16x16", "8x8")),
+    Probe("9 classes for 5", fit("--model.net.init_args.num_classes=9"), ("num_classes=9", "5 classes")),
+    Probe("3 classes for 5", fit("--model.net.init_args.num_classes=3"), ("num_classes=3", "5 classes")),
+    # checkpoints
+    Probe("missing ckpt_path", fit("--ckpt_path={run}/gone.ckpt"), ("gone.ckpt", "does not exist")),
+    Probe("truncated ckpt_path", fit("--ckpt_path={junk}"), ("not a checkpoint",)),
+    Probe("sample: random file as ckpt", ("sample", "--ckpt", "{junk}", "--num-samples", "1", "--out", "{run}/s"),
+          ("not a checkpoint",)),
+    Probe("evaluate: random file as ckpt",
+          ("evaluate", "--ckpt", "{junk}", "--data", SHAPES, "--num-samples", "2",
+           "--feature-extractor", "_eval_setup.StandInFeatures"), ("not a checkpoint",)),
+    # a diverging run
+    Probe("nonfinite loss", fit("--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30"),
+          ("non-finite training loss",)),
+    Probe("nonfinite loss, skip forever",
+          fit("--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30", "--model.nonfinite_loss=skip",
+              "--model.max_nonfinite_skips=3", "--trainer.max_steps=50"), ("3 consecutive steps",)),
+]
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    grey = np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8)
+    write_shards((Sample(f"{i:04d}", encode_png(g), "png", i % 5, (8, 8, 1)) for i, g in enumerate(grey)),
+                 root / "grey", classes=[str(c) for c in range(5)], shard_size=8)
+    (root / "corrupt").mkdir()
+    _tar(root / "corrupt" / "shard-000000.tar",
+         {f"{i:04d}.{ext}": data for i in range(8) for ext, data in (("jpg", b"not an image"), ("cls", b"0"))})
+    (root / "nomanifest").mkdir()
+    _tar(root / "nomanifest" / "shard-000000.tar", {"0000.cls": b"0"})
+    (root / "badmanifest").mkdir()
+    (root / "badmanifest" / "manifest.json").write_text("{not json")
+    (root / "junk.ckpt").write_bytes(b"PK\x03\x04 truncated" + bytes(200))
+    return {"grey": str(root / "grey"), "corrupt": str(root / "corrupt" / "shard-000000.tar"),
+            "nomanifest": str(root / "nomanifest"), "badmanifest": str(root / "badmanifest"),
+            "junk": str(root / "junk.ckpt")}
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=str)
+def test_bad_input_ends_in_one_line(probe, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # _eval_setup's stand-in feature extractor
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    values = {**files, "config": str(config), "run": str(tmp_path / "run")}
+    argv = [arg.format(**values) for arg in probe.argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"diffusion-pl {argv[0]}: error: "), err[-2000:]
+    for word in probe.expect:
+        assert word in last, last
+    assert "Traceback" not in err, err[-2000:]
+
+
+def test_traceback_env_shows_the_traceback(files, tmp_path, monkeypatch):
+    """DIFFUSION_PL_TRACEBACK=1: the same user error is raised with its traceback instead of one line."""
+    from diffusion_pl.errors import UserError
+
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(UserError, match="not a checkpoint"):
+        main(["sample", "--ckpt", files["junk"], "--num-samples", "1", "--out", str(tmp_path / "s")])

@@ -1,0 +1,40 @@
+"""Lightning internals the project relies on: each test fails loudly when an upgrade renames one.
+
+diffusion_pl/lightning_compat.py wraps the ModelCheckpoint ones; DiffusionCLI overrides a few private
+LightningCLI methods; the module and the data stream read two more private names.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from diffusion_pl import lightning_compat
+
+
+def test_model_checkpoint_internals_used_by_final_checkpoint(tmp_path):
+    callback = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    assert lightning_compat.last_step_saved(callback) == 0
+    for name in ("_monitor_candidates", "_save_topk_checkpoint", "_save_last_checkpoint"):
+        assert callable(getattr(callback, name, None)), f"ModelCheckpoint.{name} is gone"
+
+
+def test_lightning_cli_internals_overridden_by_diffusion_cli():
+    for name, params in {"_parse_ckpt_path": ["self"], "_instantiate_trainer": ["self", "config", "callbacks"],
+                         "_run_subcommand": ["self", "subcommand"]}.items():
+        method = getattr(LightningCLI, name, None)
+        assert method is not None, f"LightningCLI.{name} is gone"
+        assert list(inspect.signature(method).parameters) == params, f"LightningCLI.{name} changed its signature"
+    # before_fit reads config_init (what LightningCLI passes to trainer.fit)
+    assert "self.config_init[subcommand]" in inspect.getsource(LightningCLI._prepare_subcommand_kwargs)
+
+
+def test_module_and_data_internals():
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # set by LightningCLI
+
+    assert hasattr(_given_hyperparameters, "get")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert isinstance(trainer.fit_loop.epoch_loop.batch_progress.total.processed, int)

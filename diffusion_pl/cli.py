@@ -146,7 +146,9 @@ class DiffusionCLI(LightningCLI):
         # the run folder's top (SLURM's hpc_ckpt_N.ckpt) and the checkpoint folder: not a recursive
         # walk of default_root_dir, which defaults to the working directory
         path = find_resume_checkpoint(*dict.fromkeys([root, root / "checkpoints", Path(ckpt_dir)]), recursive=False)
-        if path is None:
+        if self.trainer.global_rank != 0:
+            pass  # every rank resolves the same file; rank 0 says which
+        elif path is None:
             print(f"diffusion-pl: --ckpt_path last: no checkpoint in {root}; starting from scratch", file=sys.stderr)
         else:
             print(f"diffusion-pl: resuming from {path} (step {checkpoint_step(path)})", file=sys.stderr)

@@ -19,8 +19,8 @@ from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffusion_pl.callbacks.checkpointing import (AtomicCheckpointIO, FinalCheckpoint, PreemptionCheckpoint,
-                                                  checkpoint_step, find_resume_checkpoint)
+from diffusion_pl.callbacks.checkpointing import (AtomicCheckpointIO, DeferredRequeue, FinalCheckpoint,
+                                                  PreemptionCheckpoint, checkpoint_step, find_resume_checkpoint)
 from diffusion_pl.errors import MissingFileError, UserValueError, run_command
 from diffusion_pl.module import DiffusionModule
 from diffusion_pl.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
@@ -99,14 +99,16 @@ class DiffusionCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
-        # Always checkpoint atomically, save the final step and save on SIGTERM, whatever the recipe lists.
+        # Always checkpoint atomically, save the final step, save on SIGTERM and requeue SLURM jobs at a
+        # step boundary, whatever the recipe lists.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
             # first, so that its train-end save comes before ModelCheckpoint's own (last.ckpt only) one
             trainer.callbacks.insert(0, FinalCheckpoint())
-        if not any(isinstance(cb, PreemptionCheckpoint) for cb in trainer.callbacks):
-            trainer.callbacks.append(PreemptionCheckpoint())
+        for cls in (PreemptionCheckpoint, DeferredRequeue):
+            if not any(isinstance(cb, cls) for cb in trainer.callbacks):
+                trainer.callbacks.append(cls())
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -216,3 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
     return run_command(argv[0], lambda: DiffusionCLI(args=None if from_command_line else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,8 @@
   and scripts see that the run did not finish.
 - `FinalCheckpoint`: ModelCheckpoint(every_n_train_steps=N) never saves the steps after the last
   multiple of N; this saves them when fit ends.
+- `DeferredRequeue`: Lightning saves SLURM's `hpc_ckpt_N.ckpt` inside the SIGUSR1 handler, possibly in
+  the middle of an optimizer step; this moves the save (and the requeue) to the next step boundary.
 - `find_resume_checkpoint`: Lightning's `ckpt_path="last"` looks at `last*.ckpt` by file time
   and ignores SLURM's `hpc_ckpt_*.ckpt`; this picks the newest loadable checkpoint by the
   global step stored inside it.
@@ -32,7 +34,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from diffusion_pl import lightning_compat
 from diffusion_pl.errors import UserValueError
 
-__all__ = ["AtomicCheckpointIO", "FinalCheckpoint", "PreemptionCheckpoint", "checkpoint_step", "find_resume_checkpoint",
+__all__ = ["AtomicCheckpointIO", "DeferredRequeue", "FinalCheckpoint", "PreemptionCheckpoint", "checkpoint_step", "find_resume_checkpoint",
            "read_global_step"]
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
@@ -120,6 +122,48 @@ class FinalCheckpoint(Callback):
             if lightning_compat.last_step_saved(callback) == trainer.global_step:
                 continue  # it saved this very step already
             lightning_compat.save_now(callback, trainer)
+
+
+class DeferredRequeue(Callback):
+    """SLURM auto-requeue at an optimizer-step boundary, on every rank at the same step.
+
+    Lightning saves `hpc_ckpt_N.ckpt` inside its SIGUSR1 handler, wherever the signal lands: after
+    `optimizer.step()` but before the step is counted, the checkpoint holds step N+1's weights with
+    global_step N, and the requeued job repeats a step. This replaces that handler, once training
+    starts, with one that only records the signal; Lightning's own save and `scontrol requeue` then
+    run at the end of the next batch that completed an optimizer step (the flag is max-reduced over
+    ranks, so all ranks save the same step). Does nothing outside SLURM auto-requeue.
+    """
+
+    def __init__(self) -> None:
+        self._requeue = None
+        self._requested = False
+        self._step_at_batch_start = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        found = lightning_compat.slurm_requeue(trainer)
+        if found is None or os.name != "posix":
+            return
+        signum, self._requeue = found
+        signal.signal(signum, self._record)  # Lightning's teardown restores the handlers it found
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self._requested = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._requeue is None or trainer.global_step == self._step_at_batch_start:
+            return  # not under SLURM requeue, or mid gradient accumulation
+        requested = torch.tensor(float(self._requested), device=pl_module.device)
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce(requested, reduce_op="max")
+        if requested.item() > 0:
+            self._requested = False
+            self._requeue()
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:

@@ -49,15 +49,6 @@ def throughput(urls: list[str], batch_size: int, workers: int, batches: int) -> 
     return n / wall, produced / (_cpu(workers) - cpu0)
 
 
-def skip_rate(urls: list[str], batch_size: int, skip: int) -> float:
-    """Images per CPU second fast-forwarded on resume (read + shuffle + flip bits, no decode)."""
-    stream = ShardStream(urls, batch_size, shuffle_buffer=1000, random_flip=True)
-    stream.start_batch = skip
-    cpu0 = _cpu(0)
-    next(iter(stream))
-    return skip * batch_size / (_cpu(0) - cpu0)
-
-
 def main() -> None:
     """Prepare (or reuse) shards, then print the throughput table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,7 +70,6 @@ def main() -> None:
         wall, per_cpu = throughput(urls, args.batch_size, workers, args.batches)
         label = "main process" if workers == 0 else f"{workers} workers"
         print(f"stream+decode, {label:12s}: {wall:7.0f} images/s wall total, {per_cpu:7.0f} images/s per core")
-    print(f"resume fast-forward: {skip_rate(urls, args.batch_size, 100):.0f} images/s per core skipped (no decode)")
 
 
 if __name__ == "__main__":

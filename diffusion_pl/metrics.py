@@ -383,7 +383,8 @@ def reference_images(data: str, batch_size: int = 250, num_workers: int = 0,
 
     When the stored images are not `image_size` square, they are resized (and centre-cropped) as
     ShardDataModule(image_size=...) does for training, and the cache key says so. info holds 'count',
-    'split', 'source' (from the manifest), 'image_size' (the size scored) and 'stored_size', both (H, W).
+    'split', 'source' (from the manifest), 'image_size' (the size scored) and 'stored_size', both (H, W)
+    (stored_size None for a mixed-size set, which needs `image_size`).
     """
     manifest = None
     if data.startswith("builtin:"):  # generated deterministically from its parameters and version
@@ -400,13 +401,18 @@ def reference_images(data: str, batch_size: int = 250, num_workers: int = 0,
         return ShardDataModule(shards=data, val_shards=data, batch_size=batch_size, num_workers=num_workers,
                                image_size=size, random_flip=False)
 
-    dm = datamodule(None)
-    stored = tuple(dm.output_size)
-    if image_size is not None and (image_size, image_size) != stored:
-        dm = datamodule(image_size)
+    mixed = manifest is not None and (manifest.get("mixed_sizes") or manifest.get("image_size") is None)
+    if mixed and image_size is not None:  # no one stored size: every image is resized to image_size
+        dm, stored = datamodule(image_size), None
         key += f"@{image_size}"
+    else:
+        dm = datamodule(None)
+        stored = tuple(dm.output_size)
+        if image_size is not None and (image_size, image_size) != stored:
+            dm = datamodule(image_size)
+            key += f"@{image_size}"
     info = {k: (manifest or {}).get(k) for k in ("count", "split", "source")}
-    info.update(image_size=list(dm.output_size), stored_size=list(stored))
+    info.update(image_size=list(dm.output_size), stored_size=list(stored) if stored else None)
     return (to_uint8(images) for images, _ in dm.val_dataloader()), key, info
 
 

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -19,11 +21,14 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from diffusion_pl.data import (SHAPES, Sample, ShardDataModule, ShardStream, ensure_shapes,
                                load_manifest, resolve_shards, write_shards)
-from diffusion_pl.data.datamodule import ResumableLoader, tar_samples
+from diffusion_pl.data.datamodule import (WARN_EVERY, WARN_FIRST, ResumableLoader, SampleOrder, count_samples,
+                                          shard_counts, tar_samples)
 from diffusion_pl.data.prepare import encode_png, main as prepare_main
+from diffusion_pl.errors import DataError, MissingFileError, UserValueError, one_line
 
 HERE = Path(__file__).resolve().parent
 CIFAR_TAR = HERE.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -103,13 +108,15 @@ def test_manifest_contents(tmp_path):
 
 def test_refuses_to_overwrite(tmp_path, capsys):
     src, out = make_folder(tmp_path / "src"), tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
-    assert prepare_main(["folder", str(src), "--out", str(out)]) == 2
+    assert prepare_main(["folder", str(src), "--out", str(out)]) == 0
+    before = sha(out / "manifest.json")
+    assert prepare_main(["folder", str(src), "--shard-size", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(out) in err and "--overwrite" in err
-    assert prepare_main(["folder", str(src), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert sha(out / "manifest.json") == before  # refused: untouched
+    assert prepare_main(["folder", str(src), "--shard-size", "2", "--out", str(out), "--overwrite"]) == 0
+    assert sha(out / "manifest.json") != before and len(list(out.glob("*.tar"))) == 3
+    # (a non-empty folder that prepare did not write is refused even with --overwrite: test_prepare.py)
 
 
 def test_crash_midway_leaves_no_final_files(tmp_path):
@@ -252,21 +259,129 @@ def test_random_flip_flips_some(tmp_path):
         assert (0.2 < flipped < 0.8) if flip else flipped == 0.0
 
 
+class Overtime(BaseException):
+    """Not an Exception: the data reader's `except Exception` must not swallow it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (not hang) when the block runs longer than `seconds`: the bug these tests guard is a spin."""
+    def expire(signum, frame):
+        raise Overtime(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def write_tar(path: Path, images: list[bytes], keys: list[str] | None = None) -> Path:
+    """A shard of raw image bytes (no checks, unlike write_shards: corrupt bytes stay in)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for i, data in enumerate(images):
+            sink.write({"__key__": keys[i] if keys else f"s{i:05d}", "png": data, "cls": b"0"})
+    return path
+
+
+def write_manifest(folder: Path, counts: list[int], **fields) -> Path:
+    """A hand-made manifest.json for the shard-%06d.tar files of folder."""
+    shards = [{"name": f"shard-{i:06d}.tar", "count": c} for i, c in enumerate(counts)]
+    (folder / "manifest.json").write_text(json.dumps({"count": sum(counts), "classes": ["a"], "channels": 3,
+                                                      "image_size": [4, 4], "shards": shards, **fields}))
+    return folder
+
+
 def test_corrupt_sample_is_skipped_counted_logged(tmp_path, caplog):
-    tar = tmp_path / "bad.tar"
-    with wds.TarWriter(str(tar), encoder=False) as sink:
-        for i in range(6):
-            data = b"not an image" if i == 2 else encode_png(np.full((4, 4, 3), i, np.uint8))
-            sink.write({"__key__": f"s{i}", "png": data, "cls": b"0"})
+    images = [b"not an image" if i == 2 else encode_png(np.full((4, 4, 3), i, np.uint8)) for i in range(6)]
+    tar = write_tar(tmp_path / "bad.tar", images)
     stream = ShardStream([str(tar)], 6, shuffle_buffer=0, random_flip=False, infinite=False)
     with caplog.at_level(logging.WARNING):
         (images, labels), = list(stream)
     assert images.shape[0] == 5 and stream.skipped == 1
     lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
-    assert len(lines) == 1 and "'s2'" in lines[0] and "1 skipped so far" in lines[0]
+    assert len(lines) == 1 and "'s00002'" in lines[0] and "1 skipped so far" in lines[0]
 
 
-@pytest.mark.parametrize("n_shards", [8, 1])  # whole shards per reader, or every R-th sample
+def test_undecodable_warnings_are_rate_limited(tmp_path, caplog):
+    good = encode_png(np.zeros((4, 4, 3), np.uint8))
+    tar = write_tar(tmp_path / "bad.tar", [good] + [b"junk"] * (WARN_EVERY + 100))
+    stream = ShardStream([str(tar)], 64, shuffle_buffer=0, infinite=False, max_bad_samples=10 * WARN_EVERY)
+    with caplog.at_level(logging.WARNING):
+        batches = list(stream)
+    assert sum(b[0].shape[0] for b in batches) == 1 and stream.skipped == WARN_EVERY + 100
+    lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(lines) == WARN_FIRST + 1 and f"{WARN_EVERY} skipped so far" in lines[-1]
+    assert "logged every" in lines[WARN_FIRST - 1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("manifest", [True, False])
+def test_all_undecodable_data_stops_with_one_line_data_error(tmp_path, monkeypatch, workers, manifest):
+    # torch joins a worker that raised for MP_STATUS_CHECK_INTERVAL (5 s) before killing it
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
+    folder = tmp_path / "bad"
+    write_tar(folder / "shard-000000.tar", [b"not an image"] * 8)
+    write_tar(folder / "shard-000001.tar", [b"not an image"] * 5)
+    if manifest:
+        write_manifest(folder, [8, 5])
+    dm = ShardDataModule(str(folder) if manifest else f"{folder}/shard-{{000000..000001}}.tar", batch_size=4,
+                         num_workers=workers)
+    with deadline(60), pytest.raises(DataError) as info:  # without a manifest the size probe already fails
+        dm.setup("fit")
+        next(iter(dm.train_dataloader()))
+    line = one_line(info.value)  # a worker's error comes back with its traceback: the last line is ours
+    assert "shard-000000.tar" in line and "decodable" in line and "expected" in line, line
+    assert "\n" not in str(info.value) or workers, str(info.value)
+
+
+def test_undecodable_run_is_bounded(tmp_path):
+    folder = tmp_path / "bad"
+    write_tar(folder / "shard-000000.tar", [b"x"] * 300)
+    stream = ShardStream([str(folder / "shard-000000.tar")], 4, max_bad_samples=50)
+    with deadline(60), pytest.raises(DataError, match="50 samples in a row"):
+        next(iter(stream))
+    assert stream.skipped == 50  # stopped at the bound, not after a pass
+
+
+@pytest.mark.parametrize("option,value", [
+    ("batch_size", 0), ("batch_size", -4), ("batch_size", 2.5), ("batch_size", True), ("val_batch_size", 0),
+    ("num_workers", -1), ("shuffle_buffer", -1), ("image_size", 0), ("max_bad_samples", 0),
+])
+def test_numeric_options_are_checked(option, value):
+    with pytest.raises(UserValueError) as info:
+        ShardDataModule("builtin:shapes?size=8&count=16", **{option: value})
+    message = str(info.value)
+    assert "\n" not in message and f"{option}={value!r}" in message and "expected an integer" in message
+
+
+def test_too_few_samples_for_the_readers_is_one_line(tmp_path):
+    shards = str(make_id_shards(tmp_path / "s", n=6, shard_size=3))
+    dm = ShardDataModule(shards, batch_size=2, num_workers=8)
+    dm.setup("fit")
+    with pytest.raises(UserValueError, match="6 samples, fewer than its 8 readers"):
+        dm.train_dataloader()
+
+
+def test_mixed_sizes_need_an_explicit_image_size(tmp_path):
+    folder = tmp_path / "mixed"
+    write_tar(folder / "shard-000000.tar", [encode_png(np.zeros((s, s, 3), np.uint8)) for s in (8, 12, 8, 12)])
+    write_manifest(folder, [4], image_size=None, mixed_sizes=True)
+    dm = ShardDataModule(str(folder), batch_size=4, num_workers=0)
+    assert dm.image_size is None
+    with pytest.raises(UserValueError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert "\n" not in message and "mixed sizes" in message and "image_size" in message and str(folder) in message
+    dm = ShardDataModule(str(folder), batch_size=4, num_workers=0, image_size=8)
+    dm.setup("fit")
+    assert dm.output_size == (8, 8) and next(iter(dm.train_dataloader()))[0].shape == (4, 3, 8, 8)
+
+
+@pytest.mark.parametrize("n_shards", [8, 1])  # more shards than readers, or fewer (readers share a shard)
 def test_ranks_and_workers_see_disjoint_samples(tmp_path, n_shards):
     urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=64, shard_size=64 // n_shards)))[0]
     seen = []
@@ -277,12 +392,111 @@ def test_ranks_and_workers_see_disjoint_samples(tmp_path, n_shards):
     assert not set(seen[0]) & set(seen[1])
 
 
-@pytest.mark.parametrize("workers,start", [(0, 5), (2, 4), (2, 3)])
-def test_stream_fast_forward_matches(tmp_path, workers, start):
+@pytest.mark.parametrize("workers,start,shuffle,world", [
+    (0, 5, 16, 1), (2, 4, 16, 1), (2, 3, 16, 1),  # 3: not a multiple of the workers (roles rotate)
+    (0, 13, 16, 1), (2, 13, 16, 1), (0, 13, 0, 1),  # past a pass boundary (a pass is 10 batches here)
+    (0, 7, 3, 2), (2, 7, 16, 2),  # rank 1 of 2
+])
+def test_stream_fast_forward_matches(tmp_path, workers, start, shuffle, world):
     urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=40, shard_size=5)))[0]
-    full = [batch_hash(b) for b in stream_batches(urls, 10, workers=workers, shuffle_buffer=16)]
-    resumed = [batch_hash(b) for b in stream_batches(urls, 10 - start, workers=workers, start=start, shuffle_buffer=16)]
+    kw = {"workers": workers, "shuffle_buffer": shuffle, "rank": world - 1, "world_size": world}
+    full = [batch_hash(b) for b in stream_batches(urls, 24, **kw)]
+    resumed = [batch_hash(b) for b in stream_batches(urls, 24 - start, start=start, **kw)]
     assert resumed == full[start:]
+
+
+def test_stream_follows_the_order_function(tmp_path):
+    # the stream reads exactly what SampleOrder says, so the draw-count tests below hold for it
+    urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=37, shard_size=5)))[0]
+    stream = ShardStream(urls, 5, shuffle_buffer=4, seed=3)
+    it = iter(stream)
+    got = [i for _ in range(20) for i in sample_ids(next(it)[0])]  # 100 slots: 2.7 passes of 37
+    order = SampleOrder([5] * 7 + [2], 1, seed=3, shuffle_buffer=4)
+    expected = np.concatenate([order.pass_ids(e, 0) for e in range(3)])[:100]
+    assert got == expected.tolist() and sorted(got[:37]) == list(range(37))
+
+
+def draw_counts(counts: list[int], readers: int, passes: int, **kwargs) -> np.ndarray:
+    """Draws per stored sample over `passes` passes of all readers; asserts readers are disjoint per pass."""
+    order = SampleOrder(counts, readers, **kwargs)
+    hits = np.zeros(order.total, np.int64)
+    for e in range(passes):
+        ids = np.concatenate([order.pass_ids(e, r) for r in range(readers)])
+        assert len(ids) == readers * (order.total // readers)
+        assert len(np.unique(ids)) == len(ids), "a sample was read twice within one pass"
+        hits += np.bincount(ids, minlength=order.total)
+    return hits
+
+
+@pytest.mark.parametrize("counts,readers,passes", [
+    ([100] * 5, 4, 20),  # 5 shards on 4 readers: was 253/500/500/500/247 draws per shard
+    ([6] * 10, 4, 30),  # whole shards could not be split evenly
+    ([9, 1], 5, 30),  # fewer shards than readers, uneven shards
+])
+def test_every_sample_is_drawn_once_per_pass_when_readers_divide_it(counts, readers, passes):
+    hits = draw_counts(counts, readers, passes, shuffle_buffer=7, seed=1)
+    assert (hits == passes).all(), np.unique(hits)
+
+
+@pytest.mark.parametrize("counts,readers,passes", [
+    ([3, 7, 5, 2, 9], 4, 2000),  # N = 26, 2 positions left out per pass
+    ([13, 6], 8, 2000),  # fewer shards than readers: 3 left out
+    ([40] * 50, 32, 200),  # CIFAR-10's 50 shards on 8 GPUs x 4 workers (smaller shards): 16 left out
+])
+def test_every_sample_is_drawn_equally_often_in_expectation(counts, readers, passes):
+    hits = draw_counts(counts, readers, passes, shuffle_buffer=16, seed=0)
+    n = sum(counts)
+    p = readers * (n // readers) / n  # chance a sample is read in a pass
+    sigma = (passes * p * (1 - p)) ** 0.5
+    assert hits.max() <= passes and np.abs(hits - passes * p).max() < 5 * sigma + 1, (hits.min(), hits.max())
+    per_shard = np.add.reduceat(hits, np.concatenate([[0], np.cumsum(counts)[:-1]])) / np.asarray(counts)
+    assert per_shard.max() / per_shard.min() < 1.05  # the old split drew some shards 2x as often
+
+
+def test_real_shards_are_drawn_equally(tmp_path):
+    # 5 shards of 8 on 4 readers (2 ranks x 2 workers), 3 passes = 30 slots per reader
+    urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=40, shard_size=8)))[0]
+    ids = [i for rank in (0, 1) for b in stream_batches(urls, 12, workers=2, rank=rank, world_size=2, batch_size=5)
+           for i in sample_ids(b[0])]
+    assert np.bincount(ids, minlength=40).tolist() == [3] * 40
+
+
+@pytest.mark.parametrize("shuffle", [16, 0])
+def test_resume_work_does_not_grow_with_the_consumed_count(tmp_path, shuffle):
+    urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=64, shard_size=8)))[0]
+    order = SampleOrder([8] * 8, 1, shuffle_buffer=shuffle)
+    work = []
+    for start in (1_000, 10_000):  # batches of 4 consumed: 62 and 625 passes over the 64 samples
+        stream = ShardStream(urls, 4, shuffle_buffer=shuffle)
+        stream.start_batch = start
+        images, _ = next(iter(stream))
+        e, j = divmod(start * 4, 64)
+        assert sample_ids(images) == order.pass_ids(e, 0)[j:j + 4].tolist()  # the straight run's batch
+        work.append((stream.io["read"] + stream.io["passed"], stream.decoded))
+    # 2 tar members (png, cls) per sample: at most one shard passed over plus one block (+1 sample) read
+    block = shuffle if shuffle > 1 else 256
+    assert all(members <= 2 * (8 + min(block, 64) + 1) and decoded == 4 for members, decoded in work), work
+
+
+def test_counts_without_a_manifest_match_it(tmp_path):
+    folder = make_id_shards(tmp_path / "s", n=30, shard_size=7)
+    urls, manifest = resolve_shards(str(folder))
+    assert shard_counts(urls) == [s["count"] for s in manifest["shards"]] == [7, 7, 7, 7, 2]
+    assert count_samples(f"pipe:cat {urls[0]}") == 7  # a stream: read through, not seeked
+    with_counts = stream_batches(urls, 12, counts=[7, 7, 7, 7, 2], shuffle_buffer=5)
+    counted = stream_batches(urls, 12, shuffle_buffer=5)
+    assert [batch_hash(b) for b in with_counts] == [batch_hash(b) for b in counted]
+
+
+def test_truncated_shard_leaves_slots_empty_not_shifted(tmp_path):
+    urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=16, shard_size=8)))[0]
+    full = [sample_ids(b[0]) for b in stream_batches(urls, 4, shuffle_buffer=0, random_flip=False)]
+    data = Path(urls[0]).read_bytes()
+    Path(urls[0]).write_bytes(data[: len(data) // 2])  # the manifest still says 8
+    cut = [sample_ids(b[0]) for b in stream_batches(urls, 4, counts=[8, 8], shuffle_buffer=0, random_flip=False)]
+    survivors = {i for b in cut for i in b}
+    assert set(range(8, 16)) <= survivors and len(survivors) < 16  # shard 0 lost its tail
+    assert cut == [[i for i in b if i in survivors] for b in full]  # the lost slots stay empty: nothing shifts
 
 
 def test_validation_is_finite_ordered_unflipped(tmp_path):
@@ -293,6 +507,20 @@ def test_validation_is_finite_ordered_unflipped(tmp_path):
     assert runs[0] == runs[1] == list(range(20))
 
 
+@pytest.mark.parametrize("n,world,workers", [(23, 6, 0), (23, 3, 2), (5, 3, 2)])  # 5 < 6 readers: one reads none
+def test_validation_reads_every_sample_once_across_readers(tmp_path, n, world, workers):
+    urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=n, shard_size=5)))[0]
+    per_rank = []
+    for rank in range(world):
+        stream = ShardStream(urls, 2, rank=rank, world_size=world, shuffle_buffer=0, random_flip=False,
+                             infinite=False)
+        per_rank.append([i for b in DataLoader(stream, batch_size=None, num_workers=workers) for i in sample_ids(b[0])])
+    assert sorted(i for ids in per_rank for i in ids) == list(range(n))  # each once, none dropped
+    if workers == 0:  # one reader per rank: a contiguous run of the stored order, sizes within one
+        assert [i for ids in per_rank for i in ids] == list(range(n))
+        assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+
+
 def test_pipe_and_http_urls(tmp_path):
     import functools
     import http.server
@@ -300,9 +528,9 @@ def test_pipe_and_http_urls(tmp_path):
     import threading
 
     folder = make_id_shards(tmp_path / "s", n=8, shard_size=8)
-    expected = [sample_ids(b[0]) for b in stream_batches([str(folder / "shard-000000.tar")], 2, shuffle_buffer=0)]
-    piped = [sample_ids(b[0]) for b in stream_batches([f"pipe:cat {folder}/shard-000000.tar"], 2, shuffle_buffer=0)]
-    assert piped == expected
+    expected = [sample_ids(b[0]) for b in stream_batches([str(folder / "shard-000000.tar")], 5, shuffle_buffer=0)]
+    piped = [sample_ids(b[0]) for b in stream_batches([f"pipe:cat {folder}/shard-000000.tar"], 5, shuffle_buffer=0)]
+    assert piped == expected  # counted through the pipe, then each pass reopens it at its offset
     if shutil.which("curl") is None:
         pytest.skip("curl is absent: webdataset streams http(s) through curl")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
@@ -314,25 +542,34 @@ def test_pipe_and_http_urls(tmp_path):
                              manifest=f"http://127.0.0.1:{server.server_address[1]}/manifest.json")
         assert dm.num_classes == 3 and dm.image_size == 8
         dm.setup("fit")
-        assert [sample_ids(b[0]) for b in dm._stream("train", batch_size=4, infinite=False)] == expected
+        assert [sample_ids(b[0]) for b in dm._stream("train", batch_size=4, infinite=False)] == [[0, 1, 2, 3],
+                                                                                               [4, 5, 6, 7]]
+        shard = url.replace("{000000..000000}", "000000")
+        assert [sample_ids(b[0]) for b in stream_batches([shard], 5, counts=[8], shuffle_buffer=0)] == expected
     finally:
         server.shutdown()
 
 
-@pytest.mark.parametrize("spec,words", [
-    ("", ["shards is empty"]),
-    ("{tmp}/missing-{{000..001}}.tar", ["missing-000.tar", "does not exist"]),
-    ("{tmp}/nothing-*.tar", ["nothing-*.tar", "matched no files"]),
-    ("{tmp}", ["has no manifest.json"]),
-    ("{tmp}/bad.json", ["bad.json", "not readable JSON"]),
-    ("{tmp}/empty.json", ["empty.json", "malformed"]),
-    ("builtin:circles", ["builtin:circles", "unknown"]),
+@pytest.mark.parametrize("spec,error,words", [
+    ("", UserValueError, ["shards is empty"]),
+    ("{tmp}/missing-{{000..001}}.tar", MissingFileError, ["missing-000.tar", "does not exist"]),
+    ("{tmp}/nothing-*.tar", MissingFileError, ["nothing-*.tar", "matched no files"]),
+    ("{tmp}", MissingFileError, ["has no manifest.json"]),
+    ("{tmp}/bad.json", UserValueError, ["bad.json", "not readable JSON"]),
+    ("{tmp}/empty.json", UserValueError, ["empty.json", "malformed"]),
+    ("builtin:circles", UserValueError, ["builtin:circles", "unknown"]),
+    ("builtin:shapes?size=4", UserValueError, ["builtin:shapes?size=4", "size >= 8"]),
+    ("val:{tmp}/val.tar", MissingFileError, ["val.tar", "does not exist"]),
 ])
-def test_bad_shards_are_one_line_errors(tmp_path, spec, words):
+def test_bad_shards_are_one_line_errors(tmp_path, spec, error, words):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "empty.json").write_text('{"shards": []}')
-    dm = ShardDataModule(spec.format(tmp=tmp_path), num_workers=0)
-    with pytest.raises((ValueError, FileNotFoundError)) as info:
+    spec = spec.format(tmp=tmp_path)
+    if spec.startswith("val:"):  # good training shards, missing val_shards
+        dm = ShardDataModule(str(make_id_shards(tmp_path / "s", n=4)), val_shards=spec[4:], num_workers=0)
+    else:
+        dm = ShardDataModule(spec, num_workers=0)
+    with pytest.raises(error) as info:
         dm.setup("fit")
     message = str(info.value)
     assert "\n" not in message and all(w in message for w in words), message
@@ -379,8 +616,8 @@ def test_lightning_resume_is_exact(tmp_path, workers, accumulate):
 
 @pytest.mark.slow
 def test_ddp_ranks_see_disjoint_samples(tmp_path):
-    # 2 ranks x 2 workers = 4 readers of 2 shards (32 samples) each; 12 samples per reader
-    # are consumed, fewer than 32 - shuffle_buffer, so no sample can repeat within a rank
+    # 2 ranks x 2 workers = 4 readers of 32 positions each of a 128-sample pass; 12 samples per
+    # reader are consumed, all within the first pass, so no sample can repeat at all
     shards = make_id_shards(tmp_path / "s", n=128, shard_size=16)
     cmd = [sys.executable, str(HERE / "_data_ddp_worker.py"), str(shards), str(tmp_path), "2"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)

@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
         raise CommandError(f"samples are {height}x{width} but the reference images of --data {args.data} are "
                            f"{size}: expected the same size (square samples get the reference resized to them)")
     if data_info["stored_size"] != data_info["image_size"] and fabric.global_rank == 0:
-        stored = "x".join(map(str, data_info["stored_size"]))
+        stored = "x".join(map(str, data_info["stored_size"])) if data_info["stored_size"] else "mixed sizes"
         print(f"reference images resized from {stored} to {height}x{width} (resize + centre crop, as in training)",
               file=sys.stderr)
     reference = reference_stats(images, data_key, extractor, with_features=args.kid, device=fabric.device,

@@ -34,6 +34,8 @@ __all__ = ["DiffusionModule", "TRUSTED_PACKAGES", "check_data_fits", "load_modul
 
 # Lightning warns about submodules in eval mode at the start of fit; the EMA copy is one on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# nonfinite_loss: skip returns None from training_step on purpose (the step is skipped on every rank)
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:

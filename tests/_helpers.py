@@ -1,4 +1,4 @@
-"""Helpers shared by the contract tests (imported as `_helpers`: pytest puts tests/ on sys.path)."""
+"""Helpers shared by the tests (imported as `_helpers`: pytest puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -11,3 +11,22 @@ def subclasses(cls: type) -> list[type]:
             out.append(sub)
         out.extend(subclasses(sub))
     return sorted(set(out), key=lambda c: c.__name__)
+
+
+def tiny_fit_config(**trainer: object) -> dict:
+    """A `diffusion-pl fit` recipe that trains in well under a second per step: a 8-channel U-Net on the
+    built-in 8x8 shapes (5 classes), its shape filled from the data; `trainer` entries override."""
+    return {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 5, "enable_progress_bar": False,
+                    "enable_model_summary": False, "limit_val_batches": 0, **trainer},
+        "model": {
+            "net": {"class_path": "diffusion_pl.networks.UNet",
+                    "init_args": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                  "attn_resolutions": [], "dropout": 0.0}},
+            "process": {"class_path": "diffusion_pl.processes.VPLinear"},
+            "ema_decay": 0.5,
+        },
+        "data": {"class_path": "diffusion_pl.data.ShardDataModule",
+                 "init_args": {"shards": "builtin:shapes?size=8&count=64", "batch_size": 4, "num_workers": 0}},
+    }

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from _helpers import tiny_fit_config
 from diffusion_pl.cli import main
 from diffusion_pl.data import Sample, write_shards
 from diffusion_pl.data.prepare import encode_png
@@ -23,21 +24,7 @@ from diffusion_pl.errors import TRACEBACK_ENV
 
 SHAPES = "builtin:shapes?size=8&count=64"  # RGB 8x8, 5 classes
 
-CONFIG = {
-    "seed_everything": 0,
-    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "enable_progress_bar": False,
-                "enable_model_summary": False, "limit_val_batches": 0, "logger": False,
-                "enable_checkpointing": False},
-    "model": {
-        "net": {"class_path": "diffusion_pl.networks.UNet",
-                "init_args": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                              "attn_resolutions": [], "dropout": 0.0}},
-        "process": {"class_path": "diffusion_pl.processes.VPLinear"},
-        "ema_decay": 0.5,
-    },
-    "data": {"class_path": "diffusion_pl.data.ShardDataModule",
-             "init_args": {"shards": SHAPES, "batch_size": 4, "num_workers": 0}},
-}
+CONFIG = tiny_fit_config(max_steps=2, logger=False, enable_checkpointing=False)
 
 
 @dataclass(frozen=True)

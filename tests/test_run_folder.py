@@ -14,29 +14,14 @@ import pytest
 import torch
 import yaml
 
+from _helpers import tiny_fit_config
 from diffusion_pl.cli import main
 from diffusion_pl.run_folder import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "seed_everything": 0,
-    "trainer": {
-        "accelerator": "cpu", "devices": 1, "max_steps": 5, "enable_progress_bar": False,
-        "enable_model_summary": False, "limit_val_batches": 0,
-        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                       "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "save_last": True}}],
-    },
-    "model": {
-        "net": {"class_path": "diffusion_pl.networks.UNet",
-                "init_args": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                              "attn_resolutions": [], "dropout": 0.0}},
-        "process": {"class_path": "diffusion_pl.processes.VPLinear"},
-        "ema_decay": 0.5,
-    },
-    "data": {"class_path": "diffusion_pl.data.ShardDataModule",
-             "init_args": {"shards": "builtin:shapes?size=8&count=64", "batch_size": 4, "num_workers": 0}},
-}
+TINY = tiny_fit_config(callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                    "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "save_last": True}}])
 
 
 @pytest.fixture

@@ -64,6 +64,7 @@ except ImportError:  # deprecated in torchvision 0.29 (for TorchCodec); PIL belo
 
 from diffusion_pl.data import builtin
 from diffusion_pl.data.prepare import MANIFEST
+from diffusion_pl.data.tario import can_seek, read_member, skip_member, tar_entries
 from diffusion_pl.errors import DataError, MissingFileError, UserValueError
 
 log = logging.getLogger(__name__)
@@ -163,63 +164,8 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
 
 
 # ----------------------------------------------------------------------------- tar reading
-# prepare.tar_members reads every member's data; resuming needs to pass over members by their
-# headers alone (a seek per member on local files), so the walk is written here with that choice.
 def _open(url: str) -> BinaryIO:
     return open(url, "rb") if not _is_url(url) else wds.gopen(url, "rb")
-
-
-def _can_seek(f) -> bool:
-    try:
-        return bool(f.seekable())
-    except (AttributeError, OSError, ValueError):  # webdataset's Pipe (pipe:, http) has no seekable()
-        return False
-
-
-def _skip(f, size: int, seekable: bool) -> None:
-    """Pass over a member's (512-byte padded) data: a seek on files, read and dropped on streams."""
-    left = (size + 511) // 512 * 512
-    if seekable:
-        f.seek(left, 1)  # past the end is allowed: the next header read then finds the end
-        return
-    while left > 0:
-        chunk = f.read(min(left, 1 << 20))
-        if not chunk:
-            raise EOFError("truncated tar member")
-        left -= len(chunk)
-
-
-def _read(f, size: int) -> bytes:
-    data = f.read((size + 511) // 512 * 512)
-    if len(data) < size:
-        raise EOFError(f"truncated tar member after {len(data)} of {size} bytes")
-    return data[:size]
-
-
-def _header_name(header: bytes) -> str:
-    name = header[:100].rstrip(b"\0").decode()
-    prefix = header[345:500].rstrip(b"\0") if header[257:263] == b"ustar\0" else b""  # POSIX ustar only
-    return f"{prefix.decode()}/{name}" if prefix else name
-
-
-def _members(f, seekable: bool) -> Iterator[tuple[str, int]]:
-    """(path, size) of each regular file of a tar stream (ustar, GNU long names, pax paths).
-
-    The caller consumes the member's data, with _read or _skip, before asking for the next one.
-    """
-    long_name = None
-    while len(header := f.read(512)) == 512 and header.strip(b"\0"):  # two zero blocks end a tar
-        size, kind = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8), header[156:157]
-        if kind in (b"L", b"x"):  # GNU long name / pax records "N path=...\n": name of the next member
-            data = _read(f, size)
-            paths = [r.split(b"=", 1)[1] for r in data.split(b"\n") if b" path=" in r] if kind == b"x" else [data]
-            long_name = paths[0].rstrip(b"\0").decode() if paths else long_name
-            continue
-        name, long_name = long_name or _header_name(header), None
-        if kind in (b"0", b"\0"):
-            yield name, size
-        else:
-            _skip(f, size, seekable)
 
 
 def _split_key(name: str) -> tuple[str, str] | None:
@@ -239,11 +185,11 @@ def tar_samples(url: str, start: int = 0, stats: dict | None = None) -> Iterator
     index, key, sample = -1, None, None
     f = _open(url)
     try:
-        seekable = _can_seek(f)
-        for name, size in _members(f, seekable):
+        seekable = can_seek(f)
+        for name, size in tar_entries(f, seekable):
             split = _split_key(name)
             if split is None:
-                _skip(f, size, seekable)
+                skip_member(f, size, seekable)
                 continue
             if split[0] != key:
                 if sample is not None:
@@ -251,11 +197,11 @@ def tar_samples(url: str, start: int = 0, stats: dict | None = None) -> Iterator
                 index, key = index + 1, split[0]
                 sample = {"__key__": key, "__url__": url} if index >= start else None
             if sample is None:
-                _skip(f, size, seekable)
+                skip_member(f, size, seekable)
                 if stats is not None:
                     stats["passed"] += 1
             else:
-                sample[split[1]] = _read(f, size)
+                sample[split[1]] = read_member(f, size)
                 if stats is not None:
                     stats["read"] += 1
         if sample is not None:
@@ -277,12 +223,12 @@ def count_samples(url: str) -> int:
         log.warning("cannot open shard %s to count its samples: %s", url, _reason(err))
         return 0
     try:
-        seekable = _can_seek(f)
-        for name, size in _members(f, seekable):
+        seekable = can_seek(f)
+        for name, size in tar_entries(f, seekable):
             split = _split_key(name)
             if split is not None and split[0] != key:
                 count, key = count + 1, split[0]
-            _skip(f, size, seekable)
+            skip_member(f, size, seekable)
     except Exception as err:  # noqa: BLE001 - a damaged shard: its readable part still counts
         log.warning("counted %d samples in shard %s before %s", count, url, _reason(err))
     finally:

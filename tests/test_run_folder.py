@@ -146,3 +146,23 @@ def test_one_option_moves_the_whole_run(tmp_path, monkeypatch):
     assert _step(mine / "checkpoints" / "last.ckpt") == 2
     assert list((mine / "samples").glob("*.png"))
     assert list(mine.glob("events.out.tfevents.*"))
+
+
+def test_network_shape_is_filled_from_the_data(tiny, tmp_path, capsys):
+    """Grey 8x8 shards and a recipe without in_channels / img_resolution: the net is built 1-channel 8x8."""
+    import numpy as np
+
+    from diffusion_pl.data import Sample, write_shards
+    from diffusion_pl.data.prepare import encode_png
+    from diffusion_pl.module import load_module
+
+    grey = np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8)
+    write_shards((Sample(f"{i:04d}", encode_png(g), "png", i % 5, (8, 8, 1)) for i, g in enumerate(grey)),
+                 tmp_path / "grey", classes=[str(c) for c in range(5)], shard_size=6)
+    run = tmp_path / "run"
+    assert _fit(tiny, run, f"--data.init_args.shards={tmp_path / 'grey'}", "--trainer.max_steps", "1") == 0
+    assert "model.net in_channels=1, img_resolution=8 (from the data)" in capsys.readouterr().err
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["net"]["init_args"]
+    assert (saved["in_channels"], saved["img_resolution"]) == (1, 8)
+    module = load_module(str(run / "checkpoints" / "last.ckpt"))
+    assert (module.net.in_channels, module.net.img_resolution) == (1, 8)

@@ -277,3 +277,24 @@ def test_preemption_callback_targets_checkpoint_dir(tmp_path):
     trainer = _trainer(tmp_path, 1, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck")])
     assert PreemptionCheckpoint()._target(trainer) == tmp_path / "ck" / "last.ckpt"
     assert PreemptionCheckpoint(dirpath=str(tmp_path / "x"))._target(trainer) == tmp_path / "x" / "last.ckpt"
+
+
+def test_validation_loss_is_deterministic_with_label_dropout(tmp_path):
+    """p_uncond > 0: the dropped labels come from the validation generator, so val/loss repeats exactly."""
+    from diffusion_pl.data import ShardDataModule
+    from diffusion_pl.losses import DenoisingLoss
+
+    torch.manual_seed(0)
+    module = DiffusionModule(make_net(num_classes=5), VPLinear(), EpsPrediction(), DenoisingLoss(p_uncond=0.5))
+    with torch.no_grad():  # the zero-initialised output layer would make the loss blind to the labels
+        for p in module.ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    shapes = f"builtin:shapes?size={IMAGE_SIZE}&count=16"
+    dm = ShardDataModule(shards=shapes, val_shards=shapes, batch_size=8, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(len(losses))  # a different global generator state each time
+        losses.append(trainer.validate(module, dm, verbose=False)[0]["val/loss"])
+    assert losses[0] == losses[1]

@@ -1,8 +1,8 @@
 """Bad input meets one line: every probe runs a real command line and expects exit status 2, a last stderr
 line `diffusion-pl <command>: error: ...` containing the given words, and no traceback.
 
-A new bad input joins in one line: add a `Probe(...)` to PROBES (the placeholders {run}, {data}, {grey},
-{corrupt}, {nomanifest}, {badmanifest}, {junk}, {ckpt} name the fixture files below).
+A new bad input joins in one line: add a `Probe(...)` to PROBES (the placeholders {config}, {run}, {grey},
+{corrupt}, {nomanifest}, {badmanifest}, {junk}, {goodimages}, {badimages}, {userdir} name the fixture files).
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ PROBES = [
     Probe("evaluate: random file as ckpt",
           ("evaluate", "--ckpt", "{junk}", "--data", SHAPES, "--num-samples", "2",
            "--feature-extractor", "_eval_setup.StandInFeatures"), ("not a checkpoint",)),
+    # prepare
+    Probe("prepare: zero-byte image", ("prepare", "folder", "{badimages}", "--out", "{run}/shards"), ("0001.jpg",)),
+    Probe("prepare: --overwrite of a folder it did not write",
+          ("prepare", "folder", "{goodimages}", "--out", "{userdir}", "--overwrite"), ("not",)),
     # a diverging run
     Probe("nonfinite loss", fit("--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30"),
           ("non-finite training loss",)),
@@ -105,9 +109,17 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "badmanifest").mkdir()
     (root / "badmanifest" / "manifest.json").write_text("{not json")
     (root / "junk.ckpt").write_bytes(b"PK\x03\x04 truncated" + bytes(200))
+    for folder, broken in (("goodimages", False), ("badimages", True)):
+        (root / folder / "cat").mkdir(parents=True)
+        for i in range(2):
+            data = b"" if broken and i == 1 else encode_png(np.zeros((8, 8, 3), np.uint8))
+            (root / folder / "cat" / f"{i:04d}.jpg").write_bytes(data)
+    (root / "userdir").mkdir()
+    (root / "userdir" / "notes.txt").write_text("mine")
     return {"grey": str(root / "grey"), "corrupt": str(root / "corrupt" / "shard-000000.tar"),
             "nomanifest": str(root / "nomanifest"), "badmanifest": str(root / "badmanifest"),
-            "junk": str(root / "junk.ckpt")}
+            "junk": str(root / "junk.ckpt"), "goodimages": str(root / "goodimages"),
+            "badimages": str(root / "badimages"), "userdir": str(root / "userdir")}
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=str)

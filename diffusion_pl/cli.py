@@ -177,8 +177,10 @@ def fill_network_shape(config) -> None:
     values = {}
     if "in_channels" in unset and getattr(datamodule, "channels", None) is not None:
         values["in_channels"] = int(datamodule.channels)
-    if "img_resolution" in unset and getattr(datamodule, "output_size", None) is not None:
-        h, w = datamodule.output_size
+    # the manifest's (or the argument's) square side first: output_size may have to read an image
+    side = getattr(datamodule, "image_size", None)
+    if "img_resolution" in unset and (side is not None or getattr(datamodule, "output_size", None) is not None):
+        h, w = (side, side) if side is not None else datamodule.output_size
         if h != w:
             raise UserValueError(f"the data yields {h}x{w} images but model.net img_resolution is unset: expected "
                                  "square images; set data image_size to a side to resize them to")

@@ -11,8 +11,9 @@ from typing import Callable
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
-__all__ = ["last_step_saved", "save_now", "slurm_requeue"]
+__all__ = ["batches_processed", "built_by_cli", "last_step_saved", "save_now", "slurm_requeue"]
 
 
 def last_step_saved(callback: ModelCheckpoint) -> int:
@@ -47,3 +48,21 @@ def slurm_requeue(trainer: L.Trainer) -> tuple[int, Callable[[], None]] | None:
         return None
     handler = trainer._signal_connector._slurm_sigusr_handler_fn
     return int(signum), lambda: handler(signum, None)
+
+
+def built_by_cli() -> bool:
+    """Whether the LightningModule being constructed is built by LightningCLI from a config.
+
+    LightningCLI sets the context variable `hparams_mixin._given_hyperparameters` to the config while
+    it instantiates the model; it is None otherwise.
+    """
+    return _given_hyperparameters.get() is not None
+
+
+def batches_processed(trainer: L.Trainer) -> int:
+    """Training batches the trainer has run: `fit_loop.epoch_loop.batch_progress.total.processed`.
+
+    Incremented right after training_step, before on_train_batch_end, so the value is right whether
+    a checkpoint is written there, at validation end or after fit.
+    """
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)

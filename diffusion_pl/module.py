@@ -22,9 +22,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # set by LightningCLI
 from torch import Tensor, nn
 
+from diffusion_pl import lightning_compat
 from diffusion_pl.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
@@ -105,7 +105,7 @@ class DiffusionModule(L.LightningModule):
         # Under LightningCLI the hparams are the YAML config (class_path + init_args), which lets
         # `load_module` rebuild everything from a checkpoint; built from Python, the objects are left
         # out so that checkpoints stay loadable with weights_only=True.
-        if _given_hyperparameters.get() is not None:
+        if lightning_compat.built_by_cli():
             self.save_hyperparameters()
         else:
             self.save_hyperparameters(ignore=["net", "process", "prediction", "loss", "optimizer"])

@@ -32,9 +32,15 @@ def test_lightning_cli_internals_overridden_by_diffusion_cli():
     assert "self.config_init[subcommand]" in inspect.getsource(LightningCLI._prepare_subcommand_kwargs)
 
 
-def test_module_and_data_internals():
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # set by LightningCLI
+def test_module_and_data_internals(tmp_path, monkeypatch):
+    """built_by_cli is True only inside LightningCLI's instantiation; batches_processed counts batches."""
+    from _helpers import tiny_fit_config
+    from diffusion_pl.cli import DiffusionCLI
+    from diffusion_pl.module import DiffusionModule
 
-    assert hasattr(_given_hyperparameters, "get")
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+    assert not lightning_compat.built_by_cli()
+    module = DiffusionCLI(args=tiny_fit_config(default_root_dir=str(tmp_path)), run=False).model
+    assert isinstance(module, DiffusionModule) and "_instantiator" in module.hparams  # the CLI path was taken
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    assert isinstance(trainer.fit_loop.epoch_loop.batch_progress.total.processed, int)
+    assert lightning_compat.batches_processed(trainer) == 0

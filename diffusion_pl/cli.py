@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 
 # name -> (module with `main(argv) -> int`, one-line description)
 PROJECT_COMMANDS = {
-    "prepare": ("diffusion_pl.data.prepare", "write webdataset shards (+ manifest) from CIFAR-10 or an image folder"),
+    "prepare": ("diffusion_pl.commands.prepare", "write webdataset shards (+ manifest) from CIFAR-10 or an image folder"),
     "sample": ("diffusion_pl.commands.sample", "generate images from a checkpoint (PNGs and/or an ADM/EDM .npz)"),
     "evaluate": ("diffusion_pl.commands.evaluate", "FID / KID / IS against cached reference statistics, bits/dim"),
 }

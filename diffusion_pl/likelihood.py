@@ -1,4 +1,4 @@
-"""Exact likelihood through the probability-flow ODE (DESIGN section 5; Song et al. 2021, Appendix D.2).
+"""Exact likelihood through the probability-flow ODE (Song et al. 2021, Appendix D.2).
 
 Along the probability-flow ODE dx/dt = v(x, t) every marginal p_t is transported, and the
 instantaneous change of variables (Chen et al. 2018, Thm. 1) gives d log p_t(x(t))/dt = -div v, so
@@ -19,12 +19,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser, Model, Prediction
 from diffusion_pl.processes import Process
+from diffusion_pl.sampling.ode import solve_ode
 
 __all__ = ["NLLResult", "BPDResult", "jacobian_trace", "ode_nll", "bits_per_dim",
            "dequantize_uint8"]
@@ -109,7 +109,7 @@ def ode_nll(model: Model, process: Process, prediction: Prediction, x: Tensor, *
     s0, s1, to_t, dt_ds = _time_change(process, t0, t1, time_variable)
     bar = _progress(progress)
 
-    def rhs(s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+    def rhs(s: Tensor | float, x_t: Tensor) -> tuple[Tensor, Tensor]:
         # the solver's first-step probe may look past the end, where e.g. VPCosine's alpha is undefined
         s = torch.as_tensor(s, dtype=torch.float64).clamp(min(s0, s1), max(s0, s1)).reshape(1)
         t = to_t(s)
@@ -122,10 +122,9 @@ def ode_nll(model: Model, process: Process, prediction: Prediction, x: Tensor, *
         return v * scale, div * scale
 
     with torch.no_grad():
-        if solver == "torchdiffeq" and _has_torchdiffeq():
-            x_T, delta = _solve_torchdiffeq(rhs, x, s0, s1, rtol, atol)
-        else:
-            x_T, delta = _solve_scipy(rhs, x, s0, s1, rtol, atol)
+        state = (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))  # (x, int div v dt)
+        x_T, delta = solve_ode(lambda s, y: rhs(s, y[0]), state, s0, s1, rtol, atol, time_dtype=x.dtype,
+                               use_torchdiffeq=solver == "torchdiffeq")
         log_p = prior_log_prob(x_T).to(delta.dtype) + delta
     if bar is not None:
         bar.close()
@@ -156,50 +155,12 @@ def _time_change(process: Process, t0: float, t1: float, time_variable: str):
     return float(ends[0]), float(ends[1]), process.t_from_log_snr, dt_ds
 
 
-def _has_torchdiffeq() -> bool:
-    try:
-        import torchdiffeq  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _progress(enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(desc="ode_nll (NFE)", unit="eval")
-
-
-def _solve_torchdiffeq(rhs, x: Tensor, t0: float, t1: float, rtol: float, atol: float) -> tuple[Tensor, Tensor]:
-    from torchdiffeq import odeint
-
-    times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    state = (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
-    # step_t = [t1]: end a step exactly at t1 instead of stepping past it and interpolating back
-    xs, deltas = odeint(lambda t, s: rhs(t, s[0]), state, times, rtol=rtol, atol=atol, method="dopri5",
-                        options={"step_t": times[1:]})
-    return xs[-1], deltas[-1]
-
-
-def _solve_scipy(rhs, x: Tensor, t0: float, t1: float, rtol: float, atol: float) -> tuple[Tensor, Tensor]:
-    # scipy integrates a flat float64 vector: [x.flatten(), delta]
-    from scipy.integrate import solve_ivp
-
-    n = x.numel()
-
-    def fun(t: float, y: np.ndarray) -> np.ndarray:
-        x_t = torch.from_numpy(y[:n]).reshape(x.shape).to(device=x.device, dtype=x.dtype)
-        v, div = rhs(torch.tensor(t, dtype=torch.float64), x_t)
-        return np.concatenate([v.double().cpu().numpy().ravel(), div.double().cpu().numpy()])
-
-    y0 = np.concatenate([x.double().cpu().numpy().ravel(), np.zeros(x.shape[0])])
-    sol = solve_ivp(fun, (t0, t1), y0, method="RK45", rtol=rtol, atol=atol)
-    if not sol.success:
-        raise RuntimeError(f"scipy solve_ivp failed: {sol.message}")
-    y = torch.from_numpy(sol.y[:, -1]).to(device=x.device, dtype=x.dtype)
-    return y[:n].reshape(x.shape), y[n:]
 
 
 def dequantize_uint8(images_uint8: Tensor, uniform: bool = True, generator: torch.Generator | None = None,

@@ -1,4 +1,4 @@
-"""Denoising loss, loss weightings and time proposals (DESIGN section 3).
+"""Denoising loss, loss weightings and time proposals.
 
     L = E_{t ~ proposal, x0, eps} [ w_out(t) * mean_dims (F(x_t, t, y) - target)^2 ]
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Model, Prediction
-from diffusion_pl.processes import Process
+from diffusion_pl.processes import AttributeRepr, Process, check_positive
 
 __all__ = [
     "TimeProposal",
@@ -50,17 +50,13 @@ def _draw(fn, shape: tuple[int, ...], generator: torch.Generator | None, device)
 
 
 # -- time proposals ------------------------------------------------------------------------------
-class TimeProposal:
+class TimeProposal(AttributeRepr):
     """Distribution of the training time t on [t_min, t_max]."""
 
     def sample(self, n: int, process: Process, generator: torch.Generator | None = None,
                device: torch.device | str | None = None) -> Tensor:
         """n times (n,) float32 in [process.t_min, process.t_max]."""
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
 
 
 class UniformTime(TimeProposal):
@@ -80,8 +76,7 @@ class LogNormalNoise(TimeProposal):
     """log(sigma/alpha) ~ N(p_mean, p_std^2), mapped to t and clamped (Karras et al. 2022, Table 1 'p_train')."""
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2) -> None:
-        if p_std <= 0:
-            raise ValueError(f"p_std must be positive, got {p_std}")
+        check_positive("p_std", p_std)
         self.p_mean, self.p_std = p_mean, p_std
 
     def sample(self, n, process, generator=None, device=None):
@@ -94,8 +89,7 @@ class LogitNormalTime(TimeProposal):
     """t = t_min + (t_max - t_min) sigmoid(N(mean, std^2)) (Esser et al. 2024, SD3, Sec. 3.1)."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
-        if std <= 0:
-            raise ValueError(f"std must be positive, got {std}")
+        check_positive("std", std)
         self.mean, self.std = mean, std
 
     def sample(self, n, process, generator=None, device=None):
@@ -109,7 +103,7 @@ def _scales(t: Tensor, process: Process) -> tuple[Tensor, Tensor, Tensor, Tensor
     return process.alpha(t), process.sigma(t), process.d_alpha(t), process.d_sigma(t)
 
 
-class Weighting:
+class Weighting(AttributeRepr):
     """A loss weight w_out(t) on the output MSE, defined through the x0-error weight w_x0(t).
 
     Subclasses give `x0_weight` and `eps_weight` = x0_weight * sigma^2 / alpha^2, each written
@@ -132,10 +126,6 @@ class Weighting:
         via_eps = self.eps_weight(t64, process) * b_eps.to(torch.float64) ** 2
         # inf * 0 (e.g. b_x0 = sigma/alpha at alpha = 0) is NaN in one form and finite in the other
         return torch.where(torch.isfinite(via_x0), via_x0, via_eps).to(t.dtype)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
 
 
 class OutputMSE(Weighting):
@@ -185,8 +175,7 @@ class MinSNR(Weighting):
     """w_x0 = min(SNR, gamma) (Hang et al. 2023, 'Min-SNR weighting')."""
 
     def __init__(self, gamma: float = 5.0) -> None:
-        if gamma <= 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
+        check_positive("gamma", gamma)
         self.gamma = gamma
 
     def x0_weight(self, t, process):
@@ -202,8 +191,7 @@ class EDMWeighting(Weighting):
     """w_x0 = (s^2 + sigma_data^2) / (s sigma_data)^2 with s = sigma / alpha (Karras et al. 2022, Table 1)."""
 
     def __init__(self, sigma_data: float = 0.5) -> None:
-        if sigma_data <= 0:
-            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        check_positive("sigma_data", sigma_data)
         self.sigma_data = sigma_data
 
     def x0_weight(self, t, process):
@@ -240,8 +228,8 @@ class LossOutput:
     t: Tensor
 
 
-class DenoisingLoss:
-    """E_t w_out(t) ||F(x_t, t, y) - target||^2 (DESIGN section 3), with label dropout (Ho & Salimans 2022)."""
+class DenoisingLoss(AttributeRepr):
+    """E_t w_out(t) ||F(x_t, t, y) - target||^2 (see the module docstring), with label dropout (Ho & Salimans 2022)."""
 
     def __init__(self, proposal: TimeProposal = UniformTime(), weighting: Weighting = OutputMSE(),
                  p_uncond: float = 0.0) -> None:
@@ -276,9 +264,6 @@ class DenoisingLoss:
             raise ValueError("p_uncond > 0 with class labels needs null_label, the index of the 'no class' label")
         drop = _draw(torch.rand, tuple(class_labels.shape), generator, class_labels.device) < self.p_uncond
         return torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
-
-    def __repr__(self) -> str:
-        return f"DenoisingLoss(proposal={self.proposal}, weighting={self.weighting}, p_uncond={self.p_uncond})"
 
 
 LOG_SNR_EDGES = (-4.0, 0.0, 4.0)  # sigma/alpha > 7.4 | 1..7.4 | 0.14..1 | < 0.14

@@ -1,4 +1,4 @@
-"""An analytic oracle: Gaussian-mixture data, whose noisy marginals are closed form (DESIGN section 6).
+"""An analytic oracle: Gaussian-mixture data, whose noisy marginals are closed form.
 
 If x0 ~ sum_k w_k N(mu_k, s_k^2 I) then x_t = alpha x0 + sigma eps has
 p_t = sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I) for every process, so the exact

@@ -1,4 +1,4 @@
-"""Network parameterizations and the one wrapper every sampler and loss talks to (DESIGN section 2).
+"""Network parameterizations and the one wrapper (`Denoiser`) every sampler and the likelihood talk to.
 
 A network F(x_in, noise_label, y) predicts one of eps, x0, v, the score, the flow-matching
 velocity, or EDM's preconditioned residual. Every choice is affine in (x_t, F):
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from diffusion_pl.processes import Process, append_dims
+from diffusion_pl.processes import AttributeRepr, Process, append_dims, check_positive
 
 __all__ = [
     "Model",
@@ -35,7 +35,7 @@ __all__ = [
     "ScorePrediction",
     "VelocityPrediction",
     "EDMPreconditioning",
-    "Denoised",
+    "DenoiserOutput",
     "Denoiser",
     "precondition",
 ]
@@ -45,7 +45,7 @@ Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 Coefficients = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-class Prediction:
+class Prediction(AttributeRepr):
     """What the network predicts; subclasses give the affine coefficients and the target."""
 
     def coefficients(self, t: Tensor, process: Process) -> Coefficients:
@@ -66,15 +66,8 @@ class Prediction:
 
     def to_x0_eps(self, out: Tensor, x_t: Tensor, t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
         """Convert network output into (x0_hat, eps_hat)."""
-        a_x0, b_x0, a_eps, b_eps = (append_dims(c.to(x_t.dtype), x_t.ndim) for c in self.coefficients(t, process))
+        a_x0, b_x0, a_eps, b_eps = (_per_sample_like(c, x_t) for c in self.coefficients(t, process))
         return a_x0 * x_t + b_x0 * out, a_eps * x_t + b_eps * out
-
-    def x0_error_scale(self, t: Tensor, process: Process) -> Tensor:
-        """|d x0_hat / d F| (B,): an output error e gives an x0 error b_x0 * e (for loss weights)."""
-        return self.coefficients(t, process)[1].abs()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
 
 
 def _scales(t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
@@ -82,7 +75,8 @@ def _scales(t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
     return process.alpha(t64), process.sigma(t64)
 
 
-def _bcast(c: Tensor, x: Tensor) -> Tensor:
+def _per_sample_like(c: Tensor, x: Tensor) -> Tensor:
+    """A per-sample coefficient (B,) in x's dtype, shaped (B, 1, ..., 1) to multiply x."""
     return append_dims(c.to(x.dtype), x.ndim)
 
 
@@ -118,7 +112,7 @@ class VPrediction(Prediction):
 
     def target(self, x0, eps, t, process):
         alpha, sigma = _scales(t, process)
-        return _bcast(alpha, x0) * eps - _bcast(sigma, x0) * x0
+        return _per_sample_like(alpha, x0) * eps - _per_sample_like(sigma, x0) * x0
 
 
 class ScorePrediction(Prediction):
@@ -130,7 +124,7 @@ class ScorePrediction(Prediction):
 
     def target(self, x0, eps, t, process):
         _, sigma = _scales(t, process)
-        return -eps / _bcast(sigma, eps)
+        return -eps / _per_sample_like(sigma, eps)
 
 
 class VelocityPrediction(Prediction):
@@ -146,7 +140,7 @@ class VelocityPrediction(Prediction):
 
     def target(self, x0, eps, t, process):
         t64 = t.to(torch.float64)
-        return _bcast(process.d_alpha(t64), x0) * x0 + _bcast(process.d_sigma(t64), x0) * eps
+        return _per_sample_like(process.d_alpha(t64), x0) * x0 + _per_sample_like(process.d_sigma(t64), x0) * eps
 
 
 class EDMPreconditioning(Prediction):
@@ -157,8 +151,7 @@ class EDMPreconditioning(Prediction):
     """
 
     def __init__(self, sigma_data: float = 0.5) -> None:
-        if sigma_data <= 0:
-            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        check_positive("sigma_data", sigma_data)
         self.sigma_data = sigma_data
 
     def _edm(self, t: Tensor, process: Process) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -184,7 +177,8 @@ class EDMPreconditioning(Prediction):
         # (x0 - c_skip x_t / alpha) / c_out, simplified to stay finite at alpha = 0
         alpha, sigma, r, _, _ = self._edm(t, process)
         sd = self.sigma_data
-        return (_bcast(sigma, x0) * x0 - sd**2 * _bcast(alpha, x0) * eps) / (sd * _bcast(r, x0))
+        sigma, alpha, r = (_per_sample_like(c, x0) for c in (sigma, alpha, r))
+        return (sigma * x0 - sd**2 * alpha * eps) / (sd * r)
 
     def c_in(self, t, process):
         _, _, r, _, _ = self._edm(t, process)
@@ -193,9 +187,6 @@ class EDMPreconditioning(Prediction):
     def c_noise(self, t, process):
         alpha, sigma = _scales(t, process)
         return (0.25 * torch.log(sigma / alpha)).to(t.dtype)  # +inf at alpha = 0: no finite label exists there
-
-    def __repr__(self) -> str:
-        return f"EDMPreconditioning(sigma_data={self.sigma_data})"
 
 
 class _Preconditioned(nn.Module):
@@ -208,7 +199,7 @@ class _Preconditioned(nn.Module):
         self.prediction = prediction
 
     def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        c_in = append_dims(self.prediction.c_in(t, self.process).to(x_t.dtype), x_t.ndim)
+        c_in = _per_sample_like(self.prediction.c_in(t, self.process), x_t)
         c_noise = self.prediction.c_noise(t, self.process).to(x_t.dtype)
         return self.net(c_in * x_t, c_noise, class_labels)
 
@@ -219,11 +210,20 @@ def precondition(net: nn.Module, process: Process, prediction: Prediction) -> nn
 
 
 @dataclass
-class Denoised:
+class DenoiserOutput:
     """The wrapper's answer at (x_t, t): x0_hat and eps_hat (the score is -eps / sigma)."""
 
     x0: Tensor
     eps: Tensor
+
+    def velocity(self, d_alpha: Tensor | float, d_sigma: Tensor | float) -> Tensor:
+        """Probability-flow ODE velocity dx/dt = alpha' x0_hat + sigma' eps_hat at the same time.
+
+        Substituting x_t = alpha x0_hat + sigma eps_hat into f x - g2/2 score gives this form, which
+        never divides by alpha, so it is finite where alpha = 0 (rectified flow at t = 1).
+        d_alpha, d_sigma: alpha'(t) and sigma'(t) as Python floats or per-sample (B, 1, ..., 1) tensors.
+        """
+        return d_alpha * self.x0 + d_sigma * self.eps
 
 
 class Denoiser:
@@ -255,26 +255,26 @@ class Denoiser:
         out_c, out_u = out.chunk(2)
         return out_u + self.guidance * (out_c - out_u)
 
-    def __call__(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Denoised:
+    def __call__(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> DenoiserOutput:
         t = _per_sample_time(t, x_t)
         x0, eps = self.prediction.to_x0_eps(self.output(x_t, t, class_labels), x_t, t, self.process)
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
             alpha, sigma = _scales(t, self.process)
-            eps = (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
-        return Denoised(x0=x0, eps=eps)
+            eps = (x_t - _per_sample_like(alpha, x_t) * x0) / _per_sample_like(sigma, x_t)
+        return DenoiserOutput(x0=x0, eps=eps)
 
     def velocity(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """Probability-flow ODE velocity dx/dt = alpha' x0_hat + sigma' eps_hat (finite where alpha = 0)."""
+        """Probability-flow ODE velocity dx/dt at (x_t, t) (see `DenoiserOutput.velocity`)."""
         t = _per_sample_time(t, x_t)
-        d = self(x_t, t, class_labels)
         t64 = t.to(torch.float64)
-        return _bcast(self.process.d_alpha(t64), x_t) * d.x0 + _bcast(self.process.d_sigma(t64), x_t) * d.eps
+        return self(x_t, t, class_labels).velocity(_per_sample_like(self.process.d_alpha(t64), x_t),
+                                                   _per_sample_like(self.process.d_sigma(t64), x_t))
 
     def score(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """grad log p_t(x_t) = -eps_hat / sigma(t)."""
         t = _per_sample_time(t, x_t)
-        sigma = _bcast(self.process.sigma(t.to(torch.float64)), x_t)
+        sigma = _per_sample_like(self.process.sigma(t.to(torch.float64)), x_t)
         return -self(x_t, t, class_labels).eps / sigma
 
 

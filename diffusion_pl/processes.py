@@ -1,4 +1,5 @@
-"""Forward processes x_t = alpha(t) x_0 + sigma(t) eps, one object each (DESIGN section 1).
+"""Forward processes x_t = alpha(t) x_0 + sigma(t) eps, one object each, in the
+(alpha, sigma) notation of Kingma et al. 2021 (Variational Diffusion Models).
 
 A process is fully given by (alpha(t), sigma(t)) on [t_min, t_max]. Everything a loss or a
 sampler needs (drift f, squared diffusion g2, log-SNR and its inverse, the prior) follows
@@ -7,7 +8,7 @@ from that pair, so a new process is one small subclass that implements `alpha` a
 
 Time arithmetic runs in float64 and is cast back to the input dtype: the log-SNR of a VE
 process spans ~[-8, 9] and the DDPM grid needs exact index arithmetic, both of which lose
-digits in float32 (STYLE item 7).
+digits in float32 (its 24-bit mantissa holds ~7 significant digits).
 """
 
 from __future__ import annotations
@@ -29,12 +30,39 @@ __all__ = [
     "RectifiedFlow",
     "Trigonometric",
     "append_dims",
+    "AttributeRepr",
+    "check_positive",
+    "check_nonnegative",
 ]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """Reshape a per-sample vector (B,) to (B, 1, ..., 1) with `ndim` dimensions in all."""
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise ValueError('<name> must be positive, got <value>') if value <= 0."""
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    """Raise ValueError('<name> must be >= 0, got <value>') if value < 0."""
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+class AttributeRepr:
+    """`__repr__` as the constructor call `Name(attr=value, ...)` from the instance's attributes.
+
+    For the small configuration objects (samplers, time grids, proposals, weightings) whose
+    attributes are exactly their constructor arguments, so the repr reads as the call that built them.
+    """
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
 
 
 class Process:
@@ -104,7 +132,10 @@ class Process:
         return _f64(lambda s: self._d_alpha(s) / self._alpha(s), t)
 
     def g2(self, t: Tensor) -> Tensor:
-        """Squared diffusion g(t)^2 = (sigma^2)' - 2 f sigma^2 (DESIGN section 1)."""
+        """Squared diffusion g(t)^2 = (sigma^2)' - 2 f sigma^2.
+
+        The variance of dx = f x dt + g dW obeys (sigma^2)' = 2 f sigma^2 + g^2.
+        """
 
         def g2(s: Tensor) -> Tensor:
             sigma = self._sigma(s)
@@ -318,10 +349,6 @@ class DDPMDiscrete(_VariancePreserving):
 
     def discrete_times(self) -> Tensor:
         return torch.arange(1, self.num_steps + 1, dtype=torch.float64) / self.num_steps
-
-    def timestep_to_t(self, timesteps: Tensor) -> Tensor:
-        """DDPM's integer step index (0..N-1) to process time (1/N..1)."""
-        return (timesteps.to(torch.float64) + 1.0) / self.num_steps
 
 
 class SubVP(Process):

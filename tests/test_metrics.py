@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from torchmetrics.image import FrechetInceptionDistance
 
 from _eval_setup import StandInFeatures
 from diffusion_pl import metrics
+from diffusion_pl.metrics import inception
 from diffusion_pl.metrics import (InceptionFeatures, InceptionWeightsError, SampleMetrics, frechet_distance,
                                   gaussian_stats, load_inception, metric_prefix, random_inception_weights,
                                   reference_stats, to_uint8)
@@ -182,7 +186,7 @@ def test_preflight_passes_with_a_weights_file(tmp_path, monkeypatch):
     monkeypatch.setenv(metrics.WEIGHTS_ENV, str(path))
     assert metrics.inception_weights_file() == path
     monkeypatch.delenv(metrics.WEIGHTS_ENV)
-    hub = metrics._hub_weights_file()
+    hub = inception._hub_weights_file()
     hub.parent.mkdir(parents=True)
     hub.write_bytes(path.read_bytes())
     assert metrics.inception_weights_file(download_timeout=0.01) == hub
@@ -191,3 +195,23 @@ def test_preflight_passes_with_a_weights_file(tmp_path, monkeypatch):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(InceptionWeightsError, match="is not a torch-fidelity InceptionV3 state_dict"):
         load_inception(str(bad))
+
+
+def test_generation_loads_without_the_metrics_stack():
+    """Sample grids and `diffusion-pl sample` import generation, never diffusion_pl.metrics (torch-fidelity)."""
+    # `import lightning` itself imports torchmetrics (and so torch-fidelity), so for the callback the
+    # check is that neither diffusion_pl.metrics nor the FID callback is loaded
+    code = ("import sys, diffusion_pl.generation, diffusion_pl.commands.sample; "
+            "assert 'torch_fidelity' not in sys.modules and 'torchmetrics' not in sys.modules, 'metrics stack'; "
+            "import diffusion_pl.callbacks.sample_grid; "
+            "loaded = [m for m in ('diffusion_pl.metrics', 'diffusion_pl.callbacks.fid') if m in sys.modules]; "
+            "assert not loaded, loaded; "
+            "from diffusion_pl.callbacks import FIDCallback; assert 'diffusion_pl.metrics' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_package_does_not_use_unittest_mock():
+    """Test doubles stay in tests/ (lightning imports unittest.mock itself, so the source is checked)."""
+    package = Path(metrics.__file__).parents[1]
+    assert not [str(p) for p in package.rglob("*.py") if "unittest" in p.read_text()]

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from diffusion_pl import lightning_compat
 from diffusion_pl.errors import UserValueError
+from diffusion_pl.fileio import atomic_path
 
 __all__ = ["AtomicCheckpointIO", "DeferredRequeue", "FinalCheckpoint", "PreemptionCheckpoint", "checkpoint_step", "find_resume_checkpoint",
            "read_global_step"]
@@ -49,30 +50,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"AtomicCheckpointIO does not take storage_options, got {storage_options!r}")
         if not _is_local_file_protocol(str(path)):
             return super().save_checkpoint(checkpoint, path)  # remote stores: their own semantics
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename: fsync the directory entry (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 class PreemptionCheckpoint(Callback):

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from diffusion_pl.metrics import (ReferenceStats, SampleMetrics, generate, load_inception, metric_prefix,
-                                  rank_indices, reference_images, reference_stats, sampler_label)
-from diffusion_pl.sampling import HeunODE, Sampler
+from diffusion_pl.callbacks._every_n import EveryNSteps
+from diffusion_pl.data.reference import reference_images
+from diffusion_pl.generation import generate, metric_prefix, rank_indices, sampler_label
+from diffusion_pl.metrics.inception import load_inception
+from diffusion_pl.metrics.statistics import ReferenceStats, SampleMetrics, reference_stats
+from diffusion_pl.sampling import Sampler
 
 __all__ = ["FIDCallback"]
 
 
-class FIDCallback(Callback):
+class FIDCallback(EveryNSteps):
     """Every `every_n_steps`: FID of `num_samples` EMA samples per sampler, logged as e.g. `fid10k/heunode_17`.
 
     Args:
@@ -46,21 +48,17 @@ class FIDCallback(Callback):
                  inception_weights: str | None = None, feature_extractor: nn.Module | None = None,
                  kid: bool = False, isc: bool = False, batch_size: int = 256, seed: int = 0,
                  guidance: float = 1.0, download_timeout: float = 10.0) -> None:
-        super().__init__()
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(f"FIDCallback: expected every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
-        self.every_n_steps, self.num_samples, self.data = every_n_steps, num_samples, data
-        samplers = sampler if sampler is not None else HeunODE(steps=17)
-        self.samplers = list(samplers) if isinstance(samplers, (list, tuple)) else [samplers]
+        super().__init__(every_n_steps, sampler)
+        self.num_samples, self.data = num_samples, data
         self.inception_weights, self.kid, self.isc = inception_weights, kid, isc
         self.batch_size, self.seed, self.guidance, self.download_timeout = batch_size, seed, guidance, download_timeout
         # kept in a list so Lightning / deepcopy never treat it as part of this callback's state
         self._extractor: list[nn.Module] = [feature_extractor] if feature_extractor is not None else []
         self.reference: ReferenceStats | None = None
-        self.image_shape: tuple[int, ...] | None = None
         self.last: dict[str, float] = {}  # the latest logged values
-        self._step_at_batch_start = -1
 
     @property
     def extractor(self) -> nn.Module:
@@ -89,23 +87,15 @@ class FIDCallback(Callback):
         self.reference = reference_stats(images, key, self.extractor, with_features=self.kid, total=info["count"],
                                          progress=trainer.is_global_zero)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._step_at_batch_start = trainer.global_step
-        if self.image_shape is None:
-            self.image_shape = tuple(batch[0].shape[1:])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        # only when this batch completed an optimizer step: under gradient accumulation the step count
-        # stays put for several batches (step 0 included, and the resumed step after a restart)
-        if step != self._step_at_batch_start and step % self.every_n_steps == 0:
-            values = self.evaluate(trainer, pl_module)
-            # Straight to the loggers: self.log(on_step=True) would reach them only on steps that are
-            # multiples of log_every_n_steps. callback_metrics lets ModelCheckpoint monitor the value.
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(values, step=step)
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})  # equal on all ranks
+    def on_every_n_steps(self, trainer: L.Trainer, pl_module) -> None:
+        """Evaluate on every rank and log the values at this step."""
+        values = self.evaluate(trainer, pl_module)
+        # Straight to the loggers: self.log(on_step=True) would reach them only on steps that are
+        # multiples of log_every_n_steps. callback_metrics lets ModelCheckpoint monitor the value.
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})  # equal on all ranks
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
 
-from diffusion_pl.metrics import generate, sampler_label
-from diffusion_pl.sampling import HeunODE, Sampler
+from diffusion_pl.callbacks._every_n import EveryNSteps
+from diffusion_pl.generation import generate, sampler_label
+from diffusion_pl.sampling import Sampler
 
 __all__ = ["SampleGrid", "run_dir"]
 
@@ -22,7 +22,7 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-class SampleGrid(Callback):
+class SampleGrid(EveryNSteps):
     """Every `every_n_steps` and at train end: `num_samples` EMA samples from fixed seeds, per sampler.
 
     Class-conditional models get one row per class (classes 0, 1, ...); unconditional ones a
@@ -34,35 +34,23 @@ class SampleGrid(Callback):
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64,
                  sampler: Sampler | list[Sampler] | None = None, seed: int = 0, guidance: float = 1.0,
                  nrow: int | None = None, at_train_end: bool = True, batch_size: int = 256) -> None:
-        super().__init__()
         if every_n_steps < 1 or num_samples < 1 or batch_size < 1:
             raise ValueError(f"SampleGrid: every_n_steps, num_samples, batch_size must be >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
         if nrow is not None and nrow < 1:
             raise ValueError(f"SampleGrid: nrow must be >= 1 or None, got {nrow}")
-        self.every_n_steps, self.num_samples, self.seed, self.guidance = every_n_steps, num_samples, seed, guidance
-        samplers = sampler if sampler is not None else HeunODE(steps=17)
-        self.samplers = list(samplers) if isinstance(samplers, (list, tuple)) else [samplers]
+        super().__init__(every_n_steps, sampler)
+        self.num_samples, self.seed, self.guidance = num_samples, seed, guidance
         self.nrow, self.at_train_end, self.batch_size = nrow, at_train_end, batch_size
-        self.image_shape: tuple[int, ...] | None = None
         self.folder: Path | None = None
         self._last_step = -1
-        self._step_at_batch_start = -1
         self.written: list[Path] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.folder = run_dir(trainer) / "samples"  # trainer.log_dir is a collective: every rank, here
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._step_at_batch_start = trainer.global_step
-        if self.image_shape is None:  # (C, H, W) of the training images: the shape to sample
-            self.image_shape = tuple(batch[0].shape[1:])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # only when this batch completed an optimizer step: under gradient accumulation the step count
-        # stays put for several batches (step 0 included, and the resumed step after a restart)
-        if trainer.global_step != self._step_at_batch_start and trainer.global_step % self.every_n_steps == 0:
-            self.write(trainer, pl_module)
+    def on_every_n_steps(self, trainer: L.Trainer, pl_module) -> None:
+        self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.at_train_end:

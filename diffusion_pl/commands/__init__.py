@@ -9,7 +9,6 @@ jsonargparse as LightningCLI parses the recipes, with imports limited to diffusi
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import re
@@ -24,6 +23,7 @@ from PIL import Image
 
 from diffusion_pl import sampling
 from diffusion_pl.errors import UserValueError, one_line
+from diffusion_pl.fileio import sha256_file
 from diffusion_pl.sampling import Sampler
 
 __all__ = ["CommandError", "sampler_classes", "make_sampler", "resolve_sampler", "sampler_help", "SAMPLER_STEPS_HELP",
@@ -257,15 +257,6 @@ def read_rgb(path: str | Path) -> np.ndarray:
     """uint8 (H, W, 3) of an image file (a writable copy); grey and RGBA become RGB (alpha dropped)."""
     with Image.open(path) as im:
         return np.array(im.convert("RGB"))
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_fabric(devices: int, accelerator: str = "auto"):

@@ -29,11 +29,13 @@ import torch.distributed as dist
 from PIL import Image
 
 from diffusion_pl.commands import (SAMPLER_STEPS_HELP, CommandError, add_model_options, image_shape, load_checkpoint,
-                                   make_fabric, read_rgb, resolve_sampler, sampler_help, sha256_file)
+                                   make_fabric, read_rgb, resolve_sampler, sampler_help)
+from diffusion_pl.data.reference import reference_images
 from diffusion_pl.errors import run_command
-from diffusion_pl.metrics import (PROTOCOL, InceptionFeatures, SampleMetrics, fingerprint,
-                                  generate, load_inception, metric_prefix, rank_indices, reference_images,
-                                  reference_stats, sampler_label)
+from diffusion_pl.fileio import sha256_file
+from diffusion_pl.generation import generate, metric_prefix, rank_indices, sampler_label
+from diffusion_pl.metrics.inception import InceptionFeatures, load_inception
+from diffusion_pl.metrics.statistics import PROTOCOL, SampleMetrics, fingerprint, reference_stats
 from diffusion_pl.sampling import Sampler
 
 __all__ = ["main", "parser", "run", "dataset_bits_per_dim", "read_samples"]

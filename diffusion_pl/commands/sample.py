@@ -32,9 +32,10 @@ import torch
 from PIL import Image
 
 from diffusion_pl.commands import (SAMPLER_STEPS_HELP, CommandError, add_model_options, image_shape, load_checkpoint,
-                                   make_fabric, read_rgb, resolve_sampler, sampler_help, sha256_file)
+                                   make_fabric, read_rgb, resolve_sampler, sampler_help)
 from diffusion_pl.errors import run_command
-from diffusion_pl.metrics import class_labels_for, generate, rank_indices
+from diffusion_pl.fileio import sha256_file
+from diffusion_pl.generation import class_labels_for, generate, rank_indices
 
 __all__ = ["main", "parser", "run"]
 

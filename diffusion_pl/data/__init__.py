@@ -1,15 +1,17 @@
 """Data layer: webdataset shards written by ``diffusion-pl prepare``, streamed by ShardDataModule.
 
-- ``prepare``: CIFAR-10 (torchvision or local python batches) and image folders / tars ->
-  reproducible tar shards + manifest.json (``write_shards`` is the writer itself).
-- ``ShardDataModule``: batches (images float32 (B, C, H, W) in [-1, 1], labels int64 (B,)),
-  split over ranks and workers, infinite for training and exactly resumable.
+- ``prepare`` (``writer``): CIFAR-10 (torchvision or local python batches) and image folders / tars
+  (``sources``) -> reproducible tar shards + manifest.json (``write_shards`` is the writer itself);
+  ``diffusion_pl.data.prepare`` keeps these names importable where they were.
+- ``ShardDataModule`` (``datamodule``): batches (images float32 (B, C, H, W) in [-1, 1], labels int64
+  (B,)), split over ranks and workers, infinite for training and exactly resumable: shard lists and
+  tar reading in ``shards``, the sampling order in ``order``, the stream itself in ``stream``.
 - ``builtin``: the seeded coloured-shapes dataset behind ``shards="builtin:shapes"``.
 """
 
 from diffusion_pl.data.builtin import SHAPES, ensure_shapes, render_shapes
 from diffusion_pl.data.datamodule import ShardDataModule, ShardStream, load_manifest, resolve_shards, to_signed_unit
-from diffusion_pl.data.prepare import (
+from diffusion_pl.data.prepare import (  # the submodule first: the package's `prepare` is then the function
     PrepareError,
     Sample,
     cifar10_batches,

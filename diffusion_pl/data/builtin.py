@@ -17,7 +17,9 @@ from typing import Iterator
 
 import numpy as np
 
-from diffusion_pl.data.prepare import MANIFEST, PrepareError, Sample, cache_dir, encode_png, write_shards
+from diffusion_pl.data.png import encode_png
+from diffusion_pl.data.writer import MANIFEST, PrepareError, Sample, write_shards
+from diffusion_pl.paths import cache_dir
 
 SHAPES = ("circle", "cross", "diamond", "square", "triangle")  # sorted: class index = position
 PALETTE = ((230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (220, 60, 220), (40, 220, 230))

@@ -1,4 +1,4 @@
-"""Samplers for every process and parameterization, behind one entry point `sample` (DESIGN section 4).
+"""Samplers for every process and parameterization, behind one entry point `sample`.
 
     out = sample(model, process, prediction, sampler, shape, seeds=..., guidance=..., progress=...)
     out.x, out.nfe

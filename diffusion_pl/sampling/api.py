@@ -1,4 +1,4 @@
-"""The one entry point: noise -> time grid -> steps -> samples (DESIGN section 4).
+"""The one entry point: noise -> time grid -> steps -> samples.
 
 `sample` wraps the model into a `Denoiser` (parameterization, classifier-free guidance,
 x0 clipping), draws x_T from the prior N(0, prior_std^2 I) with the chosen noise source, runs

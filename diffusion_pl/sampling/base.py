@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion_pl.prediction import Denoised, Denoiser
-from diffusion_pl.processes import Process
-from diffusion_pl.sampling.grids import TimeGrid, UniformGrid
+from diffusion_pl.prediction import Denoiser, DenoiserOutput
+from diffusion_pl.processes import AttributeRepr, Process
+from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
 from diffusion_pl.sampling.noise import Noise
 
-__all__ = ["Sampler", "Point", "at", "posterior_step"]
+__all__ = ["Sampler", "Point", "point_at", "points_at", "posterior_step"]
 
 
 @dataclass(frozen=True)
@@ -44,22 +44,22 @@ class Point:
         """Half log-SNR lambda = log(alpha/sigma) (Lu et al. 2022); -inf where alpha = 0."""
         return math.log(self.alpha / self.sigma) if self.alpha > 0 else -math.inf
 
-    def velocity(self, d: Denoised) -> Tensor:
-        """Probability-flow ODE dx/dt = alpha' x0_hat + sigma' eps_hat: finite even where alpha = 0."""
-        return self.d_alpha * d.x0 + self.d_sigma * d.eps
 
-
-def at(process: Process, t: float | list[float]) -> Point | list[Point]:
-    """The process's scalars at time t, or at each of a list of times (one vectorized call per function)."""
-    tt = torch.tensor(t if isinstance(t, list) else [t], dtype=torch.float64)
+def points_at(process: Process, times: list[float]) -> list[Point]:
+    """The process's scalars at each of a list of times (one vectorized call per function)."""
+    tt = torch.tensor(times, dtype=torch.float64)
     fns = (process.alpha, process.sigma, process.d_alpha, process.d_sigma, process.g2)
     columns = [tt.tolist()] + [fn(tt).tolist() for fn in fns]
-    points = [Point(*row) for row in zip(*columns)]
-    return points if isinstance(t, list) else points[0]
+    return [Point(*row) for row in zip(*columns)]
 
 
-def posterior_step(d: Denoised, x: Tensor, p_t: Point, p_s: Point, eta: float, noise: Noise) -> Tensor:
-    """x_s ~ q(x_s | x_t, x0_hat) with DDIM's eta (Song et al. 2021a, eq. 12; DESIGN section 4).
+def point_at(process: Process, t: float) -> Point:
+    """The process's scalars at one time t."""
+    return points_at(process, [t])[0]
+
+
+def posterior_step(d: DenoiserOutput, x: Tensor, p_t: Point, p_s: Point, eta: float, noise: Noise) -> Tensor:
+    """x_s ~ q(x_s | x_t, x0_hat) with DDIM's eta (Song et al. 2021a, eq. 12).
 
     With a = alpha_t/alpha_s, b2 = sigma_t^2 - a^2 sigma_s^2 and c2 = b2 sigma_s^2 / sigma_t^2:
     x_s = alpha_s x0_hat + sqrt(sigma_s^2 - eta^2 c2) eps_hat + eta sqrt(c2) z.
@@ -76,7 +76,7 @@ def posterior_step(d: Denoised, x: Tensor, p_t: Point, p_s: Point, eta: float, n
     return x_s
 
 
-class Sampler:
+class Sampler(AttributeRepr):
     """Base: `steps` steps along `grid` from t_max to t_min, then optionally x <- x0_hat at t_min (Tweedie).
 
     Subclasses implement `step` (one grid interval t -> s) or override `solve` (multistep and
@@ -91,7 +91,9 @@ class Sampler:
         self.final_denoise = final_denoise
 
     def default_grid(self) -> TimeGrid:
-        return UniformGrid()
+        """The grid used when none is given: uniform in log-SNR, which suits every process (uniform t
+        wastes steps on EDM's t in [0.002, 80]); a sampler built for another grid overrides this."""
+        return LogSNRGrid()
 
     def times(self, process: Process) -> Tensor:
         """The float64 grid (steps + 1,) this sampler visits on `process`."""
@@ -100,7 +102,7 @@ class Sampler:
     def run(self, denoiser: Denoiser, x: Tensor, noise: Noise, class_labels: Tensor | None = None,
             progress: bool = False) -> Tensor:
         """Carry x from t_max (a prior sample) to t_min, and to x0_hat if final_denoise."""
-        points = at(denoiser.process, self.times(denoiser.process).tolist())
+        points = points_at(denoiser.process, self.times(denoiser.process).tolist())
         with tqdm(total=len(points) - 1, disable=not progress, desc=type(self).__name__) as bar:
             x = self.solve(denoiser, x, points, noise, class_labels, bar)
         if self.final_denoise:
@@ -123,7 +125,3 @@ class Sampler:
     def denoise(self, denoiser: Denoiser, x: Tensor, p: Point, noise: Noise, class_labels: Tensor | None) -> Tensor:
         """The final x <- E[x0 | x_t] (Tweedie's formula, Efron 2011) at t = t_min."""
         return denoiser(x, p.t, class_labels).x0
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from diffusion_pl.sampling.base import Sampler
-from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
+from diffusion_pl.sampling.grids import TimeGrid
 
 __all__ = ["DPMSolverPP"]
 
@@ -28,9 +28,6 @@ class DPMSolverPP(Sampler):
 
     def __init__(self, steps: int = 20, grid: TimeGrid | None = None, final_denoise: bool = True) -> None:
         super().__init__(steps, grid, final_denoise)
-
-    def default_grid(self) -> TimeGrid:
-        return LogSNRGrid()
 
     def solve(self, denoiser, x, points, noise, class_labels, bar):
         x0_prev, h_prev = None, math.inf

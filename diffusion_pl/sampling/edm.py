@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
-from diffusion_pl.sampling.base import Point, Sampler, at
+from diffusion_pl.sampling.base import Point, Sampler, point_at
 from diffusion_pl.sampling.grids import KarrasGrid, TimeGrid
 from diffusion_pl.sampling.noise import Noise
 
@@ -57,11 +57,11 @@ class EDMStochastic(Sampler):
         s_i = p.noise_level
         n = self.steps + int(self.final_denoise)  # EDM's N counts the step to sigma = 0
         gamma = min(self.S_churn / n, math.sqrt(2.0) - 1.0) if self.S_min <= s_i <= self.S_max else 0.0
-        s_hat = min(s_i * (1.0 + gamma), at(process, process.t_max).noise_level)
+        s_hat = min(s_i * (1.0 + gamma), point_at(process, process.t_max).noise_level)
         if not s_hat > s_i:
             return x, p
         t_hat = float(process.t_from_noise_level(torch.tensor([s_hat], dtype=torch.float64))[0])
-        p_hat = at(process, t_hat)
+        p_hat = point_at(process, t_hat)
         s_hat = p_hat.noise_level  # the level actually reached after the round trip through t
         z = noise.randn_like(x)
         return (p_hat.alpha / p.alpha) * x + (p_hat.alpha * math.sqrt(max(s_hat**2 - s_i**2, 0.0)) * self.S_noise) * z, p_hat

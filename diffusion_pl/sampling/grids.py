@@ -1,4 +1,4 @@
-"""Time grids t_0 = t_max > t_1 > ... > t_steps = t_min for the samplers (DESIGN section 4).
+"""Time grids t_0 = t_max > t_1 > ... > t_steps = t_min for the samplers.
 
 A grid is uniform in some coordinate of time: t itself, u = sqrt((t - t_min) / (t_max - t_min)),
 the noise level sigma/alpha to the power 1/rho (Karras et al. 2022, eq. 5), or the log-SNR.
@@ -19,21 +19,17 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from diffusion_pl.processes import Process
+from diffusion_pl.processes import AttributeRepr, Process, check_positive
 
 __all__ = ["TimeGrid", "UniformGrid", "QuadraticGrid", "KarrasGrid", "LogSNRGrid", "ExplicitGrid"]
 
 
-class TimeGrid:
+class TimeGrid(AttributeRepr):
     """A rule that places `steps + 1` decreasing times from process.t_max to process.t_min."""
 
     def times(self, process: Process, steps: int) -> Tensor:
         """Float64 tensor (steps + 1,), times[0] = t_max, times[-1] = t_min, strictly decreasing."""
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
 
 
 def _check_steps(steps: int) -> None:
@@ -76,7 +72,8 @@ def _capped_ramp(process: Process, steps: int, q_max: float, q_min: float, q_cap
     return _pin_ends(t, process)
 
 
-def _at(fn: Callable[[Tensor], Tensor], t: float) -> float:
+def _float_value(fn: Callable[[Tensor], Tensor], t: float) -> float:
+    """fn (a process function of time, e.g. noise_level) at the one time t, as a Python float."""
     return float(fn(torch.tensor([t], dtype=torch.float64))[0])
 
 
@@ -100,7 +97,8 @@ class KarrasGrid(TimeGrid):
 
     def times(self, process: Process, steps: int) -> Tensor:
         _check_steps(steps)
-        s_max, s_min = _at(process.noise_level, process.t_max), _at(process.noise_level, process.t_min)
+        s_max = _float_value(process.noise_level, process.t_max)
+        s_min = _float_value(process.noise_level, process.t_min)
         return _capped_ramp(process, steps, s_max, s_min, self.max_noise_level, self._ramp,
                             process.t_from_noise_level)
 
@@ -109,14 +107,13 @@ class LogSNRGrid(TimeGrid):
     """Uniform in log-SNR (DPM-Solver's 'logSNR' skip, Lu et al. 2022), starting at most at max_noise_level."""
 
     def __init__(self, max_noise_level: float = 80.0) -> None:
-        if max_noise_level <= 0:
-            raise ValueError(f"max_noise_level must be positive, got {max_noise_level}")
+        check_positive("max_noise_level", max_noise_level)
         self.max_noise_level = max_noise_level
 
     def times(self, process: Process, steps: int) -> Tensor:
         _check_steps(steps)
         # q = -log_snr increases with t; its cap is the log-SNR of max_noise_level
-        q_max, q_min = -_at(process.log_snr, process.t_max), -_at(process.log_snr, process.t_min)
+        q_max, q_min = -_float_value(process.log_snr, process.t_max), -_float_value(process.log_snr, process.t_min)
         q_cap = 2.0 * math.log(self.max_noise_level)
 
         def ramp(a: float, b: float, n: int) -> Tensor:
@@ -133,10 +130,6 @@ class ExplicitGrid(TimeGrid):
         if t.ndim != 1 or len(t) < 2 or not bool((t[1:] < t[:-1]).all()):
             raise ValueError(f"ExplicitGrid needs at least two strictly decreasing times, got {times}")
         self._t = t
-
-    @property
-    def times_list(self) -> list[float]:
-        return self._t.tolist()
 
     def times(self, process: Process, steps: int) -> Tensor:
         if steps != len(self._t) - 1:

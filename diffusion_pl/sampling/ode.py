@@ -9,18 +9,68 @@ other processes it is that algorithm's general form (integration in t).
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
-from diffusion_pl.sampling.base import Point, Sampler, at
+from diffusion_pl.sampling.base import Point, Sampler, point_at
 from diffusion_pl.sampling.grids import KarrasGrid, TimeGrid, UniformGrid
 
-__all__ = ["EulerODE", "HeunODE", "AdaptiveODE"]
+__all__ = ["EulerODE", "HeunODE", "AdaptiveODE", "solve_ode"]
+
+State = Tensor | tuple[Tensor, ...]
+
+
+def solve_ode(fun: Callable[[Tensor | float, State], State], y0: State, t0: float, t1: float, rtol: float,
+              atol: float, *, time_dtype: torch.dtype = torch.float64, use_torchdiffeq: bool = True) -> State:
+    """y(t1) for dy/dt = fun(t, y), y(t0) = y0, by adaptive Dormand-Prince RK45 (Dormand & Prince 1980).
+
+    y0 is a tensor or a tuple of tensors; fun returns, and the result is, the same structure.
+    With torchdiffeq installed (and use_torchdiffeq) its dopri5 integrates the tensors themselves
+    and fun gets t as a 0-dim tensor of `time_dtype`; otherwise scipy's solve_ivp('RK45') integrates
+    one flat float64 vector and fun gets t as a Python float and the state in y0's dtypes and shapes.
+    """
+    single = isinstance(y0, Tensor)
+    state = (y0,) if single else tuple(y0)
+    odeint = None
+    if use_torchdiffeq:
+        try:
+            from torchdiffeq import odeint
+        except ImportError:
+            pass
+    if odeint is not None:
+        span = torch.tensor([t0, t1], dtype=time_dtype, device=state[0].device)
+        # step_t makes dopri5 end a step exactly at t1 instead of stepping past it and interpolating
+        # back: a process may be undefined beyond its range (VP at t < 0 gives sigma = NaN)
+        solution = odeint(fun, y0 if single else state, span, rtol=rtol, atol=atol, method="dopri5",
+                          options={"step_t": span[1:]})
+        return solution[-1] if single else tuple(y[-1] for y in solution)
+    ends = np.cumsum([0] + [y.numel() for y in state])
+
+    def unflatten(flat: np.ndarray) -> tuple[Tensor, ...]:
+        return tuple(torch.from_numpy(flat[a:b]).to(device=y.device, dtype=y.dtype).reshape(y.shape)
+                     for y, a, b in zip(state, ends[:-1], ends[1:]))
+
+    def flat_fun(t: float, flat: np.ndarray) -> np.ndarray:
+        pieces = unflatten(flat)
+        dy = fun(float(t), pieces[0] if single else pieces)
+        return np.concatenate([d.double().cpu().numpy().ravel() for d in ((dy,) if single else dy)])
+
+    from scipy.integrate import solve_ivp
+
+    flat0 = np.concatenate([y.double().cpu().numpy().ravel() for y in state])
+    sol = solve_ivp(flat_fun, (t0, t1), flat0, method="RK45", rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"scipy solve_ivp failed between {t0} and {t1}: {sol.message}")
+    result = unflatten(sol.y[:, -1])
+    return result[0] if single else result
 
 
 def _velocity(denoiser: Denoiser, x: Tensor, p: Point, class_labels) -> Tensor:
-    return p.velocity(denoiser(x, p.t, class_labels))
+    return denoiser(x, p.t, class_labels).velocity(p.d_alpha, p.d_sigma)
 
 
 class EulerODE(Sampler):
@@ -59,9 +109,9 @@ class HeunODE(Sampler):
 class AdaptiveODE(Sampler):
     """Adaptive Dormand-Prince RK45 on the probability-flow ODE (Song et al. 2021, Sec. 4.3); NFE is adaptive.
 
-    One solve from t_max to t_min with torchdiffeq's dopri5 (imported when first used), or, without
-    torchdiffeq, scipy's solve_ivp('RK45') in float64. The solver picks its own steps: `steps` and
-    `grid` only place the progress bar's ticks.
+    One solve from t_max to t_min with `solve_ode`: torchdiffeq's dopri5 (imported when first used),
+    or, without torchdiffeq, scipy's solve_ivp('RK45') in float64. The solver picks its own steps:
+    `steps` and `grid` only place the progress bar's ticks.
     """
 
     def __init__(self, steps: int = 1, grid: TimeGrid | None = None, final_denoise: bool = True,
@@ -77,36 +127,13 @@ class AdaptiveODE(Sampler):
     def solve(self, denoiser, x, points, noise, class_labels, bar):
         ticks = [p.t for p in points[1:]]
 
-        def f(tau: float, y: Tensor) -> Tensor:
+        def f(tau: Tensor | float, y: Tensor) -> Tensor:
+            tau = float(tau)
             while ticks and tau <= ticks[0]:  # the solver has reached the next grid time
                 ticks.pop(0)
                 bar.update()
-            v = _velocity(denoiser, y.reshape(x.shape).to(x.dtype), at(denoiser.process, tau), class_labels)
-            return v.reshape(y.shape).to(y.dtype)
+            return _velocity(denoiser, y, point_at(denoiser.process, tau), class_labels)
 
-        t, s = points[0].t, points[-1].t
-        try:
-            from torchdiffeq import odeint
-        except ImportError:
-            x = _solve_ivp(f, x, t, s, self.rtol, self.atol)
-        else:
-            span = torch.tensor([t, s], dtype=torch.float64, device=x.device)
-            # step_t makes dopri5 land on t_min instead of stepping past it and interpolating back:
-            # a process may be undefined beyond its range (VP at t < 0 gives sigma = NaN)
-            x = odeint(lambda tau, y: f(float(tau), y), x, span, rtol=self.rtol, atol=self.atol,
-                       method="dopri5", options={"step_t": span[1:]})[-1]
+        x = solve_ode(f, x, points[0].t, points[-1].t, self.rtol, self.atol)
         bar.update(len(ticks))
         return x
-
-
-def _solve_ivp(f, x: Tensor, t: float, s: float, rtol: float, atol: float) -> Tensor:
-    """scipy's RK45 on the flattened batch, in float64 (the fallback when torchdiffeq is missing)."""
-    from scipy.integrate import solve_ivp
-
-    def fun(tau, y):
-        return f(float(tau), torch.from_numpy(y).to(x.device)).cpu().numpy()
-
-    sol = solve_ivp(fun, (t, s), x.reshape(-1).to(torch.float64).cpu().numpy(), method="RK45", rtol=rtol, atol=atol)
-    if not sol.success:
-        raise RuntimeError(f"solve_ivp failed between t={t} and t={s}: {sol.message}")
-    return torch.from_numpy(sol.y[:, -1]).to(device=x.device, dtype=x.dtype).reshape(x.shape)

@@ -1,4 +1,4 @@
-"""Posterior (ancestral) samplers: DDPM and DDIM(eta) for every process (DESIGN section 4).
+"""Posterior (ancestral) samplers: DDPM and DDIM(eta) for every process.
 
 One step draws x_s from q(x_s | x_t, x0 = x0_hat), the Gaussian posterior of the forward
 process with DDIM's eta scaling its variance (`base.posterior_step`). eta = 1 is DDPM's
@@ -12,8 +12,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
+from diffusion_pl.processes import check_nonnegative
 from diffusion_pl.sampling.base import Point, Sampler, posterior_step
-from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
+from diffusion_pl.sampling.grids import TimeGrid
 from diffusion_pl.sampling.noise import Noise
 
 __all__ = ["DDIM", "DDPM"]
@@ -28,15 +29,9 @@ class DDIM(Sampler):
 
     def __init__(self, steps: int = 50, grid: TimeGrid | None = None, final_denoise: bool = True,
                  eta: float = 0.0) -> None:
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        check_nonnegative("eta", eta)
         super().__init__(steps, grid, final_denoise)
         self.eta = eta
-
-    def default_grid(self) -> TimeGrid:
-        # uniform in log-SNR works for every process (uniform t wastes steps on EDM's t in [0.002, 80]);
-        # DDPM's own grid on DDPMDiscrete is UniformGrid()
-        return LogSNRGrid()
 
     def step(self, denoiser: Denoiser, x: Tensor, p_t: Point, p_s: Point, noise: Noise, class_labels) -> Tensor:
         return posterior_step(denoiser(x, p_t.t, class_labels), x, p_t, p_s, self.eta, noise)

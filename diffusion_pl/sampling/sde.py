@@ -1,6 +1,6 @@
 """Stochastic samplers: Euler-Maruyama on the reverse SDE, predictor-corrector, annealed Langevin.
 
-The reverse SDE with stochasticity gamma (DESIGN section 4; Song et al. 2021, eq. 6 for gamma = 1)
+The reverse SDE with stochasticity gamma (Song et al. 2021, eq. 6 for gamma = 1)
 
     dx = [f x - (1 + gamma^2)/2 g2 score] dt + gamma g dW
        = [v + gamma^2/2 g2 eps_hat / sigma] dt + gamma g dW,   v = alpha' x0_hat + sigma' eps_hat,
@@ -21,9 +21,9 @@ from typing import Literal
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
-from diffusion_pl.processes import append_dims
+from diffusion_pl.processes import append_dims, check_nonnegative
 from diffusion_pl.sampling.base import Point, Sampler, posterior_step
-from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
+from diffusion_pl.sampling.grids import TimeGrid
 from diffusion_pl.sampling.noise import Noise
 
 __all__ = ["EulerMaruyama", "PredictorCorrector", "AnnealedLangevin"]
@@ -37,20 +37,16 @@ class EulerMaruyama(Sampler):
 
     def __init__(self, steps: int = 1000, grid: TimeGrid | None = None, final_denoise: bool = True,
                  gamma: float = 1.0) -> None:
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        check_nonnegative("gamma", gamma)
         super().__init__(steps, grid, final_denoise)
         self.gamma = gamma
-
-    def default_grid(self) -> TimeGrid:
-        return LogSNRGrid()
 
     def step(self, denoiser, x, p_t, p_s, noise, class_labels):
         d = denoiser(x, p_t.t, class_labels)
         if not math.isfinite(p_t.g2):  # alpha(t) = 0: see the module docstring
             return posterior_step(d, x, p_t, p_s, min(self.gamma, 1.0), noise)
         h = p_t.t - p_s.t
-        x_s = x - h * p_t.velocity(d) - (0.5 * self.gamma**2 * p_t.g2 * h / p_t.sigma) * d.eps
+        x_s = x - h * d.velocity(p_t.d_alpha, p_t.d_sigma) - (0.5 * self.gamma**2 * p_t.g2 * h / p_t.sigma) * d.eps
         if self.gamma > 0:
             x_s = x_s + self.gamma * math.sqrt(p_t.g2 * h) * noise.randn_like(x)
         return x_s
@@ -95,9 +91,6 @@ class PredictorCorrector(Sampler):
         super().__init__(steps, grid, final_denoise)
         self.snr, self.corrector_steps, self.norms = snr, corrector_steps, norms
 
-    def default_grid(self) -> TimeGrid:
-        return LogSNRGrid()
-
     def step(self, denoiser, x, p_t, p_s, noise, class_labels):
         x = posterior_step(denoiser(x, p_t.t, class_labels), x, p_t, p_s, 1.0, noise)
         scale = (p_t.alpha / p_s.alpha) ** 2
@@ -125,9 +118,6 @@ class AnnealedLangevin(Sampler):
             raise ValueError(f"steps_per_level must be >= 1 and step_size > 0, got {steps_per_level}, {step_size}")
         super().__init__(steps, grid, final_denoise)
         self.steps_per_level, self.step_size = steps_per_level, step_size
-
-    def default_grid(self) -> TimeGrid:
-        return LogSNRGrid()
 
     def step(self, denoiser, x, p_t, p_s, noise, class_labels):
         if p_t.alpha > 0:

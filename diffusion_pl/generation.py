@@ -1,0 +1,91 @@
+"""Seeded sample generation: what sample grids, `diffusion-pl sample` and the FID evaluation all draw.
+
+Sample i is drawn with seed `seed + i` (and class i % num_classes when conditional), so the images
+depend neither on the batch size nor on how the indices are split over ranks; rank r takes the
+contiguous block `rank_indices(n, r, world)`. Images leave as uint8 by the evaluation protocol
+(`to_uint8`). This module needs no torchmetrics or torch-fidelity (diffusion_pl.metrics does).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from diffusion_pl.sampling import sample
+
+__all__ = ["FULL_PROTOCOL_SAMPLES", "to_uint8", "metric_prefix", "sampler_label", "class_labels_for", "generate",
+           "rank_world", "rank_indices"]
+
+FULL_PROTOCOL_SAMPLES = 50_000
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, 3, H, W), rounded and clamped; grey repeated to RGB."""
+    # torchmetrics' normalize=True does (x * 255).byte(), which wraps out-of-range values around.
+    u8 = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+
+
+def metric_prefix(name: str, n: int) -> str:
+    """`fid` for the full 50k protocol, else the sample count in the name (`fid10k`, `fid500`)."""
+    if n >= FULL_PROTOCOL_SAMPLES:
+        return name
+    return f"{name}{n // 1000}k" if n % 1000 == 0 else f"{name}{n}"
+
+
+def sampler_label(sampler) -> str:
+    """Name of a (sampler, steps) point in logged metrics: class name and steps, e.g. `heunode_17`."""
+    return f"{type(sampler).__name__.lower()}_{sampler.steps}"
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_indices(n: int, rank: int, world: int) -> range:
+    """This rank's contiguous block of sample indices 0..n-1 (blocks in rank order cover them in order)."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def class_labels_for(indices: Sequence[int], num_classes: int | None, choices: Sequence[int] | None = None,
+                     device: str | torch.device | None = None) -> Tensor | None:
+    """Label of sample i: choices[i % len(choices)], else i % num_classes (balanced); None if unconditional."""
+    if num_classes is None:
+        return None
+    labels = [choices[i % len(choices)] if choices else i % num_classes for i in indices]
+    return torch.tensor(labels, dtype=torch.long, device=device)
+
+
+def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int], *, seed: int = 0,
+             guidance: float = 1.0, ema: bool = True, class_choices: Sequence[int] | None = None,
+             batch_size: int = 64, device: str | torch.device | None = None, clip_x0: float | None = None,
+             progress: bool = False) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
+    """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
+
+    clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's sampling clips at 1).
+    """
+
+    indices = list(indices)
+    model, net = module.model(ema=ema), module.ema if ema else module.net
+    training = net.training
+    net.eval()  # Lightning's model.train() also flips the EMA copy; sampling needs eval (no dropout)
+    try:
+        with tqdm(total=len(indices), desc=f"sampling {sampler_label(sampler)}", unit="img",
+                  disable=not progress) as bar:
+            for start in range(0, len(indices), batch_size):
+                idx = indices[start:start + batch_size]
+                labels = class_labels_for(idx, module.num_classes, class_choices, device)
+                out = sample(model, module.process, module.prediction, sampler, (len(idx), *image_shape),
+                             class_labels=labels, guidance=guidance, null_label=module.null_label,
+                             clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device)
+                bar.update(len(idx))
+                yield idx, to_uint8(out.x), labels, out.nfe
+    finally:
+        net.train(training)

@@ -16,6 +16,7 @@ from typing import Any
 
 from jsonargparse import ActionYesNo
 from jsonargparse.typing import import_object
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol  # as AtomicCheckpointIO uses it
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -73,7 +74,7 @@ class DiffusionCLI(LightningCLI):
         # or foreign file must say "not a checkpoint" here, not torch's zip-archive error
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and _is_local(ckpt_path) and Path(ckpt_path).is_file():
+        if ckpt_path and _is_local_file_protocol(str(ckpt_path)) and Path(ckpt_path).is_file():
             checkpoint_step(ckpt_path)
         super()._parse_ckpt_path()
 
@@ -124,7 +125,7 @@ class DiffusionCLI(LightningCLI):
         root = Path(trainer.default_root_dir)
         ckpt_cb = trainer.checkpoint_callback
         ckpt_dir = getattr(ckpt_cb, "dirpath", None) or root / "checkpoints"
-        if ckpt_path not in (None, "last", "hpc", "best", "registry") and _is_local(ckpt_path) \
+        if ckpt_path not in (None, "last", "hpc", "best", "registry") and _is_local_file_protocol(str(ckpt_path)) \
                 and not Path(ckpt_path).is_file():  # (an existing one was checked in _parse_ckpt_path)
             raise MissingFileError(f"--ckpt_path {ckpt_path} does not exist: expected a checkpoint written by "
                                    "`diffusion-pl fit`, or `last` for the newest one in the run folder")
@@ -158,10 +159,6 @@ class DiffusionCLI(LightningCLI):
         # what config.yaml records. Both must say which checkpoint was loaded.
         self.config["fit"]["ckpt_path"] = path
         self.config_init["fit"]["ckpt_path"] = path
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in str(path)
 
 
 def fill_network_shape(config) -> None:

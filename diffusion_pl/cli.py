@@ -38,6 +38,9 @@ PROJECT_COMMANDS = {
     "prepare": ("diffusion_pl.commands.prepare", "write webdataset shards (+ manifest) from CIFAR-10 or an image folder"),
     "sample": ("diffusion_pl.commands.sample", "generate images from a checkpoint (PNGs and/or an ADM/EDM .npz)"),
     "evaluate": ("diffusion_pl.commands.evaluate", "FID / KID / IS against cached reference statistics, bits/dim"),
+    "reconstruct-ema": ("diffusion_pl.commands.reconstruct_ema",
+                        "post-hoc EMA: a checkpoint of any EMA length from a run's PowerEMA snapshots"),
+    "export": ("diffusion_pl.commands.export", "a checkpoint's EMA (or raw) weights as safetensors + config metadata"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a model (resume with --ckpt_path last)",
@@ -194,10 +197,10 @@ def _print_help() -> None:
     print("Train and evaluate image diffusion models with PyTorch Lightning.\n")
     print("training (LightningCLI; `diffusion-pl fit --help`, `--config FILE`, `--print_config`):")
     for name, text in LIGHTNING_COMMANDS.items():
-        print(f"  {name:<10} {text}")
+        print(f"  {name:<15} {text}")
     print("\nproject commands (`diffusion-pl <command> --help`):")
     for name, (_, text) in PROJECT_COMMANDS.items():
-        print(f"  {name:<10} {text}")
+        print(f"  {name:<15} {text}")
     print("\nexample: diffusion-pl fit --config configs/quickstart.yaml")
 
 

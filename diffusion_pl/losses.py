@@ -12,6 +12,10 @@ prediction is exactly 1 even at alpha = 0, where w_x0 = 0 and b_x0 = infinity.
 The proposal only decides where t is sampled; it does not reweight (the loss is
 E_proposal[w_out * error], so a proposal and a weighting combine multiplicatively in the
 effective weight over t, as in EDM's log-normal sigma with lambda(sigma)).
+
+A network with a learned variance (twice the data's channels, `prediction.split_variance`) is trained
+on the same MSE through its mean channels, plus, with `vlb_weight` = lambda > 0, the hybrid loss's
+variational term (Nichol & Dhariwal 2021, Sec. 3.1, L_hybrid = L_simple + lambda L_vlb, lambda = 0.001).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffusion_pl.prediction import Model, Prediction
-from diffusion_pl.processes import AttributeRepr, Process, check_positive
+from diffusion_pl.prediction import Model, Prediction, split_variance
+from diffusion_pl.processes import AttributeRepr, Process, check_nonnegative, check_positive
+from diffusion_pl.vlb import vlb_terms
 
 __all__ = [
     "TimeProposal",
@@ -222,20 +227,39 @@ class VelocityMSE(Weighting):
 # -- the loss ------------------------------------------------------------------------------------
 @dataclass
 class LossOutput:
-    """Per-sample weighted loss (B,) (mean over non-batch dims) and the times (B,) it was drawn at."""
+    """Per-sample weighted loss (B,) (mean over non-batch dims) and the times (B,) it was drawn at.
+
+    vlb: with vlb_weight > 0, each sample's variational-bound term (B,) in bits per dimension (before
+    the factor vlb_weight * N that `loss` includes); None otherwise.
+    """
 
     loss: Tensor
     t: Tensor
+    vlb: Tensor | None = None
 
 
 class DenoisingLoss(AttributeRepr):
-    """E_t w_out(t) ||F(x_t, t, y) - target||^2 (see the module docstring), with label dropout (Ho & Salimans 2022)."""
+    """E_t w_out(t) ||F(x_t, t, y) - target||^2 (see the module docstring), with label dropout (Ho & Salimans 2022).
+
+    vlb_weight: lambda of the hybrid loss (Nichol & Dhariwal 2021, Sec. 3.1: 0.001) for a network with a
+        learned variance. Each sample then adds lambda N L_t, L_t its variational term in bits per
+        dimension with the mean detached (`vlb.vlb_terms`; stop-gradient on the mean), so that the
+        sampled term estimates lambda sum_t L_t. With N = 1000 that is guided-diffusion's RESCALED_MSE
+        hybrid, vb * num_timesteps / 1000 (gaussian_diffusion.py:786-799), and L_simple is this loss's
+        MSE with EpsPrediction and OutputMSE. 0 (the default) trains the mean alone.
+    vlb_num_steps: N, the number of steps of the discretisation the bound is taken over; None means the
+        process's own (`discrete_times()`: DDPMDiscrete(N) has N), required on a continuous process.
+    """
 
     def __init__(self, proposal: TimeProposal = UniformTime(), weighting: Weighting = OutputMSE(),
-                 p_uncond: float = 0.0) -> None:
+                 p_uncond: float = 0.0, vlb_weight: float = 0.0, vlb_num_steps: int | None = None) -> None:
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        check_nonnegative("vlb_weight", vlb_weight)
+        if vlb_num_steps is not None and (isinstance(vlb_num_steps, bool) or vlb_num_steps < 2):
+            raise ValueError(f"vlb_num_steps must be an integer >= 2 or None, got {vlb_num_steps!r}")
         self.proposal, self.weighting, self.p_uncond = proposal, weighting, p_uncond
+        self.vlb_weight, self.vlb_num_steps = vlb_weight, vlb_num_steps
 
     def __call__(self, model: Model, x0: Tensor, process: Process, prediction: Prediction,
                  class_labels: Tensor | None = None, null_label: int | None = None,
@@ -250,11 +274,31 @@ class DenoisingLoss(AttributeRepr):
             eps = _draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
         class_labels = self._drop_labels(class_labels, null_label, generator)
         x_t = process.marginal(x0, t, eps)  # (B, ...)
-        out = model(x_t, t, class_labels)  # (B, ...)
+        out, variance_interp = split_variance(model(x_t, t, class_labels), x_t)  # (B, ...), (B, ...) or None
         target = prediction.target(x0, eps, t, process).to(out.dtype)
         weight = self.weighting(t, process, prediction).to(out.dtype)  # (B,)
         loss = weight * (out - target).pow(2).flatten(1).mean(1)  # (B,)
-        return LossOutput(loss=loss, t=t)
+        if self.vlb_weight == 0.0:
+            return LossOutput(loss=loss, t=t)
+        if variance_interp is None:
+            raise ValueError(f"vlb_weight={self.vlb_weight} trains a learned variance: expected a network with twice "
+                             f"the data's {x0.shape[1]} channels (out_channels={2 * x0.shape[1]})")
+        num_steps = self._vlb_num_steps(process)
+        x0_hat, _ = prediction.to_x0_eps(out.detach(), x_t, t, process)  # the stop-gradient on the mean
+        vlb = vlb_terms(x0, x_t, t, x0_hat, variance_interp, process, num_steps)  # (B,) bits per dimension
+        return LossOutput(loss=loss + (self.vlb_weight * num_steps) * vlb.to(loss.dtype), t=t, vlb=vlb)
+
+    def _vlb_num_steps(self, process: Process) -> int:
+        discrete = process.discrete_times()
+        if discrete is not None and self.vlb_num_steps not in (None, len(discrete)):
+            raise ValueError(f"vlb_num_steps={self.vlb_num_steps} but the process has {len(discrete)} discrete times: "
+                             f"expected {len(discrete)} or None")
+        if discrete is not None:
+            return len(discrete)
+        if self.vlb_num_steps is None:
+            raise ValueError(f"vlb_weight={self.vlb_weight} on the continuous-time {type(process).__name__} needs "
+                             "vlb_num_steps: expected the number of steps N of its discretisation (e.g. 1000)")
+        return self.vlb_num_steps
 
     def _drop_labels(self, class_labels, null_label, generator):
         """Replace each label by null_label with probability p_uncond (classifier-free guidance training)."""

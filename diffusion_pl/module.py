@@ -12,6 +12,7 @@ and nothing depends on how many steps a previous job ran (as EDM2 seeds from ima
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import re
 import warnings
@@ -19,16 +20,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from diffusion_pl import lightning_compat
+from diffusion_pl.augment import AugmentPipe
 from diffusion_pl.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes import Process
+from diffusion_pl.seeding import mix_seed as step_seed  # the per-(seed, rank, step) stream seed
 
 __all__ = ["DiffusionModule", "TRUSTED_PACKAGES", "check_data_fits", "load_module", "step_seed", "untrusted_imports"]
 
@@ -40,11 +42,6 @@ warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=2e-4)
-
-
-def step_seed(*numbers: int) -> int:
-    """A 63-bit seed that mixes integers well (numpy SeedSequence), for per-(seed, rank, step) streams."""
-    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class DiffusionModule(L.LightningModule):
@@ -68,6 +65,11 @@ class DiffusionModule(L.LightningModule):
         val_num_times: validation loss uses this many fixed times, evenly spaced in log-SNR.
         channels_last: run the network in channels_last memory format (faster convolutions on GPU).
         compile: wrap the network in torch.compile for training.
+        augment: EDM's non-leaking augmentation (`AugmentPipe`; Karras et al. 2022, Sec. 5): training
+            images are augmented and the network gets their augmentation labels; validation and
+            sampling (`model()`) pass none, i.e. zeros. The net's `augment_dim` must equal its `label_dim`.
+        grad_nan_to_num: replace NaN / +inf / -inf gradient entries by 0 / 1e5 / -1e5 before each optimizer
+            step, as EDM does (NVlabs/edm training/training_loop.py:137-139).
     """
 
     def __init__(
@@ -88,8 +90,19 @@ class DiffusionModule(L.LightningModule):
         val_num_times: int = 8,
         channels_last: bool = False,
         compile: bool = False,
+        augment: AugmentPipe | None = None,
+        grad_nan_to_num: bool = False,
     ) -> None:
         super().__init__()
+        if augment is not None:
+            if not hasattr(augment, "label_dim"):
+                raise UserValueError(f"augment is a {type(augment).__name__}: "
+                                     "expected a diffusion_pl.augment.AugmentPipe")
+            net_dim = getattr(net, "augment_dim", 0)
+            if net_dim != augment.label_dim:
+                raise UserValueError(f"augment gives {augment.label_dim} augmentation labels but {type(net).__name__} "
+                                     f"augment_dim={net_dim}: expected equal values (set model.net augment_dim: "
+                                     f"{augment.label_dim})")
         if not 0.0 <= ema_decay < 1.0:
             raise UserValueError(f"ema_decay is {ema_decay}: expected a value in [0, 1)")
         if ema_half_life_images is not None and ema_half_life_images <= 0:
@@ -108,7 +121,7 @@ class DiffusionModule(L.LightningModule):
         if lightning_compat.built_by_cli():
             self.save_hyperparameters()
         else:
-            self.save_hyperparameters(ignore=["net", "process", "prediction", "loss", "optimizer"])
+            self.save_hyperparameters(ignore=["net", "process", "prediction", "loss", "optimizer", "augment"])
         self.net = net
         # The EMA lives in the module, not in Lightning's EMAWeightAveraging callback: sampling and FID
         # callbacks need the averaged network at arbitrary steps (not only inside validation, where the
@@ -127,6 +140,7 @@ class DiffusionModule(L.LightningModule):
         self.val_num_times = val_num_times
         self.channels_last = channels_last
         self.compile = compile
+        self.augment, self.grad_nan_to_num = augment, grad_nan_to_num
         self._train_model: Model | None = None
         self._images_per_step = 0
 
@@ -142,8 +156,12 @@ class DiffusionModule(L.LightningModule):
 
     @property
     def null_label(self) -> int | None:
-        """Label index of the unconditional embedding (classifier-free guidance), or None."""
-        return self.num_classes
+        """Label index of the unconditional embedding (classifier-free guidance), or None.
+
+        The network's own `null_label` where it has one (None for ADM's class table without a null
+        row); else num_classes, the convention of every class-conditional network here.
+        """
+        return getattr(self.net, "null_label", self.num_classes)
 
     def model(self, ema: bool = True) -> Model:
         """The network (EMA by default) as a model `(x_t, t, class_labels) -> output` for samplers."""
@@ -171,10 +189,14 @@ class DiffusionModule(L.LightningModule):
         self._reseed(batch_idx)
         x0, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
         self._images_per_step = x0.shape[0] * self.trainer.world_size * max(1, self.trainer.accumulate_grad_batches)
+        model = self._train_model
+        if self.augment is not None:  # drawn from the generator reseeded above, before the loss's draws
+            x0, augment_labels = self.augment(x0)  # (B, C, H, W), (B, label_dim)
+            model = functools.partial(model, augment_labels=augment_labels)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = class_labels if self.num_classes is not None else None
-        out = self.loss_fn(self._train_model, x0, self.process, self.prediction, labels, self.null_label)
+        out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label)
         loss = out.loss.mean()
         if not self._loss_is_finite(loss):
             return None
@@ -204,10 +226,14 @@ class DiffusionModule(L.LightningModule):
         return False
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the total gradient norm before clipping (all-reduced under DDP, unscaled under fp16)."""
+        """Log the total gradient norm before clipping (all-reduced under DDP, unscaled under fp16); then,
+        with grad_nan_to_num, replace non-finite entries (before clipping, which would spread a NaN)."""
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        if self.grad_nan_to_num:
+            for grad in grads:
+                torch.nan_to_num(grad, nan=0.0, posinf=1e5, neginf=-1e5, out=grad)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -246,7 +272,9 @@ class DiffusionModule(L.LightningModule):
         if self.lr_warmup_steps == 0:
             return optimizer
         warmup = self.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        # lr x min(step / warmup, 1) with step counted from 0, as DDPM (utils.get_warmed_up_lr), score_sde
+        # (losses.optimization_manager) and EDM (training_loop.py:136) ramp it: the first step has lr 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation: a deterministic denoising loss with EMA weights ----------------------------------

@@ -33,11 +33,13 @@ __all__ = [
     "X0Prediction",
     "VPrediction",
     "ScorePrediction",
+    "ScaledScorePrediction",
     "VelocityPrediction",
     "EDMPreconditioning",
     "DenoiserOutput",
     "Denoiser",
     "precondition",
+    "split_variance",
 ]
 
 Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -127,6 +129,33 @@ class ScorePrediction(Prediction):
         return -eps / _per_sample_like(sigma, eps)
 
 
+class ScaledScorePrediction(Prediction):
+    """F = sigma * score = -eps, conditioned on log(sigma_scale * sigma / alpha): NCSN++'s output (VE, continuous).
+
+    score_sde's NCSNpp with scale_by_sigma returns F(x, log sigma) / sigma as the score
+    (yang-song/score_sde_pytorch models/ncsnpp.py:239, :377-379; Song & Ermon 2020, technique 3),
+    i.e. F = -eps. Its CIFAR-10 data lie in [0, 1] (configs/default_cifar10_configs.py
+    data.centered=False) and the network sees 2 x - 1: with our [-1, 1] data that is the same
+    process at twice the sigma (VE(sigma_min=0.02, sigma_max=100)), and sigma_scale=0.5 gives
+    score_sde's own label log(sigma / 2), as EDM's VEPrecond does (NVlabs/edm training/networks.py).
+    """
+
+    def __init__(self, sigma_scale: float = 0.5) -> None:
+        check_positive("sigma_scale", sigma_scale)
+        self.sigma_scale = sigma_scale
+
+    def coefficients(self, t, process):
+        alpha, sigma = _scales(t, process)
+        return 1.0 / alpha, sigma / alpha, torch.zeros_like(alpha), -torch.ones_like(alpha)
+
+    def target(self, x0, eps, t, process):
+        return -eps
+
+    def c_noise(self, t, process):
+        alpha, sigma = _scales(t, process)
+        return torch.log(self.sigma_scale * sigma / alpha).to(t.dtype)  # -inf at sigma = 0, +inf at alpha = 0
+
+
 class VelocityPrediction(Prediction):
     """F predicts the flow-matching velocity u = alpha' x0 + sigma' eps = dx_t/dt (Lipman et al. 2022)."""
 
@@ -190,7 +219,11 @@ class EDMPreconditioning(Prediction):
 
 
 class _Preconditioned(nn.Module):
-    """A network wrapped into the model contract: (x_t, t, y) -> net(c_in x_t, c_noise, y)."""
+    """A network wrapped into the model contract: (x_t, t, y) -> net(c_in x_t, c_noise, y).
+
+    `augment_labels` (B, augment_dim), given only in training with `DiffusionModule(augment=...)`,
+    reaches the network as a keyword; without it networks that take no such argument still work.
+    """
 
     def __init__(self, net: nn.Module, process: Process, prediction: Prediction) -> None:
         super().__init__()
@@ -198,9 +231,12 @@ class _Preconditioned(nn.Module):
         self.process = process
         self.prediction = prediction
 
-    def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
         c_in = _per_sample_like(self.prediction.c_in(t, self.process), x_t)
         c_noise = self.prediction.c_noise(t, self.process).to(x_t.dtype)
+        if augment_labels is not None:
+            return self.net(c_in * x_t, c_noise, class_labels, augment_labels=augment_labels)
         return self.net(c_in * x_t, c_noise, class_labels)
 
 
@@ -209,12 +245,38 @@ def precondition(net: nn.Module, process: Process, prediction: Prediction) -> nn
     return _Preconditioned(net, process, prediction)
 
 
+def split_variance(out: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(F, v): a network output split into its mean part F (x_t's shape) and, if it has one, its variance part.
+
+    The output's channels (dim 1) tell: x_t's count is a mean only (v = None); twice x_t's count is a
+    learned variance (Nichol & Dhariwal 2021; ADM, DiT with learn_sigma), F being the first half and
+    v = (r + 1) / 2 from the second half r, so that r = -1 is beta-tilde and r = 1 is beta
+    (guided-diffusion gaussian_diffusion.py:273-275, "model_var_values is [-1, 1] for [min_var, max_var]";
+    diffusers' DDPMScheduler learned_range). The network's own out_channels thus chooses; no flag can
+    disagree with it. Every other shape is refused.
+    """
+    if out.shape == x_t.shape:
+        return out, None
+    if out.ndim == x_t.ndim >= 2 and out.shape[1] == 2 * x_t.shape[1] and \
+            out.shape[:1] + out.shape[2:] == x_t.shape[:1] + x_t.shape[2:]:
+        mean, r = out.chunk(2, dim=1)  # (B, C, ...) each
+        return mean, (r + 1.0) / 2.0
+    raise ValueError(f"the model's output has shape {tuple(out.shape)} for x_t of shape {tuple(x_t.shape)}: expected "
+                     "x_t's shape, or twice its channels (dim 1) for a learned variance")
+
+
 @dataclass
 class DenoiserOutput:
-    """The wrapper's answer at (x_t, t): x0_hat and eps_hat (the score is -eps / sigma)."""
+    """The wrapper's answer at (x_t, t): x0_hat and eps_hat (the score is -eps / sigma).
+
+    variance_interp: for a network with a learned variance (see `split_variance`), v shaped like x_t:
+    the reverse step's log-variance is v log beta + (1 - v) log beta-tilde; None otherwise.
+    Only DDPM(variance='learned') and the hybrid loss read it; every other consumer uses x0 and eps.
+    """
 
     x0: Tensor
     eps: Tensor
+    variance_interp: Tensor | None = None
 
     def velocity(self, d_alpha: Tensor | float, d_sigma: Tensor | float) -> Tensor:
         """Probability-flow ODE velocity dx/dt = alpha' x0_hat + sigma' eps_hat at the same time.
@@ -253,16 +315,21 @@ class Denoiser:
         null = torch.full_like(class_labels, self.null_label)
         out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
         out_c, out_u = out.chunk(2)
-        return out_u + self.guidance * (out_c - out_u)
+        guided = out_u + self.guidance * (out_c - out_u)
+        if out_c.shape[1] != x_t.shape[1]:  # learned variance: guide the mean, keep the conditional variance
+            channels = x_t.shape[1]  # (DiT models.py forward_with_cfg guides only the eps channels)
+            guided = torch.cat([guided[:, :channels], out_c[:, channels:]], dim=1)
+        return guided
 
     def __call__(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> DenoiserOutput:
         t = _per_sample_time(t, x_t)
-        x0, eps = self.prediction.to_x0_eps(self.output(x_t, t, class_labels), x_t, t, self.process)
+        mean, variance_interp = split_variance(self.output(x_t, t, class_labels), x_t)
+        x0, eps = self.prediction.to_x0_eps(mean, x_t, t, self.process)
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
             alpha, sigma = _scales(t, self.process)
             eps = (x_t - _per_sample_like(alpha, x_t) * x0) / _per_sample_like(sigma, x_t)
-        return DenoiserOutput(x0=x0, eps=eps)
+        return DenoiserOutput(x0=x0, eps=eps, variance_interp=variance_interp)
 
     def velocity(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """Probability-flow ODE velocity dx/dt at (x_t, t) (see `DenoiserOutput.velocity`)."""

@@ -1,8 +1,8 @@
 """The run folder of `diffusion-pl fit`: one folder per run, one run per folder.
 
 `trainer.default_root_dir` is the run folder. Unless a recipe names other places, everything a run
-writes goes under it: `checkpoints/`, `samples/`, `config.yaml`, the TensorBoard events and SLURM's
-`hpc_ckpt_*.ckpt`. For the lifetime of the run global rank 0 holds an exclusive lock on
+writes goes under it: `checkpoints/`, `samples/`, `phema/` (PowerEMA snapshots), `config.yaml`, the
+TensorBoard events and SLURM's `hpc_ckpt_*.ckpt`. For the lifetime of the run global rank 0 holds an exclusive lock on
 `<run>/.diffusion_pl.lock`, so a second `fit` into the same folder stops at once instead of
 interleaving its checkpoints with the first one's. A folder that holds a previous run is only
 reused with `--ckpt_path last` (continue it) or `--overwrite` (remove its outputs and start over).
@@ -27,7 +27,7 @@ __all__ = ["LOCK_NAME", "RunFolderError", "lock_run_folder", "previous_run_outpu
 LOCK_NAME = ".diffusion_pl.lock"
 # what `diffusion-pl fit` writes at the top of a run folder (TensorBoard's events, Lightning's files)
 _RUN_FILES = ("config.yaml", "hparams.yaml", "metrics.csv")
-_RUN_DIRS = ("checkpoints", "samples")
+_RUN_DIRS = ("checkpoints", "samples", "phema")
 _RUN_PATTERNS = ("*.ckpt", "events.out.tfevents.*")
 
 

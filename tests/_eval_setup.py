@@ -48,12 +48,36 @@ def make_module(num_classes: int | None = None, frozen: bool = False) -> Diffusi
     return DiffusionModule(make_net(num_classes), VPLinear(), EpsPrediction(), ema_decay=0.5, **kwargs)
 
 
+def recording(callback_class: type) -> type:
+    """A subclass of FIDCallback or SampleGrid that keeps what each evaluation returned, for the tests to read:
+    `.last` (the latest FID values) and `.written` (every grid path, in order)."""
+
+    class Recording(callback_class):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.last: dict[str, float] = {}
+            self.written: list = []
+
+        def evaluate(self, trainer, pl_module):
+            self.last = super().evaluate(trainer, pl_module)
+            return self.last
+
+        def write(self, trainer, pl_module):
+            paths = super().write(trainer, pl_module)
+            self.written.extend(paths)
+            return paths
+
+    Recording.__name__ = f"Recording{callback_class.__name__}"
+    return Recording
+
+
 def make_callbacks(extractor: nn.Module | None = None):
     """The FID + grid callbacks of the callback tests (the same in-process and under DDP)."""
     from diffusion_pl.callbacks.fid import FIDCallback
     from diffusion_pl.callbacks.sample_grid import SampleGrid
     from diffusion_pl.sampling import DDIM, HeunODE
 
+    FIDCallback, SampleGrid = recording(FIDCallback), recording(SampleGrid)
     fid = FIDCallback(every_n_steps=2, num_samples=12, sampler=[DDIM(steps=2), HeunODE(steps=1)],
                       feature_extractor=extractor if extractor is not None else StandInFeatures(), batch_size=5)
     return fid, SampleGrid(every_n_steps=2, num_samples=10, sampler=DDIM(steps=2))

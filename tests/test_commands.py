@@ -116,7 +116,7 @@ def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monk
     for i in (1, 4, 5):
         (out / f"{i:06d}.png").unlink()
     (out / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz").unlink()
-    (out / ".000004.png.tmp").write_bytes(b"partial")
+    (out / ".000004.tmp-99999.png").write_bytes(b"partial")  # as fileio.atomic_path names it
     written = {}
     original = metrics.generate
 
@@ -275,7 +275,8 @@ def test_evaluate_checkpoint_and_its_samples_agree(run, tmp_path, capsys):
     assert r["protocol"]["n"] == 6 and r["protocol"]["reference"]["n"] == int(DATA.rsplit("=", 1)[1])
     assert r["seed_range"] == [0, 5] and r["ema"] is True and len(r["checkpoint_sha256"]) == 64
     point, stochastic = r["results"]
-    assert point["name"] == "ddim_2" and point["nfe"] == 3 and math.isfinite(point["fid"]) and "is" in point
+    # DDIM's steps count network evaluations (diffusers' num_inference_steps): 2 steps are 2 evaluations
+    assert point["name"] == "ddim_2" and point["nfe"] == 2 and math.isfinite(point["fid"]) and "is" in point
     assert point["sampler"] == ddim_spec(eta=0.0) and stochastic["sampler"] == ddim_spec(eta=1.0)
     assert stochastic["name"] == "ddim_2#2" and stochastic["steps"] == 2 and stochastic["fid"] != point["fid"]
     # the same samples written by `sample`, scored from the PNG folder and from the npz
@@ -380,3 +381,24 @@ def test_sample_refuses_a_checkpoint_whose_config_imports_elsewhere(run, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "collections.OrderedDict" in err[0] and "--trust-config" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_ddpm_spec_with_variance_and_a_timestep_grid_parses():
+    """Ho et al.'s protocol as a --sampler spec: DDPM's variance and a nested TimestepGrid reach the sampler."""
+    from diffusion_pl.commands.common import CommandError
+    from diffusion_pl.commands.sampler_spec import resolve_sampler
+    from diffusion_pl.sampling import DDPM, TimestepGrid
+
+    spec = ('{"class_path": "ddpm", "init_args": {"variance": "fixedlarge", "grid": '
+            '{"class_path": "TimestepGrid", "init_args": {"spacing": "trailing"}}}}')
+    sampler, resolved = resolve_sampler(spec, steps=100)
+    assert isinstance(sampler, DDPM) and sampler.variance == "fixedlarge" and sampler.steps == 100
+    assert isinstance(sampler.grid, TimestepGrid) and sampler.grid.spacing == "trailing"
+    assert resolved == {"class_path": "diffusion_pl.sampling.DDPM", "init_args": {
+        "steps": 100, "final_denoise": True, "variance": "fixedlarge",
+        "grid": {"class_path": "diffusion_pl.sampling.TimestepGrid",
+                 "init_args": {"spacing": "trailing", "num_train_steps": None, "steps_offset": 0, "continuous": None}}}}
+    sampler, _ = resolve_sampler("ddpm")  # the short name: 1000 steps, beta-tilde, the training timesteps
+    assert sampler.steps == 1000 and sampler.variance == "fixedsmall" and isinstance(sampler.grid, TimestepGrid)
+    with pytest.raises(CommandError, match="init_args.variance"):
+        resolve_sampler('{"class_path": "ddpm", "init_args": {"variance": "large"}}')

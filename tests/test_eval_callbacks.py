@@ -16,12 +16,14 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 
-from _eval_setup import DATA, IMAGE_SIZE, StandInFeatures, fit, make_callbacks
+from _eval_setup import DATA, IMAGE_SIZE, StandInFeatures, fit, make_callbacks, recording
 from diffusion_pl import metrics
 from diffusion_pl.callbacks.fid import FIDCallback
 from diffusion_pl.callbacks.sample_grid import SampleGrid
 from diffusion_pl.data import ShardDataModule
 from diffusion_pl.sampling import DDIM
+
+RecordingGrid = recording(SampleGrid)  # keeps the paths of the grids it wrote
 
 TESTS = Path(__file__).parent
 REFERENCE_IMAGES = int(DATA.rsplit("count=", 1)[1])
@@ -85,7 +87,7 @@ class _ImageLogger(Logger):
 
 def test_sample_grid_goes_to_a_log_image_logger(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
-    logger, grid = _ImageLogger(), SampleGrid(every_n_steps=2, num_samples=10, sampler=DDIM(steps=2))
+    logger, grid = _ImageLogger(), RecordingGrid(every_n_steps=2, num_samples=10, sampler=DDIM(steps=2))
     fit(tmp_path, [grid], logger=logger)
     assert [(key, step) for key, _, step in logger.images] == [("samples/ddim_2", 2)]
     (image,) = logger.images[0][1]
@@ -141,7 +143,7 @@ def test_preflight_stops_fit_before_training(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    grid = SampleGrid(every_n_steps=1, sampler=DDIM(steps=1))
+    grid = RecordingGrid(every_n_steps=1, sampler=DDIM(steps=1))
     with pytest.raises(metrics.InceptionWeightsError, match="--inception-weights PATH"):
         fit(tmp_path, [FIDCallback(every_n_steps=1, num_samples=4), grid])
     assert grid.written == [] and grid.image_shape is None  # no training batch was run
@@ -181,7 +183,7 @@ def test_callbacks_fire_once_per_reached_step_under_accumulation(tmp_path, monke
     def run(max_steps: int, ckpt_path=None):
         fid = _CountingFID(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1), feature_extractor=StandInFeatures(),
                            batch_size=4)
-        grid = SampleGrid(every_n_steps=1, num_samples=2, sampler=DDIM(steps=1), at_train_end=False)
+        grid = RecordingGrid(every_n_steps=1, num_samples=2, sampler=DDIM(steps=1), at_train_end=False)
         ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=2,
                             logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -7,6 +7,7 @@ checked on small versions of each preset (same options, fewer channels and block
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusion_pl.errors import UserValueError
 from diffusion_pl.networks import PRESETS, DiT, UNet, dit_tiny, dit_xl_2, unet_tiny
 from diffusion_pl.networks.embeddings import PositionalEmbedding
 
@@ -41,6 +43,11 @@ def small(preset, **kwargs) -> torch.nn.Module:
         return preset(**{**SMALL[family(preset)], **kwargs}).eval()
 
 
+def null_label(net: torch.nn.Module) -> int | None:
+    """The network's null class label: num_classes, or None for a table without one (ADM's)."""
+    return getattr(net, "null_label", net.num_classes)
+
+
 def perturb(net: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
     """Add noise to every parameter, so zero-initialised layers stop hiding the conditioning."""
     generator = torch.Generator().manual_seed(1)
@@ -63,18 +70,25 @@ def test_output_shape_published_size_on_meta(preset):
         x = torch.empty(2, 3, 32, 32)
         net = preset(num_classes=10)
         assert net.num_classes == 10
-        assert net(x, torch.empty(2), None).shape == x.shape
+        labels = None if null_label(net) is not None else torch.zeros(2, dtype=torch.long)
+        assert net(x, torch.empty(2), labels).shape == x.shape
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=IDS)
 def test_zero_output_at_init_and_shape(preset):
     # Every family zero-initialises its output layer (DDPM init_scale=0, ADM zero_module, DiT adaLN-Zero).
     x, t = inputs()
-    out = small(preset)(x, t)
+    net = small(preset)
+    out = net(x, t)
     assert out.shape == x.shape
-    assert torch.count_nonzero(out) == 0
+    if getattr(net, "init", None) == "edm":
+        # EDM's init_zero is xavier x 1e-5, not 0 (NVlabs/edm training/networks.py:260).
+        assert 0 < out.abs().max() < 1e-4
+    else:
+        assert torch.count_nonzero(out) == 0
     # out_channels overrides the output width (e.g. a learned variance doubles it).
-    assert small(preset, out_channels=6, num_classes=10)(x, t, torch.tensor([0, 10])).shape == (2, 6, 16, 16)
+    net = small(preset, out_channels=6, num_classes=10)
+    assert net(x, t, torch.tensor([0, null_label(net) or 9])).shape == (2, 6, 16, 16)
 
 
 # Published counts and where they come from (exact; the published figure is checked to +-2%):
@@ -139,8 +153,12 @@ def test_output_depends_on_noise_label_and_class(preset):
         assert (run(a) - run(b)).abs().amax(dim=(1, 2, 3)).min() > 1e-4
     t = torch.tensor([10.0, 500.0])
     assert (run(t) - run(t, torch.tensor([4, 8]))).abs().amax(dim=(1, 2, 3)).min() > 1e-4
-    # class_labels=None means the null label, index num_classes.
-    assert torch.equal(run(t, None), run(t, torch.full((2,), 10)))
+    # class_labels=None means the null label, index num_classes; without one, labels are required.
+    if null_label(net) is not None:
+        assert torch.equal(run(t, None), run(t, torch.full((2,), 10)))
+    else:
+        with pytest.raises(UserValueError, match="no null label"):
+            run(t, None)
     # A 0-d noise label is one noise level for the whole batch.
     assert torch.equal(run(torch.tensor(7.0)), run(torch.tensor([7.0, 7.0])))
 
@@ -149,7 +167,7 @@ def test_output_depends_on_noise_label_and_class(preset):
 def test_gradients_reach_every_parameter(preset):
     net = perturb(small(preset, num_classes=10)).train()
     x, t = inputs()
-    net(x, t, torch.tensor([3, 10])).square().mean().backward()
+    net(x, t, torch.tensor([3, null_label(net) or 9])).square().mean().backward()
     missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 
@@ -177,10 +195,11 @@ def test_channels_last(preset):
 def test_bf16_autocast(preset):
     net = perturb(small(preset, num_classes=10))
     x, t = inputs()
+    labels = None if null_label(net) is not None else torch.tensor([3, 7])
     with torch.no_grad():
-        reference = net(x, t)
+        reference = net(x, t, labels)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = net(x, t)
+            out = net(x, t, labels)
     assert out.shape == x.shape and torch.isfinite(out).all()
     # bf16 keeps ~3 significant digits: compare to float32 loosely, relative to the output scale.
     assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
@@ -278,3 +297,103 @@ def test_networks_run_in_float64():
     for net in (dit_tiny(img_resolution=16, num_classes=3).double(), unet_tiny(img_resolution=16).double()):
         out = net(x, torch.rand(2, dtype=torch.float64), torch.tensor([0, 2]) if hasattr(net, "y_embedder") else None)
         assert out.dtype == torch.float64 and out.shape == x.shape
+
+
+def test_unet_augment_labels():
+    """augment_dim adds a bias-free map of EDM's augmentation labels to the noise embedding."""
+    from diffusion_pl.networks import unet_ddpmpp_cifar10
+
+    plain = small(unet_ddpmpp_cifar10)
+    net = perturb(small(unet_ddpmpp_cifar10, augment_dim=9))
+    assert net.augment_dim == 9 and plain.augment_dim == 0
+    # EDM's SongUNet.map_augment: Linear(augment_dim, model_channels, bias=False).
+    assert count(net) - count(plain) == 9 * SMALL[UNet]["model_channels"]
+    x, t = inputs()
+    labels = torch.randn(2, 9, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        # None means all-zero augmentation labels (no augmentation).
+        assert torch.equal(net(x, t, None, None), net(x, t, None, torch.zeros(2, 9)))
+        assert (net(x, t, None, labels) - net(x, t)).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    net.train()
+    net(x, t, None, labels).square().mean().backward()
+    assert net.map_augment.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="augment_dim"):
+        unet_tiny(img_resolution=16, augment_dim=-1)
+
+
+@pytest.mark.parametrize("name, scheme", [("unet_ddpm_cifar10", "ddpm"), ("unet_ddpmpp_cifar10", "edm"),
+                                          ("unet_adm_cifar10", "adm")])
+def test_unet_init_scales(name, scheme):
+    """Each preset starts with its reference's init (unet_blocks.init_unet): uniform bounds per layer."""
+    from diffusion_pl.networks.unet_blocks import SpatialAttention
+
+    net = small({p.__name__: p for p in PRESETS}[name], num_classes=10, augment_dim=9)
+    assert net.init == scheme
+
+    def bound_of(t, fan_in, fan_out):
+        return {"adm": 1 / math.sqrt(fan_in)}.get(scheme, math.sqrt(6 / (fan_in + fan_out)))
+
+    def check(t, bound, tight=True):
+        peak = float(t.detach().abs().max())
+        assert peak <= bound * (1 + 1e-6)
+        if tight and t.numel() >= 500:  # the largest of >= 500 uniform draws is within 1% of the bound
+            assert peak >= 0.95 * bound
+
+    qkv = {id(m.attn.qkv) for m in net.modules() if isinstance(m, SpatialAttention)}
+    for module in net.modules():
+        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        w = module.weight
+        fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+        if getattr(module, "zero_init", False):
+            # DDPM's init_scale=0 and ADM's zero_module: 0; EDM's init_zero: xavier x 1e-5 (networks.py:260).
+            if scheme == "edm":
+                check(w, 1e-5 * bound_of(w, fan_in, fan_out))
+            else:
+                assert torch.count_nonzero(w) == 0
+        elif id(module) in qkv and scheme == "ddpm":  # three C x C layers q, k, v (diffusion_tf unet.py:70-72)
+            for part in w.chunk(3):
+                check(part, math.sqrt(6 / (2 * part.shape[1])))
+        elif id(module) in qkv and scheme == "edm":  # init_attn: xavier x sqrt(0.2) (networks.py:261)
+            check(w, math.sqrt(0.2) * bound_of(w, fan_in, fan_out))
+        elif module is net.map_augment and scheme == "adm":  # EDM's DhariwalUNet: init_zero
+            assert torch.count_nonzero(w) == 0
+        else:
+            check(w, bound_of(w, fan_in, fan_out))
+        if module.bias is not None:
+            if scheme == "adm" and not getattr(module, "zero_init", False):
+                check(module.bias, 1 / math.sqrt(fan_in), tight=False)  # PyTorch's default bias init
+                assert torch.count_nonzero(module.bias) > 0
+            else:
+                assert torch.count_nonzero(module.bias) == 0
+    table = net.map_label.table.weight  # (classes [+ null], width)
+    if scheme == "edm":  # EDM's map_label: xavier (fan_in 10) on one_hot * sqrt(10), zero bias = null row
+        check(table[:10].detach(), math.sqrt(10) * math.sqrt(6 / (10 + table.shape[1])))
+        assert torch.count_nonzero(table[10]) == 0
+    else:  # nn.Embedding's N(0, 1); ADM's table has no null row
+        assert table.shape[0] == (10 if scheme == "adm" else 11)
+        assert 0.8 < float(table.detach().std()) < 1.2
+
+
+def test_adm_preset_embeddings():
+    """ADM: [cos, sin] sinusoid without endpoint, GroupNorm eps 1e-5, class table after the MLP, no null row."""
+    from diffusion_pl.module import DiffusionModule
+    from diffusion_pl.networks import unet_adm_cifar10
+    from diffusion_pl.processes import VPLinear
+
+    net = perturb(small(unet_adm_cifar10, num_classes=10))
+    assert net.null_label is None and DiffusionModule(net, VPLinear()).null_label is None
+    assert DiffusionModule(small(unet_tiny, num_classes=10), VPLinear()).null_label == 10
+    assert {m.eps for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-5}
+    t = torch.tensor([3.0, 700.0])
+    half = SMALL[UNet]["model_channels"] // 2
+    angle = t[:, None] * 10000.0 ** (-torch.arange(half) / half)  # guided_diffusion/nn.py:113-118
+    torch.testing.assert_close(net.noise_order(net.map_noise(t)), torch.cat([angle.cos(), angle.sin()], dim=1))
+    seen = []
+    net.mid[0].affine.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    x, _ = inputs()
+    labels = torch.tensor([3, 9])
+    with torch.no_grad():
+        net(x, t, labels)
+        expected = net.map_emb(net.noise_order(net.map_noise(t))) + net.map_label.table.weight[labels]
+    torch.testing.assert_close(seen[0], expected)  # emb = MLP(sinusoid) + table[y] (unet.py:648-652)

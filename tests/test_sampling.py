@@ -342,8 +342,8 @@ def test_bad_arguments_are_one_sentence_errors():
         sample(model, process, pred, DDIM(steps=2), (2, 2), seeds=[1, 2], generator=torch.Generator())
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         DDIM(steps=0)
-    with pytest.raises(ValueError, match="steps must be 2"):
-        sample(model, process, pred, DDIM(steps=3, grid=ExplicitGrid([0.9, 0.5, 0.1])), (2, 2))
+    with pytest.raises(ValueError, match="holds 3 times but the sampler asks for 4"):
+        sample(model, process, pred, DDIM(steps=4, grid=ExplicitGrid([0.9, 0.5, 0.1])), (2, 2))
 
 
 # -- progress bar -------------------------------------------------------------------------------------------
@@ -443,3 +443,46 @@ def test_kl_bound_for_the_reverse_sde_with_an_imperfect_score():
         print(f"s wrong for t >= {t_switch}: KL(p | q_sde) ~ {kl:.4f} <= bound {bound:.4f} "
               f"(KL(p_T | prior) = {kl_prior:.1e}); exact-score floor {floor:.4f}")
         assert kl > 10 * floor and kl <= margin * bound + floor
+
+
+# -- score_sde's samplers exactly --------------------------------------------------------------------------
+
+
+def test_fixedlarge_predictor_is_score_sde_reverse_diffusion_on_ve():
+    """PredictorCorrector(predictor_variance='fixedlarge') is score_sde's ReverseDiffusionPredictor on VE:
+    x <- x + (sigma_t^2 - sigma_s^2) score + sqrt(sigma_t^2 - sigma_s^2) z, checked step by step (a whole run
+    amplifies float64 rounding through the 1 / sigma^2-steep score at small sigma)."""
+    from diffusion_pl.processes import VE
+    from diffusion_pl.sampling import GeneratorNoise
+    from diffusion_pl.sampling.base import points_at
+
+    process, pred = VE(sigma_min=0.02, sigma_max=100.0), EpsPrediction()
+    den = Denoiser(MIX2.model(process, pred), process, pred)
+    large = PredictorCorrector(steps=30, grid=UniformGrid(), corrector_steps=0, predictor_variance="fixedlarge")
+    small = PredictorCorrector(steps=30, grid=UniformGrid(), corrector_steps=0)
+    points = points_at(process, large.times(process).tolist())
+    x = process.prior_std() * torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for k, (p_t, p_s) in enumerate(zip(points[:-1], points[1:])):
+        var = p_t.sigma**2 - p_s.sigma**2
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        ref = x + var * den.score(x, p_t.t) + math.sqrt(var) * z
+        ours = large.step(den, x, p_t, p_s, GeneratorNoise(torch.Generator().manual_seed(k)), None)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * p_s.sigma)  # the oracle posterior: ~1e-5 rounding
+        # the default (ancestral, beta-tilde) predictor is another sampler
+        other = small.step(den, x, p_t, p_s, GeneratorNoise(torch.Generator().manual_seed(k)), None)
+        assert (other - ref).abs().max() > 0.05 * p_s.sigma
+        x = ref
+    with pytest.raises(ValueError, match="predictor_variance"):
+        PredictorCorrector(predictor_variance="learned")
+
+
+def test_uniform_grid_t_end_is_score_sde_sampling_eps():
+    process = VPLinear(t_min=1e-5)
+    t = UniformGrid(t_end=1e-3).times(process, 999)
+    ref = torch.linspace(1.0, 1e-3, 1000, dtype=torch.float64)  # score_sde: linspace(sde.T, eps, sde.N)
+    assert t[0] == 1.0 and t[-1] == 1e-3 and torch.allclose(t, ref, rtol=0, atol=1e-15)
+    assert UniformGrid().times(process, 4)[-1] == 1e-5
+    with pytest.raises(ValueError, match="t_end"):
+        UniformGrid(t_end=2.0).times(process, 4)
+    with pytest.raises(ValueError, match="t_end"):
+        UniformGrid(t_end=-1.0)

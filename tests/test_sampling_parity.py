@@ -13,7 +13,7 @@ from torch import nn
 
 from diffusion_pl.prediction import EpsPrediction
 from diffusion_pl.processes import DDPMDiscrete
-from diffusion_pl.sampling import DDIM, DDPM, DPMSolverPP, ExplicitGrid, UniformGrid, sample
+from diffusion_pl.sampling import DDIM, DDPM, DPMSolverPP, ExplicitGrid, TimestepGrid, UniformGrid, sample
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers 0.42 calls np.array(tensor, copy=False) in DPMSolverMultistepScheduler: NumPy 2 warns, not our code
@@ -86,7 +86,7 @@ def test_ddpm_ancestral_matches_diffusers(setup, clip):
     scheduler = diffusers.DDPMScheduler(**BETAS, clip_sample=clip, clip_sample_range=1.0, variance_type="fixed_small")
     scheduler.set_timesteps(1000)
     # all 1000 steps: t = 1, 0.999, ..., 0.001 (999 posterior steps), then diffusers' last step to x0
-    ours, theirs = _stochastic_pair(setup, scheduler, DDPM(steps=999, grid=UniformGrid()), seed=0,
+    ours, theirs = _stochastic_pair(setup, scheduler, DDPM(steps=1000, grid=UniformGrid()), seed=0,
                                     clip_x0=1.0 if clip else None)
     assert ours.nfe == 1000
     diff = float((ours.x - theirs).abs().max())
@@ -100,7 +100,7 @@ def test_ddim_matches_diffusers(setup, eta):
                                         timestep_spacing="leading")
     scheduler.set_timesteps(50)  # timesteps 980, 960, ..., 0
     # set_alpha_to_one: the last step goes from timestep 0 to alpha = 1, i.e. our final denoise
-    sampler = DDIM(steps=49, grid=ExplicitGrid(_times(scheduler)), eta=eta)
+    sampler = DDIM(steps=50, grid=ExplicitGrid(_times(scheduler)), eta=eta)
     ours, theirs = _stochastic_pair(setup, scheduler, sampler, seed=1, eta=eta)
     assert ours.nfe == 50
     diff = float((ours.x - theirs).abs().max())
@@ -124,3 +124,79 @@ def test_dpm_solver_pp_2m_matches_diffusers(setup, steps):
     diff = float((ours.x - theirs).abs().max())
     print(f"DPM-Solver++(2M) {steps} steps: max |ours - diffusers| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+# -- DDPM's reverse variances, learned variance, and diffusers' timestep spacings ------------------------------
+
+
+class LearnedVarianceNet(EpsNet):
+    """EpsNet plus 3 raw variance channels r in [-1, 1] (out_channels = 2 C, as ADM / DiT with learn_sigma)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            self.var_conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        k = timestep.to(torch.float32).reshape(-1).expand(len(x))
+        raw = torch.tanh(self.var_conv(x)) * torch.cos(k / 200.0)[:, None, None, None]
+        return torch.cat([super().forward(x, timestep), raw], dim=1)
+
+
+@pytest.fixture(scope="module")
+def learned_setup():
+    net = LearnedVarianceNet().eval()
+    process = DDPMDiscrete(1000, 1e-4, 0.02)
+    return net, process, lambda x_t, t, class_labels=None: net(x_t, process.noise_label(t))
+
+
+DDPM_CASES = [  # (our variance, diffusers' variance_type, steps, spacing)
+    ("fixedsmall", "fixed_small", 1000, "leading"),
+    ("fixedlarge", "fixed_large", 1000, "leading"),  # Ho et al.'s CIFAR-10 protocol (with clipping)
+    ("learned", "learned_range", 1000, "leading"),
+    ("fixedlarge", "fixed_large", 100, "leading"),  # respaced: the step's own beta 1 - abar_t / abar_s
+    ("learned", "learned_range", 100, "leading"),
+    ("fixedsmall", "fixed_small", 100, "linspace"),
+]
+
+
+@pytest.mark.parametrize("variance, variance_type, steps, spacing", DDPM_CASES,
+                         ids=[f"{v}-{n}-{s}" for v, _, n, s in DDPM_CASES])
+def test_ddpm_variances_match_diffusers(setup, learned_setup, variance, variance_type, steps, spacing):
+    scheduler = diffusers.DDPMScheduler(**BETAS, clip_sample=True, clip_sample_range=1.0, variance_type=variance_type,
+                                        timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    # steps = 1000: DDPM's default grid, every timestep 999..0 (one network evaluation each, the last to x0)
+    sampler = DDPM(variance=variance) if steps == 1000 else DDPM(steps=steps, grid=TimestepGrid(spacing),
+                                                                 variance=variance)
+    pair = learned_setup if variance == "learned" else setup
+    assert sampler.times(pair[1]).tolist() == _times(scheduler)
+    ours, theirs = _stochastic_pair(pair, scheduler, sampler, seed=3, clip_x0=1.0)
+    assert ours.nfe == steps
+    diff = float((ours.x - theirs).abs().max())
+    print(f"DDPM {variance} {steps} steps ({spacing}): max |ours - diffusers| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("spacing, offset, eta", [("leading", 0, 0.0), ("leading", 1, 0.5), ("trailing", 0, 0.0),
+                                                  ("trailing", 0, 0.5)])
+def test_ddim_timestep_spacings_match_diffusers(setup, spacing, offset, eta):
+    scheduler = diffusers.DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=True, steps_offset=offset,
+                                        timestep_spacing=spacing)
+    scheduler.set_timesteps(50)  # leading: 980 (+1), ..., 0 (+1); trailing: 999, 979, ..., 19
+    sampler = DDIM(steps=50, grid=TimestepGrid(spacing, steps_offset=offset), eta=eta)
+    assert sampler.times(setup[1]).tolist() == _times(scheduler)
+    ours, theirs = _stochastic_pair(setup, scheduler, sampler, seed=4, eta=eta)
+    assert ours.nfe == 50
+    diff = float((ours.x - theirs).abs().max())
+    print(f"DDIM 50 steps, {spacing} (offset {offset}), eta={eta}: max |ours - diffusers| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_timestep_grid_is_diffusers_set_timesteps(spacing):
+    for n in (1, 2, 3, 7, 16, 30, 50, 333, 999, 1000):  # 16: N / n = 62.5, so rounding meets exact halves
+        scheduler = diffusers.DDPMScheduler(**BETAS, timestep_spacing=spacing)
+        scheduler.set_timesteps(n)
+        assert TimestepGrid(spacing).timesteps(1000, n).tolist() == scheduler.timesteps.tolist(), n

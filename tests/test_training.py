@@ -96,7 +96,11 @@ def test_ema_half_life_schedule():
 def test_lr_warmup_is_linear(tmp_path):
     module, trainer = _fit(tmp_path, 1)
     lr = trainer.optimizers[0].param_groups[0]["lr"]
-    assert lr == pytest.approx(2e-4 * 1.0)  # after 1 step of a 2-step warm-up: (1 + 1) / 2
+    assert lr == pytest.approx(2e-4 * 0.5)  # the next step's lr after 1 step of a 2-step warm-up: 1 / 2
+    # the first step ran at lr 0 (the papers' ramp lr x step / warmup, step from 0): the weights did not move
+    L.seed_everything(0, verbose=False)
+    fresh = make_module(lr_warmup_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.net.parameters(), module.net.parameters()))
 
 
 class _GradRecorder(L.Callback):

@@ -41,24 +41,28 @@ class FIDCallback(EveryNSteps):
         seed: sample i uses seed + i.
         guidance: classifier-free guidance weight w.
         download_timeout: seconds to wait for the weights server before failing.
+        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's FID protocol
+            clips at 1); None samples unclipped.
     """
 
     def __init__(self, every_n_steps: int = 10_000, num_samples: int = 10_000,
                  sampler: Sampler | list[Sampler] | None = None, data: str | None = None,
                  inception_weights: str | None = None, feature_extractor: nn.Module | None = None,
                  kid: bool = False, isc: bool = False, batch_size: int = 256, seed: int = 0,
-                 guidance: float = 1.0, download_timeout: float = 10.0) -> None:
+                 guidance: float = 1.0, download_timeout: float = 10.0, clip_x0: float | None = None) -> None:
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(f"FIDCallback: expected every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError(f"FIDCallback: clip_x0 must be positive or None, got {clip_x0}")
         super().__init__(every_n_steps, sampler)
         self.num_samples, self.data = num_samples, data
         self.inception_weights, self.kid, self.isc = inception_weights, kid, isc
         self.batch_size, self.seed, self.guidance, self.download_timeout = batch_size, seed, guidance, download_timeout
+        self.clip_x0 = clip_x0
         # kept in a list so Lightning / deepcopy never treat it as part of this callback's state
         self._extractor: list[nn.Module] = [feature_extractor] if feature_extractor is not None else []
         self.reference: ReferenceStats | None = None
-        self.last: dict[str, float] = {}  # the latest logged values
 
     @property
     def extractor(self) -> nn.Module:
@@ -105,7 +109,7 @@ class FIDCallback(EveryNSteps):
         for sampler in self.samplers:
             metrics = SampleMetrics(self.extractor, self.reference, kid=self.kid, isc=self.isc, seed=self.seed)
             for _, images, _, _ in generate(pl_module, sampler, indices, self.image_shape, seed=self.seed,
-                                            guidance=self.guidance, batch_size=self.batch_size,
+                                            guidance=self.guidance, batch_size=self.batch_size, clip_x0=self.clip_x0,
                                             device=pl_module.device, progress=trainer.is_global_zero):
                 metrics.update(images)
             out = metrics.compute()
@@ -113,5 +117,4 @@ class FIDCallback(EveryNSteps):
             for key in ("fid", "kid", "is"):
                 if key in out:
                     values[f"{metric_prefix(key, self.num_samples)}/{label}"] = out[key]
-        self.last = values
         return values

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +10,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from diffusion_pl.callbacks._every_n import EveryNSteps
+from diffusion_pl.fileio import atomic_path
 from diffusion_pl.generation import generate, sampler_label
 from diffusion_pl.sampling import Sampler
 
@@ -28,23 +28,27 @@ class SampleGrid(EveryNSteps):
     Class-conditional models get one row per class (classes 0, 1, ...); unconditional ones a
     square-ish grid of `nrow` images per row. Written by rank 0 to
     <run folder>/samples/<sampler>_step<N>.png and logged as an image (TensorBoard, or a logger with
-    `log_image` such as WandbLogger).
+    `log_image` such as WandbLogger). `clip_x0` clamps x0_hat to [-clip_x0, clip_x0] at every network
+    evaluation (DDPM's sampling clips at 1); None samples unclipped.
     """
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64,
                  sampler: Sampler | list[Sampler] | None = None, seed: int = 0, guidance: float = 1.0,
-                 nrow: int | None = None, at_train_end: bool = True, batch_size: int = 256) -> None:
+                 nrow: int | None = None, at_train_end: bool = True, batch_size: int = 256,
+                 clip_x0: float | None = None) -> None:
         if every_n_steps < 1 or num_samples < 1 or batch_size < 1:
             raise ValueError(f"SampleGrid: every_n_steps, num_samples, batch_size must be >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
         if nrow is not None and nrow < 1:
             raise ValueError(f"SampleGrid: nrow must be >= 1 or None, got {nrow}")
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError(f"SampleGrid: clip_x0 must be positive or None, got {clip_x0}")
         super().__init__(every_n_steps, sampler)
         self.num_samples, self.seed, self.guidance = num_samples, seed, guidance
         self.nrow, self.at_train_end, self.batch_size = nrow, at_train_end, batch_size
+        self.clip_x0 = clip_x0
         self.folder: Path | None = None
         self._last_step = -1
-        self.written: list[Path] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.folder = run_dir(trainer) / "samples"  # trainer.log_dir is a collective: every rank, here
@@ -79,12 +83,11 @@ class SampleGrid(EveryNSteps):
         for sampler in self.samplers:
             images = [u8 for _, u8, _, _ in generate(
                 pl_module, sampler, indices, self.image_shape, seed=self.seed, guidance=self.guidance,
-                class_choices=labels, batch_size=self.batch_size, device=pl_module.device)]
+                class_choices=labels, batch_size=self.batch_size, device=pl_module.device, clip_x0=self.clip_x0)]
             grid = make_grid(torch.cat(images).cpu(), nrow=nrow, padding=1)  # uint8 (3, H', W')
             path = folder / f"{sampler_label(sampler)}_step{step}.png"
-            tmp = path.with_name(f".{path.name}.tmp.png")
-            save_image(grid.float() / 255.0, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_image(grid.float() / 255.0, tmp)
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_image"):  # TensorBoard (SummaryWriter)
@@ -93,5 +96,4 @@ class SampleGrid(EveryNSteps):
                     logger.log_image(key=f"samples/{sampler_label(sampler)}", images=[grid.permute(1, 2, 0).numpy()],
                                      step=step)
             paths.append(path)
-        self.written.extend(paths)
         return paths

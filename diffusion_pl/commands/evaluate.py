@@ -28,17 +28,18 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from diffusion_pl.commands import (SAMPLER_STEPS_HELP, CommandError, add_model_options, image_shape, load_checkpoint,
-                                   make_fabric, read_rgb, resolve_sampler, sampler_help)
+from diffusion_pl.commands.common import (CommandError, add_model_options, image_shape, load_checkpoint, make_fabric,
+                                         read_rgb)
+from diffusion_pl.commands.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.errors import run_command
-from diffusion_pl.fileio import sha256_file
+from diffusion_pl.fileio import atomic_path, sha256_file
 from diffusion_pl.generation import generate, metric_prefix, rank_indices, sampler_label
 from diffusion_pl.metrics.inception import InceptionFeatures, load_inception
 from diffusion_pl.metrics.statistics import PROTOCOL, SampleMetrics, fingerprint, reference_stats
 from diffusion_pl.sampling import Sampler
 
-__all__ = ["main", "parser", "run", "dataset_bits_per_dim", "read_samples"]
+__all__ = ["main", "parser", "run", "dataset_bits_per_dim", "read_samples", "inspect_samples"]
 
 INCEPTION_PROTOCOL = ("torch-fidelity InceptionV3 (TF FID graph weights), pool3 2048 features; "
                       "bilinear resize to 299x299 as TF1 (no antialias)")
@@ -76,6 +77,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace) -> dict:
+    """Score, print and write the report (rank 0); returns the report."""
+    _check_args(args)
+    samplers = _samplers(args) if args.ckpt is not None else []  # a bad spec fails before any slow work
+    start = time.time()
+    fabric = make_fabric(args.devices, args.accelerator)
+    extractor = _extractor(args, fabric.device)  # preflight: the weights are checked before any slow work
+    module, (n, height, width) = _open_source(args, fabric)
+    reference, data_info = _reference(args, fabric, extractor, height, width)
+    if module is None:
+        points, info = _score_samples(args, fabric, n, extractor, reference)
+    else:
+        points, info = _score_checkpoint(args, fabric, module, samplers, extractor, reference)
+    report = _report(args, fabric, extractor, reference, data_info, points, info, time.time() - start)
+    if fabric.global_rank == 0:
+        _publish(args, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `diffusion-pl evaluate`; returns a process exit code."""
+    args = parser().parse_args(argv)
+    return run_command("evaluate", lambda: run(args))
+
+
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("num_samples", "batch_size", "bpd_samples"):
         if getattr(args, name) < 1:
@@ -90,6 +116,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CommandError("--bpd needs --ckpt: expected a model to evaluate the likelihood of")
 
 
+def _samplers(args: argparse.Namespace) -> list[tuple[Sampler, dict]]:
+    """(sampler, resolved spec) for each --sampler, with its --steps (one value for all, or one each)."""
+    steps = args.steps or [None]
+    return [resolve_sampler(text, steps[j] if len(steps) > 1 else steps[0]) for j, text in enumerate(args.sampler)]
+
+
 def _extractor(args: argparse.Namespace, device: torch.device):
     if args.feature_extractor is None:
         return load_inception(args.inception_weights, device=device)
@@ -100,6 +132,154 @@ def _extractor(args: argparse.Namespace, device: torch.device):
         raise CommandError(f"--feature-extractor {args.feature_extractor!r} cannot be imported ({err}): expected "
                            "a dotted path to an nn.Module class") from err
     return cls().to(device).eval()
+
+
+def _open_source(args: argparse.Namespace, fabric) -> tuple[object, tuple[int | None, int, int]]:
+    """(the checkpoint's module or None, (sample count or None, height, width)) of --ckpt or --samples."""
+    if args.samples is not None:
+        return None, inspect_samples(args.samples)
+    module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
+    _, height, width = image_shape(module)
+    return module, (None, height, width)
+
+
+def _reference(args: argparse.Namespace, fabric, extractor, height: int, width: int):
+    """(reference statistics, data info) of --data at the samples' size (cached on disk)."""
+    # the reference is scored at the samples' size: resized as training resizes it when stored at another size
+    images, data_key, data_info = reference_images(args.data, batch_size=args.batch_size,
+                                                   image_size=height if height == width else None)
+    if data_info["image_size"] != [height, width]:
+        size = "x".join(map(str, data_info["image_size"]))
+        raise CommandError(f"samples are {height}x{width} but the reference images of --data {args.data} are "
+                           f"{size}: expected the same size (square samples get the reference resized to them)")
+    if data_info["stored_size"] != data_info["image_size"] and fabric.global_rank == 0:
+        stored = "x".join(map(str, data_info["stored_size"])) if data_info["stored_size"] else "mixed sizes"
+        print(f"reference images resized from {stored} to {height}x{width} (resize + centre crop, as in training)",
+              file=sys.stderr)
+    reference = reference_stats(images, data_key, extractor, with_features=args.kid, device=fabric.device,
+                                total=data_info["count"], progress=fabric.global_rank == 0)
+    return reference, data_info
+
+
+def _score_samples(args, fabric, n, extractor, reference) -> tuple[list[dict], dict]:
+    metrics = SampleMetrics(extractor, reference, kid=args.kid, isc=args.isc, seed=args.seed)
+    for images in read_samples(args.samples, rank_indices(n, fabric.global_rank, fabric.world_size), args.batch_size):
+        metrics.update(images.to(fabric.device))
+    return [{"name": Path(args.samples).name, **metrics.compute()}], {"samples": str(args.samples)}
+
+
+def _score_checkpoint(args, fabric, module, samplers, extractor, reference) -> tuple[list[dict], dict]:
+    shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
+    points = []
+    for sampler, spec in samplers:
+        metrics = SampleMetrics(extractor, reference, kid=args.kid, isc=args.isc, seed=args.seed)
+        nfe = []
+        for _, images, _, batch_nfe in generate(module, sampler, rank_indices(args.num_samples, rank, world), shape,
+                                                seed=args.seed, guidance=args.guidance, clip_x0=args.clip_x0,
+                                                ema=not args.no_ema,
+                                                batch_size=args.batch_size, device=fabric.device, progress=rank == 0):
+            metrics.update(images)
+            nfe.append(batch_nfe)
+        name = sampler_label(sampler)  # the class and steps; a repeat (another eta, grid, ...) gets #2, #3, ...
+        repeats = sum(p["name"].split("#")[0] == name for p in points)
+        points.append({"name": f"{name}#{repeats + 1}" if repeats else name, "sampler": spec, "steps": sampler.steps,
+                       "nfe": float(np.mean(nfe)) if nfe else None, **metrics.compute()})
+    info = {"checkpoint": str(args.ckpt), "checkpoint_sha256": sha256_file(args.ckpt), "ema": not args.no_ema,
+            "guidance": args.guidance, "clip_x0": args.clip_x0, "seed_range": [args.seed, args.seed + args.num_samples - 1],
+            "class_labels": "i % num_classes (balanced)" if module.num_classes else None}
+    if args.bpd:
+        images = _first_images(args.bpd_data or args.data, args.bpd_samples, args.batch_size)
+        info["bits_per_dim"] = {"data": args.bpd_data or args.data, "dequantization": "uniform",
+                                "divergence": "hutchinson-rademacher", "class_label": "null (unconditional)",
+                                **dataset_bits_per_dim(module.model(ema=not args.no_ema), module.process,
+                                                       module.prediction, images, batch_size=args.batch_size,
+                                                       seed=args.seed, null_label=module.null_label,
+                                                       device=fabric.device, progress=rank == 0)}
+    return points, info
+
+
+def _first_images(data: str, n: int, batch_size: int) -> torch.Tensor:
+    batches, kept = reference_images(data, batch_size=batch_size)[0], []
+    for batch in batches:
+        kept.append(batch[: n - sum(len(b) for b in kept)])
+        if sum(len(b) for b in kept) >= n:
+            break
+    return torch.cat(kept)
+
+
+def dataset_bits_per_dim(model, process, prediction, images: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
+                         null_label: int | None = None, device=None, progress: bool = False, **kwargs) -> dict:
+    """Mean bits/dim of uint8 images (N, C, H, W), chunk k with generator seed + k, chunks split over ranks.
+
+    kwargs go to `diffusion_pl.likelihood.bits_per_dim` (dequantize, divergence, rtol, atol, ...).
+    """
+    from tqdm import tqdm
+
+    from diffusion_pl.likelihood import bits_per_dim
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    chunks = range(0, images.shape[0], batch_size)
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # sum bpd, sum bpd^2, count
+    nfe = []
+    for k in tqdm(list(chunks)[rank::world], desc="bits/dim", unit="batch", disable=not progress):
+        x = images[k:k + batch_size].to(device)
+        labels = torch.full((x.shape[0],), null_label, device=device) if null_label is not None else None
+        out = bits_per_dim(model, process, prediction, x, generator=torch.Generator().manual_seed(seed + k),
+                           class_labels=labels, **kwargs)
+        bpd = out.bpd.double()
+        total += torch.stack([bpd.sum(), bpd.square().sum(), torch.tensor(float(len(bpd)), device=bpd.device)])
+        nfe.append(out.nfe)
+    if world > 1:
+        dist.all_reduce(total)
+    n = int(total[2])
+    mean = float(total[0] / n)
+    var = max(float(total[1] / n) - mean**2, 0.0)
+    return {"bpd": mean, "bpd_stderr": math.sqrt(var / max(n - 1, 1)), "n": n,
+            "nfe_mean": float(np.mean(nfe)) if nfe else None}
+
+
+def _report(args, fabric, extractor, reference, data_info: dict, points: list[dict], info: dict,
+            seconds: float) -> dict:
+    """The JSON report: the protocol (what the numbers depend on), the source's info, one row per sampler."""
+    n, inception = points[0]["n"], isinstance(extractor, InceptionFeatures)
+    protocol = {"n": n, "full_protocol": n >= 50_000,
+                "reference": {"data": args.data, "n": reference.n, "split": data_info["split"],
+                              "source": data_info["source"], "image_size": data_info["image_size"],
+                              "stored_size": data_info["stored_size"]},
+                "extractor": INCEPTION_PROTOCOL if inception
+                else f"{type(extractor).__module__}.{type(extractor).__qualname__}",
+                "resize": "bilinear to 299x299, TF1-compatible (antialias=False)" if inception
+                else "none (extractor's own)",
+                "extractor_sha256": fingerprint(extractor), "quantisation": PROTOCOL,
+                "world_size": fabric.world_size, "batch_size": args.batch_size}
+    return {"protocol": protocol, **info, "results": points, "seconds": round(seconds, 2)}
+
+
+def _publish(args: argparse.Namespace, report: dict) -> None:
+    """Print the table (and bits/dim) and write the report atomically beside the source, or at --report."""
+    print(_table(report["results"]))
+    if "bits_per_dim" in report:
+        b = report["bits_per_dim"]
+        print(f"bits/dim {b['bpd']:.4f} +- {b['bpd_stderr']:.4f} ({b['n']} images of {b['data']})")
+    source = Path(args.ckpt or args.samples)
+    default = source / "eval.json" if source.is_dir() else source.with_suffix(".eval.json")
+    path = Path(args.report) if args.report else default
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"report: {path}", file=sys.stderr)
+
+
+def _table(points: list[dict]) -> str:
+    """Aligned text table; metric columns are named with the sample count below 50k (fid10k)."""
+    cols = [c for c in ("name", "steps", "nfe", "n", "fid", "kid", "kid_std", "is", "is_std")
+            if any(c in p for p in points)]
+    n = points[0]["n"]
+    heads = [metric_prefix(c, n) if c in ("fid", "kid", "is") else c for c in cols]
+    rows = [[f"{p[c]:.4g}" if isinstance(p.get(c), float) else str(p.get(c, "")) for c in cols] for p in points]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
 
 
 def read_samples(path: str | Path, indices: range, batch_size: int) -> Iterator[torch.Tensor]:
@@ -147,163 +327,6 @@ def inspect_samples(path: str | Path) -> tuple[int, int, int]:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or arr.shape[0] < 2:
         raise CommandError(f"--samples {path} arr_0 is {arr.dtype} {arr.shape}: expected uint8 (N >= 2, H, W, 3)")
     return arr.shape[0], arr.shape[1], arr.shape[2]
-
-
-def dataset_bits_per_dim(model, process, prediction, images: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
-                         null_label: int | None = None, device=None, progress: bool = False, **kwargs) -> dict:
-    """Mean bits/dim of uint8 images (N, C, H, W), chunk k with generator seed + k, chunks split over ranks.
-
-    kwargs go to `diffusion_pl.likelihood.bits_per_dim` (dequantize, divergence, rtol, atol, ...).
-    """
-    from tqdm import tqdm
-
-    from diffusion_pl.likelihood import bits_per_dim
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    chunks = range(0, images.shape[0], batch_size)
-    total = torch.zeros(3, dtype=torch.float64, device=device)  # sum bpd, sum bpd^2, count
-    nfe = []
-    for k in tqdm(list(chunks)[rank::world], desc="bits/dim", unit="batch", disable=not progress):
-        x = images[k:k + batch_size].to(device)
-        labels = torch.full((x.shape[0],), null_label, device=device) if null_label is not None else None
-        out = bits_per_dim(model, process, prediction, x, generator=torch.Generator().manual_seed(seed + k),
-                           class_labels=labels, **kwargs)
-        bpd = out.bpd.double()
-        total += torch.stack([bpd.sum(), bpd.square().sum(), torch.tensor(float(len(bpd)), device=bpd.device)])
-        nfe.append(out.nfe)
-    if world > 1:
-        dist.all_reduce(total)
-    n = int(total[2])
-    mean = float(total[0] / n)
-    var = max(float(total[1] / n) - mean**2, 0.0)
-    return {"bpd": mean, "bpd_stderr": math.sqrt(var / max(n - 1, 1)), "n": n,
-            "nfe_mean": float(np.mean(nfe)) if nfe else None}
-
-
-def _first_images(data: str, n: int, batch_size: int) -> torch.Tensor:
-    batches, kept = reference_images(data, batch_size=batch_size)[0], []
-    for batch in batches:
-        kept.append(batch[: n - sum(len(b) for b in kept)])
-        if sum(len(b) for b in kept) >= n:
-            break
-    return torch.cat(kept)
-
-
-def _samplers(args: argparse.Namespace) -> list[tuple[Sampler, dict]]:
-    """(sampler, resolved spec) for each --sampler, with its --steps (one value for all, or one each)."""
-    steps = args.steps or [None]
-    return [resolve_sampler(text, steps[j] if len(steps) > 1 else steps[0]) for j, text in enumerate(args.sampler)]
-
-
-def _score_checkpoint(args, fabric, module, samplers, extractor, reference) -> tuple[list[dict], dict]:
-    shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
-    points = []
-    for sampler, spec in samplers:
-        metrics = SampleMetrics(extractor, reference, kid=args.kid, isc=args.isc, seed=args.seed)
-        nfe = []
-        for _, images, _, batch_nfe in generate(module, sampler, rank_indices(args.num_samples, rank, world), shape,
-                                                seed=args.seed, guidance=args.guidance, clip_x0=args.clip_x0,
-                                                ema=not args.no_ema,
-                                                batch_size=args.batch_size, device=fabric.device, progress=rank == 0):
-            metrics.update(images)
-            nfe.append(batch_nfe)
-        name = sampler_label(sampler)  # the class and steps; a repeat (another eta, grid, ...) gets #2, #3, ...
-        repeats = sum(p["name"].split("#")[0] == name for p in points)
-        points.append({"name": f"{name}#{repeats + 1}" if repeats else name, "sampler": spec, "steps": sampler.steps,
-                       "nfe": float(np.mean(nfe)) if nfe else None, **metrics.compute()})
-    info = {"checkpoint": str(args.ckpt), "checkpoint_sha256": sha256_file(args.ckpt), "ema": not args.no_ema,
-            "guidance": args.guidance, "clip_x0": args.clip_x0, "seed_range": [args.seed, args.seed + args.num_samples - 1],
-            "class_labels": "i % num_classes (balanced)" if module.num_classes else None}
-    if args.bpd:
-        images = _first_images(args.bpd_data or args.data, args.bpd_samples, args.batch_size)
-        info["bits_per_dim"] = {"data": args.bpd_data or args.data, "dequantization": "uniform",
-                                "divergence": "hutchinson-rademacher", "class_label": "null (unconditional)",
-                                **dataset_bits_per_dim(module.model(ema=not args.no_ema), module.process,
-                                                       module.prediction, images, batch_size=args.batch_size,
-                                                       seed=args.seed, null_label=module.null_label,
-                                                       device=fabric.device, progress=rank == 0)}
-    return points, info
-
-
-def _score_samples(args, fabric, n, extractor, reference) -> tuple[list[dict], dict]:
-    metrics = SampleMetrics(extractor, reference, kid=args.kid, isc=args.isc, seed=args.seed)
-    for images in read_samples(args.samples, rank_indices(n, fabric.global_rank, fabric.world_size), args.batch_size):
-        metrics.update(images.to(fabric.device))
-    return [{"name": Path(args.samples).name, **metrics.compute()}], {"samples": str(args.samples)}
-
-
-def _table(points: list[dict]) -> str:
-    """Aligned text table; metric columns are named with the sample count below 50k (fid10k)."""
-    cols = [c for c in ("name", "steps", "nfe", "n", "fid", "kid", "kid_std", "is", "is_std")
-            if any(c in p for p in points)]
-    n = points[0]["n"]
-    heads = [metric_prefix(c, n) if c in ("fid", "kid", "is") else c for c in cols]
-    rows = [[f"{p[c]:.4g}" if isinstance(p.get(c), float) else str(p.get(c, "")) for c in cols] for p in points]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Score, print and write the report (rank 0); returns the report."""
-    _check_args(args)
-    samplers = _samplers(args) if args.ckpt is not None else []  # a bad spec fails before any slow work
-    start = time.time()
-    fabric = make_fabric(args.devices, args.accelerator)
-    extractor = _extractor(args, fabric.device)  # preflight: before any slow work
-    if args.samples is not None:
-        n, height, width = inspect_samples(args.samples)
-    else:
-        module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
-        _, height, width = image_shape(module)
-    # the reference is scored at the samples' size: resized as training resizes it when stored at another size
-    images, data_key, data_info = reference_images(args.data, batch_size=args.batch_size,
-                                                   image_size=height if height == width else None)
-    if data_info["image_size"] != [height, width]:
-        size = "x".join(map(str, data_info["image_size"]))
-        raise CommandError(f"samples are {height}x{width} but the reference images of --data {args.data} are "
-                           f"{size}: expected the same size (square samples get the reference resized to them)")
-    if data_info["stored_size"] != data_info["image_size"] and fabric.global_rank == 0:
-        stored = "x".join(map(str, data_info["stored_size"])) if data_info["stored_size"] else "mixed sizes"
-        print(f"reference images resized from {stored} to {height}x{width} (resize + centre crop, as in training)",
-              file=sys.stderr)
-    reference = reference_stats(images, data_key, extractor, with_features=args.kid, device=fabric.device,
-                                total=data_info["count"], progress=fabric.global_rank == 0)
-    if args.samples is not None:
-        points, info = _score_samples(args, fabric, n, extractor, reference)
-    else:
-        points, info = _score_checkpoint(args, fabric, module, samplers, extractor, reference)
-    n, inception = points[0]["n"], isinstance(extractor, InceptionFeatures)
-    report = {
-        "protocol": {"n": n, "full_protocol": n >= 50_000,
-                     "reference": {"data": args.data, "n": reference.n, "split": data_info["split"],
-                                   "source": data_info["source"], "image_size": data_info["image_size"],
-                                   "stored_size": data_info["stored_size"]},
-                     "extractor": INCEPTION_PROTOCOL if inception
-                     else f"{type(extractor).__module__}.{type(extractor).__qualname__}",
-                     "resize": "bilinear to 299x299, TF1-compatible (antialias=False)" if inception
-                     else "none (extractor's own)",
-                     "extractor_sha256": fingerprint(extractor), "quantisation": PROTOCOL,
-                     "world_size": fabric.world_size, "batch_size": args.batch_size},
-        **info, "results": points, "seconds": round(time.time() - start, 2)}
-    if fabric.global_rank == 0:
-        print(_table(points))
-        if "bits_per_dim" in info:
-            b = info["bits_per_dim"]
-            print(f"bits/dim {b['bpd']:.4f} +- {b['bpd_stderr']:.4f} ({b['n']} images of {b['data']})")
-        source = Path(args.ckpt or args.samples)
-        default = source / "eval.json" if source.is_dir() else source.with_suffix(".eval.json")
-        path = Path(args.report) if args.report else default
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"report: {path}", file=sys.stderr)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `diffusion-pl evaluate`; returns a process exit code."""
-    args = parser().parse_args(argv)
-    return run_command("evaluate", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -31,10 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_pl.commands import (SAMPLER_STEPS_HELP, CommandError, add_model_options, image_shape, load_checkpoint,
-                                   make_fabric, read_rgb, resolve_sampler, sampler_help)
+from diffusion_pl.commands.common import (CommandError, add_model_options, image_shape, load_checkpoint, make_fabric,
+                                         read_rgb)
+from diffusion_pl.commands.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.errors import run_command
-from diffusion_pl.fileio import sha256_file
+from diffusion_pl.fileio import atomic_path, sha256_file
 from diffusion_pl.generation import class_labels_for, generate, rank_indices
 
 __all__ = ["main", "parser", "run"]
@@ -133,9 +133,8 @@ def _clear(out: Path) -> None:
 
 
 def _write_png(image: torch.Tensor, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)  # a PNG under its final name is always complete: resume may trust it
+    with atomic_path(path) as tmp:  # a PNG under its final name is always complete: resume may trust it
+        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
 
 
 def assemble_npz(out: Path, n: int, shape: tuple[int, int, int], num_classes: int | None,
@@ -149,9 +148,8 @@ def assemble_npz(out: Path, n: int, shape: tuple[int, int, int], num_classes: in
     if labels is not None:
         arrays["arr_1"] = labels.numpy()
     path = npz_path(out, n, shape)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
     return path
 
 

@@ -62,7 +62,7 @@ class ShardDataModule(L.LightningDataModule):
         self.shards, self.batch_size, self.num_workers, self.seed = shards, batch_size, num_workers, seed
         self.random_flip, self.shuffle_buffer, self.manifest = random_flip, shuffle_buffer, manifest
         self.val_shards, self.val_batch_size, self.max_bad_samples = val_shards, val_batch_size, max_bad_samples
-        self._image_size, self._meta_cache, self._meta_done = image_size, None, False
+        self._image_size, self._manifest_cache, self._manifest_loaded = image_size, None, False
         self._rank, self._world = 0, 1
         self._urls: dict[str, list[str]] = {}
         self._manifests: dict[str, dict | None] = {}
@@ -74,7 +74,7 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int | None:
         """Number of classes (from the manifest), or None when unknown."""
-        classes = (self._meta() or {}).get("classes")
+        classes = (self._train_manifest() or {}).get("classes")
         return len(classes) if classes else None
 
     @property
@@ -82,7 +82,7 @@ class ShardDataModule(L.LightningDataModule):
         """Side of the (square) output images: the argument, else the manifest's size."""
         if self._image_size is not None:
             return self._image_size
-        size = (self._meta() or {}).get("image_size")
+        size = (self._train_manifest() or {}).get("image_size")
         return size[0] if size and size[0] == size[1] else None
 
     @property
@@ -95,9 +95,9 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def channels(self) -> int:
         """Image channels: 1 for a grey-scale manifest, else 3."""
-        return int((self._meta() or {}).get("channels") or 3)
+        return int((self._train_manifest() or {}).get("channels") or 3)
 
-    def _builtin(self) -> dict:
+    def _builtin_args(self) -> dict:
         name, _, query = self.shards[len("builtin:"):].partition("?")
         args = dict(urllib.parse.parse_qsl(query))
         expected = "expected builtin:shapes[?size=N&count=N&seed=N] with size >= 8, count >= 1"
@@ -109,26 +109,27 @@ class ShardDataModule(L.LightningDataModule):
             raise UserValueError(f"built-in dataset {self.shards!r} is invalid: {expected}")
         return out
 
-    def _meta(self) -> dict | None:
-        if not self._meta_done:  # lazy: no I/O in __init__, yet readable right after it
+    def _train_manifest(self) -> dict | None:
+        """The training data's manifest (classes, image_size, channels), or the built-in dataset's; None if absent."""
+        if not self._manifest_loaded:  # lazy: no I/O in __init__, yet readable right after it
             if self.manifest:
-                self._meta_cache = load_manifest(self.manifest)
+                self._manifest_cache = load_manifest(self.manifest)
             elif self.shards.startswith("builtin:"):
-                self._meta_cache = builtin.shapes_meta(self._builtin()["size"])
+                self._manifest_cache = builtin.shapes_meta(self._builtin_args()["size"])
             else:
-                self._meta_cache = resolve_shards(self.shards)[1]
-            self._meta_done = True
-        return self._meta_cache
+                self._manifest_cache = resolve_shards(self.shards)[1]
+            self._manifest_loaded = True
+        return self._manifest_cache
 
     # -------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
         """Generate the built-in dataset once per node (Lightning runs this on local rank 0)."""
         if self.shards.startswith("builtin:"):
-            builtin.ensure_shapes(**self._builtin())
+            builtin.ensure_shapes(**self._builtin_args())
 
     def _resolve(self, spec: str) -> tuple[list[str], dict | None]:
         if spec.startswith("builtin:"):
-            return resolve_shards(str(builtin.ensure_shapes(**self._builtin())))
+            return resolve_shards(str(builtin.ensure_shapes(**self._builtin_args())))
         return resolve_shards(spec)
 
     def setup(self, stage: str | None = None) -> None:
@@ -140,7 +141,7 @@ class ShardDataModule(L.LightningDataModule):
         self._urls["train"], self._manifests["train"] = self._resolve(self.shards)
         if self.val_shards:
             self._urls["val"], self._manifests["val"] = self._resolve(self.val_shards)
-        meta = self._meta() or {}
+        meta = self._train_manifest() or {}
         if self._image_size:
             self._size = (self._image_size,) * 2
         elif meta.get("mixed_sizes") or ("image_size" in meta and not meta["image_size"]):
@@ -178,7 +179,7 @@ class ShardDataModule(L.LightningDataModule):
         """Samples per shard of a split: its manifest (the `manifest` option for training), else counted."""
         if split not in self._counts:
             # the `manifest` option describes the training shards only: val shards may share their file names
-            manifest = self._manifests.get(split) or (self._meta() if split == "train" else None)
+            manifest = self._manifests.get(split) or (self._train_manifest() if split == "train" else None)
             self._counts[split] = shard_counts(self._urls[split], manifest)
         return self._counts[split]
 

@@ -41,13 +41,10 @@ from typing import Sequence
 
 import numpy as np
 
+from diffusion_pl.seeding import mix_seed
+
 READ_BLOCK = 256  # slots read at a time when nothing is shuffled (a block is read before it is emitted)
-ORDER_VERSION = 2  # saved in checkpoints: a resumed stream continues the saved one only if this matches
-
-
-def _seed(*parts: int) -> int:
-    """One well-mixed 64-bit seed from several small integers."""
-    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1, np.uint64)[0])
+ORDER_VERSION = 3  # saved in checkpoints: a resumed stream continues the saved one only if this matches
 
 
 class SampleOrder:
@@ -84,7 +81,7 @@ class SampleOrder:
         """(shard order, start of each in the concatenation (S + 1), rotation offset) of pass e."""
         if self._layout is None or self._layout[0] != e:
             if self.infinite:
-                rng = np.random.default_rng(_seed(self.seed, 1, e))
+                rng = np.random.default_rng(mix_seed(self.seed, 1, e))
                 order = rng.permutation(len(self.counts))
                 offset = int(rng.integers(self.total)) if self.total else 0
             else:
@@ -111,7 +108,7 @@ class SampleOrder:
         """(emission order of the n positions of block b, flip bit of each position)."""
         if not self.shuffle and not self.flip:
             return list(range(n)), [False] * n
-        rng = np.random.default_rng(_seed(self.seed, 2, e, r, b))
+        rng = np.random.default_rng(mix_seed(self.seed, 2, e, r, b))
         perm = rng.permutation(n).tolist() if self.shuffle else list(range(n))
         flips = (rng.random(n) < 0.5).tolist() if self.flip else [False] * n
         return perm, flips

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 from tqdm import tqdm
 
-from diffusion_pl.data.prepare import cache_dir
+from diffusion_pl.fileio import atomic_path
 from diffusion_pl.generation import rank_world
+from diffusion_pl.paths import cache_dir
 
 __all__ = ["PROTOCOL", "ReferenceStats", "SampleMetrics", "extract", "fingerprint", "reference_stats",
            "frechet_distance", "gaussian_stats"]
@@ -141,11 +142,9 @@ def reference_stats(images: Iterable[Tensor], data_key: str, extractor: nn.Modul
     if local_rank == 0 and not file.is_file():
         device = torch.device(device) if device is not None else _device(extractor)
         stats = _compute_reference(images, extractor, with_features, device, progress, total)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        torch.save({"n": stats.n, "feature_sum": stats.feature_sum, "outer_sum": stats.outer_sum,
-                    "features": stats.features}, tmp)
-        os.replace(tmp, file)  # atomic: a reader never sees half a file
+        with atomic_path(file) as tmp:  # a reader never sees half a file
+            torch.save({"n": stats.n, "feature_sum": stats.feature_sum, "outer_sum": stats.outer_sum,
+                        "features": stats.features}, tmp)
     _barrier()  # on every rank, hit or miss, so the collective calls always pair up
     return ReferenceStats(**torch.load(file, map_location="cpu", weights_only=True))
 

@@ -7,6 +7,7 @@ lacks: adaLN-Zero modulation, the timestep/label embedders and the un-patchify s
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -15,7 +16,6 @@ from torch import Tensor, nn
 
 from diffusion_pl.networks.embeddings import (
     ClassEmbedding,
-    PositionalEmbedding,
     batch_noise_label,
     data_shape,
     embedding_mlp,
@@ -31,16 +31,38 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+class TimestepSinusoid(nn.Module):
+    """DiT's timestep features [cos(t f_k), sin(t f_k)], f_k = exp(-ln(max_period) k / n), float32.
+
+    n = half (DiT, facebookresearch/DiT models.py:51-56) or half - 1 with endpoint=True
+    (diffusers' CombinedTimestepLabelEmbeddings: Timesteps(flip_sin_to_cos=True,
+    downscale_freq_shift=1), models/embeddings.py). The float32 operations are those of both
+    references, so the features agree bit for bit.
+    """
+
+    def __init__(self, num_channels: int, max_period: float = 10000.0, endpoint: bool = False) -> None:
+        super().__init__()
+        self.num_channels, self.max_period, self.endpoint = num_channels, max_period, endpoint
+
+    def forward(self, t: Tensor) -> Tensor:
+        # t: (B,) -> (B, num_channels), float32
+        half = self.num_channels // 2
+        exponent = -math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(exponent / (half - (1 if self.endpoint and half > 1 else 0)))  # (half,)
+        angle = t.float()[:, None] * freqs[None]  # (B, half)
+        return torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: conditioning regresses shift, scale and a gate per branch (DiT, Fig. 3)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6) -> None:
         super().__init__()
         # No learned affine: the modulation supplies scale and shift.
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.attn.fused_attn = True  # always F.scaled_dot_product_attention
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -82,6 +104,13 @@ class DiT(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP hidden width as a multiple of hidden_size.
         frequency_embedding_size: width of the sinusoidal noise-label embedding before its MLP.
+        augment_dim: length of the augmentation-label vector (EDM's non-leaking augmentation, Karras et
+            al. 2022, Sec. 5; `diffusion_pl.augment.AugmentPipe`); 0: none. When > 0, a bias-free
+            linear map of the labels is added to the conditioning vector c (timestep embedding), as EDM's
+            SongUNet adds `map_augment` to its noise embedding (NVlabs/edm training/networks.py:271, :329).
+        frequency_endpoint: sinusoid frequencies from 1 down to exactly 1 / 10000 (diffusers'
+            DiTTransformer2DModel, downscale_freq_shift=1); False stops one step short (DiT's models.py).
+        mlp_norm_eps: eps of the LayerNorm before each MLP: 1e-6 in DiT; diffusers' norm_eps (default 1e-5).
     """
 
     def __init__(
@@ -96,6 +125,9 @@ class DiT(nn.Module):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
         frequency_embedding_size: int = 256,
+        augment_dim: int = 0,
+        frequency_endpoint: bool = False,
+        mlp_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         img_resolution, in_channels = data_shape("DiT", img_resolution, in_channels)
@@ -109,23 +141,28 @@ class DiT(nn.Module):
             raise ValueError(f"depth must be at least 1, got {depth}.")
         if frequency_embedding_size < 2 or frequency_embedding_size % 2:
             raise ValueError(f"frequency_embedding_size must be positive and even, got {frequency_embedding_size}.")
+        if augment_dim < 0:
+            raise ValueError(f"augment_dim must be >= 0 (0: no augmentation labels), got {augment_dim}.")
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.num_classes = num_classes
         self.patch_size = patch_size
+        self.augment_dim = augment_dim
 
         self.x_embedder = PatchEmbed(img_resolution, patch_size, in_channels, hidden_size, bias=True)
-        # Timestep embedder: sinusoid of the noise label (no endpoint, as in DiT) then an MLP.
+        # Timestep embedder: sinusoid of the noise label (no endpoint in DiT) then an MLP.
         self.t_embedder = nn.Sequential(
-            PositionalEmbedding(frequency_embedding_size, endpoint=False),
+            TimestepSinusoid(frequency_embedding_size, endpoint=frequency_endpoint),
             embedding_mlp(frequency_embedding_size, hidden_size),
         )
         self.y_embedder = ClassEmbedding(num_classes, hidden_size) if num_classes is not None else None
+        # Xavier-uniform like every linear layer here, which is EDM SongUNet's init of map_augment.
+        self.augment_embedder = nn.Linear(augment_dim, hidden_size, bias=False) if augment_dim else None
         # Fixed sin-cos positions: a buffer, not a frozen parameter (so not counted as a parameter).
         grid = img_resolution // patch_size
         self.register_buffer("pos_embed", sincos_2d(hidden_size, grid)[None], persistent=False)  # (1, T, D)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -161,8 +198,11 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        # x: (B, C_in, H, W), noise_label: (B,), class_labels: (B,) int64 or None -> (B, C_out, H, W)
+    def forward(
+        self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None
+    ) -> Tensor:
+        # x: (B, C_in, H, W), noise_label: (B,), class_labels: (B,) int64 or None,
+        # augment_labels: (B, augment_dim) or None (no augmentation: zeros) -> (B, C_out, H, W)
         B = x.shape[0]
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, T, D), T = (H / p) * (W / p)
         frequencies = self.t_embedder[0](batch_noise_label(noise_label, B))  # (B, F) float32
@@ -170,57 +210,62 @@ class DiT(nn.Module):
         c = mlp(frequencies.to(mlp[0].weight.dtype)).to(x.dtype)  # (B, D); float64 nets get float64
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels, B).to(x.dtype)  # None -> null label
+        if self.augment_embedder is not None and augment_labels is not None:
+            # None means all-zero labels, whose bias-free image is exactly 0.
+            weight = self.augment_embedder.weight
+            c = c + self.augment_embedder(augment_labels.to(weight.dtype)).to(x.dtype)  # (B, D)
         for block in self.blocks:
             h = block(h, c)  # (B, T, D)
         h = self.final_layer(h, c)  # (B, T, p * p * C_out)
         return self.unpatchify(h)  # (B, C_out, H, W)
 
 
-# Presets name the four data-dependent arguments, so LightningCLI can set them under
-# `class_path: diffusion_pl.networks.dit_s_2`; from Python any other DiT argument can be
-# overridden as a keyword (jsonargparse cannot see through **overrides).
+# Presets name the four data-dependent arguments and augment_dim (set by the training recipe's
+# augmentation), so LightningCLI can set them under `class_path: diffusion_pl.networks.dit_s_2`;
+# from Python any other DiT argument can be overridden as a keyword (jsonargparse cannot see
+# through **overrides).
 
 
 def dit_s_2(
     img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
+    augment_dim: int = 0, **overrides,
 ) -> DiT:
     """DiT-S/2: hidden 384, depth 12, 6 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
     size = dict(hidden_size=384, depth=12, num_heads=6, patch_size=2)
-    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
+    return DiT(img_resolution, in_channels, out_channels, num_classes, augment_dim=augment_dim, **{**size, **overrides})
 
 
 def dit_b_2(
     img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
+    augment_dim: int = 0, **overrides,
 ) -> DiT:
     """DiT-B/2: hidden 768, depth 12, 12 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
     size = dict(hidden_size=768, depth=12, num_heads=12, patch_size=2)
-    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
+    return DiT(img_resolution, in_channels, out_channels, num_classes, augment_dim=augment_dim, **{**size, **overrides})
 
 
 def dit_l_2(
     img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
+    augment_dim: int = 0, **overrides,
 ) -> DiT:
     """DiT-L/2: hidden 1024, depth 24, 16 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
     size = dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2)
-    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
+    return DiT(img_resolution, in_channels, out_channels, num_classes, augment_dim=augment_dim, **{**size, **overrides})
 
 
 def dit_xl_2(
     img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
+    augment_dim: int = 0, **overrides,
 ) -> DiT:
     """DiT-XL/2: hidden 1152, depth 28, 16 heads, patch 2 (Peebles & Xie 2023, Table 1)."""
     size = dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2)
-    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
+    return DiT(img_resolution, in_channels, out_channels, num_classes, augment_dim=augment_dim, **{**size, **overrides})
 
 
 def dit_tiny(
     img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
+    augment_dim: int = 0, **overrides,
 ) -> DiT:
     """A 0.33M-parameter DiT (hidden 64, depth 4, 4 heads, patch 2) for tests and quick CPU runs."""
     size = dict(hidden_size=64, depth=4, num_heads=4, patch_size=2)
-    return DiT(img_resolution, in_channels, out_channels, num_classes, **{**size, **overrides})
+    return DiT(img_resolution, in_channels, out_channels, num_classes, augment_dim=augment_dim, **{**size, **overrides})

@@ -95,17 +95,25 @@ def embedding_mlp(in_features: int, out_features: int) -> nn.Sequential:
 
 
 class ClassEmbedding(nn.Module):
-    """Class-label table with one extra "null" row for classifier-free guidance (Ho & Salimans 2022)."""
+    """Class-label table with one extra "null" row for classifier-free guidance (Ho & Salimans 2022).
 
-    def __init__(self, num_classes: int, num_channels: int) -> None:
+    null_row=False gives a plain num_classes-row table (ADM's nn.Embedding, openai/guided-diffusion
+    guided_diffusion/unet.py:478); then `null_label` is None and labels are required.
+    """
+
+    def __init__(self, num_classes: int, num_channels: int, null_row: bool = True) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer or None, got {num_classes}.")
         self.num_classes = num_classes
-        self.table = nn.Embedding(num_classes + 1, num_channels)
+        self.null_label = num_classes if null_row else None
+        self.table = nn.Embedding(num_classes + (1 if null_row else 0), num_channels)
 
     def forward(self, class_labels: Tensor | None, batch_size: int) -> Tensor:
         # class_labels: (B,) int64 in [0, num_classes] or None -> (B, num_channels)
+        if class_labels is None and self.null_label is None:
+            raise UserValueError(f"class_labels is None, but this {self.num_classes}-class embedding has no null "
+                                 "label: expected (B,) labels in [0, num_classes)")
         if class_labels is None:
             # Index num_classes is the null label: the unconditional model of CFG.
             device = self.table.weight.device

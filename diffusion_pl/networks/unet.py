@@ -11,6 +11,17 @@ One implementation; the three published families differ only in the options belo
 | skip_rescale        | False         | True           | False         |
 | decoder_attention   | every_block   | last_block     | every_block   |
 | attention heads     | 1             | 1              | 64 ch / head  |
+| downsample_padding  | same          | -              | -             |
+| embedding_order     | sin_cos       | sin_cos        | cos_sin       |
+| embedding_endpoint  | True          | True           | False         |
+| norm_eps            | 1e-6          | 1e-6           | 1e-5          |
+| class_embedding     | -             | input, null    | after_mlp     |
+| init                | ddpm          | edm            | adm           |
+
+NCSN++ (Song et al. 2021, App. H; `unet_ncsnpp_cifar10`) is the DDPM++ column plus random Fourier
+features of log(sigma) (embedding="fourier", noise_mult=2), FIR resampling
+(resample_filter=(1, 3, 3, 1)) and the residual input pyramid (progressive_input="residual"),
+both in `diffusion_pl.networks.fir`.
 """
 
 from __future__ import annotations
@@ -20,115 +31,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
 from torch import Tensor, nn
 
 from diffusion_pl.networks.embeddings import (ClassEmbedding, batch_noise_label, data_shape, embedding_mlp,
                                               noise_embedding)
+from diffusion_pl.networks.fir import ResidualInput
+from diffusion_pl.networks.unet_blocks import INIT_SCHEMES, ConvResample, ResBlock, SwapHalves, group_norm, init_unet
 
-__all__ = ["UNet", "unet_ddpm_cifar10", "unet_ddpmpp_cifar10", "unet_adm_cifar10", "unet_tiny"]
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, fewer for narrow layers so each group keeps >= 4 channels (EDM)."""
-    groups = min(32, max(1, channels // 4))
-    while channels % groups:
-        groups -= 1
-    return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-class Resample(nn.Module):
-    """Parameter-free 2x resampling: nearest-neighbour up, 2x2 average-pool down (ADM, EDM's [1,1] filter)."""
-
-    def __init__(self, mode: Literal["none", "up", "down"]) -> None:
-        super().__init__()
-        self.mode = mode
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        if self.mode == "down":
-            return F.avg_pool2d(x, kernel_size=2)
-        return x
-
-
-class ConvResample(nn.Module):
-    """DDPM's resampling: strided 3x3 conv down, nearest up then 3x3 conv (Ho et al. 2020)."""
-
-    def __init__(self, channels: int, mode: Literal["up", "down"]) -> None:
-        super().__init__()
-        self.up = Resample("up") if mode == "up" else nn.Identity()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2 if mode == "down" else 1, padding=1)
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        # x: (B, C, H, W) -> (B, C, 2H, 2W) or (B, C, H/2, W/2); emb unused (same call as ResBlock)
-        return self.conv(self.up(x))
-
-
-class SpatialAttention(nn.Module):
-    """Self-attention over all pixels (Ho et al. 2020, App. B) using timm's fused Attention."""
-
-    def __init__(self, channels: int, num_heads: int, skip_scale: float) -> None:
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.attn = Attention(channels, num_heads=num_heads, qkv_bias=True)
-        # Always F.scaled_dot_product_attention; timm would fall back to an explicit softmax
-        # only for ONNX export or TIMM_FUSED_ATTN=0, neither of which applies here.
-        self.attn.fused_attn = True
-        self.skip_scale = skip_scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C) tokens
-        h = self.attn(h)  # (B, H*W, C)
-        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
-        return (x + h) * self.skip_scale
-
-
-class ResBlock(nn.Module):
-    """Residual block conditioned on the embedding, optionally resampling (BigGAN, Brock et al. 2019) and attending."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        emb_channels: int,
-        dropout: float,
-        skip_scale: float,
-        scale_shift: bool,
-        resample: Literal["none", "up", "down"] = "none",
-        resample_proj: bool = True,
-        attn_heads: int = 0,
-    ) -> None:
-        super().__init__()
-        self.scale_shift = scale_shift
-        self.skip_scale = skip_scale
-        self.resample = Resample(resample)
-        self.norm0 = group_norm(in_channels)
-        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        # The embedding enters as a per-channel bias (DDPM) or as a scale and shift of the
-        # normalised features (ADM's AdaGN, Dhariwal & Nichol 2021, Sec. 3).
-        self.affine = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
-        self.norm1 = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        project = in_channels != out_channels or (resample != "none" and resample_proj)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if project else nn.Identity()
-        self.attn = SpatialAttention(out_channels, attn_heads, skip_scale) if attn_heads else nn.Identity()
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        # x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H', W') with H' = 2H, H/2 or H
-        h = self.conv0(self.resample(F.silu(self.norm0(x))))  # (B, C_out, H', W')
-        params = self.affine(emb)[:, :, None, None].to(h.dtype)  # (B, C_out or 2 C_out, 1, 1)
-        if self.scale_shift:
-            scale, shift = params.chunk(2, dim=1)
-            h = self.norm1(h) * (1 + scale) + shift
-        else:
-            h = self.norm1(h + params)
-        h = self.conv1(self.dropout(F.silu(h)))  # (B, C_out, H', W')
-        # skip_scale = 1/sqrt(2) keeps the variance of the sum at that of one branch (NCSN++/DDPM++).
-        x = (self.skip(self.resample(x)) + h) * self.skip_scale
-        return self.attn(x)
+__all__ = ["UNet"]
 
 
 class UNet(nn.Module):
@@ -139,7 +49,8 @@ class UNet(nn.Module):
             a recipe leaves it out).
         in_channels: image channels; None: 3, or the data's channels under `diffusion-pl fit`.
         out_channels: output channels; None means in_channels.
-        num_classes: None for unconditional; else labels 0..num_classes-1 plus the null label num_classes.
+        num_classes: None for unconditional; else labels 0..num_classes-1 plus the null label num_classes
+            (unless class_null_row=False).
         model_channels: channels at the first resolution (and of the noise embedding).
         channel_mult: per-resolution channel multipliers; len - 1 halvings of the resolution.
         num_res_blocks: residual blocks per resolution in the encoder (decoder has one more).
@@ -155,6 +66,30 @@ class UNet(nn.Module):
         embedding: sinusoidal positional (DDPM, DDPM++, ADM) or random Fourier (NCSN++) noise embedding.
         fourier_scale: standard deviation of the Fourier frequencies.
         emb_mult: conditioning-vector width as a multiple of model_channels.
+        augment_dim: length of the augmentation-label vector (EDM's non-leaking augmentation,
+            Karras et al. 2022, App. B.6); 0: none. When > 0, a bias-free linear map of the labels is
+            added to the noise embedding before the embedding MLP (NVlabs/edm training/networks.py
+            SongUNet.map_augment).
+        noise_mult: noise-embedding width as a multiple of model_channels (EDM's channel_mult_noise;
+            NCSN++: 2, its 128 Fourier frequencies give 256 features). Class and augmentation labels are
+            embedded at the same width.
+        resample_filter: separable FIR taps of the resampling residual blocks; (1, 1) is nearest up /
+            average-pool down, NCSN++ uses (1, 3, 3, 1) (`diffusion_pl.networks.fir`).
+        progressive_input: "residual" adds NCSN++'s input pyramid, a FIR-downsampled 3x3 convolution of
+            the previous level, to the output of every encoder downsampling (score_sde
+            progressive_input='residual', EDM's encoder_type='residual'); "none" (DDPM++, ADM) does not.
+        downsample_padding: padding of resample="conv"'s strided convolution: "same" pads only bottom and
+            right (DDPM's TensorFlow 'SAME'), "symmetric" pads 1 on every side (ADM's Downsample).
+        embedding_order: [cos, sin] (ADM, EDM's PositionalEmbedding) or [sin, cos] (DDPM; EDM's SongUNet
+            swaps to it, networks.py:323) halves of the noise embedding.
+        embedding_endpoint: sinusoid frequencies 10000^(-i/(K-1)) reaching 1/10000 (DDPM, DDPM++) or
+            10000^(-i/K) (ADM), for i < K = half the embedding width.
+        norm_eps: GroupNorm epsilon: 1e-6 (DDPM, DDPM++) or 1e-5 (ADM).
+        class_embedding: "input": class table added to the noise embedding before the MLP (EDM);
+            "after_mlp": a table of conditioning-vector width added after it (ADM).
+        class_null_row: whether the class table has the null label num_classes (classifier-free
+            guidance); False as in ADM, then `null_label` is None and class_labels are required.
+        init: weight initialisation of "ddpm", "score_sde", "edm" or "adm" (`unet_blocks.init_unet`).
     """
 
     def __init__(
@@ -178,17 +113,33 @@ class UNet(nn.Module):
         embedding: Literal["positional", "fourier"] = "positional",
         fourier_scale: float = 16.0,
         emb_mult: int = 4,
+        augment_dim: int = 0,
+        noise_mult: int = 1,
+        resample_filter: tuple[int, ...] = (1, 1),
+        progressive_input: Literal["none", "residual"] = "none",
+        downsample_padding: Literal["symmetric", "same"] = "symmetric",
+        embedding_order: Literal["cos_sin", "sin_cos"] = "cos_sin",
+        embedding_endpoint: bool = True,
+        norm_eps: float = 1e-6,
+        class_embedding: Literal["input", "after_mlp"] = "input",
+        class_null_row: bool = True,
+        init: Literal["ddpm", "score_sde", "edm", "adm"] = "ddpm",
     ) -> None:
         super().__init__()
         img_resolution, in_channels = data_shape("UNet", img_resolution, in_channels)
+        _check_ncsnpp_args(noise_mult, resample_filter, progressive_input, resample)
         levels = len(channel_mult)
         resolutions = tuple(img_resolution >> level for level in range(levels))
         _check_args(img_resolution, in_channels, model_channels, channel_mult, num_res_blocks, attn_resolutions,
                     resolutions, dropout)
+        _check_reference_args(embedding_order, class_embedding, init)
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.num_classes = num_classes
+        if augment_dim < 0:
+            raise ValueError(f"augment_dim must be >= 0 (0: no augmentation labels), got {augment_dim}.")
+        self.augment_dim = augment_dim
         emb_channels = model_channels * emb_mult
         skip_scale = math.sqrt(0.5) if skip_rescale else 1.0
 
@@ -205,23 +156,40 @@ class UNet(nn.Module):
 
         def block(cin: int, cout: int, res: int, attn: bool = False, mode: str = "none") -> ResBlock:
             num_heads = heads(cout, res) if attn else 0
-            return ResBlock(cin, cout, emb_channels, dropout, skip_scale, scale_shift, mode, resample_proj, num_heads)
+            return ResBlock(cin, cout, emb_channels, dropout, skip_scale, scale_shift, mode, resample_proj, num_heads,
+                            resample_filter, norm_eps)
 
         def resampler(ch: int, res: int, mode: Literal["up", "down"]) -> nn.Module:
-            return block(ch, ch, res, mode=mode) if resample == "resblock" else ConvResample(ch, mode)
+            return block(ch, ch, res, mode=mode) if resample == "resblock" else ConvResample(ch, mode,
+                                                                                            downsample_padding)
 
         # Mapping network: noise label (+ class) -> conditioning vector (DDPM, Sec. B).
-        self.map_noise = noise_embedding(embedding, model_channels, endpoint=True, fourier_scale=fourier_scale)
-        self.map_label = ClassEmbedding(num_classes, model_channels) if num_classes is not None else None
-        self.map_emb = embedding_mlp(model_channels, emb_channels)
+        noise_channels = model_channels * noise_mult
+        self.map_noise = noise_embedding(embedding, noise_channels, endpoint=embedding_endpoint,
+                                         fourier_scale=fourier_scale)
+        self.noise_order = SwapHalves() if embedding_order == "sin_cos" else nn.Identity()
+        # ADM adds its class table after the MLP, at the conditioning width (guided_diffusion/unet.py:478, 652).
+        self.class_after_mlp = class_embedding == "after_mlp"
+        label_channels = emb_channels if self.class_after_mlp else noise_channels
+        self.map_label = (ClassEmbedding(num_classes, label_channels, null_row=class_null_row)
+                          if num_classes is not None else None)
+        self.null_label = self.map_label.null_label if self.map_label is not None else None
+        self.map_augment = nn.Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
+        self.map_emb = embedding_mlp(noise_channels, emb_channels)
 
         # Encoder: every module's output is kept as a skip connection.
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         ch, skips = model_channels, [model_channels]
         self.downsample, self.enc = nn.ModuleList(), nn.ModuleList()
+        # NCSN++'s input pyramid: level l gets a FIR-downsampled conv of level l-1 (the image at l = 0).
+        self.input_pyramid = nn.ModuleList() if progressive_input == "residual" else None
+        aux_channels = in_channels
         for level, (mult, res) in enumerate(zip(channel_mult, resolutions)):
             if level > 0:
                 self.downsample.append(resampler(ch, res * 2, "down"))
+                if self.input_pyramid is not None:
+                    self.input_pyramid.append(ResidualInput(aux_channels, ch, resample_filter, skip_scale))
+                    aux_channels = ch
                 skips.append(ch)
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks):
@@ -246,42 +214,39 @@ class UNet(nn.Module):
                 ch = model_channels * mult
             self.dec.append(blocks)
 
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch, norm_eps)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+        self.conv_out.zero_init = True
+        self.init = init
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform weights and zero biases, as DDPM's variance_scaling(1, fan_avg, uniform)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        # Zero the last layer of every residual branch and the output layer, so each block
-        # starts as the identity and the network starts at F = 0 (DDPM init_scale=0, ADM zero_module).
-        zeroed = [self.conv_out]
-        for module in self.modules():
-            if isinstance(module, ResBlock):
-                zeroed.append(module.conv1)
-            if isinstance(module, SpatialAttention):
-                zeroed.append(module.attn.proj)
-        for layer in zeroed:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        """Initialise as DDPM, EDM or ADM do (`init` option; see `unet_blocks.init_unet`)."""
+        init_unet(self, self.init)
 
-    def forward(self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        # x: (B, C_in, H, W), noise_label: (B,), class_labels: (B,) int64 or None -> (B, C_out, H, W)
+    def forward(
+        self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None
+    ) -> Tensor:
+        # x: (B, C_in, H, W), noise_label: (B,), class_labels: (B,) int64 or None,
+        # augment_labels: (B, augment_dim) or None (no augmentation: zeros) -> (B, C_out, H, W)
         B = x.shape[0]
-        emb = self.map_noise(batch_noise_label(noise_label, B)).to(x.dtype)  # (B, model_channels)
-        if self.map_label is not None:
+        emb = self.noise_order(self.map_noise(batch_noise_label(noise_label, B))).to(x.dtype)  # (B, noise_channels)
+        if self.map_label is not None and not self.class_after_mlp:
             emb = emb + self.map_label(class_labels, B).to(x.dtype)  # None -> null label
+        if self.map_augment is not None and augment_labels is not None:
+            # None means all-zero labels, whose bias-free image is exactly 0.
+            emb = emb + self.map_augment(augment_labels.to(x.dtype))  # (B, model_channels)
         emb = self.map_emb(emb)  # (B, E)
+        if self.map_label is not None and self.class_after_mlp:
+            emb = emb + self.map_label(class_labels, B).to(x.dtype)  # (B, E)
 
         h = self.conv_in(x)  # (B, model_channels, H, W)
-        skips = [h]
+        skips, aux = [h], x
         for level, blocks in enumerate(self.enc):
             if level > 0:
                 h = self.downsample[level - 1](h, emb)  # (B, C, H / 2^level, W / 2^level)
+                if self.input_pyramid is not None:
+                    h = aux = self.input_pyramid[level - 1](aux, h)  # NCSN++ residual input pyramid
                 skips.append(h)
             for block in blocks:
                 h = block(h, emb)
@@ -294,6 +259,16 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)  # concat skip on channels
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
+
+
+def _check_reference_args(embedding_order, class_embedding, init) -> None:
+    """One-sentence ValueErrors for the reference-matching options."""
+    if embedding_order not in ("cos_sin", "sin_cos"):
+        raise ValueError(f"embedding_order must be 'cos_sin' or 'sin_cos', got {embedding_order!r}.")
+    if class_embedding not in ("input", "after_mlp"):
+        raise ValueError(f"class_embedding must be 'input' or 'after_mlp', got {class_embedding!r}.")
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"init must be one of {', '.join(map(repr, INIT_SCHEMES))}, got {init!r}.")
 
 
 def _check_args(
@@ -320,54 +295,12 @@ def _check_args(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
 
 
-# Presets name the four data-dependent arguments, so LightningCLI can set them under
-# `class_path: diffusion_pl.networks.unet_tiny`; from Python any other UNet argument can be
-# overridden as a keyword (jsonargparse cannot see through **overrides).
-
-
-def unet_ddpm_cifar10(
-    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
-) -> UNet:
-    """DDPM's CIFAR-10 U-Net, 35,746,307 parameters (Ho et al. 2020, App. B: "35.7 million")."""
-    config = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                  dropout=0.1, resample="conv")
-    return UNet(img_resolution, in_channels, out_channels, num_classes, **{**config, **overrides})
-
-
-def unet_ddpmpp_cifar10(
-    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
-) -> UNet:
-    """EDM's DDPM++ CIFAR-10 U-Net, 55,732,739 parameters (Karras et al. 2022; NVlabs/edm train.py --arch=ddpmpp)."""
-    # Equals EDM's SongUNet(model_channels=128, channel_mult=[2,2,2], num_blocks=4,
-    # resample_filter=[1,1]) without its 1,152-parameter augmentation-label layer.
-    config = dict(model_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
-                  dropout=0.13, resample="resblock", resample_proj=True, skip_rescale=True,
-                  decoder_attention="last_block", embedding="positional")
-    return UNet(img_resolution, in_channels, out_channels, num_classes, **{**config, **overrides})
-
-
-def unet_adm_cifar10(
-    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
-) -> UNet:
-    """ADM U-Net (Dhariwal & Nichol 2021, Sec. 3) at iDDPM's CIFAR-10 size (Nichol & Dhariwal 2021), 57.1M params."""
-    # Equals guided-diffusion's UNetModel(model_channels=128, channel_mult=(1,2,2,2),
-    # num_res_blocks=3, attention_resolutions=16,8, num_head_channels=64,
-    # use_scale_shift_norm=True, resblock_updown=True, dropout=0.3, out_channels=3);
-    # learn_sigma (out_channels=6) adds 3,459.
-    config = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attn_resolutions=(16, 8),
-                  attn_head_channels=64, dropout=0.3, resample="resblock", resample_proj=False, scale_shift=True)
-    return UNet(img_resolution, in_channels, out_channels, num_classes, **{**config, **overrides})
-
-
-def unet_tiny(
-    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
-    **overrides,
-) -> UNet:
-    """A 1.1M-parameter DDPM-style U-Net for tests and the CPU quickstart (16x16 or 32x32 images)."""
-    # Attention only at the lowest resolution (img_resolution / 4), where it is cheap.
-    config = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                  attn_resolutions=(img_resolution // 4,), dropout=0.0)
-    return UNet(img_resolution, in_channels, out_channels, num_classes, **{**config, **overrides})
+def _check_ncsnpp_args(noise_mult, resample_filter, progressive_input, resample) -> None:
+    """One-sentence ValueErrors for the NCSN++ options (the filter taps are checked by `fir.fir_filter`)."""
+    if not isinstance(noise_mult, int) or noise_mult < 1:
+        raise ValueError(f"noise_mult must be a positive integer, got {noise_mult}.")
+    if progressive_input not in ("none", "residual"):
+        raise ValueError(f"progressive_input must be 'none' or 'residual', got {progressive_input!r}.")
+    if resample == "conv" and tuple(resample_filter) != (1, 1):
+        raise ValueError(f"resample_filter={tuple(resample_filter)} needs resample='resblock': DDPM's "
+                         "convolutional resampling has no FIR filter.")

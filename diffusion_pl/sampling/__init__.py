@@ -13,7 +13,8 @@ from diffusion_pl.sampling.api import SampleOutput, sample
 from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.sampling.dpm_solver import DPMSolverPP
 from diffusion_pl.sampling.edm import EDMStochastic
-from diffusion_pl.sampling.grids import ExplicitGrid, KarrasGrid, LogSNRGrid, QuadraticGrid, TimeGrid, UniformGrid
+from diffusion_pl.sampling.grids import (ExplicitGrid, KarrasGrid, LogSNRGrid, QuadraticGrid, TimeGrid, TimestepGrid,
+                                        UniformGrid)
 from diffusion_pl.sampling.noise import GeneratorNoise, Noise, SeededNoise
 from diffusion_pl.sampling.ode import AdaptiveODE, EulerODE, HeunODE
 from diffusion_pl.sampling.posterior import DDIM, DDPM
@@ -21,7 +22,7 @@ from diffusion_pl.sampling.sde import AnnealedLangevin, EulerMaruyama, Predictor
 
 __all__ = [
     "sample", "SampleOutput", "Sampler",
-    "TimeGrid", "UniformGrid", "QuadraticGrid", "KarrasGrid", "LogSNRGrid", "ExplicitGrid",
+    "TimeGrid", "UniformGrid", "QuadraticGrid", "KarrasGrid", "LogSNRGrid", "ExplicitGrid", "TimestepGrid",
     "Noise", "GeneratorNoise", "SeededNoise",
     "DDPM", "DDIM", "EulerMaruyama", "PredictorCorrector", "AnnealedLangevin",
     "EulerODE", "HeunODE", "AdaptiveODE", "EDMStochastic", "DPMSolverPP",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ from diffusion_pl.processes import AttributeRepr, Process
 from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
 from diffusion_pl.sampling.noise import Noise
 
-__all__ = ["Sampler", "Point", "point_at", "points_at", "posterior_step"]
+__all__ = ["Sampler", "Point", "point_at", "points_at", "posterior_step", "step_variances", "Variance"]
 
 
 @dataclass(frozen=True)
@@ -58,21 +59,56 @@ def point_at(process: Process, t: float) -> Point:
     return points_at(process, [t])[0]
 
 
-def posterior_step(d: DenoiserOutput, x: Tensor, p_t: Point, p_s: Point, eta: float, noise: Noise) -> Tensor:
-    """x_s ~ q(x_s | x_t, x0_hat) with DDIM's eta (Song et al. 2021a, eq. 12).
+Variance = Literal["fixedsmall", "fixedlarge", "learned"]
 
-    With a = alpha_t/alpha_s, b2 = sigma_t^2 - a^2 sigma_s^2 and c2 = b2 sigma_s^2 / sigma_t^2:
-    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - eta^2 c2) eps_hat + eta sqrt(c2) z.
-    Finite where alpha_t = 0 (then a = 0, b2 = sigma_t^2). Noise is drawn only when eta^2 c2 > 0.
+
+def step_variances(p_t: Point, p_s: Point) -> tuple[float, float]:
+    """(b2, c2) of the step t -> s: b2 = sigma_t^2 - a^2 sigma_s^2 with a = alpha_t / alpha_s, the step's
+    beta in x-space, and c2 = b2 sigma_s^2 / sigma_t^2, the posterior variance beta-tilde (Ho et al. 2020, eq. 7).
+
+    On a VP process b2 = 1 - alpha_bar_t / alpha_bar_s, the beta of a respaced step (Nichol & Dhariwal 2021,
+    App. B). Finite where alpha_t = 0 (then a = 0, b2 = sigma_t^2).
     """
     a = p_t.alpha / p_s.alpha
     b2 = max(p_t.sigma**2 - a**2 * p_s.sigma**2, 0.0)  # >= 0 up to rounding
-    c2 = b2 * p_s.sigma**2 / p_t.sigma**2
+    return b2, b2 * p_s.sigma**2 / p_t.sigma**2
+
+
+def posterior_step(d: DenoiserOutput, x: Tensor, p_t: Point, p_s: Point, eta: float, noise: Noise,
+                   variance: Variance = "fixedsmall") -> Tensor:
+    """x_s ~ q(x_s | x_t, x0_hat) with DDIM's eta (Song et al. 2021a, eq. 12), or DDPM's reverse variances.
+
+    With (b2, c2) from `step_variances`: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - eta^2 c2) eps_hat + std z,
+    where the mean at eta = 1 is the posterior mean of q(x_s | x_t, x0_hat) (Ho et al. 2020, eq. 7) and
+    - 'fixedsmall': std = eta sqrt(c2), beta-tilde (DDIM's sigma; eta = 1 is DDPM's 'fixedsmall');
+    - 'fixedlarge': std = sqrt(b2), beta (Ho et al. 2020, Sec. 3.2, their CIFAR-10 choice), eta = 1;
+    - 'learned': log std^2 = v log b2 + (1 - v) log c2 with v = d.variance_interp (Nichol & Dhariwal 2021,
+      eq. 15; guided-diffusion gaussian_diffusion.py:269-276 LEARNED_RANGE), eta = 1.
+    A step that ends at sigma_s = 0 draws no noise (Ho et al. 2020, Alg. 2: z = 0 at the last step);
+    otherwise noise is drawn exactly when std > 0, so the noise streams match diffusers' schedulers.
+    """
+    if variance != "fixedsmall" and eta != 1.0:
+        raise ValueError(f"variance={variance!r} is DDPM's ancestral step: expected eta = 1, got {eta}")
+    b2, c2 = step_variances(p_t, p_s)
     # eta > 1 asks for more variance than sigma_s^2 holds; the eps_hat direction then vanishes
     direction = math.sqrt(max(p_s.sigma**2 - eta**2 * c2, 0.0))
     x_s = p_s.alpha * d.x0 + direction * d.eps
-    if eta * c2 > 0:
-        x_s = x_s + eta * math.sqrt(c2) * noise.randn_like(x)
+    if variance == "fixedsmall":
+        if eta * c2 > 0:
+            x_s = x_s + eta * math.sqrt(c2) * noise.randn_like(x)
+    elif variance == "fixedlarge":
+        if b2 > 0 and p_s.sigma > 0:
+            x_s = x_s + math.sqrt(b2) * noise.randn_like(x)
+    elif variance == "learned":
+        if d.variance_interp is None:
+            raise ValueError("variance='learned' needs a model whose output has twice x's channels (mean and "
+                             "variance interpolation), got one with x's channels")
+        if c2 > 0:  # then b2 >= c2 > 0 too
+            v = d.variance_interp  # (B, C, ...)
+            std = torch.exp(0.5 * (v * math.log(b2) + (1.0 - v) * math.log(c2)))
+            x_s = x_s + std * noise.randn_like(x)
+    else:
+        raise ValueError(f"variance must be 'fixedsmall', 'fixedlarge' or 'learned', got {variance!r}")
     return x_s
 
 

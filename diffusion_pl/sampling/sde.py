@@ -79,20 +79,30 @@ class PredictorCorrector(Sampler):
     sqrt(D)/sigma. `norms` = "sample" uses each sample's own |z| and |score| (Alg. 4/5 per
     sample): adaptive, but heavy-tailed in low dimension, where a sample near a mode has a
     vanishing score and so a huge step (2-D mixtures diverge with it; 64-D ones do not).
+    `predictor_variance` is the predictor's reverse variance (`base.posterior_step`): "fixedsmall"
+    (beta-tilde, ancestral sampling) or "fixedlarge" (the step's beta), which on VE is exactly
+    score_sde's ReverseDiffusionPredictor, x + (sigma_t^2 - sigma_s^2) score + sqrt(sigma_t^2 -
+    sigma_s^2) z (yang-song/score_sde_pytorch sampling.py ReverseDiffusionPredictor, sde_lib.py
+    VESDE.discretize). score_sde runs the corrector before each predictor step; here it follows
+    it, which is the same sequence but for one corrector step at t_max, on the prior sample.
     NFE = steps (1 + corrector_steps) + final_denoise.
     """
 
     def __init__(self, steps: int = 1000, grid: TimeGrid | None = None, final_denoise: bool = True,
-                 snr: float = 0.16, corrector_steps: int = 1, norms: Literal["expected", "sample"] = "expected") -> None:
+                 snr: float = 0.16, corrector_steps: int = 1, norms: Literal["expected", "sample"] = "expected",
+                 predictor_variance: Literal["fixedsmall", "fixedlarge"] = "fixedsmall") -> None:
         if snr < 0 or corrector_steps < 0:
             raise ValueError(f"snr and corrector_steps must be >= 0, got {snr}, {corrector_steps}")
         if norms not in ("expected", "sample"):
             raise ValueError(f"norms must be 'expected' or 'sample', got {norms!r}")
+        if predictor_variance not in ("fixedsmall", "fixedlarge"):
+            raise ValueError(f"predictor_variance must be 'fixedsmall' or 'fixedlarge', got {predictor_variance!r}")
         super().__init__(steps, grid, final_denoise)
         self.snr, self.corrector_steps, self.norms = snr, corrector_steps, norms
+        self.predictor_variance = predictor_variance
 
     def step(self, denoiser, x, p_t, p_s, noise, class_labels):
-        x = posterior_step(denoiser(x, p_t.t, class_labels), x, p_t, p_s, 1.0, noise)
+        x = posterior_step(denoiser(x, p_t.t, class_labels), x, p_t, p_s, 1.0, noise, self.predictor_variance)
         scale = (p_t.alpha / p_s.alpha) ** 2
         for _ in range(self.corrector_steps):
             x = langevin_step(denoiser, x, p_s, self.snr, scale, self.norms, noise, class_labels)

@@ -30,3 +30,15 @@ def tiny_fit_config(**trainer: object) -> dict:
         "data": {"class_path": "diffusion_pl.data.ShardDataModule",
                  "init_args": {"shards": "builtin:shapes?size=8&count=64", "batch_size": 4, "num_workers": 0}},
     }
+
+
+# Script lines that make the next torch.save write half its bytes, fsync them and SIGKILL the process:
+# a crash in the middle of a write, for the subprocess crash-safety tests (insert after the imports).
+DYING_TORCH_SAVE = """
+real_save = torch.save
+def dying_save(obj, f, *args, **kwargs):
+    buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()
+    f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+"""

@@ -19,7 +19,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy.integrate import quad
 
-from _helpers import tiny_fit_config
+from _helpers import DYING_TORCH_SAVE, tiny_fit_config
 from _training_setup import make_datamodule, make_module
 from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO
 from diffusion_pl.callbacks.phema import PowerEMA
@@ -282,12 +282,7 @@ KILL_DURING_SNAPSHOT = textwrap.dedent("""
                 "averaged": ["w"], "step": step, "nimg": 8 * step, "sigma_rel": 0.05, "gamma": 16.97}
     folder = Path(sys.argv[1])
     save_snapshot(folder / snapshot_name(1, 0.05), snapshot(1))
-    real_save = torch.save
-    def dying_save(obj, f, *args, **kwargs):
-        buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()
-        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
-    torch.save = dying_save
+""") + DYING_TORCH_SAVE + textwrap.dedent("""
     save_snapshot(folder / snapshot_name(2, 0.05), snapshot(2))
 """)
 

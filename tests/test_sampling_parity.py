@@ -1,4 +1,4 @@
-"""Parity with diffusers' schedulers: the same eps-network, the same noise, the same samples (DESIGN section 6).
+"""Parity with diffusers' schedulers: the same eps-network, the same noise, the same samples (docs/design.md).
 
 DDPMDiscrete (1000 linear betas 1e-4..0.02) is diffusers' default DDPM schedule; its noise label
 t N - 1 is diffusers' integer timestep, so a timestep k is the process time (k + 1) / 1000.

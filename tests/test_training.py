@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _helpers import DYING_TORCH_SAVE  # noqa: E402
 from _training_setup import IMAGE_SIZE, make_datamodule, make_module, make_net  # noqa: E402
 
 from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, find_resume_checkpoint
@@ -166,12 +167,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
     path = sys.argv[1]
     ckpt_io = AtomicCheckpointIO()
     ckpt_io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
-    real_save = torch.save
-    def dying_save(obj, f, *args, **kwargs):
-        buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()
-        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
-    torch.save = dying_save
+""") + DYING_TORCH_SAVE + textwrap.dedent("""
     ckpt_io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
 """)
 

@@ -66,16 +66,23 @@ def class_labels_for(indices: Sequence[int], num_classes: int | None, choices: S
 def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int], *, seed: int = 0,
              guidance: float = 1.0, ema: bool = True, class_choices: Sequence[int] | None = None,
              batch_size: int = 64, device: str | torch.device | None = None, clip_x0: float | None = None,
-             progress: bool = False) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
+             progress: bool = False, guide_module=None,
+             guidance_interval: tuple[float, float] | None = None) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
     """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
 
     clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's sampling clips at 1).
+    guide_module: a second DiffusionModule (same process and prediction; its EMA weights when `ema`)
+    for autoguidance with weight `guidance`; guidance_interval: (sigma_lo, sigma_hi), see `Denoiser`.
     """
 
     indices = list(indices)
     model, net = module.model(ema=ema), module.ema if ema else module.net
-    training = net.training
+    guide = guide_module.model(ema=ema) if guide_module is not None else None
+    guide_net = (guide_module.ema if ema else guide_module.net) if guide_module is not None else None
+    training, guide_training = net.training, guide_net is not None and guide_net.training
     net.eval()  # Lightning's model.train() also flips the EMA copy; sampling needs eval (no dropout)
+    if guide_net is not None:
+        guide_net.eval()
     try:
         with tqdm(total=len(indices), desc=f"sampling {sampler_label(sampler)}", unit="img",
                   disable=not progress) as bar:
@@ -84,8 +91,11 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
                 labels = class_labels_for(idx, module.num_classes, class_choices, device)
                 out = sample(model, module.process, module.prediction, sampler, (len(idx), *image_shape),
                              class_labels=labels, guidance=guidance, null_label=module.null_label,
-                             clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device)
+                             clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device, guide=guide,
+                             guidance_interval=guidance_interval)
                 bar.update(len(idx))
                 yield idx, to_uint8(out.x), labels, out.nfe
     finally:
         net.train(training)
+        if guide_net is not None:
+            guide_net.train(guide_training)

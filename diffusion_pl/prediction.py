@@ -289,36 +289,62 @@ class DenoiserOutput:
 
 
 class Denoiser:
-    """Model + process + parameterization -> (x0_hat, eps_hat), with classifier-free guidance.
+    """Model + process + parameterization -> (x0_hat, eps_hat), with guidance.
 
-    Guidance (Ho & Salimans 2022): F = F_u + w (F_c - F_u), computed from one batched call with
-    the null label. Because x0_hat and eps_hat are affine in F with the same x_t term, mixing
-    raw outputs equals mixing eps_hat (or x0_hat) with the same weight. w = 1 is plain
-    conditional sampling; `null_label` is the index of the network's "no class" embedding.
+    Classifier-free guidance (Ho & Salimans 2022), `guide=None`: F = F_u + w (F_c - F_u), computed
+    from one batched call with the null label (`null_label`, the index of the network's "no class"
+    embedding). Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
+    Itself", eq. 1), `guide` a second model in the same contract: F = F_guide + w (F_main - F_guide),
+    two calls, the guide getting the same class labels. Because x0_hat and eps_hat are affine in F
+    with the same x_t term, mixing raw outputs equals mixing D (x0_hat) or eps_hat with the same weight,
+    provided both models share this process and prediction (the caller's duty; the CLI checks it).
+    A learned variance (`split_variance`) is not mixed: it stays the main model's. w = 1: no guidance.
+    `guidance_interval` = (sigma_lo, sigma_hi) in noise levels sigma/alpha (EDM's sigma; Kynkäänniemi
+    et al. 2024, "Applying Guidance in a Limited Interval", eq. 5): guidance applies only to samples
+    whose process.noise_level(t) lies in [sigma_lo, sigma_hi]; elsewhere F is the plain conditional
+    output, with no extra call when the whole batch is outside. An empty interval (lo > hi) never guides.
     `clip_x0` clamps x0_hat to [-clip_x0, clip_x0] and recomputes eps_hat (DDPM's clipping).
     `nfe` counts network evaluations (a guided evaluation counts once).
     """
 
     def __init__(self, model: Model, process: Process, prediction: Prediction, guidance: float = 1.0,
-                 null_label: int | None = None, clip_x0: float | None = None) -> None:
-        if guidance != 1.0 and null_label is None:
-            raise ValueError("guidance != 1 needs null_label, the index of the network's unconditional label")
+                 null_label: int | None = None, clip_x0: float | None = None, guide: Model | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> None:
+        if guidance != 1.0 and null_label is None and guide is None:
+            raise ValueError("guidance != 1 needs null_label, the index of the network's unconditional label, "
+                             "or a guide model (autoguidance)")
+        if guidance_interval is not None:
+            guidance_interval = _check_interval(guidance_interval)
         self.model, self.process, self.prediction = model, process, prediction
         self.guidance, self.null_label, self.clip_x0 = guidance, null_label, clip_x0
+        self.guide, self.guidance_interval = guide, guidance_interval
         self.nfe = 0
+
+    def _guided_mask(self, t: Tensor) -> Tensor | None:
+        """(B,) bool: which samples are guided at t; None means all of them."""
+        if self.guidance_interval is None:
+            return None
+        lo, hi = self.guidance_interval
+        level = self.process.noise_level(t.to(torch.float64))  # (B,) sigma/alpha
+        return (level >= lo) & (level <= hi)
 
     def output(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
         """Raw (guided) network output F at (x_t, t)."""
         self.nfe += 1
-        if self.guidance == 1.0 or class_labels is None:
+        if self.guidance == 1.0 or (class_labels is None and self.guide is None):
             return self.model(x_t, t, class_labels)
-        null = torch.full_like(class_labels, self.null_label)
-        out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
-        out_c, out_u = out.chunk(2)
-        guided = out_u + self.guidance * (out_c - out_u)
-        if out_c.shape[1] != x_t.shape[1]:  # learned variance: guide the mean, keep the conditional variance
-            channels = x_t.shape[1]  # (DiT models.py forward_with_cfg guides only the eps channels)
-            guided = torch.cat([guided[:, :channels], out_c[:, channels:]], dim=1)
+        mask = self._guided_mask(t)
+        if mask is not None and not bool(mask.any()):
+            return self.model(x_t, t, class_labels)  # whole batch outside the interval: no extra call
+        if self.guide is None:
+            null = torch.full_like(class_labels, self.null_label)
+            out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
+            out_main, out_guide = out.chunk(2)  # (B, C', ...) each: F_c, F_u
+        else:
+            out_main, out_guide = self.model(x_t, t, class_labels), self.guide(x_t, t, class_labels)
+        guided = _mix(out_main, out_guide, self.guidance, x_t)
+        if mask is not None:
+            guided = torch.where(append_dims(mask, guided.ndim), guided, out_main)
         return guided
 
     def __call__(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> DenoiserOutput:
@@ -343,6 +369,28 @@ class Denoiser:
         t = _per_sample_time(t, x_t)
         sigma = _per_sample_like(self.process.sigma(t.to(torch.float64)), x_t)
         return -self(x_t, t, class_labels).eps / sigma
+
+
+def _check_interval(interval) -> tuple[float, float]:
+    """(sigma_lo, sigma_hi) as floats; refuses anything but two non-negative, non-NaN noise levels."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two noise levels (sigma_lo, sigma_hi), got {interval!r}") from None
+    if not (lo >= 0.0 and hi >= 0.0):  # also refuses NaN
+        raise ValueError(f"guidance_interval must hold noise levels sigma/alpha >= 0, got ({lo}, {hi})")
+    return lo, hi
+
+
+def _mix(out_main: Tensor, out_guide: Tensor, w: float, x_t: Tensor) -> Tensor:
+    """F_guide + w (F_main - F_guide) on the mean channels; any learned-variance channels stay the main model's."""
+    channels = x_t.shape[1]
+    mean_main, _ = split_variance(out_main, x_t)  # also refuses a malformed output
+    mean_guide, _ = split_variance(out_guide, x_t)
+    guided = mean_guide + w * (mean_main - mean_guide)  # (B, C, ...)
+    if out_main.shape[1] != channels:  # (DiT models.py forward_with_cfg guides only the eps channels)
+        guided = torch.cat([guided, out_main[:, channels:]], dim=1)
+    return guided
 
 
 def _per_sample_time(t: Tensor | float, x: Tensor) -> Tensor:

@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 from diffusion_pl.errors import UserValueError
+from diffusion_pl.fileio import sha256_file
 
-__all__ = ["CommandError", "read_rgb", "make_fabric", "image_shape", "load_checkpoint", "add_model_options"]
+__all__ = ["CommandError", "read_rgb", "make_fabric", "image_shape", "load_checkpoint", "add_model_options",
+           "load_guide", "guidance_config"]
 
 
 class CommandError(UserValueError):
@@ -67,3 +69,46 @@ def add_model_options(p) -> None:
     p.add_argument("--trust-config", action="store_true",
                    help="allow a checkpoint whose saved config imports from packages other than diffusion_pl, torch, "
                         "lightning, timm, diffusers (a config is code: only for checkpoints you trust)")
+    p.add_argument("--guide-ckpt", default=None, metavar="PATH",
+                   help="autoguidance (Karras et al. 2024): a weaker checkpoint of the same process, prediction and "
+                        "image shape (a smaller or less trained model); --guidance w then mixes D_guide + w (D - D_guide)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="apply guidance only at noise levels sigma/alpha in [LO, HI] (Kynkäänniemi et al. 2024); "
+                        "default: at every level")
+
+
+def load_guide(args, module, device: torch.device):
+    """The --guide-ckpt DiffusionModule, refused in one line unless it matches `module` (None without one);
+    also checks --guidance-interval.
+
+    Mixing raw outputs equals mixing denoised images only when both share the process and the
+    prediction (same class and parameters) and the image shape.
+    """
+    interval = getattr(args, "guidance_interval", None)
+    if interval is not None and not all(v >= 0 for v in interval):  # also refuses NaN
+        raise CommandError(f"--guidance-interval {interval[0]} {interval[1]} is invalid: expected noise levels "
+                           "sigma/alpha >= 0 (inf allowed)")
+    if getattr(args, "guide_ckpt", None) is None:
+        return None
+    if not Path(args.guide_ckpt).is_file():
+        raise CommandError(f"--guide-ckpt {args.guide_ckpt} does not exist: expected a checkpoint written by "
+                           "`diffusion-pl fit`")
+    guide = load_checkpoint(args.guide_ckpt, device, trust_config=args.trust_config)
+    for what, main_value, guide_value in (("image shape", image_shape(module), image_shape(guide)),
+                                          ("process", repr(module.process), repr(guide.process)),
+                                          ("prediction", repr(module.prediction), repr(guide.prediction)),
+                                          ("num_classes", module.num_classes, guide.num_classes)):
+        if main_value != guide_value:
+            raise CommandError(f"--guide-ckpt {args.guide_ckpt} has {what} {guide_value} but --ckpt has "
+                               f"{main_value}: expected the same")
+    return guide
+
+
+def guidance_config(args) -> dict:
+    """The guide checkpoint's sha256 and the guidance interval, for run configs (empty when neither is given)."""
+    out = {}
+    if getattr(args, "guide_ckpt", None) is not None:
+        out["guide_checkpoint_sha256"] = sha256_file(args.guide_ckpt)
+    if getattr(args, "guidance_interval", None) is not None:
+        out["guidance_interval"] = list(args.guidance_interval)
+    return out

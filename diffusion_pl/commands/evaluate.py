@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from diffusion_pl.commands.common import (CommandError, add_model_options, image_shape, load_checkpoint, make_fabric,
-                                         read_rgb)
+from diffusion_pl.commands.common import (CommandError, add_model_options, guidance_config, image_shape,
+                                         load_checkpoint, load_guide, make_fabric, read_rgb)
 from diffusion_pl.commands.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.errors import run_command
@@ -85,11 +85,12 @@ def run(args: argparse.Namespace) -> dict:
     fabric = make_fabric(args.devices, args.accelerator)
     extractor = _extractor(args, fabric.device)  # preflight: the weights are checked before any slow work
     module, (n, height, width) = _open_source(args, fabric)
+    guide = load_guide(args, module, fabric.device) if module is not None else None  # before the slow reference
     reference, data_info = _reference(args, fabric, extractor, height, width)
     if module is None:
         points, info = _score_samples(args, fabric, n, extractor, reference)
     else:
-        points, info = _score_checkpoint(args, fabric, module, samplers, extractor, reference)
+        points, info = _score_checkpoint(args, fabric, module, samplers, extractor, reference, guide)
     report = _report(args, fabric, extractor, reference, data_info, points, info, time.time() - start)
     if fabric.global_rank == 0:
         _publish(args, report)
@@ -114,6 +115,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--samples {args.samples} does not exist: expected a folder of PNGs or an .npz file")
     if args.bpd and args.ckpt is None:
         raise CommandError("--bpd needs --ckpt: expected a model to evaluate the likelihood of")
+    if args.ckpt is None and (args.guide_ckpt is not None or args.guidance_interval is not None):
+        raise CommandError("--guide-ckpt / --guidance-interval need --ckpt: expected a model to sample from")
 
 
 def _samplers(args: argparse.Namespace) -> list[tuple[Sampler, dict]]:
@@ -168,7 +171,7 @@ def _score_samples(args, fabric, n, extractor, reference) -> tuple[list[dict], d
     return [{"name": Path(args.samples).name, **metrics.compute()}], {"samples": str(args.samples)}
 
 
-def _score_checkpoint(args, fabric, module, samplers, extractor, reference) -> tuple[list[dict], dict]:
+def _score_checkpoint(args, fabric, module, samplers, extractor, reference, guide=None) -> tuple[list[dict], dict]:
     shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
     points = []
     for sampler, spec in samplers:
@@ -176,7 +179,8 @@ def _score_checkpoint(args, fabric, module, samplers, extractor, reference) -> t
         nfe = []
         for _, images, _, batch_nfe in generate(module, sampler, rank_indices(args.num_samples, rank, world), shape,
                                                 seed=args.seed, guidance=args.guidance, clip_x0=args.clip_x0,
-                                                ema=not args.no_ema,
+                                                ema=not args.no_ema, guide_module=guide,
+                                                guidance_interval=args.guidance_interval,
                                                 batch_size=args.batch_size, device=fabric.device, progress=rank == 0):
             metrics.update(images)
             nfe.append(batch_nfe)
@@ -186,7 +190,7 @@ def _score_checkpoint(args, fabric, module, samplers, extractor, reference) -> t
                        "nfe": float(np.mean(nfe)) if nfe else None, **metrics.compute()})
     info = {"checkpoint": str(args.ckpt), "checkpoint_sha256": sha256_file(args.ckpt), "ema": not args.no_ema,
             "guidance": args.guidance, "clip_x0": args.clip_x0, "seed_range": [args.seed, args.seed + args.num_samples - 1],
-            "class_labels": "i % num_classes (balanced)" if module.num_classes else None}
+            "class_labels": "i % num_classes (balanced)" if module.num_classes else None, **guidance_config(args)}
     if args.bpd:
         images = _first_images(args.bpd_data or args.data, args.bpd_samples, args.batch_size)
         info["bits_per_dim"] = {"data": args.bpd_data or args.data, "dequantization": "uniform",

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_pl.commands.common import (CommandError, add_model_options, image_shape, load_checkpoint, make_fabric,
-                                         read_rgb)
+from diffusion_pl.commands.common import (CommandError, add_model_options, guidance_config, image_shape,
+                                         load_checkpoint, load_guide, make_fabric, read_rgb)
 from diffusion_pl.commands.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.errors import run_command
 from diffusion_pl.fileio import atomic_path, sha256_file
@@ -97,7 +97,8 @@ def _config(args: argparse.Namespace, module, sampler_spec: dict) -> dict:
     return {"checkpoint_sha256": sha256_file(args.ckpt), "sampler": sampler_spec, "guidance": args.guidance,
             "class_labels": labels or ("balanced" if module.num_classes else None), "seed": args.seed,
             "ema": not args.no_ema, "image_shape": list(image_shape(module)),
-            **({"clip_x0": args.clip_x0} if args.clip_x0 is not None else {})}  # absent: as folders before it
+            **({"clip_x0": args.clip_x0} if args.clip_x0 is not None else {}),  # absent: as folders before it
+            **guidance_config(args)}
 
 
 def _check_out(out: Path, config: dict, overwrite: bool, sampler_repr: str | None = None) -> bool:
@@ -161,6 +162,7 @@ def run(args: argparse.Namespace) -> Path:
     fabric = make_fabric(args.devices, args.accelerator)
     rank, world = fabric.global_rank, fabric.world_size
     module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
+    guide = load_guide(args, module, fabric.device)
     config, out, shape = _config(args, module, spec), Path(args.out), image_shape(module)
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None
     resume = _check_out(out, config, args.overwrite, repr(sampler))  # every rank checks before anyone writes
@@ -180,7 +182,8 @@ def run(args: argparse.Namespace) -> Path:
     mine = [missing[j] for j in rank_indices(len(missing), rank, world)]
     for idx, images, _, _ in generate(module, sampler, mine, shape, seed=args.seed, guidance=args.guidance,
                                       clip_x0=args.clip_x0, ema=not args.no_ema, class_choices=labels, batch_size=args.batch_size,
-                                      device=fabric.device, progress=rank == 0):
+                                      device=fabric.device, progress=rank == 0, guide_module=guide,
+                                      guidance_interval=args.guidance_interval):
         for i, image in zip(idx, images):
             _write_png(image, png_path(out, i))
     fabric.barrier()

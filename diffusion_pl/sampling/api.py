@@ -1,6 +1,6 @@
 """The one entry point: noise -> time grid -> steps -> samples.
 
-`sample` wraps the model into a `Denoiser` (parameterization, classifier-free guidance,
+`sample` wraps the model into a `Denoiser` (parameterization, classifier-free or auto-guidance,
 x0 clipping), draws x_T from the prior N(0, prior_std^2 I) with the chosen noise source, runs
 the sampler and reports the samples with the number of network evaluations.
 """
@@ -45,13 +45,18 @@ def sample(model: Model, process: Process, prediction: Prediction, sampler: Samp
            noise: Tensor | None = None, class_labels: Tensor | None = None, guidance: float = 1.0,
            null_label: int | None = None, clip_x0: float | None = None, seeds: Sequence[int] | Tensor | None = None,
            generator: torch.Generator | None = None, device: torch.device | str | None = None,
-           dtype: torch.dtype = torch.float32, progress: bool = False) -> SampleOutput:
+           dtype: torch.dtype = torch.float32, progress: bool = False, guide: Model | None = None,
+           guidance_interval: tuple[float, float] | None = None) -> SampleOutput:
     """Draw shape[0] samples with `sampler` from `model` in the model contract (x_t, t, class_labels) -> F.
 
     noise: standard normal (shape) for x_T = prior_std * noise; drawn from the noise source if None.
     seeds: one int per sample; all randomness of sample i then comes from its own generator
     (same seed, same sample, whatever the batch). Otherwise `generator` (or torch's global RNG).
     guidance, null_label: classifier-free guidance weight w and the unconditional label index.
+    guide: a second model (same contract, process and prediction) for autoguidance, F = F_guide +
+    w (F_main - F_guide) (Karras et al. 2024); null_label is then not needed.
+    guidance_interval: (sigma_lo, sigma_hi) noise levels sigma/alpha outside which no guidance applies
+    (Kynkäänniemi et al. 2024). See `Denoiser`.
     clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every evaluation (DDPM's clipping).
     """
     shape = tuple(int(n) for n in shape)
@@ -72,6 +77,7 @@ def sample(model: Model, process: Process, prediction: Prediction, sampler: Samp
         if class_labels.shape != (shape[0],):
             raise ValueError(f"class_labels must have shape ({shape[0]},), got {tuple(class_labels.shape)}")
     x = process.prior_std() * noise.to(device=device, dtype=dtype)
-    denoiser = Denoiser(model, process, prediction, guidance=guidance, null_label=null_label, clip_x0=clip_x0)
+    denoiser = Denoiser(model, process, prediction, guidance=guidance, null_label=null_label, clip_x0=clip_x0,
+                        guide=guide, guidance_interval=guidance_interval)
     x = sampler.run(denoiser, x, source, class_labels, progress=progress)
     return SampleOutput(x=x, nfe=denoiser.nfe, times=sampler.times(process))

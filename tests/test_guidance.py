@@ -249,5 +249,13 @@ def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
     capsys.readouterr()
     rc, out = draw("refused", "--guide-ckpt", str(tmp_path / "other.ckpt"), "--guidance", "3")
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "has process EDM(" in err[0] and "expected the same" in err[0]
+    assert rc == 2 and len(err) == 1 and "diffusion_pl.processes.EDM" in err[0] and "expected the same" in err[0]
     assert not out.exists()
+    # the same process class with another parameter (VPLinear's repr omits its betas): refused too
+    forged["hyper_parameters"]["process"] = {"class_path": "diffusion_pl.processes.VPLinear",
+                                             "init_args": {"beta_min": 0.1, "beta_max": 10.0}}
+    torch.save(forged, tmp_path / "betas.ckpt")
+    capsys.readouterr()
+    rc, out = draw("refused_betas", "--guide-ckpt", str(tmp_path / "betas.ckpt"), "--guidance", "3")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "beta_max" in err[0], err

@@ -95,13 +95,28 @@ def load_guide(args, module, device: torch.device):
                            "`diffusion-pl fit`")
     guide = load_checkpoint(args.guide_ckpt, device, trust_config=args.trust_config)
     for what, main_value, guide_value in (("image shape", image_shape(module), image_shape(guide)),
-                                          ("process", repr(module.process), repr(guide.process)),
-                                          ("prediction", repr(module.prediction), repr(guide.prediction)),
+                                          ("process", _saved_config(getattr(args, "ckpt", None), module, "process"),
+                                           _saved_config(args.guide_ckpt, guide, "process")),
+                                          ("prediction", _saved_config(getattr(args, "ckpt", None), module, "prediction"),
+                                           _saved_config(args.guide_ckpt, guide, "prediction")),
                                           ("num_classes", module.num_classes, guide.num_classes)):
         if main_value != guide_value:
             raise CommandError(f"--guide-ckpt {args.guide_ckpt} has {what} {guide_value} but --ckpt has "
                                f"{main_value}: expected the same")
     return guide
+
+
+def _saved_config(path: str, module, name: str) -> str:
+    """The class_path / init_args the checkpoint's saved config gives `name` (every argument, where a repr may
+    leave some out, e.g. VPLinear's betas), else the object's repr."""
+    import json
+
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    except Exception:  # no file to read (a module given from Python): compare the objects' reprs
+        hparams = None
+    saved = hparams.get(name) if isinstance(hparams, dict) else None
+    return json.dumps(saved, sort_keys=True, default=str) if isinstance(saved, dict) else repr(getattr(module, name))
 
 
 def guidance_config(args) -> dict:

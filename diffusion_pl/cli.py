@@ -40,7 +40,8 @@ PROJECT_COMMANDS = {
     "evaluate": ("diffusion_pl.commands.evaluate", "FID / KID / IS against cached reference statistics, bits/dim"),
     "reconstruct-ema": ("diffusion_pl.commands.reconstruct_ema",
                         "post-hoc EMA: a checkpoint of any EMA length from a run's PowerEMA snapshots"),
-    "export": ("diffusion_pl.commands.export", "a checkpoint's EMA (or raw) weights as safetensors + config metadata"),
+    "export": ("diffusion_pl.commands.export", "a checkpoint's EMA (or raw) weights as safetensors + config, or a diffusers folder"),
+    "import": ("diffusion_pl.commands.import_model", "a published model (diffusers, hub id, DiT .pt) as a checkpoint"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a model (resume with --ckpt_path last)",
@@ -174,6 +175,11 @@ def fill_network_shape(config) -> None:
         return
     # a throwaway instance: ShardDataModule reads only its manifest (or one image) for these
     datamodule = import_object(data.class_path)(**data.init_args.as_dict())
+    autoencoder = config.get("model.autoencoder")
+    if autoencoder is not None and hasattr(autoencoder, "class_path"):  # image data encoded on the fly: latent shape
+        from diffusion_pl.latent import encoded_view
+
+        datamodule = encoded_view(datamodule, import_object(autoencoder.class_path)(**autoencoder.init_args.as_dict()))
     values = {}
     if "in_channels" in unset and getattr(datamodule, "channels", None) is not None:
         values["in_channels"] = int(datamodule.channels)

@@ -8,6 +8,7 @@ contiguous block `rank_indices(n, r, world)`. Images leave as uint8 by the evalu
 
 from __future__ import annotations
 
+import json
 from typing import Iterator, Sequence
 
 import torch
@@ -15,10 +16,12 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from diffusion_pl.latent import decode_samples, latent_space
+from diffusion_pl.prediction import check_guidance_interval
 from diffusion_pl.sampling import sample
 
 __all__ = ["FULL_PROTOCOL_SAMPLES", "to_uint8", "metric_prefix", "sampler_label", "class_labels_for", "generate",
-           "rank_world", "rank_indices"]
+           "rank_world", "rank_indices", "guide_mismatch", "check_guidance_interval"]
 
 FULL_PROTOCOL_SAMPLES = 50_000
 
@@ -63,6 +66,42 @@ def class_labels_for(indices: Sequence[int], num_classes: int | None, choices: S
     return torch.tensor(labels, dtype=torch.long, device=device)
 
 
+def _saved_component(module, name: str) -> dict | None:
+    """The class_path / init_args of `name` in the module's saved config, or None (a module built from Python)."""
+    config = getattr(module, "saved_config", None) or getattr(module, "hparams", {})  # load_module sets saved_config
+    saved = config.get(name)
+    return saved if isinstance(saved, dict) else None
+
+
+def _network_shape(module) -> tuple:
+    net = module.net
+    return getattr(net, "in_channels", None), getattr(net, "img_resolution", None)
+
+
+def guide_mismatch(module, guide) -> str | None:
+    """Why `guide` cannot guide `module` ("has process X but the model has Y"), or None when it can.
+
+    Mixing raw network outputs equals mixing denoised images only when both models share the process
+    and the prediction, the generated shape and the classes. The process and prediction are compared by
+    their saved configs (every argument, where a repr may leave some out, e.g. VPLinear's betas) when both
+    modules have one, else by repr.
+    """
+    checks = [("image shape (channels, resolution)", _network_shape(module), _network_shape(guide))]
+    for name in ("process", "prediction"):
+        own, other = _saved_component(module, name), _saved_component(guide, name)
+        if own is None or other is None:
+            own, other = repr(getattr(module, name)), repr(getattr(guide, name))
+        else:
+            own, other = (json.dumps(c, sort_keys=True, default=str) for c in (own, other))
+        checks.append((name, own, other))
+    checks.append(("num_classes", module.num_classes, guide.num_classes))
+    checks.append(("latent space (autoencoder, scale, shift)", latent_space(module), latent_space(guide)))
+    for what, own, other in checks:
+        if own != other:
+            return f"has {what} {other} but the model has {own}"
+    return None
+
+
 def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int], *, seed: int = 0,
              guidance: float = 1.0, ema: bool = True, class_choices: Sequence[int] | None = None,
              batch_size: int = 64, device: str | torch.device | None = None, clip_x0: float | None = None,
@@ -70,6 +109,8 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
              guidance_interval: tuple[float, float] | None = None) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
     """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
 
+    image_shape: what the network samples (a latent module's latent (C, h, w)); a module with an autoencoder
+    yields its samples decoded to pixels (`diffusion_pl.latent.pixel_shape`).
     clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's sampling clips at 1).
     guide_module: a second DiffusionModule (same process and prediction; its EMA weights when `ema`)
     for autoguidance with weight `guidance`; guidance_interval: (sigma_lo, sigma_hi), see `Denoiser`.
@@ -94,7 +135,7 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
                              clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device, guide=guide,
                              guidance_interval=guidance_interval)
                 bar.update(len(idx))
-                yield idx, to_uint8(out.x), labels, out.nfe
+                yield idx, to_uint8(decode_samples(module, out.x)), labels, out.nfe  # latents: decoded to pixels
     finally:
         net.train(training)
         if guide_net is not None:

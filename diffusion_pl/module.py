@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from diffusion_pl import lightning_compat
 from diffusion_pl.augment import AugmentPipe
+from diffusion_pl.autoencoder import Autoencoder
 from diffusion_pl.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
+from diffusion_pl.latent import check_autoencoder, check_latent_data, data_is_latent, to_latents
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes import Process
@@ -70,6 +72,8 @@ class DiffusionModule(L.LightningModule):
             sampling (`model()`) pass none, i.e. zeros. The net's `augment_dim` must equal its `label_dim`.
         grad_nan_to_num: replace NaN / +inf / -inf gradient entries by 0 / 1e5 / -1e5 before each optimizer
             step, as EDM does (NVlabs/edm training/training_loop.py:137-139).
+        autoencoder: a frozen `Autoencoder` for latent diffusion (diffusion_pl/latent.py): batches become
+            latents, samples are decoded; it is never in the optimizer, the EMA or the state_dict.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         augment: AugmentPipe | None = None,
         grad_nan_to_num: bool = False,
+        autoencoder: Autoencoder | None = None,
     ) -> None:
         super().__init__()
         if augment is not None:
@@ -121,7 +126,8 @@ class DiffusionModule(L.LightningModule):
         if lightning_compat.built_by_cli():
             self.save_hyperparameters()
         else:
-            self.save_hyperparameters(ignore=["net", "process", "prediction", "loss", "optimizer", "augment"])
+            self.save_hyperparameters(ignore=["net", "process", "prediction", "loss", "optimizer", "augment",
+                                              "autoencoder"])
         self.net = net
         # The EMA lives in the module, not in Lightning's EMAWeightAveraging callback: sampling and FID
         # callbacks need the averaged network at arbitrary steps (not only inside validation, where the
@@ -141,6 +147,8 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last
         self.compile = compile
         self.augment, self.grad_nan_to_num = augment, grad_nan_to_num
+        check_autoencoder(net, autoencoder, augment)
+        object.__setattr__(self, "autoencoder", autoencoder)  # a plain attribute: no parameters, no state_dict
         self._train_model: Model | None = None
         self._images_per_step = 0
 
@@ -171,7 +179,7 @@ class DiffusionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:  # the datamodule is set up before the module: its shapes are known
-            check_data_fits(self.net, datamodule)
+            check_data_fits(self.net, datamodule, self.autoencoder)
         net = self.net
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -188,6 +196,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         self._reseed(batch_idx)
         x0, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
+        x0 = to_latents(self.autoencoder, x0)  # latent modules: one posterior draw, after the reseed
         self._images_per_step = x0.shape[0] * self.trainer.world_size * max(1, self.trainer.accumulate_grad_batches)
         model = self._train_model
         if self.augment is not None:  # drawn from the generator reseeded above, before the loss's draws
@@ -286,6 +295,7 @@ class DiffusionModule(L.LightningModule):
         grid = log_snr_grid(self.process, self.val_num_times)
         t = grid[torch.arange(n) % self.val_num_times].to(device=x0.device, dtype=x0.dtype)
         g = torch.Generator(device=x0.device).manual_seed(step_seed(self.seed, 1, batch_idx))
+        x0 = to_latents(self.autoencoder, x0, g)
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         labels = class_labels if self.num_classes is not None else None
         # the generator also draws the label dropout (p_uncond), so val/loss is deterministic
@@ -298,19 +308,23 @@ class DiffusionModule(L.LightningModule):
         return loss
 
 
-def check_data_fits(net: nn.Module, datamodule: Any) -> None:
+def check_data_fits(net: nn.Module, datamodule: Any, autoencoder: Autoencoder | None = None) -> None:
     """Refuse, in one line naming both values, data whose channels, size or classes the network does not take.
 
     Reads the attributes the networks (`in_channels`, `img_resolution`, `num_classes`) and
     ShardDataModule (`channels`, `output_size`, `num_classes`) expose; anything absent is not checked.
     """
     net_name, data_name = type(net).__name__, type(datamodule).__name__
-    channels, data_channels = getattr(net, "in_channels", None), getattr(datamodule, "channels", None)
+    latent = autoencoder is not None or data_is_latent(datamodule)
+    if latent:  # channels and size in latent space (and the autoencoder's identity); classes below
+        check_latent_data(net, datamodule, autoencoder)
+    channels = getattr(net, "in_channels", None)
+    data_channels = None if latent else getattr(datamodule, "channels", None)
     if channels is not None and data_channels is not None and channels != data_channels:
         raise UserValueError(f"{net_name} in_channels={channels} but the data has {data_channels}-channel images: "
                              f"expected equal values (set model.net in_channels: {data_channels}, or leave it unset)")
     size = getattr(net, "img_resolution", None)
-    data_size = getattr(datamodule, "output_size", None)
+    data_size = None if latent else getattr(datamodule, "output_size", None)
     if size is not None and data_size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(size) != tuple(data_size):
@@ -380,4 +394,6 @@ def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
         raise UserValueError(f"checkpoint {ckpt_path} names classes outside {', '.join(TRUSTED_PACKAGES)} "
                              f"({', '.join(untrusted[:3])}): its config is code; pass trust_config=True "
                              "(--trust-config) if you trust where it came from")
-    return DiffusionModule.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)
+    module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)
+    module.saved_config = hparams  # the config as saved (hparams hold only what the rebuilt module saves)
+    return module

@@ -26,21 +26,9 @@ from torch import Tensor, nn
 
 from diffusion_pl.processes import AttributeRepr, Process, append_dims, check_positive
 
-__all__ = [
-    "Model",
-    "Prediction",
-    "EpsPrediction",
-    "X0Prediction",
-    "VPrediction",
-    "ScorePrediction",
-    "ScaledScorePrediction",
-    "VelocityPrediction",
-    "EDMPreconditioning",
-    "DenoiserOutput",
-    "Denoiser",
-    "precondition",
-    "split_variance",
-]
+__all__ = ["Model", "Prediction", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
+           "ScaledScorePrediction", "VelocityPrediction", "EDMPreconditioning", "DenoiserOutput", "Denoiser",
+           "precondition", "split_variance", "check_guidance_interval"]
 
 Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -313,8 +301,7 @@ class Denoiser:
         if guidance != 1.0 and null_label is None and guide is None:
             raise ValueError("guidance != 1 needs null_label, the index of the network's unconditional label, "
                              "or a guide model (autoguidance)")
-        if guidance_interval is not None:
-            guidance_interval = _check_interval(guidance_interval)
+        guidance_interval = check_guidance_interval(guidance_interval)
         self.model, self.process, self.prediction = model, process, prediction
         self.guidance, self.null_label, self.clip_x0 = guidance, null_label, clip_x0
         self.guide, self.guidance_interval = guide, guidance_interval
@@ -371,14 +358,16 @@ class Denoiser:
         return -self(x_t, t, class_labels).eps / sigma
 
 
-def _check_interval(interval) -> tuple[float, float]:
-    """(sigma_lo, sigma_hi) as floats; refuses anything but two non-negative, non-NaN noise levels."""
+def check_guidance_interval(interval, name: str = "guidance_interval") -> tuple[float, float] | None:
+    """(sigma_lo, sigma_hi) as floats, or None; a one-line ValueError naming `name` unless two levels >= 0 (not NaN)."""
+    if interval is None:
+        return None
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be two noise levels (sigma_lo, sigma_hi), got {interval!r}") from None
+        raise ValueError(f"{name} {interval!r} is invalid: expected two noise levels (sigma_lo, sigma_hi)") from None
     if not (lo >= 0.0 and hi >= 0.0):  # also refuses NaN
-        raise ValueError(f"guidance_interval must hold noise levels sigma/alpha >= 0, got ({lo}, {hi})")
+        raise ValueError(f"{name} {lo:g} {hi:g} is invalid: expected noise levels sigma/alpha >= 0 (inf allowed)")
     return lo, hi
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.processes import Process, append_dims
+from diffusion_pl.sampling.base import step_variance_terms
 
 __all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "vlb_terms"]
 
@@ -58,9 +59,8 @@ def discretized_gaussian_log_likelihood(x0: Tensor, mean: Tensor, log_scale: Ten
 def _step(process: Process, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(b2, c2, A, B) of the steps t -> s (float64, (B,) each); see the module docstring."""
     alpha_t, sigma_t, alpha_s, sigma_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
-    a = alpha_t / alpha_s
-    b2 = (sigma_t**2 - a**2 * sigma_s**2).clamp_min(0.0)
-    return b2, b2 * sigma_s**2 / sigma_t**2, alpha_s * b2 / sigma_t**2, a * sigma_s**2 / sigma_t**2
+    b2, c2 = step_variance_terms(alpha_t, sigma_t, alpha_s, sigma_s)  # the samplers' own (b2, c2)
+    return b2, c2, alpha_s * b2 / sigma_t**2, (alpha_t / alpha_s) * sigma_s**2 / sigma_t**2
 
 
 def vlb_terms(x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor, variance_interp: Tensor, process: Process,

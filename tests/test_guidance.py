@@ -216,7 +216,7 @@ def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkey
         with pytest.raises(common.CommandError, match=f"--guide-ckpt .* has {what} .*expected the same") as e:
             common.load_guide(args, main, torch.device("cpu"))
         assert "\n" not in str(e.value)
-    with pytest.raises(common.CommandError, match="--guidance-interval -1.0 2.0 is invalid"):
+    with pytest.raises(common.CommandError, match="--guidance-interval -1 2 is invalid"):
         common.load_guide(p.parse_args(["--guidance-interval", "-1", "2"]), main, torch.device("cpu"))
     with pytest.raises(common.CommandError, match="does not exist"):
         common.load_guide(p.parse_args(["--guide-ckpt", str(tmp_path / "missing.ckpt")]), main, torch.device("cpu"))
@@ -259,3 +259,43 @@ def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
     rc, out = draw("refused_betas", "--guide-ckpt", str(tmp_path / "betas.ckpt"), "--guidance", "3")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "beta_max" in err[0], err
+
+
+def test_sample_grid_and_fid_callbacks_guide_with_a_checkpoint(tmp_path, monkeypatch):
+    """SampleGrid / FIDCallback `guide_ckpt`: the guide reaches the sampler (the grid and the FID change), and a
+    guidance interval outside every noise level gives the unguided grid and values exactly; a guide of other
+    classes is refused when fit starts, in one line."""
+    from PIL import Image
+
+    import diffusion_pl.module as module_lib
+    from _eval_setup import StandInFeatures, fit, make_module, recording
+    from diffusion_pl.callbacks import FIDCallback, SampleGrid
+    from diffusion_pl.errors import UserValueError
+
+    guide = make_module(num_classes=5)
+    with torch.no_grad():  # a guide that differs from the (frozen) trained model
+        for p in guide.ema.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    loaded = []
+    monkeypatch.setattr(module_lib, "load_module", lambda path, **kw: loaded.append(path) or guide)
+    grids, fids = {}, {}
+    for name, kw in {"plain": {}, "guided": {"guide_ckpt": "guide.ckpt", "guidance": 3.0},
+                     "outside": {"guide_ckpt": "guide.ckpt", "guidance": 3.0, "guidance_interval": (1e5, 1e6)}}.items():
+        grid = recording(SampleGrid)(every_n_steps=2, num_samples=10, sampler=DDIM(steps=2), **kw)
+        fid = recording(FIDCallback)(every_n_steps=2, num_samples=12, sampler=DDIM(steps=2), batch_size=6,
+                                     feature_extractor=StandInFeatures(), **kw)
+        fit(tmp_path / name, [grid, fid])
+        with Image.open(grid.written[-1]) as im:
+            grids[name] = np.array(im)
+        fids[name] = fid.last
+    assert loaded == ["guide.ckpt"] * 4  # once per callback that has a guide
+    assert np.array_equal(grids["plain"], grids["outside"]) and fids["plain"] == fids["outside"]
+    assert not np.array_equal(grids["plain"], grids["guided"]) and fids["plain"] != fids["guided"]
+    other = make_module(num_classes=None)
+    monkeypatch.setattr(module_lib, "load_module", lambda path, **kw: other)
+    with pytest.raises(UserValueError, match=r"SampleGrid: guide_ckpt guide.ckpt has num_classes None but the "
+                                             r"trained module has 5: expected the same") as e:
+        fit(tmp_path / "refused", [SampleGrid(every_n_steps=2, num_samples=4, guide_ckpt="guide.ckpt")])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"FIDCallback: guidance_interval 1 -2 is invalid"):
+        FIDCallback(guidance_interval=(1, -2))

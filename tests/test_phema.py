@@ -361,3 +361,48 @@ def test_reconstruct_ema_bad_input_is_one_line(tiny_run, tmp_path, capsys, args,
     assert main(["reconstruct-ema", "--run", str(tiny_run), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("diffusion-pl reconstruct-ema: error: ") and message in err[0], err
+
+
+def test_reconstruct_ema_fid_sweep_writes_table_plot_and_reports(tiny_run, tmp_path, capsys):
+    """--fid-data: every reconstruction is scored by `evaluate` (its options after `--`); the sweep's CSV holds
+    the values of each checkpoint's own report, which equal a separate `diffusion-pl evaluate` of it, and
+    the PNG is a plot."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "out"
+    data = "builtin:shapes?size=8&count=64"
+    metric_args = ["--num-samples", "8", "--sampler", "ddim", "heunode", "--steps", "2", "1", "--batch-size", "8",
+                   "--feature-extractor", "_eval_setup.StandInFeatures"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+        assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.05", "0.07", "0.1", "--out", str(out),
+                     "--fid-data", data, "--", *metric_args]) == 0
+        printed = capsys.readouterr().out
+        with open(out / "phema-sweep-000000006.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [float(r["sigma_rel"]) for r in rows] == [0.05, 0.07, 0.1]
+        assert list(rows[0]) == ["sigma_rel", "gamma", "profile_error", "fid/ddim_2", "fid/heunode_1"]
+        for row in rows:
+            report = json.loads((out / f"phema-000000006-{float(row['sigma_rel'])!r}.eval.json").read_text())
+            assert {f"fid/{p['name']}": p["fid"] for p in report["results"]} == \
+                {k: float(v) for k, v in row.items() if k.startswith("fid/")}
+        assert len({r["fid/ddim_2"] for r in rows}) == 3  # different EMA lengths score differently
+        assert "post-hoc EMA sweep (Frechet distance (_eval_setup.StandInFeatures), 8 samples)" in printed
+        assert "best ddim_2: sigma_rel" in printed
+        with Image.open(out / "phema-sweep-000000006.png") as im:
+            assert im.format == "PNG" and im.size[0] > 300
+        alone = tmp_path / "alone.json"
+        assert main(["evaluate", "--ckpt", str(out / "phema-000000006-0.07.ckpt"), "--data", data, *metric_args,
+                     "--report", str(alone)]) == 0
+    assert json.loads(alone.read_text())["results"][0]["fid"] == float(rows[1]["fid/ddim_2"])
+    capsys.readouterr()
+    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.07", "--out", str(tmp_path / "o2"),
+                 "--", "--num-samples", "8"]) == 2
+    assert "expected --fid-data SHARDS" in capsys.readouterr().err
+    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.07", "--out", str(tmp_path / "o3"),
+                 "--fid-data", data, "--", "--data", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluate option --data after `--` is set by reconstruct-ema itself" in err[0], err

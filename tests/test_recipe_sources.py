@@ -1,4 +1,4 @@
-"""Every CIFAR-10 recipe is its table in configs/sources/cifar10.yaml, the README shows those tables, and each
+"""Every CIFAR-10 / ImageNet recipe is its table in configs/sources/*.yaml, the README shows those tables, and each
 recipe's network is its reference preset weight for weight."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ recipe_tables = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(recipe_tables)
 
 SOURCES = recipe_tables.load_sources()
-RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("cifar10_*.yaml"))
+RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.stem.startswith(("cifar10_", "imagenet")))
 
 
-def test_every_cifar10_recipe_has_a_table_and_every_table_a_recipe():
+def test_every_reproduction_recipe_has_a_table_and_every_table_a_recipe():
     assert sorted(SOURCES) == RECIPES
 
 
@@ -77,7 +77,7 @@ def test_recipe_network_is_its_preset_weight_for_weight(name):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    x = torch.randn(2, 3, args["img_resolution"], args["img_resolution"])
+    x = torch.randn(2, args.get("in_channels") or 3, args["img_resolution"], args["img_resolution"])
     label = torch.tensor([10.0, 500.0])
     with torch.no_grad():
         out = recipe_net.eval()(x, label)

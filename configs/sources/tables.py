@@ -1,4 +1,4 @@
-"""Render configs/sources/cifar10.yaml as the README's recipe tables, and check recipes against it.
+"""Render configs/sources/*.yaml (cifar10, imagenet) as the README's recipe tables, and check recipes against them.
 
     python configs/sources/tables.py                    # print the tables (Markdown)
     python configs/sources/tables.py --write README.md  # replace the README's recipe-tables section
@@ -19,14 +19,23 @@ from typing import Any
 import yaml
 
 CONFIGS = Path(__file__).resolve().parents[1]
-SOURCES = Path(__file__).resolve().parent / "cifar10.yaml"
+SOURCE_FILES = ("cifar10.yaml", "imagenet.yaml")  # in README order; each maps recipe names to tables
+SOURCES = Path(__file__).resolve().parent / SOURCE_FILES[0]
 BEGIN, END = "<!-- recipe-tables:begin -->", "<!-- recipe-tables:end -->"
 _SEGMENT = re.compile(r"^(\w+)(?:\[([^\]]+)\])?$")
 MISSING = object()
 
 
 def load_sources() -> dict[str, dict]:
-    return yaml.safe_load(SOURCES.read_text())
+    """Every recipe's table, from all SOURCE_FILES (a recipe name appears in one file only)."""
+    out: dict[str, dict] = {}
+    for name in SOURCE_FILES:
+        tables = yaml.safe_load((SOURCES.parent / name).read_text()) or {}
+        repeated = sorted(set(out) & set(tables))
+        if repeated:
+            raise ValueError(f"configs/sources/{name} repeats the tables of {', '.join(repeated)}")
+        out.update(tables)
+    return out
 
 
 def load_recipe(name: str) -> dict:

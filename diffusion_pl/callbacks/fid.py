@@ -16,6 +16,7 @@ from torch import nn
 from diffusion_pl.callbacks._every_n import EveryNSteps
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.generation import generate, metric_prefix, rank_indices, sampler_label
+from diffusion_pl.latent import data_is_latent, reference_size
 from diffusion_pl.metrics.inception import load_inception
 from diffusion_pl.metrics.statistics import ReferenceStats, SampleMetrics, reference_stats
 from diffusion_pl.sampling import Sampler
@@ -43,19 +44,26 @@ class FIDCallback(EveryNSteps):
         download_timeout: seconds to wait for the weights server before failing.
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's FID protocol
             clips at 1); None samples unclipped.
+        guide_ckpt: autoguidance (Karras et al. 2024) by this checkpoint (same process, prediction, shape and
+            classes; a smaller or less trained model) with weight `guidance`, loaded and checked when fit starts.
+        guidance_interval: (sigma_lo, sigma_hi): guide only at noise levels sigma/alpha in this range
+            (Kynkäänniemi et al. 2024), for classifier-free guidance and autoguidance alike.
+        trust_guide_config: allow a guide checkpoint whose config imports from other packages (see load_module).
     """
 
     def __init__(self, every_n_steps: int = 10_000, num_samples: int = 10_000,
                  sampler: Sampler | list[Sampler] | None = None, data: str | None = None,
                  inception_weights: str | None = None, feature_extractor: nn.Module | None = None,
                  kid: bool = False, isc: bool = False, batch_size: int = 256, seed: int = 0,
-                 guidance: float = 1.0, download_timeout: float = 10.0, clip_x0: float | None = None) -> None:
+                 guidance: float = 1.0, download_timeout: float = 10.0, clip_x0: float | None = None,
+                 guide_ckpt: str | None = None, guidance_interval: tuple[float, float] | None = None,
+                 trust_guide_config: bool = False) -> None:
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(f"FIDCallback: expected every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
         if clip_x0 is not None and not clip_x0 > 0:
             raise ValueError(f"FIDCallback: clip_x0 must be positive or None, got {clip_x0}")
-        super().__init__(every_n_steps, sampler)
+        super().__init__(every_n_steps, sampler, guide_ckpt, guidance_interval, trust_guide_config)
         self.num_samples, self.data = num_samples, data
         self.inception_weights, self.kid, self.isc = inception_weights, kid, isc
         self.batch_size, self.seed, self.guidance, self.download_timeout = batch_size, seed, guidance, download_timeout
@@ -69,7 +77,8 @@ class FIDCallback(EveryNSteps):
         return self._extractor[0]
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        """Preflight: fail before training, in one line, when the Inception weights cannot be loaded."""
+        """Preflight: fail before training, in one line, when the Inception weights or the guide cannot be loaded."""
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and not self._extractor:
             self._extractor.append(load_inception(self.inception_weights, download_timeout=self.download_timeout))
         if stage == "fit" and self.num_samples < trainer.world_size:
@@ -78,15 +87,16 @@ class FIDCallback(EveryNSteps):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         """Move the extractor to the module's device and load (or compute once) the reference statistics."""
+        super().on_fit_start(trainer, pl_module)
         self._extractor[0] = self.extractor.to(pl_module.device).eval()
         datamodule = trainer.datamodule
-        data = self.data or getattr(datamodule, "shards", None)
+        data = self.data or (None if data_is_latent(datamodule) else getattr(datamodule, "shards", None))
         if data is None:
-            raise ValueError("FIDCallback: no reference data: expected `data:` (a shards string) or a datamodule "
-                             "with a `shards` attribute")
+            raise ValueError("FIDCallback: no reference data: expected `data:` (a shards string of images) or a "
+                             "datamodule with a `shards` attribute of image shards")
         # reference images are scored at the training images' size (resized as training resizes them),
         # so a model trained on resized data is compared at the resolution it learns
-        size = getattr(datamodule, "image_size", None)
+        size = reference_size(pl_module, datamodule)  # a latent module's: the decoded samples' size
         images, key, info = reference_images(data, batch_size=self.batch_size, image_size=size)
         self.reference = reference_stats(images, key, self.extractor, with_features=self.kid, total=info["count"],
                                          progress=trainer.is_global_zero)
@@ -110,7 +120,8 @@ class FIDCallback(EveryNSteps):
             metrics = SampleMetrics(self.extractor, self.reference, kid=self.kid, isc=self.isc, seed=self.seed)
             for _, images, _, _ in generate(pl_module, sampler, indices, self.image_shape, seed=self.seed,
                                             guidance=self.guidance, batch_size=self.batch_size, clip_x0=self.clip_x0,
-                                            device=pl_module.device, progress=trainer.is_global_zero):
+                                            device=pl_module.device, progress=trainer.is_global_zero,
+                                            guide_module=self.guide, guidance_interval=self.guidance_interval):
                 metrics.update(images)
             out = metrics.compute()
             label = sampler_label(sampler)

@@ -79,44 +79,24 @@ def add_model_options(p) -> None:
 
 def load_guide(args, module, device: torch.device):
     """The --guide-ckpt DiffusionModule, refused in one line unless it matches `module` (None without one);
-    also checks --guidance-interval.
+    also checks --guidance-interval."""
+    from diffusion_pl.generation import check_guidance_interval, guide_mismatch
 
-    Mixing raw outputs equals mixing denoised images only when both share the process and the
-    prediction (same class and parameters) and the image shape.
-    """
-    interval = getattr(args, "guidance_interval", None)
-    if interval is not None and not all(v >= 0 for v in interval):  # also refuses NaN
-        raise CommandError(f"--guidance-interval {interval[0]} {interval[1]} is invalid: expected noise levels "
-                           "sigma/alpha >= 0 (inf allowed)")
+    try:
+        check_guidance_interval(getattr(args, "guidance_interval", None), "--guidance-interval")
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     if getattr(args, "guide_ckpt", None) is None:
         return None
     if not Path(args.guide_ckpt).is_file():
         raise CommandError(f"--guide-ckpt {args.guide_ckpt} does not exist: expected a checkpoint written by "
                            "`diffusion-pl fit`")
     guide = load_checkpoint(args.guide_ckpt, device, trust_config=args.trust_config)
-    for what, main_value, guide_value in (("image shape", image_shape(module), image_shape(guide)),
-                                          ("process", _saved_config(getattr(args, "ckpt", None), module, "process"),
-                                           _saved_config(args.guide_ckpt, guide, "process")),
-                                          ("prediction", _saved_config(getattr(args, "ckpt", None), module, "prediction"),
-                                           _saved_config(args.guide_ckpt, guide, "prediction")),
-                                          ("num_classes", module.num_classes, guide.num_classes)):
-        if main_value != guide_value:
-            raise CommandError(f"--guide-ckpt {args.guide_ckpt} has {what} {guide_value} but --ckpt has "
-                               f"{main_value}: expected the same")
+    problem = guide_mismatch(module, guide)
+    if problem is not None:
+        raise CommandError(f"--guide-ckpt {args.guide_ckpt} {problem.replace('the model', '--ckpt')}: "
+                           "expected the same")
     return guide
-
-
-def _saved_config(path: str, module, name: str) -> str:
-    """The class_path / init_args the checkpoint's saved config gives `name` (every argument, where a repr may
-    leave some out, e.g. VPLinear's betas), else the object's repr."""
-    import json
-
-    try:
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    except Exception:  # no file to read (a module given from Python): compare the objects' reprs
-        hparams = None
-    saved = hparams.get(name) if isinstance(hparams, dict) else None
-    return json.dumps(saved, sort_keys=True, default=str) if isinstance(saved, dict) else repr(getattr(module, name))
 
 
 def guidance_config(args) -> dict:

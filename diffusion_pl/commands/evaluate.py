@@ -4,6 +4,7 @@
     diffusion-pl evaluate --ckpt last.ckpt --data shards/cifar10-train \
         --sampler ddim '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 50, "eta": 1.0}}'
     diffusion-pl evaluate --samples OUT_or_samples.npz --data shards/cifar10-train
+    diffusion-pl evaluate --ckpt last.ckpt --ref-stats VIRTUAL_imagenet256_labeled.npz  # published mu / sigma
 
 Each --sampler is a short name or a class_path / init_args spec (JSON, YAML or a .yaml / .json
 file; see `diffusion-pl sample`); all are checked before any slow work. Prints a table and writes
@@ -35,11 +36,12 @@ from diffusion_pl.data.reference import reference_images
 from diffusion_pl.errors import run_command
 from diffusion_pl.fileio import atomic_path, sha256_file
 from diffusion_pl.generation import generate, metric_prefix, rank_indices, sampler_label
+from diffusion_pl.latent import pixel_shape
 from diffusion_pl.metrics.inception import InceptionFeatures, load_inception
-from diffusion_pl.metrics.statistics import PROTOCOL, SampleMetrics, fingerprint, reference_stats
+from diffusion_pl.metrics.statistics import PROTOCOL, SampleMetrics, extract, fingerprint, reference_stats
 from diffusion_pl.sampling import Sampler
 
-__all__ = ["main", "parser", "run", "dataset_bits_per_dim", "read_samples", "inspect_samples"]
+__all__ = ["main", "parser", "run", "run_checkpoints", "check_args", "dataset_bits_per_dim", "read_samples", "inspect_samples"]
 
 INCEPTION_PROTOCOL = ("torch-fidelity InceptionV3 (TF FID graph weights), pool3 2048 features; "
                       "bilinear resize to 299x299 as TF1 (no antialias)")
@@ -51,7 +53,11 @@ def parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="checkpoint written by `diffusion-pl fit`: generate and score its samples")
     src.add_argument("--samples", help="score existing samples: a folder of PNGs or an .npz (arr_0 uint8 NHWC)")
-    p.add_argument("--data", required=True, help="reference shard set (e.g. the CIFAR-10 training shards)")
+    p.add_argument("--data", default=None,
+                   help="reference shard set (e.g. the CIFAR-10 training shards); or give --ref-stats")
+    p.add_argument("--ref-stats", default=None, metavar="NPZ",
+                   help="published reference statistics instead of --data: an npz with mu (D,) and sigma (D, D) of "
+                        "the extractor's features (ADM's reference batches, e.g. VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("--num-samples", type=int, default=50_000, help="generated samples per sampler")
     p.add_argument("--sampler", nargs="+", default=["heunode"],
                    help="one or more samplers (with --ckpt), each " + sampler_help())
@@ -79,28 +85,44 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Score, print and write the report (rank 0); returns the report."""
-    _check_args(args)
-    samplers = _samplers(args) if args.ckpt is not None else []  # a bad spec fails before any slow work
-    start = time.time()
+    return run_checkpoints(args)[0]
+
+
+def run_checkpoints(args: argparse.Namespace, checkpoints: list[str] | None = None) -> list[dict]:
+    """`run` for each of `checkpoints` in turn (default: --ckpt, or --samples alone) with one device launch, one
+    feature extractor and one reference (the sweep of `reconstruct-ema --fid-data`); one report each, beside its
+    checkpoint."""
+    samplers = check_args(args)  # a bad spec fails before any slow work
     fabric = make_fabric(args.devices, args.accelerator)
     extractor = _extractor(args, fabric.device)  # preflight: the weights are checked before any slow work
-    module, (n, height, width) = _open_source(args, fabric)
-    guide = load_guide(args, module, fabric.device) if module is not None else None  # before the slow reference
-    reference, data_info = _reference(args, fabric, extractor, height, width)
-    if module is None:
-        points, info = _score_samples(args, fabric, n, extractor, reference)
-    else:
-        points, info = _score_checkpoint(args, fabric, module, samplers, extractor, reference, guide)
-    report = _report(args, fabric, extractor, reference, data_info, points, info, time.time() - start)
-    if fabric.global_rank == 0:
-        _publish(args, report)
-    return report
+    reference, reports = None, []
+    for ckpt in checkpoints or [args.ckpt]:
+        start = time.time()
+        args = argparse.Namespace(**{**vars(args), "ckpt": ckpt})
+        module, (n, height, width) = _open_source(args, fabric)
+        guide = load_guide(args, module, fabric.device) if module is not None else None  # before the slow reference
+        if reference is None:
+            reference, data_info = _reference(args, fabric, extractor, height, width)
+        if module is None:
+            points, info = _score_samples(args, fabric, n, extractor, reference)
+        else:
+            points, info = _score_checkpoint(args, fabric, module, samplers, extractor, reference, guide)
+        reports.append(_report(args, fabric, extractor, reference, data_info, points, info, time.time() - start))
+        if fabric.global_rank == 0:
+            _publish(args, reports[-1])
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `diffusion-pl evaluate`; returns a process exit code."""
     args = parser().parse_args(argv)
     return run_command("evaluate", lambda: run(args))
+
+
+def check_args(args: argparse.Namespace) -> list[tuple[Sampler, dict]]:
+    """Refuse bad arguments in one line before any slow work; returns the resolved samplers (none for --samples)."""
+    _check_args(args)
+    return _samplers(args) if args.ckpt is not None else []
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -115,6 +137,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--samples {args.samples} does not exist: expected a folder of PNGs or an .npz file")
     if args.bpd and args.ckpt is None:
         raise CommandError("--bpd needs --ckpt: expected a model to evaluate the likelihood of")
+    if (args.data is None) == (getattr(args, "ref_stats", None) is None):
+        raise CommandError("give one reference: expected --data SHARDS or --ref-stats NPZ (not both, not neither)")
+    if getattr(args, "ref_stats", None) is not None and args.kid:
+        raise CommandError("--kid with --ref-stats: expected --data (KID needs the reference features, an npz holds "
+                           "only their mean and covariance)")
+    if args.bpd and args.data is None and args.bpd_data is None:
+        raise CommandError("--bpd with --ref-stats needs --bpd-data: expected the shard set to score bits/dim on")
     if args.ckpt is None and (args.guide_ckpt is not None or args.guidance_interval is not None):
         raise CommandError("--guide-ckpt / --guidance-interval need --ckpt: expected a model to sample from")
 
@@ -142,12 +171,17 @@ def _open_source(args: argparse.Namespace, fabric) -> tuple[object, tuple[int | 
     if args.samples is not None:
         return None, inspect_samples(args.samples)
     module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
-    _, height, width = image_shape(module)
+    if args.bpd and module.autoencoder is not None:
+        raise CommandError(f"--bpd with --ckpt {args.ckpt}, a latent diffusion model: expected a pixel-space model "
+                           "(bits/dim of latents is not the images' likelihood)")
+    _, height, width = pixel_shape(module, image_shape(module))  # FID in pixel space, at the decoded size
     return module, (None, height, width)
 
 
 def _reference(args: argparse.Namespace, fabric, extractor, height: int, width: int):
-    """(reference statistics, data info) of --data at the samples' size (cached on disk)."""
+    """(reference statistics, data info) of --data at the samples' size (cached on disk), or of --ref-stats."""
+    if getattr(args, "ref_stats", None) is not None:
+        return _published(args, fabric, extractor, height, width)
     # the reference is scored at the samples' size: resized as training resizes it when stored at another size
     images, data_key, data_info = reference_images(args.data, batch_size=args.batch_size,
                                                    image_size=height if height == width else None)
@@ -162,6 +196,18 @@ def _reference(args: argparse.Namespace, fabric, extractor, height: int, width: 
     reference = reference_stats(images, data_key, extractor, with_features=args.kid, device=fabric.device,
                                 total=data_info["count"], progress=fabric.global_rank == 0)
     return reference, data_info
+
+
+def _published(args: argparse.Namespace, fabric, extractor, height: int, width: int):
+    """(reference statistics, data info) of a published npz, checked against the extractor's feature dimension."""
+    from diffusion_pl.metrics.published import ADM_PROTOCOL, published_reference
+
+    dim = extract(extractor, torch.zeros(2, 3, height, width, dtype=torch.uint8, device=fabric.device))[0].shape[1]
+    reference, info = published_reference(args.ref_stats, dim)
+    note = ADM_PROTOCOL if isinstance(extractor, InceptionFeatures) else (
+        "published statistics: comparable only if computed with this same feature extractor")
+    return reference, {"split": None, "source": "published statistics (--ref-stats)", "image_size": [height, width],
+                       "stored_size": None, "count": None, **info, "protocol_note": note}
 
 
 def _score_samples(args, fabric, n, extractor, reference) -> tuple[list[dict], dict]:
@@ -247,9 +293,11 @@ def _report(args, fabric, extractor, reference, data_info: dict, points: list[di
     """The JSON report: the protocol (what the numbers depend on), the source's info, one row per sampler."""
     n, inception = points[0]["n"], isinstance(extractor, InceptionFeatures)
     protocol = {"n": n, "full_protocol": n >= 50_000,
-                "reference": {"data": args.data, "n": reference.n, "split": data_info["split"],
+                "reference": {"data": args.data, "n": data_info.get("n", reference.n), "split": data_info["split"],
                               "source": data_info["source"], "image_size": data_info["image_size"],
-                              "stored_size": data_info["stored_size"]},
+                              "stored_size": data_info["stored_size"],
+                              **{k: data_info[k] for k in ("ref_stats", "ref_stats_sha256", "protocol_note")
+                                 if k in data_info}},
                 "extractor": INCEPTION_PROTOCOL if inception
                 else f"{type(extractor).__module__}.{type(extractor).__qualname__}",
                 "resize": "bilinear to 299x299, TF1-compatible (antialias=False)" if inception

@@ -9,6 +9,14 @@
 Loading needs no pickle and no training code: `safetensors.torch.load_file` and the metadata JSON, or
 `diffusion_pl.interop.load_exported(OUT)`, which rebuilds the network, process and prediction (see
 diffusion_pl/interop/export.py for the format).
+
+    diffusion-pl export --ckpt RUN/checkpoints/last.ckpt --out exported_diffusers/ --format diffusers
+
+    OUT/config.json, OUT/diffusion_pytorch_model.safetensors   a UNet2DModel / DiTTransformer2DModel folder
+    OUT/scheduler_config.json                                  DDPMScheduler, for DDPMDiscrete processes
+
+for the networks diffusers represents (diffusion_pl/interop/diffusers_export.py says which, and
+refuses the others in one line).
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by `diffusion-pl fit`")
     p.add_argument("--out", required=True, help=f"output folder: {WEIGHTS_FILE} and {CONFIG_FILE} are written there")
-    p.add_argument("--format", choices=["safetensors"], default="safetensors", help="weights file format")
+    p.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
+                   help="safetensors: model.safetensors with the config as metadata; diffusers: a diffusers model "
+                        "folder (UNet2DModel / DiTTransformer2DModel) + DDPMScheduler config")
     p.add_argument("--no-ema", action="store_true", help="export the raw network instead of the EMA weights")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an export of another checkpoint (or of the other weights) in --out")
@@ -39,6 +49,13 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace):
     """Write the export; returns the path of the weights file."""
+    if args.format == "diffusers":
+        from diffusion_pl.interop.diffusers_export import export_diffusers
+
+        path, notes = export_diffusers(args.ckpt, args.out, ema=not args.no_ema, trust_config=args.trust_config,
+                                       overwrite=args.overwrite)
+        print(f"wrote {path.parent}: {'; '.join(notes)}", file=sys.stderr)
+        return path
     path = export_checkpoint(args.ckpt, args.out, ema=not args.no_ema, trust_config=args.trust_config,
                              overwrite=args.overwrite)
     print(f"wrote {path} ({'raw' if args.no_ema else 'EMA'} weights) and {path.with_name(CONFIG_FILE)}",

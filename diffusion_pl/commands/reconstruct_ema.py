@@ -13,6 +13,13 @@ The copy keeps `net.*`, the config and `global_step` of that checkpoint and drop
 callback states (it is for sampling, not for resuming); `checkpoint["phema"]` records the sigma_rel,
 gamma, step, images seen, the snapshots used and the relative L2 error of the reconstructed profile.
 Weights are summed in float32, one snapshot in memory at a time, at most --batch outputs per pass.
+
+    diffusion-pl reconstruct-ema --run RUN --sigma-rel 0.03 0.05 0.07 0.09 0.11 0.13 --out OUT \
+        --fid-data shards/cifar10-train -- --num-samples 10000 --sampler heunode --steps 17
+
+also scores every reconstruction with `diffusion-pl evaluate` (the options after `--` are its own) and
+writes the sweep, FID against sigma_rel, as OUT/phema-sweep-<step>.csv and .png (EDM2 Fig. 5; see
+diffusion_pl/commands/ema_sweep.py). The sweep runs on one device.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint to copy (config, net.*); None: the run's newest by stored step")
     p.add_argument("--snapshots", default=None, help=f"snapshot folder; None: RUN/{SNAPSHOT_FOLDER}")
     p.add_argument("--batch", type=int, default=8, help="outputs summed per pass over the snapshots (memory)")
+    p.add_argument("--fid-data", default=None, metavar="SHARDS",
+                   help="also score each reconstruction against these reference shards with `diffusion-pl evaluate` "
+                        "(its options after `--`) and write the sweep OUT/phema-sweep-<step>.csv / .png")
     return p
 
 
@@ -103,6 +113,13 @@ def _check_args(args: argparse.Namespace) -> list[float]:
         raise CommandError(f"--out {out} is one file but {len(sigma_rels)} sigma_rels are asked for: expected a folder")
     if out.suffix != ".ckpt" and out.is_file():
         raise CommandError(f"--out {out} is a file: expected a folder, or a path ending in .ckpt for one sigma_rel")
+    if getattr(args, "evaluate_argv", None) and args.fid_data is None:
+        raise CommandError(f"options after `--` ({' '.join(args.evaluate_argv)}) are for the --fid-data sweep: "
+                           "expected --fid-data SHARDS")
+    if args.fid_data is not None:
+        from diffusion_pl.commands.ema_sweep import evaluate_args
+
+        args.evaluate = evaluate_args(args.fid_data, getattr(args, "evaluate_argv", []))
     return sigma_rels
 
 
@@ -230,6 +247,12 @@ def run(args: argparse.Namespace) -> list[Path]:
                 "span") if error > POOR_FIT else ""
         print(f"wrote {path} (sigma_rel {sigma_rel}, step {step}, {len(snapshots)} snapshots, profile error "
               f"{error:.2%}{flag})", file=sys.stderr)
+    if args.fid_data is not None:
+        from diffusion_pl.commands.ema_sweep import run_sweep
+
+        folder = Path(args.out).parent if Path(args.out).suffix == ".ckpt" else Path(args.out)
+        run_sweep(args.evaluate, paths, sigma_rels, gamma_out.tolist(), errors.tolist(),
+                  folder / f"phema-sweep-{step:09d}")
     return paths
 
 
@@ -247,8 +270,13 @@ def _write(path: Path, ckpt: dict, ema_state: dict, last: dict, acc: dict, meta:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `diffusion-pl reconstruct-ema`; returns a process exit code."""
-    args = parser().parse_args(argv)
+    """Entry point of `diffusion-pl reconstruct-ema`; returns a process exit code.
+
+    Arguments after a `--` are options of `diffusion-pl evaluate` for the --fid-data sweep."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, evaluate_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = parser().parse_args(own)
+    args.evaluate_argv = evaluate_argv
     return run_command("reconstruct-ema", lambda: run(args))
 
 

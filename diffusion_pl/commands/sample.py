@@ -36,6 +36,7 @@ from diffusion_pl.commands.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampl
 from diffusion_pl.errors import run_command
 from diffusion_pl.fileio import atomic_path, sha256_file
 from diffusion_pl.generation import class_labels_for, generate, rank_indices
+from diffusion_pl.latent import pixel_shape
 
 __all__ = ["main", "parser", "run"]
 
@@ -164,9 +165,10 @@ def run(args: argparse.Namespace) -> Path:
     module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
     guide = load_guide(args, module, fabric.device)
     config, out, shape = _config(args, module, spec), Path(args.out), image_shape(module)
+    pixels = pixel_shape(module, shape)  # what the images are: decoded pixels of a latent module
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None
     resume = _check_out(out, config, args.overwrite, repr(sampler))  # every rank checks before anyone writes
-    done = resume and npz_path(out, args.num_samples, shape).is_file()
+    done = resume and npz_path(out, args.num_samples, pixels).is_file()
     fabric.barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +190,9 @@ def run(args: argparse.Namespace) -> Path:
             _write_png(image, png_path(out, i))
     fabric.barrier()
     if rank == 0 and want_npz and not done:
-        path = assemble_npz(out, args.num_samples, shape, module.num_classes, labels)
+        path = assemble_npz(out, args.num_samples, pixels, module.num_classes, labels)
         print(f"wrote {path}", file=sys.stderr)
-    if rank == 0 and not keep_png and npz_path(out, args.num_samples, shape).is_file():
+    if rank == 0 and not keep_png and npz_path(out, args.num_samples, pixels).is_file():
         for i in range(args.num_samples):
             png_path(out, i).unlink(missing_ok=True)
     fabric.barrier()

@@ -3,6 +3,12 @@
 The pieces it puts together: ``shards`` (where the shards are, reading them), ``order`` (the
 sampling order, and the design of the stream), ``stream`` (ShardStream, ResumableLoader). Their
 names stay importable from here.
+
+Latent shards (``prepare --encode``, diffusion_pl.data.latents) stream through the same order, split,
+resume and corrupt-sample handling; a batch is then (float32 (B, 2 C, h, w) = [mean, std] of the raw
+posterior concatenated on dim 1, labels int64 (B,)). ``channels`` and ``output_size`` then describe the
+latents the network sees (C and (h, w)); ``latent`` and ``autoencoder_spec`` are the manifest's blocks,
+``pixel_size`` the encoded images' (H, W).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion_pl.data import builtin
+from diffusion_pl.data.latents import latent_meta
 from diffusion_pl.data.order import ORDER_VERSION, READ_BLOCK, SampleOrder
 from diffusion_pl.data.shards import (SHARDS_HELP, _names, _reason, count_samples, load_manifest, resolve_shards,
                                       shard_counts, tar_samples)
@@ -35,6 +42,8 @@ class ShardDataModule(L.LightningDataModule):
     Training is an infinite stream (run length = max_steps), split over nodes, ranks and
     workers, every sample drawn equally often, resumed exactly from a checkpoint at a cost
     independent of the step; validation is finite, in stored order, unflipped, each sample once.
+    Latent shards give (float32 (B, 2 C, h, w) raw posterior [mean, std], labels) the same way; a
+    flipped slot reads the flipped image's encoding.
     """
 
     def __init__(self, shards: str = "builtin:shapes", batch_size: int = 128, num_workers: int = 2,
@@ -43,7 +52,8 @@ class ShardDataModule(L.LightningDataModule):
                  manifest: str | None = None, max_bad_samples: int = MAX_BAD_SAMPLES):
         """``shards``: a shard path, folder with manifest.json, brace pattern, http(s)/pipe: URL or
         builtin:shapes[?size=N&count=N]; ``image_size``: output size (resize + centre crop when the
-        data differs; required for a manifest of mixed sizes); ``shuffle_buffer``: samples shuffled
+        data differs; required for a manifest of mixed sizes; refused for latent shards); ``random_flip``: latent
+        shards need flipped encodings for it; ``shuffle_buffer``: samples shuffled
         together (blocks of consecutive samples of a reader's range); ``manifest``: path/URL of a
         manifest for remote shards (classes, size, per-shard counts); ``max_bad_samples``:
         consecutive undecodable samples after which a reader stops with a DataError."""
@@ -79,11 +89,34 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def image_size(self) -> int | None:
-        """Side of the (square) output images: the argument, else the manifest's size."""
+        """Side of the (square) output images: the argument, else the manifest's size (latent shards: the latents')."""
         if self._image_size is not None:
             return self._image_size
-        size = (self._train_manifest() or {}).get("image_size")
+        latent = self.latent
+        size = latent["shape"][1:] if latent else (self._train_manifest() or {}).get("image_size")
         return size[0] if size and size[0] == size[1] else None
+
+    @property
+    def latent(self) -> dict | None:
+        """The manifest's latent block ({shape: [C, h, w], dtype, flip, ...}) for latent shards, else None."""
+        return latent_meta(self._train_manifest())
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int] | None:
+        """(C, h, w) of the latents of latent shards (batches hold (2 C, h, w): mean and std), else None."""
+        latent = self.latent
+        return tuple(latent["shape"]) if latent else None
+
+    @property
+    def autoencoder_spec(self) -> dict | None:
+        """The spec of the autoencoder that encoded latent shards (the manifest's 'autoencoder'), else None."""
+        return (self._train_manifest() or {}).get("autoencoder") if self.latent else None
+
+    @property
+    def pixel_size(self) -> tuple[int, int] | None:
+        """(H, W) of the stored images, or of the encoded ones for latent shards (manifest image_size); else None."""
+        size = (self._train_manifest() or {}).get("image_size")
+        return tuple(size) if size else None
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -94,8 +127,9 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def channels(self) -> int:
-        """Image channels: 1 for a grey-scale manifest, else 3."""
-        return int((self._train_manifest() or {}).get("channels") or 3)
+        """Image channels: 1 for a grey-scale manifest, else 3; latent shards: latent channels C (batches hold 2 C)."""
+        latent = self.latent
+        return int(latent["shape"][0]) if latent else int((self._train_manifest() or {}).get("channels") or 3)
 
     def _builtin_args(self) -> dict:
         name, _, query = self.shards[len("builtin:"):].partition("?")
@@ -142,7 +176,9 @@ class ShardDataModule(L.LightningDataModule):
         if self.val_shards:
             self._urls["val"], self._manifests["val"] = self._resolve(self.val_shards)
         meta = self._train_manifest() or {}
-        if self._image_size:
+        if self.latent:
+            self._size = self._check_latents()
+        elif self._image_size:
             self._size = (self._image_size,) * 2
         elif meta.get("mixed_sizes") or ("image_size" in meta and not meta["image_size"]):
             # resizing everything to whatever image comes first would silently pick the training size
@@ -150,6 +186,24 @@ class ShardDataModule(L.LightningDataModule):
                                  "image_size to the side to train at")
         else:
             self._size = tuple(meta["image_size"]) if meta.get("image_size") else self._peek_size()
+
+    def _check_latents(self) -> tuple[int, int]:
+        """(h, w) of latent shards, after one-line refusals of the options that cannot apply to them."""
+        latent = self.latent
+        if self._image_size is not None:
+            raise UserValueError(f"data image_size={self._image_size} is given for the latent shards {self.shards}: "
+                                 "expected null (latents are not resized; prepare --encode at the size to train at)")
+        if self.random_flip and not latent.get("flip"):
+            raise UserValueError(f"data random_flip=true but the latent shards {self.shards} hold no flipped "
+                                 "encodings (prepared with --no-flips): expected random_flip: false, or shards "
+                                 "prepared without --no-flips (a flipped latent is not the latent of a flipped image)")
+        if self.val_shards:
+            val = latent_meta(self._manifests.get("val"))
+            if val is None or val["shape"] != latent["shape"]:
+                found = f"latents of shape {val['shape']}" if val else "no latent manifest"
+                raise UserValueError(f"data val_shards {self.val_shards} has {found} but the training shards hold "
+                                     f"latents of shape {latent['shape']}: expected latent shards of the same shape")
+        return tuple(latent["shape"][1:])
 
     def _peek_size(self) -> tuple[int, int]:
         """Size of the first decodable image, for shards without a manifest (all images must share it)."""
@@ -186,9 +240,11 @@ class ShardDataModule(L.LightningDataModule):
     def _stream(self, split: str, **kwargs) -> ShardStream:
         if split not in self._urls:
             self.setup("fit")
+        latent = self.latent
         return ShardStream(self._urls[split], rank=self._rank, world_size=self._world, seed=self.seed,
-                           image_size=self._size, channels=self.channels, counts=self._sample_counts(split),
-                           max_bad_samples=self.max_bad_samples, **kwargs)
+                           image_size=None if latent else self._size, channels=self.channels,
+                           counts=self._sample_counts(split), max_bad_samples=self.max_bad_samples,
+                           latent_shape=latent["shape"] if latent else None, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Infinite, shuffled, flipped, exactly resumable batches."""

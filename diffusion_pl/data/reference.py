@@ -14,6 +14,7 @@ from typing import Iterable
 from torch import Tensor
 
 from diffusion_pl.data import ShardDataModule, builtin, resolve_shards
+from diffusion_pl.errors import UserValueError
 from diffusion_pl.generation import to_uint8
 
 __all__ = ["reference_images"]
@@ -33,6 +34,9 @@ def reference_images(data: str, batch_size: int = 250, num_workers: int = 0,
         key = f"{data}#v{builtin.VERSION}"
     else:
         urls, manifest = resolve_shards(data)
+        if manifest is not None and manifest.get("latent") is not None:
+            raise UserValueError(f"FID reference data {data} holds latents (written by `prepare --encode`): expected "
+                                 "image shards (those the latents were encoded from, prepared without --encode)")
         if manifest is not None and all("sha256" in s for s in manifest["shards"]):
             key = json.dumps([manifest.get("count"), [s["sha256"] for s in manifest["shards"]]])
         else:  # no manifest: the files themselves (path and size)

@@ -2,6 +2,10 @@
 
 The order and why resuming costs the same at any step: diffusion_pl.data.order.
 
+Latent shards (diffusion_pl.data.latents) stream the same way: with ``latent_shape`` set, a sample's
+``latent.npy`` (or, in a flipped slot, ``latent_flip.npy``, the encoding of the flipped image: a
+latent tensor is never flipped) becomes float32 (2 C, h, w), the raw posterior mean then std.
+
 A reader stops with a one-line DataError after ``max_bad_samples`` consecutive slots without a
 decodable image (fewer for small data sets, see ShardStream), or when a finite read decoded
 nothing, so all-undecodable data never spins; per-sample warnings are rate-limited.
@@ -25,6 +29,7 @@ try:  # torchvision's libjpeg-turbo decoder: ~3x faster than PIL on 32x32 JPEGs
 except ImportError:  # deprecated in torchvision 0.29 (for TorchCodec); PIL below still works
     decode_image = None
 
+from diffusion_pl.data.latents import FLIP_MEMBER, LATENT_MEMBER, decode_latent
 from diffusion_pl.data.order import SampleOrder
 from diffusion_pl.data.shards import _names, _reason, shard_counts, tar_samples
 from diffusion_pl.errors import DataError, UserValueError
@@ -67,6 +72,10 @@ def _loud(n: int) -> bool:
 class ShardStream(IterableDataset):
     """Batches (images float32 (B, C, H, W) in [-1, 1], labels int64 (B,)) streamed from shards.
 
+    With ``latent_shape`` (C, h, w) the shards are latent shards and a batch is (float32 (B, 2 C, h, w):
+    the raw posterior mean and std concatenated on dim 1, labels int64 (B,)); a flipped slot reads the
+    flipped image's encoding; ``image_size`` must then be None.
+
     A deterministic function of (seed, shard counts, rank, world_size, worker) that starts at
     batch ``start_batch`` (set by ResumableLoader just before each iterator is made) at a cost
     that does not depend on it. ``counts``: samples per shard (counted from the tars when None).
@@ -78,8 +87,11 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, random_flip: bool = True, image_size: tuple[int, int] | None = None,
                  channels: int = 3, infinite: bool = True, counts: Sequence[int] | None = None,
-                 max_bad_samples: int = MAX_BAD_SAMPLES):
+                 max_bad_samples: int = MAX_BAD_SAMPLES, latent_shape: Sequence[int] | None = None):
         super().__init__()
+        if latent_shape is not None and image_size is not None:
+            raise UserValueError(f"data image_size={image_size} is given for latent shards: expected none (latents "
+                                 "are not resized; encode the images at the size to train at)")
         _check_int("batch_size", batch_size, 1)
         _check_int("shuffle_buffer", shuffle_buffer, 0)
         _check_int("max_bad_samples", max_bad_samples, 1)
@@ -90,6 +102,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.random_flip, self.image_size = shuffle_buffer, random_flip, image_size
         self.channels, self.infinite, self.max_bad_samples = channels, infinite, max_bad_samples
         self.counts = list(counts) if counts is not None else None
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self.start_batch = 0
         self.skipped = 0  # empty slots (undecodable or unreadable samples) met by this copy (one per worker)
         self.decoded = 0  # images decoded by this copy
@@ -111,7 +124,7 @@ class ShardStream(IterableDataset):
             raise UserValueError(f"{len(counts)} shard counts for {len(self.urls)} shards: expected one per shard")
         total = sum(counts)
         if total == 0:
-            raise DataError(f"shards {_names(self.urls)} hold no samples: expected tar shards of <key>.jpg/.png "
+            raise DataError(f"shards {_names(self.urls)} hold no samples: expected tar shards of {self._members()} "
                             "(+ <key>.cls) members, as written by `diffusion-pl prepare`")
         if self.infinite and total < readers:
             raise UserValueError(f"the training data holds {total} samples, fewer than its {readers} readers "
@@ -194,11 +207,24 @@ class ShardStream(IterableDataset):
                 yield out
         if seen and not decoded:  # a finite range (validation, a size probe) with nothing decodable
             raise DataError(f"data reader {reader} of {readers} decoded none of its {seen} samples of shards "
-                            f"{_names(self.urls)}: expected JPEG/PNG images ({'/'.join(IMAGE_KEYS)} members); "
-                            "see the warnings above for why")
+                            f"{_names(self.urls)}: expected {self._expected()}; see the warnings above for why")
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
-        """uint8 (C, H, W) image and class index (-1 when the shard has no 'cls')."""
+    def _members(self) -> str:
+        return f"<key>.{LATENT_MEMBER}" if self.latent_shape is not None else "<key>.jpg/.png"
+
+    def _expected(self) -> str:
+        if self.latent_shape is not None:
+            return f"latents ({LATENT_MEMBER} members of shape {(2, *self.latent_shape)}, as the manifest says)"
+        return f"JPEG/PNG images ({'/'.join(IMAGE_KEYS)} members)"
+
+    def _decode(self, sample: dict, flip: bool = False) -> tuple[torch.Tensor, int]:
+        """uint8 (C, H, W) image (float32 (2 C, h, w) latent), flipped if asked, and class index (-1 when no 'cls')."""
+        label = int(sample["cls"]) if "cls" in sample else -1
+        if self.latent_shape is not None:
+            member = FLIP_MEMBER if flip else LATENT_MEMBER
+            if member not in sample:
+                raise ValueError(f"no {member} member: expected the latent shards `prepare --encode` writes")
+            return decode_latent(sample[member], self.latent_shape), label
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
             raise ValueError(f"no image field: expected one of {IMAGE_KEYS}")
@@ -211,7 +237,7 @@ class ShardStream(IterableDataset):
             image = torch.from_numpy(array).reshape(*array.shape[:2], -1).permute(2, 0, 1)
         if self.image_size is not None and tuple(image.shape[1:]) != self.image_size:
             image = _resize_crop(image, self.image_size)
-        return image, int(sample["cls"]) if "cls" in sample else -1
+        return image.flip(-1) if flip else image, label
 
     def _collate(self, batch: list[tuple[dict | None, bool]], reader: int = 0, readers: int = 1,
                  bound: int = MAX_BAD_SAMPLES) -> Batch | None:
@@ -221,7 +247,7 @@ class ShardStream(IterableDataset):
             try:
                 if sample is None:  # unreadable: already reported by _read_spans
                     raise EOFError("the sample could not be read from its shard")
-                image, label = self._decode(sample)
+                image, label = self._decode(sample, flip)
             except Exception as err:  # noqa: BLE001 - a corrupt sample must not stop a run...
                 self.skipped += 1
                 self._bad_run += 1
@@ -233,17 +259,18 @@ class ShardStream(IterableDataset):
                 if self._bad_run >= bound:  # ...but data with nothing decodable must not spin forever
                     raise DataError(
                         f"data reader {reader} of {readers} found no decodable image in {self._bad_run} samples in a "
-                        f"row of shards {_names(self.urls)} (last: {where}: {_reason(err)}): expected JPEG/PNG "
-                        f"images ({'/'.join(IMAGE_KEYS)} members); raise data max_bad_samples to tolerate more"
+                        f"row of shards {_names(self.urls)} (last: {where}: {_reason(err)}): expected "
+                        f"{self._expected()}; raise data max_bad_samples to tolerate more"
                     ) from None
                 continue
             self._bad_run = 0
             self.decoded += 1
-            images.append(image.flip(-1) if flip else image)
+            images.append(image)
             labels.append(label)
         if not images:  # the whole batch was empty: drop it (the only case a batch goes missing)
             return None
-        return to_signed_unit(torch.stack(images)), torch.tensor(labels, dtype=torch.int64)
+        x = torch.stack(images)
+        return x if self.latent_shape is not None else to_signed_unit(x), torch.tensor(labels, dtype=torch.int64)
 
 
 class ResumableLoader(DataLoader):

@@ -10,6 +10,9 @@ prefix of the full set), and written as webdataset tar shards plus ``manifest.js
     OUT/manifest.json      count, skipped, image_size, mixed_sizes, channels, classes,
                            per-shard count + sha256
 
+``--center-crop N`` (diffusion_pl.data.crop) stores ADM's N x N centre crops as PNG; ``--encode VAE``
+(diffusion_pl.data.latents) stores autoencoder latents in place of the images.
+
 Output is byte-for-byte reproducible (fixed tar mtime, owner and mode) and atomic: all
 files are written into a hidden sibling directory ``.OUT.partial-<pid>@<host>`` that is
 renamed to OUT at the end. A run into OUT first removes such folders (and the
@@ -32,15 +35,13 @@ Checks, each a one-line error before anything is left under OUT:
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import io
 import json
 import os
 import re
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -85,12 +86,18 @@ class Unreadable:
 @dataclass
 class Source:
     """A dataset listed in sorted order: ``load(indices)`` yields, in that order, a tuple
-    (bytes, ext, label, shape[, origin]) per sample, or an `Unreadable` for a bad image file."""
+    (bytes, ext, label, shape[, origin]) per sample, or an `Unreadable` for a bad image file.
+    ``meta``: fields added to the manifest (what a wrapper such as the centre crop did to the images)."""
 
     name: str
     classes: list[str]
     size: int
     load: Callable[[Sequence[int]], Iterator[tuple]]
+    meta: dict = field(default_factory=dict)
+
+
+# What write_shards stores per checked sample: tar records {"__key__": key, <member ext>: bytes, ...}.
+Records = Callable[[Iterator[Sample]], Iterator[dict]]
 
 
 _SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
@@ -230,58 +237,76 @@ def _size_text(size: tuple[int, int]) -> str:
     return f"{size[1]}x{size[0]}"
 
 
+def image_records(samples: Iterator[Sample]) -> Iterator[dict]:
+    """The records of image shards: the image bytes as they are and the class index as decimal text."""
+    for s in samples:
+        yield {"__key__": s.key, s.ext: s.image, "cls": str(s.label).encode()}
+
+
 def _write_tars(samples: Iterable[Sample | Unreadable], folder: Path, shard_size: int, bar: tqdm, *,
-                skip_bad: bool, mixed_sizes: bool, on_skip: Callable[[Unreadable], None] | None) -> dict:
+                skip_bad: bool, mixed_sizes: bool, on_skip: Callable[[Unreadable], None] | None,
+                records: Records = image_records) -> dict:
     """Stream samples into folder/shard-*.tar; return what the manifest needs to know of them."""
     seen = {"count": 0, "skipped": 0, "sizes": set(), "channels": set(), "exts": set()}
-    first = None  # (origin, size) of the first sample, named when another one differs in size
     # maxsize is unbounded so a shard boundary depends on the sample count only;
     # mtime/user/group/mode are fixed so the same input gives the same sha256.
     with wds.ShardWriter(str(folder / SHARD_PATTERN), maxcount=shard_size, maxsize=1e18, verbose=0,
                          encoder=False, mtime=0, user="diffusion_pl", group="diffusion_pl") as sink:
-        for s in samples:
-            shape = None if isinstance(s, Unreadable) else s.shape
-            if shape is None and not isinstance(s, Unreadable):
-                try:
-                    with Image.open(io.BytesIO(s.image)) as im:  # reads the header only
-                        shape = (*im.size[::-1], 1 if im.mode == "L" else 3)
-                except Exception as err:  # any failure means the bytes are not an image
-                    s = Unreadable(s.origin or f"sample {s.key}", "zero bytes" if not s.image else _reason(err))
-            if isinstance(s, Unreadable):
-                if not skip_bad:
-                    raise PrepareError(f"{s.origin} is not a readable image ({s.reason}): expected a JPEG/PNG "
-                                       "(or other PIL-readable) image file; pass --skip-bad to leave such files out")
-                seen["skipped"] += 1
-                if on_skip is not None:
-                    on_skip(s)
-                continue
-            size = tuple(shape[:2])
-            if first is None:
-                first = (s.origin or f"sample {s.key}", size)
-            elif size != first[1] and not mixed_sizes:
-                raise PrepareError(
-                    f"images differ in size: {first[0]} is {_size_text(first[1])} but {s.origin or f'sample {s.key}'} "
-                    f"is {_size_text(size)} (width x height): expected one image size; resize them, or pass "
-                    "--mixed-sizes to write them as they are (training then needs an explicit image_size)")
-            seen["sizes"].add(size)
-            seen["channels"].add(shape[2])
-            seen["exts"].add(s.ext)
-            sink.write({"__key__": s.key, s.ext: s.image, "cls": str(s.label).encode()})
+        for record in records(_checked(samples, seen, skip_bad=skip_bad, mixed_sizes=mixed_sizes, on_skip=on_skip)):
+            sink.write(record)
             seen["count"] += 1
             bar.update()
     return seen
 
 
+def _checked(samples: Iterable[Sample | Unreadable], seen: dict, *, skip_bad: bool, mixed_sizes: bool,
+             on_skip: Callable[[Unreadable], None] | None) -> Iterator[Sample]:
+    """The readable samples (shape filled in), checked for one size; sizes, channels and formats go into seen."""
+    first = None  # (origin, size) of the first sample, named when another one differs in size
+    for s in samples:
+        shape = None if isinstance(s, Unreadable) else s.shape
+        if shape is None and not isinstance(s, Unreadable):
+            try:
+                with Image.open(io.BytesIO(s.image)) as im:  # reads the header only
+                    shape = (*im.size[::-1], 1 if im.mode == "L" else 3)
+            except Exception as err:  # any failure means the bytes are not an image
+                s = Unreadable(s.origin or f"sample {s.key}", "zero bytes" if not s.image else _reason(err))
+        if isinstance(s, Unreadable):
+            if not skip_bad:
+                raise PrepareError(f"{s.origin} is not a readable image ({s.reason}): expected a JPEG/PNG "
+                                   "(or other PIL-readable) image file; pass --skip-bad to leave such files out")
+            seen["skipped"] += 1
+            if on_skip is not None:
+                on_skip(s)
+            continue
+        size = tuple(shape[:2])
+        if first is None:
+            first = (s.origin or f"sample {s.key}", size)
+        elif size != first[1] and not mixed_sizes:
+            raise PrepareError(
+                f"images differ in size: {first[0]} is {_size_text(first[1])} but {s.origin or f'sample {s.key}'} "
+                f"is {_size_text(size)} (width x height): expected one image size; resize them, or pass "
+                "--mixed-sizes to write them as they are (training then needs an explicit image_size)")
+        seen["sizes"].add(size)
+        seen["channels"].add(shape[2])
+        seen["exts"].add(s.ext)
+        yield s if s.shape is not None else Sample(s.key, s.image, s.ext, s.label, shape, s.origin)
+
+
 def write_shards(samples: Iterable[Sample | Unreadable], out: str | Path, *, classes: Sequence[str],
                  shard_size: int = 1000, overwrite: bool = False, source: str = "",
                  split: str | None = None, total: int | None = None, skip_bad: bool = False,
-                 mixed_sizes: bool = False, on_skip: Callable[[Unreadable], None] | None = None) -> dict:
+                 mixed_sizes: bool = False, on_skip: Callable[[Unreadable], None] | None = None,
+                 records: Records = image_records, meta: dict | Callable[[dict], dict] | None = None) -> dict:
     """Write samples as reproducible webdataset tar shards plus manifest.json; return the manifest.
 
     An `Unreadable` in samples (or a sample whose bytes are no image) is a PrepareError unless
     skip_bad, which leaves it out, counts it (manifest "skipped") and passes it to on_skip.
     Samples of different sizes are a PrepareError unless mixed_sizes ("image_size": null).
     overwrite replaces only an earlier prepare output, never a folder holding anything else.
+    ``records`` turns the checked samples into tar records (default: the image and its class;
+    diffusion_pl.data.latents encodes them instead); ``meta`` adds manifest fields (a callable gets
+    the manifest once the shards are written).
     """
     out = Path(out)
     if shard_size < 1:
@@ -297,7 +322,7 @@ def write_shards(samples: Iterable[Sample | Unreadable], out: str | Path, *, cla
     try:
         with tqdm(total=total, desc=f"prepare {out.name}", unit="img", disable=None) as bar:
             seen = _write_tars(samples, tmp, shard_size, bar, skip_bad=skip_bad, mixed_sizes=mixed_sizes,
-                               on_skip=on_skip)
+                               on_skip=on_skip, records=records)
         count = seen["count"]
         if count == 0:
             skipped = f" ({seen['skipped']} unreadable files skipped)" if seen["skipped"] else ""
@@ -312,6 +337,7 @@ def write_shards(samples: Iterable[Sample | Unreadable], out: str | Path, *, cla
             "shards": [{"name": name, "count": min(shard_size, count - i * shard_size),
                         "sha256": sha256_file(tmp / name)} for i, name in enumerate(names)],
         }
+        manifest.update(meta(manifest) if callable(meta) else meta or {})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _finalize(tmp, out)
         return manifest
@@ -321,11 +347,13 @@ def write_shards(samples: Iterable[Sample | Unreadable], out: str | Path, *, cla
 
 def prepare(src: Source, out: str | Path, *, split: str | None = None, max_samples: int | None = None,
             shard_size: int = 1000, overwrite: bool = False, skip_bad: bool = False, mixed_sizes: bool = False,
-            on_skip: Callable[[Unreadable], None] | None = None) -> dict:
+            on_skip: Callable[[Unreadable], None] | None = None, records: Records = image_records,
+            meta: Callable[[dict], dict] | None = None) -> dict:
     """Write ``src`` (its fixed permutation, truncated to max_samples) as shards under ``out``.
 
     With skip_bad, unreadable files are left out and the next ones of the permutation take their
-    place, so max_samples still counts written images; see `write_shards` for the other options.
+    place, so max_samples still counts written images; the manifest gets ``src.meta`` and then
+    what ``meta`` returns; see `write_shards` for the other options.
     """
     _preflight(Path(out), overwrite)  # fail before any slow reading
     order = np.random.default_rng(ORDER_SEED).permutation(src.size).tolist()
@@ -346,4 +374,5 @@ def prepare(src: Source, out: str | Path, *, split: str | None = None, max_sampl
 
     return write_shards(samples(), out, classes=src.classes, shard_size=shard_size, overwrite=overwrite,
                         source=src.name, split=split, total=limit, skip_bad=skip_bad, mixed_sizes=mixed_sizes,
-                        on_skip=on_skip)
+                        on_skip=on_skip, records=records,
+                        meta=lambda m: {**src.meta, **(meta(m) if meta is not None else {})})

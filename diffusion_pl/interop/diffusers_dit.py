@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion_pl.errors import UserValueError
+from diffusion_pl.interop.weights import check_state_dict
 from diffusion_pl.networks.dit import DiT
 
-__all__ = ["dit_kwargs_from_diffusers", "convert_dit_state_dict", "dit_from_diffusers"]
+__all__ = ["dit_kwargs_from_diffusers", "convert_dit_state_dict", "dit_from_diffusers", "dit_from_diffusers_state"]
 
 
 def dit_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,9 +39,9 @@ def dit_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
                     norm_elementwise_affine=False)
     for key, value in expected.items():
         if config.get(key, value) != value:
-            raise ValueError(f"diffusers DiT config {key}={config[key]!r} is not supported: expected {value!r}.")
+            raise UserValueError(f"diffusers DiT config {key}={config[key]!r} is not supported: expected {value!r}.")
     if config.get("num_embeds_ada_norm") is None:
-        raise ValueError("diffusers DiT config num_embeds_ada_norm is None: expected the number of classes.")
+        raise UserValueError("diffusers DiT config num_embeds_ada_norm is None: expected the number of classes.")
     in_channels = int(config.get("in_channels", 4))
     out_channels = config.get("out_channels")
     heads, head_dim = int(config.get("num_attention_heads", 16)), int(config.get("attention_head_dim", 72))
@@ -67,7 +69,7 @@ def convert_dit_state_dict(state_dict: Mapping[str, Tensor], num_layers: int) ->
     for i in range(1, num_layers):
         for name in shared:
             if not torch.equal(sd[emb.format(i) + name], sd[emb.format(0) + name]):
-                raise ValueError(f"diffusers DiT block {i}'s {emb.format(i) + name} differs from block 0's: "
+                raise UserValueError(f"diffusers DiT block {i}'s {emb.format(i) + name} differs from block 0's: "
                                  "expected the identical per-block embedder copies of a converted DiT.")
     e0 = emb.format(0)
     out = {
@@ -100,7 +102,29 @@ def dit_from_diffusers(model: torch.nn.Module) -> DiT:
     Call the result as `net(x, timestep, class_labels)`: the noise label is diffusers' `timestep`
     (DDPM's step index 0..999 in DiT).
     """
-    kwargs = dit_kwargs_from_diffusers(model.config)
-    net = DiT(**kwargs).to(next(model.parameters()).dtype)
-    net.load_state_dict(convert_dit_state_dict(model.state_dict(), kwargs["depth"]), strict=True)
+    return dit_from_diffusers_state(model.config, model.state_dict(), dtype=next(model.parameters()).dtype)
+
+
+def dit_from_diffusers_state(config: Mapping[str, Any], state_dict: Mapping[str, Tensor],
+                             dtype: torch.dtype = torch.float32, source: str = "diffusers DiT") -> DiT:
+    """`dit_from_diffusers` from a DiTTransformer2DModel's config (config.json) and state dict, without diffusers."""
+    kwargs = dit_kwargs_from_diffusers(config)
+    net = DiT(**kwargs).to(dtype)
+    missing = [k for k in ("pos_embed.proj.weight", "proj_out_2.weight", "transformer_blocks.0.norm1.emb."
+                           "timestep_embedder.linear_1.weight") if k not in state_dict]
+    if missing:
+        raise UserValueError(f"{source} weights have no {', '.join(missing)}: expected a DiTTransformer2DModel "
+                             "state dict")
+    try:
+        converted = convert_dit_state_dict(state_dict, kwargs["depth"])
+    except KeyError as err:  # a key of a block the config has but the weights lack
+        raise UserValueError(f"{source} weights have no {err.args[0]}: expected the {kwargs['depth']} blocks "
+                             "num_layers says") from err
+    extra = sorted(k for k in state_dict if k.startswith("transformer_blocks.")
+                   and int(k.split(".")[1]) >= kwargs["depth"])
+    if extra:
+        raise UserValueError(f"{source} weights have {extra[0]}: expected only the {kwargs['depth']} blocks "
+                             "num_layers says")
+    check_state_dict(net, converted, source, "the DiTTransformer2DModel its config.json describes")
+    net.load_state_dict(converted, strict=True)
     return net.eval()

@@ -29,7 +29,8 @@ from torch import Tensor
 from diffusion_pl.errors import UserValueError
 from diffusion_pl.networks.unet import UNet
 
-__all__ = ["unet_kwargs_from_diffusers", "convert_unet_state_dict", "load_diffusers_unet", "unet_from_diffusers"]
+__all__ = ["unet_kwargs_from_diffusers", "convert_unet_state_dict", "load_diffusers_unet", "unet_from_diffusers",
+           "unet_from_diffusers_state"]
 
 _RESNET = {"norm1": "norm0", "conv1": "conv0", "time_emb_proj": "affine.1", "norm2": "norm1", "conv2": "conv1",
            "conv_shortcut": "skip"}
@@ -160,11 +161,17 @@ def unet_from_diffusers(model: torch.nn.Module) -> UNet:
 
     Call the result as `net(x, timestep)`: the noise label is diffusers' `timestep`.
     """
-    kwargs = unet_kwargs_from_diffusers(model.config)
-    net = UNet(**kwargs).to(next(model.parameters()).dtype)
+    return unet_from_diffusers_state(model.config, model.state_dict(), dtype=next(model.parameters()).dtype)
+
+
+def unet_from_diffusers_state(config: Mapping[str, Any], state_dict: Mapping[str, Tensor],
+                              dtype: torch.dtype = torch.float32) -> UNet:
+    """`unet_from_diffusers` from a UNet2DModel's config (config.json) and state dict, without diffusers."""
+    kwargs = unet_kwargs_from_diffusers(config)
+    net = UNet(**kwargs).to(dtype)
     groups = {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
-    if groups != {int(model.config.get("norm_num_groups", 32))}:
-        raise UserValueError(f"diffusers UNet2DModel norm_num_groups={model.config.get('norm_num_groups', 32)} "
+    if groups != {int(config.get("norm_num_groups", 32))}:
+        raise UserValueError(f"diffusers UNet2DModel norm_num_groups={config.get('norm_num_groups', 32)} "
                              f"differs from this UNet's GroupNorm groups {sorted(groups)}: expected 32 groups and "
                              "at least 128 channels in every block.")
-    return load_diffusers_unet(net, model.state_dict()).eval()
+    return load_diffusers_unet(net, state_dict).eval()

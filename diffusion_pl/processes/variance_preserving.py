@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -105,20 +106,37 @@ class VPCosine(_VariancePreserving):
 
 
 class DDPMDiscrete(_VariancePreserving):
-    """Discrete DDPM (Ho et al. 2020): N linear betas, step i in 1..N placed at t_i = i / N.
+    """Discrete DDPM (Ho et al. 2020): N betas, step i in 1..N placed at t_i = i / N.
 
     alpha_bar(t_i) = prod_{j<=i} (1 - beta_j) exactly at the grid; between grid points
     log alpha_bar is linear in t, so every continuous-time sampler runs on this process and
     a uniform grid with N steps from t_max = 1 to t_min = 1/N visits exactly DDPM's steps.
     The network sees the integer step index i - 1 in 0..N-1 as its noise label, as in DDPM.
+
+    beta_schedule names diffusers' schedules (schedulers/scheduling_ddpm.py, `__init__`): "linear"
+    (DDPM: beta_start..beta_end evenly), "scaled_linear" (latent diffusion: sqrt(beta) evenly),
+    "squaredcos_cap_v2" (Nichol & Dhariwal 2021's cosine, eq. 17, beta capped at 0.999; beta_start
+    and beta_end unused). The betas are computed in float64 (diffusers: float32).
     """
 
-    def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+    def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear") -> None:
         if num_steps < 2:
             raise ValueError(f"num_steps must be >= 2, got {num_steps}")
         super().__init__(1.0 / num_steps, 1.0)
         self.num_steps = num_steps
-        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        self.beta_start, self.beta_end, self.beta_schedule = beta_start, beta_end, beta_schedule
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        elif beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+        elif beta_schedule == "squaredcos_cap_v2":
+            steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+            alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+        else:
+            raise ValueError(f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2', "
+                             f"got {beta_schedule!r}")
         # cumulative B at t = 0, 1/N, ..., 1: B_i = -sum_{j<=i} log(1 - beta_j)
         self._b_grid = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(-torch.log1p(-betas), 0)])
 

@@ -69,9 +69,15 @@ def step_variances(p_t: Point, p_s: Point) -> tuple[float, float]:
     On a VP process b2 = 1 - alpha_bar_t / alpha_bar_s, the beta of a respaced step (Nichol & Dhariwal 2021,
     App. B). Finite where alpha_t = 0 (then a = 0, b2 = sigma_t^2).
     """
-    a = p_t.alpha / p_s.alpha
-    b2 = max(p_t.sigma**2 - a**2 * p_s.sigma**2, 0.0)  # >= 0 up to rounding
-    return b2, b2 * p_s.sigma**2 / p_t.sigma**2
+    return step_variance_terms(p_t.alpha, p_t.sigma, p_s.alpha, p_s.sigma)
+
+
+def step_variance_terms(alpha_t, sigma_t, alpha_s, sigma_s):
+    """`step_variances` of (alpha, sigma) at t and s given as floats or as tensors (elementwise, the VLB's case)."""
+    a = alpha_t / alpha_s
+    b2 = sigma_t**2 - a**2 * sigma_s**2
+    b2 = b2.clamp_min(0.0) if isinstance(b2, Tensor) else max(b2, 0.0)  # >= 0 up to rounding
+    return b2, b2 * sigma_s**2 / sigma_t**2
 
 
 def posterior_step(d: DenoiserOutput, x: Tensor, p_t: Point, p_s: Point, eta: float, noise: Noise,

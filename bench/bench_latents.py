@@ -30,8 +30,9 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from bench_module import Repeat, Timer  # the same loop timer as the module benchmark (bench/ is on sys.path)
 from diffusion_pl.autoencoder import Autoencoder
 from diffusion_pl.data import image_folder, prepare
 from diffusion_pl.data.latents import LatentEncoder
@@ -66,42 +67,15 @@ def prepare_rate(folder: Path, out: Path, encoder: LatentEncoder | None) -> floa
     return m["count"] / (time.perf_counter() - t)
 
 
-class _Repeat(Dataset):
-    """The same batch over and over: data loading is not what is measured."""
-
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
-        self.batch, self.length = batch, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int):
-        return self.batch
-
-
-class _Timer(L.Callback):
-    """Time between consecutive batch starts: the whole loop iteration, every hook included."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._last: float | None = None
-
-    def on_train_batch_start(self, *args) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
-
-
 def step_times(ae: Autoencoder, batch: tuple[torch.Tensor, torch.Tensor], latent_shape, steps: int) -> list[float]:
     torch.manual_seed(0)
     net = dit_tiny(img_resolution=latent_shape[1], in_channels=latent_shape[0])
     module = DiffusionModule(net, EDM(), EDMPreconditioning(), DenoisingLoss(LogNormalNoise()), ema_decay=0.999,
                              autoencoder=ae)
-    timer = _Timer()
+    timer = Timer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], log_every_n_steps=50)
-    trainer.fit(module, DataLoader(_Repeat(batch, steps), batch_size=None))
+    trainer.fit(module, DataLoader(Repeat(batch, steps), batch_size=None))
     return timer.times
 
 

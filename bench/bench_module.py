@@ -28,7 +28,7 @@ from diffusion_pl.prediction import EDMPreconditioning, precondition
 from diffusion_pl.processes import EDM
 
 
-class _Repeat(Dataset):
+class Repeat(Dataset):
     """The same batch over and over: data loading is not what is measured."""
 
     def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
@@ -41,7 +41,7 @@ class _Repeat(Dataset):
         return self.batch
 
 
-class _Timer(L.Callback):
+class Timer(L.Callback):
     """Time between consecutive batch starts: the whole loop iteration, every hook included."""
 
     def __init__(self) -> None:
@@ -59,8 +59,8 @@ def lightning_steps(batch, steps: int) -> list[float]:
     torch.manual_seed(0)
     module = DiffusionModule(unet_tiny(img_resolution=batch[0].shape[-1]), EDM(), EDMPreconditioning(),
                              DenoisingLoss(LogNormalNoise()), ema_decay=0.999)
-    timer = _Timer()
-    loader = DataLoader(_Repeat(batch, steps), batch_size=None)
+    timer = Timer()
+    loader = DataLoader(Repeat(batch, steps), batch_size=None)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                         callbacks=[timer], log_every_n_steps=50)

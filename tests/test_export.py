@@ -141,7 +141,7 @@ def test_weights_that_do_not_match_the_metadata_are_refused(ckpt, tmp_path, chan
         words = ("shape mismatches", "map_emb.0.weight (32, 8) vs (64, 16)")
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, bad, metadata=metadata)
-    with pytest.raises(UserValueError, match="weights do not match") as err:
+    with pytest.raises(UserValueError, match="weights do not fit") as err:
         load_exported(bad)
     assert all(word in str(err.value) for word in words) and "\n" not in str(err.value), str(err.value)
 

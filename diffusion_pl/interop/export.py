@@ -47,6 +47,7 @@ from torch import nn
 
 from diffusion_pl.errors import MissingFileError, UserValueError, one_line
 from diffusion_pl.fileio import atomic_path, sha256_file
+from diffusion_pl.interop.weights import check_state_dict
 from diffusion_pl.prediction import EpsPrediction, Prediction, precondition
 from diffusion_pl.processes import Process
 
@@ -240,21 +241,6 @@ def _build(config: dict[str, Any], file: Path) -> dict[str, Any]:
     return {key: built[key] for key in COMPONENTS}
 
 
-def _check_weights(net: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """Refuse, naming the keys, weights that do not match the network the metadata describes (strict load)."""
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
-    problems = [f"{name} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-                for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                   ("shape mismatches (file vs network)", wrong)) if keys]
-    if problems:
-        raise UserValueError(f"{file} weights do not match its metadata's {type(net).__name__}: "
-                             f"{'; '.join(problems)}: expected the state_dict of the network the metadata describes")
-
-
 def load_exported(path: str | Path, device: str | torch.device = "cpu", trust_config: bool = False) -> Exported:
     """Rebuild an exported model (a `diffusion-pl export` folder or its model.safetensors), unpickling nothing.
 
@@ -277,7 +263,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", trust_co
     built = _build(config, file)
     net = built["net"]
     tensors = load_file(str(file), device="cpu")
-    _check_weights(net, tensors, file)
+    check_state_dict(net, tensors, str(file), "the state_dict of the network its metadata describes")
     net.load_state_dict(tensors, strict=True)
     return Exported(net=net.to(device).eval(), process=built["process"], prediction=built["prediction"],
                     config=config)

@@ -126,16 +126,11 @@ def _published_dit(name: str, timeout: float) -> Path:
         if path.is_file():
             return path
     url = DOWNLOAD_URL.format(name)
-    from diffusion_pl.metrics.inception import _probe
+    from diffusion_pl.metrics.inception import download_once
 
-    reason = _probe(url, timeout)
+    reason = download_once(url, cached, timeout)
     if reason is None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(cached), progress=True)
-            return cached
-        except Exception as err:  # a failed download mid-way is as unusable as none
-            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        return cached
     raise PretrainedWeightsError(f"{name} cannot be imported: not in {cached.parent} and the download failed "
                                  f"({reason}); download {url} on a machine with internet and import that file, "
                                  f"or copy it to {cached}")

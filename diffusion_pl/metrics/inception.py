@@ -73,15 +73,24 @@ def inception_weights_file(path: str | None = None, download_timeout: float = 10
     cached = _hub_weights_file()
     if cached.is_file():
         return cached
-    reason = _probe(INCEPTION_URL, download_timeout)
+    reason = download_once(INCEPTION_URL, cached, download_timeout)
+    if reason is None:
+        return cached
+    raise InceptionWeightsError(_how_to_provide(f"no weights file given and the download failed ({reason})"))
+
+
+def download_once(url: str, file: Path, timeout: float) -> str | None:
+    """Download `url` to `file` (torch hub's downloader, a progress bar) after checking within `timeout` seconds that
+    the server answers; None when done, else the one-line reason it failed (no network, a broken download)."""
+    reason = _probe(url, timeout)
     if reason is None:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=True)
-            return cached
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(file), progress=True)
+            return None
         except Exception as err:  # a failed download mid-way is as unusable as none
             reason = _first_line(err)
-    raise InceptionWeightsError(_how_to_provide(f"no weights file given and the download failed ({reason})"))
+    return reason
 
 
 class InceptionFeatures(nn.Module):

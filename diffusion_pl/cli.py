@@ -14,7 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionYesNo
+import torch
+from jsonargparse import ActionYesNo, Namespace
+from jsonargparse._actions import _ActionPrintConfig  # skip_print_config: the first of two parses prints nothing
 from jsonargparse.typing import import_object
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol  # as AtomicCheckpointIO uses it
 from lightning.pytorch.cli import LightningCLI
@@ -28,6 +30,10 @@ from diffusion_pl.run_folder import (RunFolderError, lock_run_folder, previous_r
                                      remove_run_outputs)
 
 __all__ = ["DiffusionCLI", "main"]
+
+# the module arguments that make a checkpoint's network: an explicit --ckpt_path's saved ones are used
+CHECKPOINT_MODEL_KEYS = ("net", "process", "prediction")
+RESUME_KEYWORDS = ("last", "hpc", "best", "registry")  # --ckpt_path values that name no file
 
 # Resuming writes into a checkpoint folder that holds the run's earlier checkpoints, on purpose; folders
 # of other runs are refused before training (diffusion_pl.run_folder), so Lightning's warning says nothing.
@@ -56,8 +62,9 @@ class DiffusionCLI(LightningCLI):
 
     On top of LightningCLI: `trainer.default_root_dir` is the one option that places a run (see
     diffusion_pl.run_folder); network shape options left unset (`in_channels`, `img_resolution`) are
-    filled from the data; `--ckpt_path last` resumes from the newest checkpoint by stored step; every
-    fit saves its final step and saves on SIGTERM.
+    filled from the data; `--ckpt_path last` resumes from the newest checkpoint by stored step; the
+    network (net / process / prediction) a recipe leaves out comes from the --ckpt_path checkpoint's saved
+    config (fine-tuning an import: `parse_arguments`); every fit saves its final step and saves on SIGTERM.
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
@@ -73,14 +80,57 @@ class DiffusionCLI(LightningCLI):
             **kwargs,
         )
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of an explicit --ckpt_path right after parsing: a truncated
-        # or foreign file must say "not a checkpoint" here, not torch's zip-archive error
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and _is_local_file_protocol(str(ckpt_path)) and Path(ckpt_path).is_file():
-            checkpoint_step(ckpt_path)
-        super()._parse_ckpt_path()
+    def parse_arguments(self, parser, args: Any) -> None:
+        # LightningCLI puts an explicit --ckpt_path's saved config (hyper_parameters) over the parsed model
+        # section after parsing (_parse_ckpt_path), but model.net and model.process are required *while*
+        # parsing. So a first parse, unvalidated, finds --ckpt_path wherever it was given (option, recipe,
+        # env), and the checkpoint's net / process / prediction become the parser's defaults: a fine-tuning
+        # command needs no model section (`fit --ckpt_path imported.ckpt --data.shards ...`). The recipe's
+        # values still parse over these defaults, and the checkpoint's over those, as before.
+        ckpt_path, saved = self._checkpoint_model_defaults(parser, args)
+        super().parse_arguments(parser, args)
+        if not saved or not Path(ckpt_path).is_file():  # `last`: the recipe's model section is kept, as before
+            return
+        model = self.config[self.config["subcommand"]].get("model")
+        differ = [f"model.{key}" for key, value in saved.items() if _differs(model.get(key), value)]
+        if differ:  # LightningCLI's rule, said aloud: the checkpoint's network wins over the recipe's
+            fields = ", ".join(f"model.{key}" for key in CHECKPOINT_MODEL_KEYS)
+            print(f"diffusion-pl: {fields} come from the checkpoint {ckpt_path} (its saved config); the recipe's "
+                  f"{', '.join(differ)} {'is' if len(differ) == 1 else 'are'} not used", file=sys.stderr)
+
+    def _checkpoint_model_defaults(self, parser, args: Any) -> tuple[str | None, dict[str, Any]]:
+        """--ckpt_path and its saved net / process / prediction, now the subcommand parser's defaults."""
+        if not getattr(self, "_subcommand_parsers", None):
+            return None, {}  # run=False: no subcommand, no ckpt_path
+        with _ActionPrintConfig.skip_print_config():  # --print_config: printed by the second parse
+            first = (parser.parse_object(args, _skip_validation=True) if isinstance(args, (dict, Namespace))
+                     else parser.parse_args(args, _skip_validation=True))
+        subcommand = first.get("subcommand")
+        ckpt_path = first[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return None, {}
+        missing = [key for key in ("net", "process") if first[subcommand].get(f"model.{key}") is None]
+        source, root = ckpt_path, Path(first[subcommand].get("trainer.default_root_dir") or os.getcwd())
+        if ckpt_path == "last" and missing:  # resuming a run whose recipe names no network: its newest checkpoint
+            source = find_resume_checkpoint(root, root / "checkpoints", recursive=False)
+        is_file = source is not None and _is_local_file_protocol(str(source)) and Path(source).is_file()
+        saved = _saved_model_config(source) if is_file else {}
+        unset = " and ".join(f"model.{key}" for key in missing if key not in saved)
+        if unset:  # the second parse would fail on them: say why in one line
+            where = ckpt_path if source == ckpt_path else f"{ckpt_path} ({source})"
+            if source is None:
+                raise UserValueError(f"--ckpt_path last finds no checkpoint in {root} and the recipe sets no {unset}: "
+                                     f"expected a recipe (--config) that names {unset}, e.g. the run's config.yaml")
+            if is_file:
+                raise UserValueError(f"--ckpt_path {where} holds no saved {unset} (hyper_parameters) and the recipe "
+                                     f"sets none: expected a recipe (--config) that names {unset}, or a checkpoint "
+                                     "written by `diffusion-pl fit` or `diffusion-pl import`")
+            if source not in RESUME_KEYWORDS and _is_local_file_protocol(str(source)):
+                raise MissingFileError(f"--ckpt_path {source} does not exist: expected a checkpoint written by "
+                                       "`diffusion-pl fit` or `diffusion-pl import`")
+        if saved:
+            self._subcommand_parsers[subcommand].set_defaults({f"model.{key}": v for key, v in saved.items()})
+        return ckpt_path, saved
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--overwrite", action=ActionYesNo, default=False,
@@ -129,18 +179,23 @@ class DiffusionCLI(LightningCLI):
         root = Path(trainer.default_root_dir)
         ckpt_cb = trainer.checkpoint_callback
         ckpt_dir = getattr(ckpt_cb, "dirpath", None) or root / "checkpoints"
-        if ckpt_path not in (None, "last", "hpc", "best", "registry") and _is_local_file_protocol(str(ckpt_path)) \
-                and not Path(ckpt_path).is_file():  # (an existing one was checked in _parse_ckpt_path)
+        if ckpt_path not in (None, *RESUME_KEYWORDS) and _is_local_file_protocol(str(ckpt_path)) \
+                and not Path(ckpt_path).is_file():  # (an existing one was read in _checkpoint_model_defaults)
             raise MissingFileError(f"--ckpt_path {ckpt_path} does not exist: expected a checkpoint written by "
                                    "`diffusion-pl fit`, or `last` for the newest one in the run folder")
         if trainer.global_rank == 0:
             self._lock_fd = lock_run_folder(root)  # held until this process exits
             previous = previous_run_outputs(root, ckpt_dir)
-            if previous and ckpt_path is None:
+            # a checkpoint from outside the run folder (an import, another run) starts a new run: rerunning the same
+            # command (a requeued job) into a folder that has trained on would silently go back to that start
+            foreign = ckpt_path not in (None, *RESUME_KEYWORDS) and _is_local_file_protocol(str(ckpt_path)) and not any(
+                Path(ckpt_path).resolve().is_relative_to(Path(d).resolve()) for d in (root, ckpt_dir))
+            if previous and (ckpt_path is None or foreign):
                 if not self.config["fit"].get("overwrite"):
                     names = ", ".join(str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
                                       for p in previous[:3])
-                    raise RunFolderError(f"run folder {root} holds a previous run ({names}): expected "
+                    start = f" and --ckpt_path {ckpt_path} is from outside it (a new start)" if foreign else ""
+                    raise RunFolderError(f"run folder {root} holds a previous run ({names}){start}: expected "
                                          "--ckpt_path last to continue it, --overwrite to start over, or another "
                                          "--trainer.default_root_dir")
                 remove_run_outputs(previous)
@@ -163,6 +218,30 @@ class DiffusionCLI(LightningCLI):
         # what config.yaml records. Both must say which checkpoint was loaded.
         self.config["fit"]["ckpt_path"] = path
         self.config_init["fit"]["ckpt_path"] = path
+
+
+def _saved_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's saved net / process / prediction (class_path + init_args), those it holds (not None)."""
+    # before LightningCLI's _parse_ckpt_path loads it: a truncated or foreign file says "not a checkpoint"
+    # here, not torch's zip-archive error
+    checkpoint_step(path)
+    hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    return {key: hparams[key] for key in CHECKPOINT_MODEL_KEYS if hparams.get(key) is not None}
+
+
+def _differs(recipe: Any, saved: Any) -> bool:
+    """Whether a recipe's parsed component says other than a checkpoint's saved one; None (unset: filled from
+    the data, or not given) says nothing. Compared as YAML data: namespaces as dicts, tuples as lists."""
+    def plain(value: Any) -> Any:
+        value = value.as_dict() if isinstance(value, Namespace) else value
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items() if not str(k).startswith("__")}  # __path__: a file's
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    recipe, saved = plain(recipe), plain(saved)
+    if isinstance(recipe, dict) and isinstance(saved, dict):
+        return any(_differs(value, saved.get(key)) for key, value in recipe.items())
+    return recipe is not None and recipe != saved
 
 
 def fill_network_shape(config) -> None:

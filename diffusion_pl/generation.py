@@ -17,11 +17,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from diffusion_pl.latent import decode_samples, latent_space
-from diffusion_pl.prediction import check_guidance_interval
+from diffusion_pl.guidance import check_guidance_channels, check_guidance_interval
 from diffusion_pl.sampling import sample
 
 __all__ = ["FULL_PROTOCOL_SAMPLES", "to_uint8", "metric_prefix", "sampler_label", "class_labels_for", "generate",
-           "rank_world", "rank_indices", "guide_mismatch", "check_guidance_interval"]
+           "rank_world", "rank_indices", "guide_mismatch", "check_guidance_interval", "check_guidance_channels"]
 
 FULL_PROTOCOL_SAMPLES = 50_000
 
@@ -106,7 +106,8 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
              guidance: float = 1.0, ema: bool = True, class_choices: Sequence[int] | None = None,
              batch_size: int = 64, device: str | torch.device | None = None, clip_x0: float | None = None,
              progress: bool = False, guide_module=None,
-             guidance_interval: tuple[float, float] | None = None) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
+             guidance_interval: tuple[float, float] | None = None,
+             guidance_channels: int | None = None) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
     """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
 
     image_shape: what the network samples (a latent module's latent (C, h, w)); a module with an autoencoder
@@ -114,8 +115,10 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
     clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's sampling clips at 1).
     guide_module: a second DiffusionModule (same process and prediction; its EMA weights when `ema`)
     for autoguidance with weight `guidance`; guidance_interval: (sigma_lo, sigma_hi), see `Denoiser`.
+    guidance_channels: guide only the first K of image_shape[0] channels (diffusion_pl/guidance.py); None: all.
     """
 
+    check_guidance_channels(guidance_channels, available=image_shape[0])
     indices = list(indices)
     model, net = module.model(ema=ema), module.ema if ema else module.net
     guide = guide_module.model(ema=ema) if guide_module is not None else None
@@ -133,7 +136,7 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
                 out = sample(model, module.process, module.prediction, sampler, (len(idx), *image_shape),
                              class_labels=labels, guidance=guidance, null_label=module.null_label,
                              clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device, guide=guide,
-                             guidance_interval=guidance_interval)
+                             guidance_interval=guidance_interval, guidance_channels=guidance_channels)
                 bar.update(len(idx))
                 yield idx, to_uint8(decode_samples(module, out.x)), labels, out.nfe  # latents: decoded to pixels
     finally:

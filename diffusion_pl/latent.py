@@ -12,6 +12,12 @@ told apart by channel count. The draw uses the step's reseeded global generator 
 validation generator, so training stays a pure function of (seed, rank, step) and resumes bit-exactly.
 The network's `in_channels` / `img_resolution` are the latent ones; samples are decoded to pixels
 (`decode_samples`) before anything scores or writes them.
+
+A checkpoint records the autoencoder it was trained with (`Autoencoder.spec()` under
+`checkpoint["autoencoder_spec"]`, `save_autoencoder_spec`); loading it (`load_module`, resuming `fit`)
+rebuilds the autoencoder from the saved config and refuses, in one line, one that no longer gives the
+same latent space (`check_checkpoint_autoencoder`): a local VAE folder whose weights changed, another
+scale or latent-statistics file. Checkpoints without the key (written before it existed) load as before.
 """
 
 from __future__ import annotations
@@ -26,7 +32,12 @@ from diffusion_pl.autoencoder import SPEC_IDENTITY_KEYS, spec_mismatch
 from diffusion_pl.errors import UserValueError
 
 __all__ = ["check_autoencoder", "to_latents", "data_is_latent", "check_latent_data", "encoded_view", "decode_samples",
-           "sample_shape", "reference_size", "pixel_shape", "latent_space"]
+           "sample_shape", "reference_size", "pixel_shape", "latent_space", "SPEC_KEY", "save_autoencoder_spec",
+           "check_checkpoint_autoencoder", "check_resumed_autoencoder"]
+
+SPEC_KEY = "autoencoder_spec"  # where a checkpoint keeps the training autoencoder's spec()
+# what fixes the network's latent space besides the VAE itself (spec_mismatch checks SPEC_IDENTITY_KEYS)
+_NORMALIZATION_KEYS = ("scale", "shift", "latent_stats_sha256")
 
 
 def check_autoencoder(net: nn.Module, autoencoder: Any, augment: Any) -> None:
@@ -160,3 +171,46 @@ def decode_samples(module: Any, x: Tensor) -> Tensor:
     """Samples of `module` as images in [-1, 1]: decoded by its autoencoder when it has one."""
     autoencoder = getattr(module, "autoencoder", None)
     return x if autoencoder is None else autoencoder.decode(x)
+
+
+def save_autoencoder_spec(autoencoder: Any, checkpoint: dict) -> None:
+    """Record `autoencoder.spec()` in a checkpoint being saved (nothing for a pixel-space module)."""
+    if autoencoder is not None:
+        checkpoint[SPEC_KEY] = autoencoder.spec()
+
+
+def _source(spec: dict) -> str:
+    if spec.get("pretrained"):
+        sub = f" (subfolder {spec['subfolder']})" if spec.get("subfolder") else ""
+        return f"pretrained: {spec['pretrained']}{sub}"
+    return "a config-built VAE"
+
+
+def check_checkpoint_autoencoder(checkpoint: dict, autoencoder: Any, ckpt_path: str | None = None) -> None:
+    """Refuse, in one line, a rebuilt `autoencoder` that differs from the one `checkpoint` was trained with.
+
+    The raw latents must come from the same VAE (`spec_mismatch`: config and weights hashes) and be
+    normalized the same way (scale, shift, latent statistics file); a checkpoint without a saved spec
+    (older) or a pixel-space module is not checked.
+    """
+    saved = checkpoint.get(SPEC_KEY) if isinstance(checkpoint, dict) else None
+    if saved is None or autoencoder is None:
+        return
+    spec = autoencoder.spec()
+    keys = (*SPEC_IDENTITY_KEYS, *_NORMALIZATION_KEYS) if spec_mismatch(saved, spec) else _NORMALIZATION_KEYS
+    key = next((k for k in keys if saved.get(k) != spec.get(k)), None)
+    if key is None:
+        return
+    what = key.replace("_sha256", " sha256").replace("_", " ")
+    name = f"checkpoint {ckpt_path}" if ckpt_path else "the checkpoint"
+    raise UserValueError(f"{name} was trained with autoencoder {_source(saved)} ({what} {str(saved.get(key))[:12]}) "
+                         f"but {_source(spec)} now gives {str(spec.get(key))[:12]}: expected the same VAE, scale, "
+                         "shift and latent_stats as in training (restore them, or retrain)")
+
+
+def check_resumed_autoencoder(module: Any, checkpoint: dict) -> None:
+    """`check_checkpoint_autoencoder` for a checkpoint a Trainer restores (resuming `fit`); `load_module` checks
+    what it loads itself (it knows the path; `load_from_checkpoint` has no trainer)."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        check_checkpoint_autoencoder(checkpoint, getattr(module, "autoencoder", None), trainer.ckpt_path)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -28,11 +26,13 @@ from diffusion_pl import lightning_compat
 from diffusion_pl.augment import AugmentPipe
 from diffusion_pl.autoencoder import Autoencoder
 from diffusion_pl.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
-from diffusion_pl.latent import check_autoencoder, check_latent_data, data_is_latent, to_latents
+from diffusion_pl.latent import (check_autoencoder, check_checkpoint_autoencoder, check_latent_data,
+                              check_resumed_autoencoder, data_is_latent, save_autoencoder_spec, to_latents)
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes import Process
 from diffusion_pl.seeding import mix_seed as step_seed  # the per-(seed, rank, step) stream seed
+from diffusion_pl.trust import TRUSTED_PACKAGES, untrusted_imports
 
 __all__ = ["DiffusionModule", "TRUSTED_PACKAGES", "check_data_fits", "load_module", "step_seed", "untrusted_imports"]
 
@@ -174,6 +174,12 @@ class DiffusionModule(L.LightningModule):
     def model(self, ema: bool = True) -> Model:
         """The network (EMA by default) as a model `(x_t, t, class_labels) -> output` for samplers."""
         return precondition(self.ema if ema else self.net, self.process, self.prediction)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the autoencoder's identity (latent.py)
+        save_autoencoder_spec(self.autoencoder, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # resuming `fit`; load_module checks below
+        check_resumed_autoencoder(self, checkpoint)
 
     # -- training ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -343,33 +349,6 @@ def check_data_fits(net: nn.Module, datamodule: Any, autoencoder: Autoencoder | 
                                  "unconditional model)")
 
 
-# Packages a checkpoint's saved config may import from without trust_config=True.
-TRUSTED_PACKAGES = ("diffusion_pl", "torch", "lightning", "timm", "diffusers")
-_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
-
-
-def untrusted_imports(config: Any) -> list[str]:
-    """Import paths in a saved config (class_path values, callables given by name) outside TRUSTED_PACKAGES."""
-    found = []
-
-    def walk(value: Any, key: str = "") -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, str(k))
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v, key)
-        elif isinstance(value, str) and _IMPORT_PATH.match(value):
-            top = value.split(".", 1)[0]
-            # any dotted name under class_path / _instantiator is imported; elsewhere only if it names a package
-            names_import = key in ("class_path", "_instantiator") or importlib.util.find_spec(top) is not None
-            if names_import and top not in TRUSTED_PACKAGES:
-                found.append(value)
-
-    walk(config)
-    return found
-
-
 def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
                 trust_config: bool = False) -> DiffusionModule:
     """Rebuild a DiffusionModule (net, EMA, process, prediction) from a checkpoint written by `diffusion-pl fit`.
@@ -395,5 +374,6 @@ def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
                              f"({', '.join(untrusted[:3])}): its config is code; pass trust_config=True "
                              "(--trust-config) if you trust where it came from")
     module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)
+    check_checkpoint_autoencoder(checkpoint, module.autoencoder, ckpt_path)  # the VAE it was trained with
     module.saved_config = hparams  # the config as saved (hparams hold only what the rebuilt module saves)
     return module

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from diffusion_pl.guidance import check_guidance_channels, check_guidance_interval
 from diffusion_pl.processes import AttributeRepr, Process, append_dims, check_positive
 
 __all__ = ["Model", "Prediction", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
@@ -291,13 +292,15 @@ class Denoiser:
     et al. 2024, "Applying Guidance in a Limited Interval", eq. 5): guidance applies only to samples
     whose process.noise_level(t) lies in [sigma_lo, sigma_hi]; elsewhere F is the plain conditional
     output, with no extra call when the whole batch is outside. An empty interval (lo > hi) never guides.
+    `guidance_channels` K mixes only the mean's first K channels; the rest stay the main model's output
+    (DiT's sampling, K = 3 of 4 latent channels: diffusion_pl/guidance.py). None mixes them all.
     `clip_x0` clamps x0_hat to [-clip_x0, clip_x0] and recomputes eps_hat (DDPM's clipping).
     `nfe` counts network evaluations (a guided evaluation counts once).
     """
 
     def __init__(self, model: Model, process: Process, prediction: Prediction, guidance: float = 1.0,
                  null_label: int | None = None, clip_x0: float | None = None, guide: Model | None = None,
-                 guidance_interval: tuple[float, float] | None = None) -> None:
+                 guidance_interval: tuple[float, float] | None = None, guidance_channels: int | None = None) -> None:
         if guidance != 1.0 and null_label is None and guide is None:
             raise ValueError("guidance != 1 needs null_label, the index of the network's unconditional label, "
                              "or a guide model (autoguidance)")
@@ -305,6 +308,7 @@ class Denoiser:
         self.model, self.process, self.prediction = model, process, prediction
         self.guidance, self.null_label, self.clip_x0 = guidance, null_label, clip_x0
         self.guide, self.guidance_interval = guide, guidance_interval
+        self.guidance_channels = check_guidance_channels(guidance_channels)
         self.nfe = 0
 
     def _guided_mask(self, t: Tensor) -> Tensor | None:
@@ -329,7 +333,7 @@ class Denoiser:
             out_main, out_guide = out.chunk(2)  # (B, C', ...) each: F_c, F_u
         else:
             out_main, out_guide = self.model(x_t, t, class_labels), self.guide(x_t, t, class_labels)
-        guided = _mix(out_main, out_guide, self.guidance, x_t)
+        guided = _mix(out_main, out_guide, self.guidance, x_t, self.guidance_channels)
         if mask is not None:
             guided = torch.where(append_dims(mask, guided.ndim), guided, out_main)
         return guided
@@ -358,27 +362,15 @@ class Denoiser:
         return -self(x_t, t, class_labels).eps / sigma
 
 
-def check_guidance_interval(interval, name: str = "guidance_interval") -> tuple[float, float] | None:
-    """(sigma_lo, sigma_hi) as floats, or None; a one-line ValueError naming `name` unless two levels >= 0 (not NaN)."""
-    if interval is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} {interval!r} is invalid: expected two noise levels (sigma_lo, sigma_hi)") from None
-    if not (lo >= 0.0 and hi >= 0.0):  # also refuses NaN
-        raise ValueError(f"{name} {lo:g} {hi:g} is invalid: expected noise levels sigma/alpha >= 0 (inf allowed)")
-    return lo, hi
-
-
-def _mix(out_main: Tensor, out_guide: Tensor, w: float, x_t: Tensor) -> Tensor:
-    """F_guide + w (F_main - F_guide) on the mean channels; any learned-variance channels stay the main model's."""
-    channels = x_t.shape[1]
+def _mix(out_main: Tensor, out_guide: Tensor, w: float, x_t: Tensor, channels: int | None = None) -> Tensor:
+    """F_guide + w (F_main - F_guide) on the first `channels` mean channels (all when None); the other mean
+    channels and any learned-variance channels stay the main model's."""
     mean_main, _ = split_variance(out_main, x_t)  # also refuses a malformed output
     mean_guide, _ = split_variance(out_guide, x_t)
-    guided = mean_guide + w * (mean_main - mean_guide)  # (B, C, ...)
-    if out_main.shape[1] != channels:  # (DiT models.py forward_with_cfg guides only the eps channels)
-        guided = torch.cat([guided, out_main[:, channels:]], dim=1)
+    k = check_guidance_channels(channels, available=x_t.shape[1]) or x_t.shape[1]
+    guided = mean_guide[:, :k] + w * (mean_main[:, :k] - mean_guide[:, :k])  # (B, k, ...)
+    if out_main.shape[1] != k:  # (DiT models.py:262-266: eps channels [:3] guided, the rest conditional)
+        guided = torch.cat([guided, out_main[:, k:]], dim=1)
     return guided
 
 

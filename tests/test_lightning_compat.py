@@ -24,12 +24,21 @@ def test_model_checkpoint_internals_used_by_final_checkpoint(tmp_path):
 
 def test_lightning_cli_internals_overridden_by_diffusion_cli():
     for name, params in {"_parse_ckpt_path": ["self"], "_instantiate_trainer": ["self", "config", "callbacks"],
-                         "_run_subcommand": ["self", "subcommand"]}.items():
+                         "_run_subcommand": ["self", "subcommand"],
+                         "parse_arguments": ["self", "parser", "args"]}.items():
         method = getattr(LightningCLI, name, None)
         assert method is not None, f"LightningCLI.{name} is gone"
         assert list(inspect.signature(method).parameters) == params, f"LightningCLI.{name} changed its signature"
     # before_fit reads config_init (what LightningCLI passes to trainer.fit)
     assert "self.config_init[subcommand]" in inspect.getsource(LightningCLI._prepare_subcommand_kwargs)
+    # DiffusionCLI.parse_arguments: the checkpoint's network as the defaults, after LightningCLI's parse of the
+    # arguments into self.config and before _parse_ckpt_path puts its hyperparameters over them; the first,
+    # unvalidated parse uses jsonargparse's private _skip_validation and skip_print_config
+    source = inspect.getsource(LightningCLI.__init__)
+    assert source.index("self.parse_arguments(") < source.index("self._parse_ckpt_path()")
+    from jsonargparse._actions import _ActionPrintConfig
+
+    assert callable(getattr(_ActionPrintConfig, "skip_print_config", None))
 
 
 def test_module_and_data_internals(tmp_path, monkeypatch):

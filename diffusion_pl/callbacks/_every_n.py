@@ -4,8 +4,8 @@ It normalises the sampler argument to a list (default HeunODE(steps=17), EDM's 3
 the training images' (C, H, W) from the first batch as the shape to sample, and calls
 `on_every_n_steps` after each batch that completed an optimizer step whose count is a multiple of
 `every_n_steps`. It also holds the optional autoguidance model (`guide_ckpt`, loaded and checked
-against the trained module when fit starts, kept out of the callback's state) and the guidance
-interval that both sampling callbacks pass to `generate`.
+against the trained module when fit starts, kept out of the callback's state), the guidance
+interval and the guided channel count that both sampling callbacks pass to `generate`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from diffusion_pl.errors import UserValueError
-from diffusion_pl.generation import check_guidance_interval, guide_mismatch
+from diffusion_pl.generation import check_guidance_channels, check_guidance_interval, guide_mismatch
 from diffusion_pl.latent import sample_shape
 from diffusion_pl.sampling import HeunODE, Sampler
 
@@ -25,10 +25,12 @@ class EveryNSteps(Callback):
     """Calls `on_every_n_steps(trainer, pl_module)` every `every_n_steps` optimizer steps; subclasses implement it."""
 
     def __init__(self, every_n_steps: int, sampler: Sampler | list[Sampler] | None, guide_ckpt: str | None = None,
-                 guidance_interval: tuple[float, float] | None = None, trust_guide_config: bool = False) -> None:
+                 guidance_interval: tuple[float, float] | None = None, trust_guide_config: bool = False,
+                 guidance_channels: int | None = None) -> None:
         super().__init__()
         name = type(self).__name__
         self.guidance_interval = check_guidance_interval(guidance_interval, f"{name}: guidance_interval")
+        self.guidance_channels = check_guidance_channels(guidance_channels, f"{name}: guidance_channels")
         self.guide_ckpt, self.trust_guide_config = guide_ckpt, trust_guide_config
         self._guide: list = []  # the guide DiffusionModule; a list keeps it out of Lightning's and deepcopy's view
         self.every_n_steps = every_n_steps

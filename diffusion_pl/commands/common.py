@@ -75,15 +75,20 @@ def add_model_options(p) -> None:
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="apply guidance only at noise levels sigma/alpha in [LO, HI] (Kynkäänniemi et al. 2024); "
                         "default: at every level")
+    p.add_argument("--guidance-channels", type=int, default=None, metavar="K",
+                   help="guide only the first K channels of the model's output, the rest being the conditional "
+                        "output (DiT samples with 3 of its 4 latent channels); default: all channels")
 
 
 def load_guide(args, module, device: torch.device):
     """The --guide-ckpt DiffusionModule, refused in one line unless it matches `module` (None without one);
-    also checks --guidance-interval."""
-    from diffusion_pl.generation import check_guidance_interval, guide_mismatch
+    also checks --guidance-interval and --guidance-channels."""
+    from diffusion_pl.generation import check_guidance_channels, check_guidance_interval, guide_mismatch
 
     try:
         check_guidance_interval(getattr(args, "guidance_interval", None), "--guidance-interval")
+        check_guidance_channels(getattr(args, "guidance_channels", None), "--guidance-channels",
+                                available=image_shape(module)[0])
     except ValueError as err:
         raise CommandError(str(err)) from None
     if getattr(args, "guide_ckpt", None) is None:
@@ -100,10 +105,12 @@ def load_guide(args, module, device: torch.device):
 
 
 def guidance_config(args) -> dict:
-    """The guide checkpoint's sha256 and the guidance interval, for run configs (empty when neither is given)."""
+    """The guide checkpoint's sha256, the guidance interval and channels, for run configs (empty when none is given)."""
     out = {}
     if getattr(args, "guide_ckpt", None) is not None:
         out["guide_checkpoint_sha256"] = sha256_file(args.guide_ckpt)
     if getattr(args, "guidance_interval", None) is not None:
         out["guidance_interval"] = list(args.guidance_interval)
+    if getattr(args, "guidance_channels", None) is not None:
+        out["guidance_channels"] = args.guidance_channels
     return out

@@ -144,8 +144,10 @@ def _check_args(args: argparse.Namespace) -> None:
                            "only their mean and covariance)")
     if args.bpd and args.data is None and args.bpd_data is None:
         raise CommandError("--bpd with --ref-stats needs --bpd-data: expected the shard set to score bits/dim on")
-    if args.ckpt is None and (args.guide_ckpt is not None or args.guidance_interval is not None):
-        raise CommandError("--guide-ckpt / --guidance-interval need --ckpt: expected a model to sample from")
+    if args.ckpt is None and any(v is not None for v in (args.guide_ckpt, args.guidance_interval,
+                                                         args.guidance_channels)):
+        raise CommandError("--guide-ckpt / --guidance-interval / --guidance-channels need --ckpt: expected a model "
+                           "to sample from")
 
 
 def _samplers(args: argparse.Namespace) -> list[tuple[Sampler, dict]]:
@@ -227,6 +229,7 @@ def _score_checkpoint(args, fabric, module, samplers, extractor, reference, guid
                                                 seed=args.seed, guidance=args.guidance, clip_x0=args.clip_x0,
                                                 ema=not args.no_ema, guide_module=guide,
                                                 guidance_interval=args.guidance_interval,
+                                                guidance_channels=args.guidance_channels,
                                                 batch_size=args.batch_size, device=fabric.device, progress=rank == 0):
             metrics.update(images)
             nfe.append(batch_nfe)

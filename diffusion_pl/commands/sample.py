@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> Path:
     for idx, images, _, _ in generate(module, sampler, mine, shape, seed=args.seed, guidance=args.guidance,
                                       clip_x0=args.clip_x0, ema=not args.no_ema, class_choices=labels, batch_size=args.batch_size,
                                       device=fabric.device, progress=rank == 0, guide_module=guide,
-                                      guidance_interval=args.guidance_interval):
+                                      guidance_interval=args.guidance_interval,
+                                      guidance_channels=args.guidance_channels):
         for i, image in zip(idx, images):
             _write_png(image, png_path(out, i))
     fabric.barrier()

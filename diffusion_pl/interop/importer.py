@@ -34,7 +34,8 @@ The checkpoint (a torch file, loadable with weights_only=True):
 
 `sample`, `evaluate`, `export` and `load_module` take it like a `fit` checkpoint. Fine-tuning is
 `diffusion-pl fit --config RECIPE --ckpt_path IMPORTED.ckpt`: LightningCLI reads the checkpoint's
-hyper_parameters over the recipe's model section (lightning/pytorch/cli.py `_parse_ckpt_path`), so the
+hyper_parameters over the recipe's model section (lightning/pytorch/cli.py `_parse_ckpt_path`; the recipe may
+leave model.net / process / prediction out, DiffusionCLI then takes them from the checkpoint), so the
 network, process and prediction are the imported ones and everything else (loss, optimizer, EMA,
 data, trainer) is the recipe's; Lightning then loads state_dict, and the empty optimizer and
 scheduler lists restore nothing (strategy.load_optimizer_state_dict zips optimizers with states),

@@ -46,7 +46,7 @@ def sample(model: Model, process: Process, prediction: Prediction, sampler: Samp
            null_label: int | None = None, clip_x0: float | None = None, seeds: Sequence[int] | Tensor | None = None,
            generator: torch.Generator | None = None, device: torch.device | str | None = None,
            dtype: torch.dtype = torch.float32, progress: bool = False, guide: Model | None = None,
-           guidance_interval: tuple[float, float] | None = None) -> SampleOutput:
+           guidance_interval: tuple[float, float] | None = None, guidance_channels: int | None = None) -> SampleOutput:
     """Draw shape[0] samples with `sampler` from `model` in the model contract (x_t, t, class_labels) -> F.
 
     noise: standard normal (shape) for x_T = prior_std * noise; drawn from the noise source if None.
@@ -57,6 +57,8 @@ def sample(model: Model, process: Process, prediction: Prediction, sampler: Samp
     w (F_main - F_guide) (Karras et al. 2024); null_label is then not needed.
     guidance_interval: (sigma_lo, sigma_hi) noise levels sigma/alpha outside which no guidance applies
     (Kynkäänniemi et al. 2024). See `Denoiser`.
+    guidance_channels: guide only the first K channels of the mean output, the rest being the main model's
+    (DiT samples with 3 of its 4 latent channels; diffusion_pl/guidance.py); None guides all.
     clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every evaluation (DDPM's clipping).
     """
     shape = tuple(int(n) for n in shape)
@@ -78,6 +80,6 @@ def sample(model: Model, process: Process, prediction: Prediction, sampler: Samp
             raise ValueError(f"class_labels must have shape ({shape[0]},), got {tuple(class_labels.shape)}")
     x = process.prior_std() * noise.to(device=device, dtype=dtype)
     denoiser = Denoiser(model, process, prediction, guidance=guidance, null_label=null_label, clip_x0=clip_x0,
-                        guide=guide, guidance_interval=guidance_interval)
+                        guide=guide, guidance_interval=guidance_interval, guidance_channels=guidance_channels)
     x = sampler.run(denoiser, x, source, class_labels, progress=progress)
     return SampleOutput(x=x, nfe=denoiser.nfe, times=sampler.times(process))

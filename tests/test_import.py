@@ -387,3 +387,26 @@ def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys, 
     assert tuned["optimizer_states"][0]["state"]  # the recipe's Adam ran two steps
     state = imported["state_dict"]
     assert all(torch.equal(tuned["state_dict"][k], v) for k, v in state.items() if k.startswith("net."))
+
+
+# The 256x256 family of DDPM (CelebA-HQ, LSUN church / bedroom / cat; google/ddpm-*-256): six levels with channel
+# multipliers (1, 1, 2, 2, 4, 4) and attention at 16x16 only, the fifth level (hojonathanho/diffusion
+# scripts/run_celebahq.py and run_lsun.py, model 'unet2d16b2c112244'). Here at 64x64 (attention at 4x4, the same fifth
+# level) with 128 channels per level and one block per level, so that the CPU runs it; the structure is the family's.
+DDPM_256_FAMILY = {**DDPM_CIFAR10, "sample_size": 64, "block_out_channels": (128,) * 6, "layers_per_block": 1,
+                   "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                   "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4}
+
+
+def test_the_256_family_structure_imports_with_parity(tmp_path):
+    reference = save_unet(tmp_path / "ddpm256", DDPM_256_FAMILY, scheduler=diffusers.DDPMScheduler(), layout="flat")
+    import_pretrained(str(tmp_path / "ddpm256"), tmp_path / "ddpm256.ckpt")
+    module = load_module(str(tmp_path / "ddpm256.ckpt"))
+    init = torch.load(tmp_path / "ddpm256.ckpt", weights_only=True)["hyper_parameters"]["net"]["init_args"]
+    assert tuple(init["channel_mult"]) == (1,) * 6 and tuple(init["attn_resolutions"]) == (4,)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        expected = reference.eval()(x, t).sample
+        diff = float((module.ema.eval()(x, t) - expected).abs().max())
+    assert expected.abs().max() > 0.1 and diff <= 1e-5, diff

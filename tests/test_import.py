@@ -32,7 +32,8 @@ from diffusion_pl.sampling import DDPM, TimestepGrid, sample
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
-from test_interop_unet import DDPM_CIFAR10, SMALL, randomise  # noqa: E402  (diffusers needed)
+from test_interop_dit import reference as dit_reference  # noqa: E402  (diffusers needed)
+from test_interop_unet import DDPM_CIFAR10, SMALL, randomise  # noqa: E402
 
 TINY = {**DDPM_CIFAR10, "sample_size": 8, "block_out_channels": (128,), "layers_per_block": 1,
         "down_block_types": ("AttnDownBlock2D",), "up_block_types": ("AttnUpBlock2D",)}
@@ -55,19 +56,8 @@ def save_unet(folder, config, seed=0, scheduler=None, layout="pipeline", weights
 
 
 def dit_reference_model(num_layers=2, norm_eps=1e-5):
-    """A randomised DiTTransformer2DModel whose per-block embedder copies are identical, as converted DiTs'."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = diffusers.DiTTransformer2DModel(num_layers=num_layers, norm_eps=norm_eps, **DIT).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-        block0 = dict(model.transformer_blocks[0].norm1.emb.named_parameters())
-        for block in model.transformer_blocks[1:]:
-            for name, p in block.norm1.emb.named_parameters():
-                p.copy_(block0[name])
-    return model
+    """A randomised DiTTransformer2DModel (the DIT config) whose per-block embedder copies are identical."""
+    return dit_reference(num_layers=num_layers, norm_eps=norm_eps)
 
 
 class OurSinusoid(torch.nn.Module):

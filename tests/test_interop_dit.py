@@ -19,12 +19,12 @@ TIMESTEPS = torch.tensor([0.0, 1.0, 250.5, 999.0])
 LABELS = torch.tensor([0, 7, 999, 1000])  # 1000 is the null (classifier-free guidance) label
 
 
-def reference(out_channels: int = 8, **config) -> torch.nn.Module:
+def reference(out_channels: int = 8, num_layers: int = 2, **config) -> torch.nn.Module:
     """A randomised DiTTransformer2DModel whose per-block embedder copies equal block 0's, as in converted DiTs."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = diffusers.DiTTransformer2DModel(
-            num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=out_channels, num_layers=2,
+            num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=out_channels, num_layers=num_layers,
             sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", **config,
         ).eval()
     generator = torch.Generator().manual_seed(1)

@@ -193,6 +193,8 @@ class Autoencoder:
         self._shift = _channel_values(shift, self.latent_channels, "shift")
         self.latent_stats = latent_stats
         self._stats_mean, self._stats_std = self._read_stats(latent_stats) if latent_stats else (None, None)
+        # hashed once, with the statistics it loaded: spec() then describes them, not the file as it is later
+        self._stats_sha256 = sha256_file(latent_stats) if latent_stats else None
         self._identity = {"config_sha256": _sha256_json(vae_config), "weights_sha256": _weights_sha256(vae)}
         self.dtype_name, self.dtype = dtype, _DTYPES[dtype]
         # nn.Module.to: diffusers' own `to` warns on every dtype cast (modeling_utils.py, an empty fp32 list)
@@ -218,7 +220,7 @@ class Autoencoder:
         """JSON-able identity: source, config / weights hashes, scale, shift, latent stats hash, shapes."""
         return {"pretrained": self.pretrained, "subfolder": self.subfolder, **self._identity,
                 "scale": self.scale_values, "shift": self.shift_values,
-                "latent_stats_sha256": sha256_file(self.latent_stats) if self.latent_stats else None,
+                "latent_stats_sha256": self._stats_sha256,
                 "latent_channels": self.latent_channels, "downsample": self.downsample}
 
     def latent_shape(self, image_size: int | Sequence[int]) -> tuple[int, int, int]:

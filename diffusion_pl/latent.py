@@ -163,8 +163,7 @@ def latent_space(module: Any) -> str | None:
     if autoencoder is None:
         return None
     spec = autoencoder.spec()
-    keys = (*SPEC_IDENTITY_KEYS, "scale", "shift", "latent_stats_sha256")
-    return " ".join(f"{k}={str(spec.get(k))[:12]}" for k in keys)
+    return " ".join(f"{k}={str(spec.get(k))[:12]}" for k in (*SPEC_IDENTITY_KEYS, *_NORMALIZATION_KEYS))
 
 
 def decode_samples(module: Any, x: Tensor) -> Tensor:
@@ -197,8 +196,7 @@ def check_checkpoint_autoencoder(checkpoint: dict, autoencoder: Any, ckpt_path: 
     if saved is None or autoencoder is None:
         return
     spec = autoencoder.spec()
-    keys = (*SPEC_IDENTITY_KEYS, *_NORMALIZATION_KEYS) if spec_mismatch(saved, spec) else _NORMALIZATION_KEYS
-    key = next((k for k in keys if saved.get(k) != spec.get(k)), None)
+    key = next((k for k in (*SPEC_IDENTITY_KEYS, *_NORMALIZATION_KEYS) if saved.get(k) != spec.get(k)), None)
     if key is None:
         return
     what = key.replace("_sha256", " sha256").replace("_", " ")

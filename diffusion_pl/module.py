@@ -29,7 +29,7 @@ from diffusion_pl.errors import MissingFileError, NonFiniteLossError, UserValueE
 from diffusion_pl.latent import (check_autoencoder, check_checkpoint_autoencoder, check_latent_data,
                               check_resumed_autoencoder, data_is_latent, save_autoencoder_spec, to_latents)
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
-from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
+from diffusion_pl.prediction import EpsPrediction, Model, Prediction, null_label_of, precondition
 from diffusion_pl.processes import Process
 from diffusion_pl.seeding import mix_seed as step_seed  # the per-(seed, rank, step) stream seed
 from diffusion_pl.trust import TRUSTED_PACKAGES, untrusted_imports
@@ -169,7 +169,7 @@ class DiffusionModule(L.LightningModule):
         The network's own `null_label` where it has one (None for ADM's class table without a null
         row); else num_classes, the convention of every class-conditional network here.
         """
-        return getattr(self.net, "null_label", self.num_classes)
+        return null_label_of(self.net)
 
     def model(self, ema: bool = True) -> Model:
         """The network (EMA by default) as a model `(x_t, t, class_labels) -> output` for samplers."""

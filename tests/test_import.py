@@ -326,10 +326,10 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
     config_file = tmp_path / "ok" / "unet" / "config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "block_out_channels": [256, 256]}))
-    one_line_error(capsys, ["import", str(tmp_path / "ok"), "--out", out], "diffusers UNet2DModel weight",
-                   "has shape", "this UNet's has")
+    one_line_error(capsys, ["import", str(tmp_path / "ok"), "--out", out], "diffusers UNet2DModel weights do not fit",
+                   "shape mismatches (file vs network)")
     config_file.write_text(json.dumps({**config, "layers_per_block": 2}))
-    one_line_error(capsys, ["import", str(tmp_path / "ok"), "--out", out], "do not fit this UNet", "missing")
+    one_line_error(capsys, ["import", str(tmp_path / "ok"), "--out", out], "do not fit the UNet", "missing keys")
     # missing files: the weights, the folder, a DiT .pt's architecture
     config_file.write_text(json.dumps(config))
     (tmp_path / "ok" / "unet" / "diffusion_pytorch_model.safetensors").unlink()

@@ -85,9 +85,13 @@ def test_evaluate_scores_decoded_samples_against_data_or_ref_stats(run, tmp_path
         assert main([*common, "--ref-stats", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(match, err), err
-    assert main([*common, "--ref-stats", str(npz), "--data", IMAGES]) == 2
-    assert main([*common, "--ref-stats", str(npz), "--kid"]) == 2
-    assert main([*common, "--data", IMAGES, "--bpd"]) == 2  # bits/dim of latents is not the images' likelihood
+    for args, match in (([*common, "--ref-stats", str(npz), "--data", IMAGES], "give one reference"),
+                        ([*common, "--ref-stats", str(npz), "--kid"], "--kid with --ref-stats"),
+                        # bits/dim of latents is not the images' likelihood
+                        ([*common, "--data", IMAGES, "--bpd"], "a latent diffusion model: expected a pixel-space")):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err
 
 
 def test_fit_fills_the_latent_shape_of_image_data(tmp_path, capsys):

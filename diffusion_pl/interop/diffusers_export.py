@@ -172,25 +172,25 @@ def dit_to_diffusers(init_args: dict[str, Any], net: torch.nn.Module,
     return config, out
 
 
-def scheduler_config(process: dict[str, Any], prediction: dict[str, Any] | None,
-                     learned_variance: bool, clip: bool) -> tuple[dict[str, Any] | None, str | None]:
+def scheduler_config(process: Any, prediction: Any, learned_variance: bool,
+                     clip: bool) -> tuple[dict[str, Any] | None, str | None]:
     """(DDPMScheduler config, None) for a DDPMDiscrete process with eps / v / x0 prediction, else (None, why not)."""
-    kinds = {"EpsPrediction": "epsilon", "VPrediction": "v_prediction", "X0Prediction": "sample"}
-    process_name = process["class_path"].rsplit(".", 1)[-1]
-    prediction_name = (prediction or {"class_path": "EpsPrediction"})["class_path"].rsplit(".", 1)[-1]
-    if process_name != "DDPMDiscrete":
-        return None, (f"no scheduler_config.json: the process {process_name} is not a discrete DDPM process, which "
-                      "is the only one diffusers' DDPMScheduler represents")
-    if prediction_name not in kinds:
-        return None, (f"no scheduler_config.json: the parameterization {prediction_name} is not a diffusers "
+    from diffusion_pl.interop.importer import PREDICTIONS
+    from diffusion_pl.processes import DDPMDiscrete
+
+    kinds = {name: kind for kind, name in PREDICTIONS.items()}  # the importer's map, inverted
+    if not isinstance(process, DDPMDiscrete):  # diffusers' scheduler holds discrete betas, nothing else
+        return None, (f"no scheduler_config.json: the process {type(process).__name__} is not a discrete DDPM "
+                      "process, which is the only one diffusers' DDPMScheduler represents")
+    if type(prediction).__name__ not in kinds:
+        return None, (f"no scheduler_config.json: the parameterization {type(prediction).__name__} is not a diffusers "
                       f"prediction_type ({', '.join(kinds.values())})")
-    args = process.get("init_args", {})
-    return {"_class_name": "DDPMScheduler", "num_train_timesteps": int(args.get("num_steps", 1000)),
-            "beta_start": float(args.get("beta_start", 0.0001)), "beta_end": float(args.get("beta_end", 0.02)),
-            "beta_schedule": args.get("beta_schedule", "linear"), "trained_betas": None,
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": process.num_steps,
+            "beta_start": float(process.beta_start), "beta_end": float(process.beta_end),
+            "beta_schedule": process.beta_schedule, "trained_betas": None,
             "variance_type": "learned_range" if learned_variance else "fixed_small", "clip_sample": clip,
-            "clip_sample_range": 1.0, "prediction_type": kinds[prediction_name], "timestep_spacing": "leading",
-            "steps_offset": 0}, None
+            "clip_sample_range": 1.0, "prediction_type": kinds[type(prediction).__name__],
+            "timestep_spacing": "leading", "steps_offset": 0}, None
 
 
 class _Captured(Exception):
@@ -238,7 +238,7 @@ def _json_file(path: Path, value: dict[str, Any]) -> None:
 def export_diffusers(ckpt_path: str | Path, out_dir: str | Path, ema: bool = True, trust_config: bool = False,
                      overwrite: bool = False) -> tuple[Path, list[str]]:
     """Write OUT/config.json, OUT/diffusion_pytorch_model.safetensors (+ scheduler_config.json); (weights, notes)."""
-    from safetensors.torch import save_file
+    from diffusion_pl.interop.export import save_safetensors
 
     from diffusion_pl.module import load_module
 
@@ -249,7 +249,7 @@ def export_diffusers(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tru
         raise UserValueError(f"--out {out} already holds {MODEL_WEIGHTS}: pass --overwrite to replace it or choose "
                              "another folder")
     module = load_module(str(ckpt_path), map_location="cpu", trust_config=trust_config)
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+    hparams = module.saved_config  # the config as saved (load_module keeps it)
     net = module.ema if ema else module.net
     class_path = hparams["net"]["class_path"]
     name = class_path.rsplit(".", 1)[-1]
@@ -270,12 +270,11 @@ def export_diffusers(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tru
     except ImportError:
         pass
     learned = net.out_channels == 2 * net.in_channels
-    scheduler, note = scheduler_config(hparams["process"], hparams.get("prediction"), learned,
+    scheduler, note = scheduler_config(module.process, module.prediction, learned,
                                        clip=net.in_channels == 3)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    with atomic_path(out / MODEL_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_safetensors(out / MODEL_WEIGHTS, tensors, {"format": "pt"})
     _json_file(out / "config.json", config)
     notes = [f"{name} as diffusers {config['_class_name']} ({'EMA' if ema else 'raw'} weights)"]
     if scheduler is not None:

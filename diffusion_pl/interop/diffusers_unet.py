@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.errors import UserValueError
+from diffusion_pl.interop.weights import check_state_dict
 from diffusion_pl.networks.unet import UNet
 
 __all__ = ["unet_kwargs_from_diffusers", "convert_unet_state_dict", "load_diffusers_unet", "unet_from_diffusers",
@@ -142,16 +143,7 @@ def convert_unet_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
 def load_diffusers_unet(net: UNet, state_dict: Mapping[str, Tensor]) -> UNet:
     """Load a UNet2DModel state dict into `net` (in place; also returned), refusing any mismatch."""
     converted = convert_unet_state_dict(state_dict)
-    own = net.state_dict()
-    missing = sorted(set(own) - set(converted))
-    extra = sorted(set(converted) - set(own))
-    if missing or extra:
-        raise UserValueError(f"diffusers UNet2DModel weights do not fit this UNet: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]} ({len(missing)} and {len(extra)} in all).")
-    for name, value in converted.items():
-        if value.shape != own[name].shape:
-            raise UserValueError(f"diffusers UNet2DModel weight for {name!r} has shape {tuple(value.shape)}, "
-                                 f"this UNet's has {tuple(own[name].shape)}.")
+    check_state_dict(net, converted, "diffusers UNet2DModel", "the state dict of a UNet2DModel with this config")
     net.load_state_dict(converted, strict=True)
     return net
 

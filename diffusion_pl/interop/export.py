@@ -48,7 +48,7 @@ from torch import nn
 from diffusion_pl.errors import MissingFileError, UserValueError, one_line
 from diffusion_pl.fileio import atomic_path, sha256_file
 from diffusion_pl.interop.weights import check_state_dict
-from diffusion_pl.prediction import EpsPrediction, Prediction, precondition
+from diffusion_pl.prediction import EpsPrediction, Prediction, null_label_of, precondition
 from diffusion_pl.processes import Process
 
 __all__ = ["EXPORT_FORMAT", "WEIGHTS_FILE", "CONFIG_FILE", "Exported", "export_checkpoint", "load_exported",
@@ -90,7 +90,7 @@ class Exported:
     @property
     def null_label(self) -> int | None:
         """The unconditional label index for classifier-free guidance (as DiffusionModule.null_label), or None."""
-        return getattr(self.net, "null_label", getattr(self.net, "num_classes", None))
+        return null_label_of(self.net)
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -137,6 +137,15 @@ def _umask() -> int:
     return mask
 
 
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` as a safetensors file atomically, with the umask's mode (safetensors itself writes 0600)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # a file meant to be shared
+
+
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, ema: bool = True, trust_config: bool = False,
                       overwrite: bool = False) -> Path:
     """Write OUT/model.safetensors and OUT/config.json from a `diffusion-pl fit` checkpoint; returns the weights file.
@@ -166,12 +175,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tr
     # own contiguous copies: safetensors refuses tensors that share storage (tied weights) or are strided
     tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
                for k, v in net.state_dict().items()}
-    from safetensors.torch import save_file
-
     weights = out / WEIGHTS_FILE
-    with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata=_metadata(config))
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; a file meant to be shared gets the umask's mode
+    save_safetensors(weights, tensors, _metadata(config))
     with atomic_path(out / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(config, indent=1) + "\n")
     return weights

@@ -285,14 +285,12 @@ def write_imported_checkpoint(out: str | Path, net_spec: dict, process_spec: dic
 
 
 def _autoencoder_hparams(vae: str | None, pipeline: str | None = None) -> dict[str, Any]:
-    """The VAE entry of a latent DiT's config, where DiffusionModule takes an autoencoder (else nothing).
+    """The VAE entry (model.autoencoder) of a latent DiT's config.
 
     vae "auto": the pipeline's own vae/ subfolder (`pipeline`: its hub id or folder) when it has one, else
     the SD VAE DiT samples with; None: no autoencoder (the checkpoint then generates latents).
     """
-    from diffusion_pl.module import DiffusionModule
-
-    if vae is None or "autoencoder" not in inspect.signature(DiffusionModule.__init__).parameters:
+    if vae is None:
         return {}
     args: dict[str, Any] = {"pretrained": SD_VAE if vae == "auto" else vae, "scale": SD_VAE_SCALE}
     if vae == "auto" and pipeline is not None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_pl.data.stream import to_signed_unit
+
 __all__ = ["PooledPixels"]
 
 
@@ -25,4 +27,4 @@ class PooledPixels(nn.Module):
         self.fingerprint = f"{__name__}.PooledPixels(size={size})"  # the reference-statistics cache key
 
     def forward(self, images: Tensor) -> Tensor:
-        return F.adaptive_avg_pool2d(images.float() / 127.5 - 1.0, self.size).flatten(1)
+        return F.adaptive_avg_pool2d(to_signed_unit(images), self.size).flatten(1)

@@ -132,7 +132,7 @@ class DDPMDiscrete(_VariancePreserving):
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
         elif beta_schedule == "squaredcos_cap_v2":
             steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-            alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+            alpha_bar = torch.cos(VPCosine()._phase(steps)) ** 2  # diffusers' betas_for_alpha_bar, s = 0.008
             betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
         else:
             raise ValueError(f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2', "

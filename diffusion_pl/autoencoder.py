@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,8 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffusion_pl.errors import MissingFileError, UserError, UserValueError
+from diffusion_pl.errors import MissingFileError, UserError, UserValueError, one_line
 from diffusion_pl.fileio import atomic_path, sha256_file
+from diffusion_pl.hub import hub_cache, looks_like_path, unreachable
 
 __all__ = ["Autoencoder", "AutoencoderWeightsError", "SPEC_IDENTITY_KEYS", "spec_mismatch", "latent_stats_of",
            "save_latent_stats"]
@@ -68,31 +68,14 @@ def _how_to_provide(name: str, subfolder: str | None, reason: str) -> str:
     sub = f" (with its {subfolder}/ subfolder)" if subfolder else ""
     return (f"the autoencoder {name} cannot be loaded: {reason}; on a machine with internet run "
             f"`huggingface-cli download {name} --local-dir DIR`{sub} and pass pretrained: DIR, or copy the hub "
-            f"cache there into {_hub_cache()}")
-
-
-def _hub_cache() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-        return str(HF_HUB_CACHE)
-    except ImportError:
-        return "~/.cache/huggingface/hub"
-
-
-def _looks_like_path(name: str) -> bool:
-    """A local path rather than a hub id `owner/name`: absolute, relative with ./ ../ ~, or more than one '/'."""
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            f"cache there into {hub_cache()}")
 
 
 def _load_pretrained(name: str, subfolder: str | None, download_timeout: float):
     AutoencoderKL = _import_autoencoder_kl()
     folder = Path(name).expanduser()
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    if folder.exists() or _looks_like_path(name):
+    if folder.exists() or looks_like_path(name):
         config = folder / (subfolder or "") / "config.json"
         if not config.is_file():
             raise AutoencoderWeightsError(_how_to_provide(name, subfolder, f"{config} does not exist"))
@@ -107,21 +90,18 @@ def _load_pretrained(name: str, subfolder: str | None, download_timeout: float):
             return AutoencoderKL.from_pretrained(name, local_files_only=True, **kwargs)
     except Exception as err:
         reason = f"not in the Hugging Face cache ({_first_line(err)})"
-    if not _offline():
-        from diffusion_pl.metrics.inception import _probe  # bounded wait, DNS included
-
-        failure = _probe("https://huggingface.co", download_timeout)
-        if failure is None:
-            try:
-                return AutoencoderKL.from_pretrained(name, **kwargs)
-            except Exception as err:
-                failure = _first_line(err)
-        reason += f" and the download failed ({failure})"
+    failure = unreachable(download_timeout)
+    if failure is None:
+        try:
+            return AutoencoderKL.from_pretrained(name, **kwargs)
+        except Exception as err:
+            failure = _first_line(err)
+    reason += f" and the download failed ({failure})"
     raise AutoencoderWeightsError(_how_to_provide(name, subfolder, reason))
 
 
 def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    return one_line(err, 160)
 
 
 def _sha256_json(value: Any) -> str:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -54,7 +53,8 @@ from typing import Any
 
 import torch
 
-from diffusion_pl.errors import MissingFileError, UserError, UserValueError
+from diffusion_pl.errors import MissingFileError, UserError, UserValueError, one_line
+from diffusion_pl.hub import hub_cache, unreachable
 from diffusion_pl.fileio import atomic_path, sha256_file
 
 __all__ = ["PretrainedWeightsError", "import_pretrained", "scheduler_spec", "write_imported_checkpoint"]
@@ -80,16 +80,6 @@ class PretrainedWeightsError(UserError, RuntimeError):
 
 # -- finding the files --------------------------------------------------------------------------------------
 
-def _hub_cache() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def _hub_snapshot(repo_id: str, timeout: float) -> Path:
     """The folder of a hub repo's files: the Hugging Face cache, else a download (config files and weights only)."""
     from huggingface_hub import snapshot_download
@@ -97,25 +87,22 @@ def _hub_snapshot(repo_id: str, timeout: float) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as err:  # LocalEntryNotFoundError and kin: not cached
-        reason = f"not in the Hugging Face cache {_hub_cache()} ({type(err).__name__})"
-    if not _offline():
-        from diffusion_pl.metrics.inception import _probe  # bounded wait, DNS included
-
-        failure = _probe("https://huggingface.co", timeout)
-        if failure is None:
-            patterns = ["*.json", *(f"{s}/{w}" if s else w for s in MODEL_SUBFOLDERS for w in WEIGHT_NAMES[:1])]
-            try:
-                folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-                if not any((folder / s / WEIGHT_NAMES[0]).is_file() for s in MODEL_SUBFOLDERS):  # .bin-only repos
-                    folder = Path(snapshot_download(repo_id, allow_patterns=[p.replace(".safetensors", ".bin")
-                                                                             for p in patterns]))
-                return folder
-            except Exception as err:
-                failure = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        reason += f" and the download failed ({failure})"
+        reason = f"not in the Hugging Face cache {hub_cache()} ({type(err).__name__})"
+    failure = unreachable(timeout)
+    if failure is None:
+        patterns = ["*.json", *(f"{s}/{w}" if s else w for s in MODEL_SUBFOLDERS for w in WEIGHT_NAMES[:1])]
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+            if not any((folder / s / WEIGHT_NAMES[0]).is_file() for s in MODEL_SUBFOLDERS):  # .bin-only repos
+                folder = Path(snapshot_download(repo_id, allow_patterns=[p.replace(".safetensors", ".bin")
+                                                                         for p in patterns]))
+            return folder
+        except Exception as err:
+            failure = one_line(err, 160)
+    reason += f" and the download failed ({failure})"
     raise PretrainedWeightsError(f"hub model {repo_id} cannot be imported: {reason}; on a machine with internet run "
                                  f"`huggingface-cli download {repo_id} --local-dir DIR` and import DIR, or copy that "
-                                 f"machine's hub cache into {_hub_cache()}")
+                                 f"machine's hub cache into {hub_cache()}")
 
 
 def _published_dit(name: str, timeout: float) -> Path:

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
-from diffusion_pl.data import ShardStream, image_folder, prepare, resolve_shards
-from diffusion_pl.data.datamodule import ResumableLoader
+from diffusion_pl.data.stream import ShardStream
+from diffusion_pl.data.sources import image_folder
+from diffusion_pl.data import prepare
+from diffusion_pl.data.shards import resolve_shards
+from diffusion_pl.data.stream import ResumableLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 

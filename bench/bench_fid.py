@@ -30,12 +30,14 @@ def worker(args: argparse.Namespace) -> None:
     """One evaluation under Fabric with `args.world` ranks; rank 0 prints a JSON line of timings."""
     import lightning as L
 
-    from diffusion_pl.metrics import (SampleMetrics, generate, load_inception, rank_indices, reference_images,
-                                      reference_stats)
-    from diffusion_pl.module import DiffusionModule
-    from diffusion_pl.networks import unet_tiny
-    from diffusion_pl.processes import VPLinear
-    from diffusion_pl.sampling import HeunODE
+    from diffusion_pl.evaluation.metrics.statistics import SampleMetrics, reference_stats
+    from diffusion_pl.evaluation.generation import generate, rank_indices
+    from diffusion_pl.evaluation.metrics.inception import load_inception
+    from diffusion_pl.data.reference import reference_images
+    from diffusion_pl.training.module import DiffusionModule
+    from diffusion_pl.networks.unet_presets import unet_tiny
+    from diffusion_pl.processes.variance_preserving import VPLinear
+    from diffusion_pl.sampling.ode import HeunODE
 
     torch.set_num_threads(1)
     fabric = L.Fabric(accelerator="cpu", devices=args.world, strategy="ddp" if args.world > 1 else "auto")
@@ -88,7 +90,7 @@ def main() -> None:
     if args.world is not None:
         return worker(args)
 
-    from diffusion_pl.metrics import random_inception_weights
+    from diffusion_pl.evaluation.metrics.inception import random_inception_weights
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_fid_"))
     weights = random_inception_weights(tmp / "inception_random.pth")

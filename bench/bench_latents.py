@@ -33,14 +33,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from bench_module import Repeat, Timer  # the same loop timer as the module benchmark (bench/ is on sys.path)
-from diffusion_pl.autoencoder import Autoencoder
-from diffusion_pl.data import image_folder, prepare
+from diffusion_pl.codecs.autoencoder import Autoencoder
+from diffusion_pl.data.sources import image_folder
+from diffusion_pl.data import prepare
 from diffusion_pl.data.latents import LatentEncoder
 from diffusion_pl.losses import DenoisingLoss, LogNormalNoise
-from diffusion_pl.module import DiffusionModule
-from diffusion_pl.networks import dit_tiny
+from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.networks.dit import dit_tiny
 from diffusion_pl.prediction import EDMPreconditioning
-from diffusion_pl.processes import EDM
+from diffusion_pl.processes.exploding import EDM
 
 VAES = {
     "tiny": {"block_out_channels": [8, 16], "norm_num_groups": 8, "layers_per_block": 1, "latent_channels": 4,

@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_pl.losses import DenoisingLoss, LogNormalNoise
-from diffusion_pl.module import DiffusionModule
-from diffusion_pl.networks import unet_tiny
+from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.networks.unet_presets import unet_tiny
 from diffusion_pl.prediction import EDMPreconditioning, precondition
-from diffusion_pl.processes import EDM
+from diffusion_pl.processes.exploding import EDM
 
 
 class Repeat(Dataset):

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion_pl.networks import PRESETS, unet_ddpm_cifar10
+from diffusion_pl.networks import PRESETS
+from diffusion_pl.networks.unet_presets import unet_ddpm_cifar10
 
 
 def diffusers_ddpm_cifar10(dropout: float = 0.1) -> torch.nn.Module:

@@ -62,8 +62,9 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["DIFFUSION_PL_CACHE"] = cache
-        from diffusion_pl.data import ensure_shapes, resolve_shards
-        from diffusion_pl.data.datamodule import ShardStream
+        from diffusion_pl.data.builtin import ensure_shapes
+        from diffusion_pl.data.shards import resolve_shards
+        from diffusion_pl.data.stream import ShardStream
 
         t = time.perf_counter()
         urls = resolve_shards(str(ensure_shapes(32, args.count)))[0]

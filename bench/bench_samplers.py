@@ -24,11 +24,13 @@ import torch
 
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EpsPrediction
-from diffusion_pl.processes import DDPMDiscrete
-from diffusion_pl.sampling import (
-    DDIM, DDPM, AdaptiveODE, AnnealedLangevin, DPMSolverPP, EDMStochastic, EulerMaruyama, EulerODE, HeunODE,
-    PredictorCorrector, sample,
-)
+from diffusion_pl.processes.variance_preserving import DDPMDiscrete
+from diffusion_pl.sampling.posterior import DDIM, DDPM
+from diffusion_pl.sampling.ode import AdaptiveODE, EulerODE, HeunODE
+from diffusion_pl.sampling.sde import AnnealedLangevin, EulerMaruyama, PredictorCorrector
+from diffusion_pl.sampling.dpm_solver import DPMSolverPP
+from diffusion_pl.sampling.edm import EDMStochastic
+from diffusion_pl.sampling.api import sample
 
 NFES = [5, 10, 20, 35, 50, 100, 1000]
 SAMPLERS = [DDIM, DDPM, EulerMaruyama, PredictorCorrector, AnnealedLangevin, EulerODE, HeunODE, EDMStochastic,

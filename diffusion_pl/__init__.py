@@ -1,11 +1,23 @@
 """diffusion_pl: a PyTorch Lightning framework for training image diffusion models.
 
-Two abstractions carry everything (see README, "Design"):
+Two objects carry everything (docs/design.md):
 
-- a forward process (`diffusion_pl.processes.Process`) given by alpha(t), sigma(t):
+- a forward process (`Process`, diffusion_pl/processes/) given by alpha(t), sigma(t):
   x_t = alpha(t) x0 + sigma(t) eps;
-- a parameterization (`diffusion_pl.prediction.Prediction`) that turns any network output
-  into (x0_hat, eps_hat), wrapped with guidance by `diffusion_pl.prediction.Denoiser`.
+- a parameterization (`Prediction`, diffusion_pl/prediction.py) that turns any network output into
+  (x0_hat, eps_hat), wrapped with guidance by `Denoiser`.
+
+The package is layered; arrows point down only (docs/design.md, "Layout"):
+
+    cli/                         front ends: argument parsing, then one library call
+    interop/                     other libraries' weights in and out
+    evaluation/                  generation, metrics, evaluation callbacks, post-hoc EMA sweep
+    training/                    DiffusionModule, EMA, augmentation, training callbacks
+    data/                        shards: prepare and stream
+    codecs/                      the space the process runs in (pixels, VAE latents)
+    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, vlb.py,
+                                 likelihood.py, oracle.py, networks/
+    utils/                       errors, file I/O, paths, seeds, trust, hub, Lightning internals
 
 Glossary (names follow the papers):
     x0, x_t      clean sample, noisy sample at time t
@@ -18,6 +30,65 @@ Glossary (names follow the papers):
     velocity     u = alpha' x0 + sigma' eps (flow matching, Lipman et al. 2022)
     c_skip, c_out, c_in, c_noise   EDM preconditioning (Karras et al. 2022, Table 1)
     nfe          number of network evaluations
+
+The public API below is importable from the package root (`from diffusion_pl import VPLinear`); each name
+is imported from its defining module on first use, so `import diffusion_pl` stays cheap.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# public name -> defining module (the only re-exports in the package)
+_PUBLIC = {
+    **dict.fromkeys(("Process",), "processes.base"),
+    **dict.fromkeys(("OrnsteinUhlenbeck", "VPLinear", "VPCosine", "DDPMDiscrete", "SubVP"),
+                    "processes.variance_preserving"),
+    **dict.fromkeys(("VE", "EDM"), "processes.exploding"),
+    **dict.fromkeys(("RectifiedFlow", "Trigonometric"), "processes.interpolants"),
+    **dict.fromkeys(("Prediction", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
+                     "ScaledScorePrediction", "VelocityPrediction", "EDMPreconditioning", "Denoiser",
+                     "DenoiserOutput", "precondition"), "prediction"),
+    **dict.fromkeys(("sample", "SampleOutput"), "sampling.api"),
+    **dict.fromkeys(("Sampler",), "sampling.base"),
+    **dict.fromkeys(("UniformGrid", "QuadraticGrid", "KarrasGrid", "LogSNRGrid", "ExplicitGrid", "TimestepGrid"),
+                    "sampling.grids"),
+    **dict.fromkeys(("DDPM", "DDIM"), "sampling.posterior"),
+    **dict.fromkeys(("EulerMaruyama", "PredictorCorrector", "AnnealedLangevin"), "sampling.sde"),
+    **dict.fromkeys(("EulerODE", "HeunODE", "AdaptiveODE"), "sampling.ode"),
+    **dict.fromkeys(("EDMStochastic",), "sampling.edm"),
+    **dict.fromkeys(("DPMSolverPP",), "sampling.dpm_solver"),
+    **dict.fromkeys(("DenoisingLoss", "UniformTime", "LogNormalNoise", "LogitNormalTime", "OutputMSE", "EpsMSE",
+                     "LikelihoodWeighting", "MinSNR", "EDMWeighting", "VelocityMSE"), "losses"),
+    **dict.fromkeys(("bits_per_dim", "ode_nll"), "likelihood"),
+    **dict.fromkeys(("GaussianMixture",), "oracle"),
+    **dict.fromkeys(("UNet",), "networks.unet"),
+    **dict.fromkeys(("DiT",), "networks.dit"),
+    **dict.fromkeys(("Autoencoder",), "codecs.autoencoder"),
+    **dict.fromkeys(("ShardDataModule",), "data.datamodule"),
+    **dict.fromkeys(("DiffusionModule", "load_module"), "training.module"),
+    **dict.fromkeys(("AugmentPipe",), "training.augment"),
+    **dict.fromkeys(("PowerEMA",), "training.callbacks.power_ema"),
+    **dict.fromkeys(("PreemptionCheckpoint",), "training.callbacks.checkpointing"),
+    **dict.fromkeys(("SampleGrid",), "evaluation.sample_grid"),
+    **dict.fromkeys(("FIDCallback",), "evaluation.fid_callback"),
+    **dict.fromkeys(("generate",), "evaluation.generation"),
+    **dict.fromkeys(("load_exported",), "interop.safetensors"),
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,6 +2,6 @@
 
 import sys
 
-from diffusion_pl.cli import main
+from diffusion_pl.cli.main import main
 
 sys.exit(main())

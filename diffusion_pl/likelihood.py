@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser, Model, Prediction
-from diffusion_pl.processes import Process
+from diffusion_pl.processes.base import Process
 from diffusion_pl.sampling.ode import solve_ode
 
 __all__ = ["NLLResult", "BPDResult", "jacobian_trace", "ode_nll", "bits_per_dim",

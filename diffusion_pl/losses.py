@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Model, Prediction, split_variance
-from diffusion_pl.processes import AttributeRepr, Process, check_nonnegative, check_positive
+from diffusion_pl.processes.base import AttributeRepr, Process, check_nonnegative, check_positive
 from diffusion_pl.vlb import vlb_terms
 
 __all__ = [

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.prediction import Model, Prediction
-from diffusion_pl.processes import Process
+from diffusion_pl.processes.base import Process
 
 __all__ = ["GaussianMixture"]
 

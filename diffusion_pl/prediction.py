@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_pl.guidance import check_guidance_channels, check_guidance_interval
-from diffusion_pl.processes import AttributeRepr, Process, append_dims, check_positive
+from diffusion_pl.processes.base import AttributeRepr, Process, append_dims, check_positive
 
 __all__ = ["Model", "Prediction", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
            "ScaledScorePrediction", "VelocityPrediction", "EDMPreconditioning", "DenoiserOutput", "Denoiser",
-           "precondition", "null_label_of", "split_variance", "check_guidance_interval"]
+           "precondition", "null_label_of", "split_variance"]
 
 Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 

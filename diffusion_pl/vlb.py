@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion_pl.processes import Process, append_dims
+from diffusion_pl.processes.base import Process, append_dims
 from diffusion_pl.sampling.base import step_variance_terms
 
 __all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "vlb_terms"]

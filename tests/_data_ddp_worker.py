@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from diffusion_pl.data import ShardDataModule
+from diffusion_pl.data.datamodule import ShardDataModule
 
 
 def sample_ids(images: torch.Tensor) -> list[int]:

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_pl.module import DiffusionModule
-from diffusion_pl.networks import UNet
+from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.networks.unet import UNet
 from diffusion_pl.prediction import EpsPrediction
-from diffusion_pl.processes import VPLinear
+from diffusion_pl.processes.variance_preserving import VPLinear
 
 IMAGE_SIZE = 8
 DATA = f"builtin:shapes?size={IMAGE_SIZE}&count=48"
@@ -73,9 +73,10 @@ def recording(callback_class: type) -> type:
 
 def make_callbacks(extractor: nn.Module | None = None):
     """The FID + grid callbacks of the callback tests (the same in-process and under DDP)."""
-    from diffusion_pl.callbacks.fid import FIDCallback
-    from diffusion_pl.callbacks.sample_grid import SampleGrid
-    from diffusion_pl.sampling import DDIM, HeunODE
+    from diffusion_pl.evaluation.fid_callback import FIDCallback
+    from diffusion_pl.evaluation.sample_grid import SampleGrid
+    from diffusion_pl.sampling.posterior import DDIM
+    from diffusion_pl.sampling.ode import HeunODE
 
     FIDCallback, SampleGrid = recording(FIDCallback), recording(SampleGrid)
     fid = FIDCallback(every_n_steps=2, num_samples=12, sampler=[DDIM(steps=2), HeunODE(steps=1)],
@@ -87,7 +88,7 @@ def fit(root, callbacks, devices: int = 1, logger=False, num_classes: int | None
     """A short CPU fit of a frozen tiny conditional model on the built-in shapes."""
     import lightning as L
 
-    from diffusion_pl.data import ShardDataModule
+    from diffusion_pl.data.datamodule import ShardDataModule
 
     module = make_module(num_classes=num_classes, frozen=True)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",

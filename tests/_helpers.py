@@ -21,13 +21,13 @@ def tiny_fit_config(**trainer: object) -> dict:
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 5, "enable_progress_bar": False,
                     "enable_model_summary": False, "limit_val_batches": 0, **trainer},
         "model": {
-            "net": {"class_path": "diffusion_pl.networks.UNet",
+            "net": {"class_path": "diffusion_pl.networks.unet.UNet",
                     "init_args": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
                                   "attn_resolutions": [], "dropout": 0.0}},
-            "process": {"class_path": "diffusion_pl.processes.VPLinear"},
+            "process": {"class_path": "diffusion_pl.processes.variance_preserving.VPLinear"},
             "ema_decay": 0.5,
         },
-        "data": {"class_path": "diffusion_pl.data.ShardDataModule",
+        "data": {"class_path": "diffusion_pl.data.datamodule.ShardDataModule",
                  "init_args": {"shards": "builtin:shapes?size=8&count=64", "batch_size": 4, "num_workers": 0}},
     }
 

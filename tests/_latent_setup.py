@@ -13,6 +13,6 @@ TINY_VAE_CONFIG = {
 
 
 def tiny_autoencoder(**kwargs):
-    from diffusion_pl.autoencoder import Autoencoder
+    from diffusion_pl.codecs.autoencoder import Autoencoder
 
     return Autoencoder(config=TINY_VAE_CONFIG, **kwargs)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_pl.data import ShardDataModule
+from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.losses import DenoisingLoss
-from diffusion_pl.module import DiffusionModule
-from diffusion_pl.networks import UNet
+from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.networks.unet import UNet
 from diffusion_pl.prediction import EpsPrediction
-from diffusion_pl.processes import VPLinear
+from diffusion_pl.processes.variance_preserving import VPLinear
 
 IMAGE_SIZE = 16
 

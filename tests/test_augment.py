@@ -13,14 +13,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from _helpers import tiny_fit_config
-from diffusion_pl.augment import AugmentPipe
-from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO
-from diffusion_pl.cli import main
-from diffusion_pl.data import ShardDataModule
-from diffusion_pl.errors import TRACEBACK_ENV, UserValueError
-from diffusion_pl.module import DiffusionModule, load_module, step_seed
-from diffusion_pl.networks import DiT, UNet, dit_tiny
-from diffusion_pl.processes import VPLinear
+from diffusion_pl.training.augment import AugmentPipe
+from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
+from diffusion_pl.cli.main import main
+from diffusion_pl.data.datamodule import ShardDataModule
+from diffusion_pl.utils.errors import TRACEBACK_ENV, UserValueError
+from diffusion_pl.training.module import DiffusionModule, load_module
+from diffusion_pl.utils.seeding import mix_seed as step_seed
+from diffusion_pl.networks.dit import DiT, dit_tiny
+from diffusion_pl.networks.unet import UNet
+from diffusion_pl.processes.variance_preserving import VPLinear
 
 ALL_OFF = dict(xflip=0, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
 EVERYTHING = dict(xflip=1, yflip=1, rotate_int=1, translate_int=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1,
@@ -276,7 +278,7 @@ def test_module_refuses_a_network_without_matching_augment_dim():
         with pytest.raises(UserValueError, match=f"gives 9 augmentation labels .* augment_dim={dim}") as err:
             DiffusionModule(net, VPLinear(), augment=AugmentPipe())
         assert "\n" not in str(err.value)
-    with pytest.raises(UserValueError, match="expected a diffusion_pl.augment.AugmentPipe"):
+    with pytest.raises(UserValueError, match="expected a diffusion_pl.training.augment.AugmentPipe"):
         DiffusionModule(SpyNet(), VPLinear(), augment=object())
     DiffusionModule(SpyNet(augment_dim=0), VPLinear(), augment=AugmentPipe(p=0.5, **ALL_OFF))  # 0 labels, 0 dims
 
@@ -284,7 +286,7 @@ def test_module_refuses_a_network_without_matching_augment_dim():
 # -- the recipe path --------------------------------------------------------------------------------------
 def _cli_config(tmp_path, augment_dim: int | None):
     config = tiny_fit_config(max_steps=2, logger=False, default_root_dir=str(tmp_path / "run"))
-    config["model"]["augment"] = {"class_path": "diffusion_pl.augment.AugmentPipe", "init_args": {"p": 0.12}}
+    config["model"]["augment"] = {"class_path": "diffusion_pl.training.augment.AugmentPipe", "init_args": {"p": 0.12}}
     if augment_dim is not None:
         config["model"]["net"]["init_args"]["augment_dim"] = augment_dim
     path = tmp_path / "config.yaml"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 
-from diffusion_pl.autoencoder import (Autoencoder, AutoencoderWeightsError, latent_stats_of, save_latent_stats,
-                                      spec_mismatch)
-from diffusion_pl.errors import UserError
+from diffusion_pl.codecs.autoencoder import (Autoencoder, AutoencoderWeightsError, latent_stats_of, save_latent_stats,
+                                             spec_mismatch)
+from diffusion_pl.utils.errors import UserError
 
 pytest.importorskip("diffusers")
 

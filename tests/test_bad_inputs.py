@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from _helpers import tiny_fit_config
-from diffusion_pl.cli import main
-from diffusion_pl.data import Sample, write_shards
-from diffusion_pl.data.prepare import encode_png
-from diffusion_pl.errors import TRACEBACK_ENV
+from diffusion_pl.cli.main import main
+from diffusion_pl.data.writer import Sample, write_shards
+from diffusion_pl.data.png import encode_png
+from diffusion_pl.utils.errors import TRACEBACK_ENV
 
 SHAPES = "builtin:shapes?size=8&count=64"  # RGB 8x8, 5 classes
 
@@ -152,7 +152,7 @@ def test_bad_input_ends_in_one_line(probe, files, tmp_path, monkeypatch, capsys)
 
 def test_traceback_env_shows_the_traceback(files, tmp_path, monkeypatch):
     """DIFFUSION_PL_TRACEBACK=1: the same user error is raised with its traceback instead of one line."""
-    from diffusion_pl.errors import UserError
+    from diffusion_pl.utils.errors import UserError
 
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(UserError, match="not a checkpoint"):

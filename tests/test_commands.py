@@ -17,14 +17,16 @@ import torch
 from PIL import Image
 
 from _eval_setup import DATA, IMAGE_SIZE
-from diffusion_pl import metrics
-from diffusion_pl.cli import main
-from diffusion_pl.commands.evaluate import dataset_bits_per_dim
-from diffusion_pl.data import ShardDataModule
+from diffusion_pl.evaluation import metrics
+from diffusion_pl.cli.main import main
+from diffusion_pl.cli.evaluate import dataset_bits_per_dim
+from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EpsPrediction
-from diffusion_pl.processes import VPLinear
-from diffusion_pl.sampling import DDIM, EDMStochastic, KarrasGrid
+from diffusion_pl.processes.variance_preserving import VPLinear
+from diffusion_pl.sampling.posterior import DDIM
+from diffusion_pl.sampling.edm import EDMStochastic
+from diffusion_pl.sampling.grids import KarrasGrid
 
 TESTS = Path(__file__).parent
 STAND_IN = "_eval_setup.StandInFeatures"
@@ -42,26 +44,26 @@ trainer:
     class_path: lightning.pytorch.loggers.CSVLogger
     init_args: {{save_dir: ROOT, name: csv}}
   callbacks:
-    - class_path: diffusion_pl.callbacks.sample_grid.SampleGrid
+    - class_path: diffusion_pl.evaluation.sample_grid.SampleGrid
       init_args:
         every_n_steps: 2
         num_samples: 5
-        sampler: [{{class_path: diffusion_pl.sampling.DDIM, init_args: {{steps: 2}}}}]
-    - class_path: diffusion_pl.callbacks.fid.FIDCallback
+        sampler: [{{class_path: diffusion_pl.sampling.posterior.DDIM, init_args: {{steps: 2}}}}]
+    - class_path: diffusion_pl.evaluation.fid_callback.FIDCallback
       init_args:
         every_n_steps: 2
         num_samples: 6
-        sampler: {{class_path: diffusion_pl.sampling.HeunODE, init_args: {{steps: 1}}}}
+        sampler: {{class_path: diffusion_pl.sampling.ode.HeunODE, init_args: {{steps: 1}}}}
         feature_extractor: {{class_path: {STAND_IN}}}
 model:
   net:
-    class_path: diffusion_pl.networks.UNet
+    class_path: diffusion_pl.networks.unet.UNet
     init_args: {{img_resolution: {IMAGE_SIZE}, model_channels: 8, channel_mult: [1, 2], num_res_blocks: 1,
                 attn_resolutions: [], dropout: 0.0, num_classes: 5}}
-  process: {{class_path: diffusion_pl.processes.VPLinear}}
+  process: {{class_path: diffusion_pl.processes.variance_preserving.VPLinear}}
   ema_decay: 0.5
 data:
-  class_path: diffusion_pl.data.ShardDataModule
+  class_path: diffusion_pl.data.datamodule.ShardDataModule
   init_args: {{shards: "{DATA}", batch_size: 8, num_workers: 0}}
 """
 
@@ -85,12 +87,12 @@ def sample(run, out, *args, sampler: tuple[str, ...] = ("ddim", "--steps", "2"))
     return main(["sample", "--ckpt", run["ckpt"], "--sampler", *sampler, "--out", str(out), *args])
 
 
-DDIM_ETA1 = '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"eta": 1.0}}'
+DDIM_ETA1 = '{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"eta": 1.0}}'
 
 
 def ddim_spec(steps: int = 2, eta: float = 0.0, grid: dict | None = None) -> dict:
     """The resolved spec of DDIM as sample_config.json and the evaluate report record it (defaults included)."""
-    return {"class_path": "diffusion_pl.sampling.DDIM",
+    return {"class_path": "diffusion_pl.sampling.posterior.DDIM",
             "init_args": {"steps": steps, "grid": grid, "final_denoise": True, "eta": eta}}
 
 
@@ -124,7 +126,7 @@ def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monk
         written["indices"] = list(indices)
         return original(module, sampler, indices, *args, **kwargs)
 
-    monkeypatch.setattr("diffusion_pl.commands.sample.generate", counting)
+    monkeypatch.setattr("diffusion_pl.evaluation.generation.generate", counting)
     assert sample(run, out, "--num-samples", "6", "--batch-size", "2") == 0
     assert written["indices"] == [1, 4, 5]  # only the missing ones, each once
     assert "resuming: 3 of 6" in capsys.readouterr().err
@@ -154,7 +156,7 @@ def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys
     assert sample(run, tmp_path / "short", "--num-samples", "3") == 0  # the short-name form: DDIM, eta = 0
     config = json.loads((tmp_path / "short" / "sample_config.json").read_text())
     assert config["sampler"] == ddim_spec(eta=0.0)  # the short name records the whole resolved spec too
-    spec = '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 2, "eta": 1.0}}'
+    spec = '{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"steps": 2, "eta": 1.0}}'
     out = tmp_path / "eta1"
     assert sample(run, out, "--num-samples", "3", sampler=(spec,)) == 0
     assert json.loads((out / "sample_config.json").read_text())["sampler"] == ddim_spec(eta=1.0)
@@ -171,7 +173,7 @@ def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a different run (differs in sampler)" in err[0]
     # a full spec without steps takes --steps; equal to the short name's spec, so it resumes the short run
-    full = '{"class_path": "diffusion_pl.sampling.DDIM"}'
+    full = '{"class_path": "diffusion_pl.sampling.posterior.DDIM"}'
     assert sample(run, tmp_path / "short", "--num-samples", "3", sampler=(full, "--steps", "2")) == 0
     # a folder written before specs were recorded (repr(sampler)) resumes too, and then records the spec
     legacy = tmp_path / "short" / "sample_config.json"
@@ -190,20 +192,20 @@ def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch):
         used.append(sampler)
         return original(module, sampler, *args, **kwargs)
 
-    monkeypatch.setattr("diffusion_pl.commands.sample.generate", recording)
+    monkeypatch.setattr("diffusion_pl.evaluation.generation.generate", recording)
     # YAML, as LightningCLI accepts it (EDM's stochastic sampler with churn)
-    edm = "class_path: diffusion_pl.sampling.EDMStochastic\ninit_args: {steps: 2, S_churn: 40}"
+    edm = "class_path: diffusion_pl.sampling.edm.EDMStochastic\ninit_args: {steps: 2, S_churn: 40}"
     assert sample(run, tmp_path / "edm", "--num-samples", "2", "--npz", sampler=(edm,)) == 0
     config = json.loads((tmp_path / "edm" / "sample_config.json").read_text())["sampler"]
-    assert config["class_path"] == "diffusion_pl.sampling.EDMStochastic"
+    assert config["class_path"] == "diffusion_pl.sampling.edm.EDMStochastic"
     assert config["init_args"]["steps"] == 2 and config["init_args"]["S_churn"] == 40.0
     assert config["init_args"]["S_noise"] == 1.003  # the defaults are recorded too
     assert isinstance(used[-1], EDMStochastic) and used[-1].S_churn == 40.0
     # a nested grid object: KarrasGrid instead of DDIM's default log-SNR grid
-    grid = {"class_path": "diffusion_pl.sampling.KarrasGrid", "init_args": {"rho": 3}}
-    spec = json.dumps({"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 2, "grid": grid}})
+    grid = {"class_path": "diffusion_pl.sampling.grids.KarrasGrid", "init_args": {"rho": 3}}
+    spec = json.dumps({"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"steps": 2, "grid": grid}})
     assert sample(run, tmp_path / "karras", "--num-samples", "2", "--npz", sampler=(spec,)) == 0
-    resolved = ddim_spec(grid={"class_path": "diffusion_pl.sampling.KarrasGrid",
+    resolved = ddim_spec(grid={"class_path": "diffusion_pl.sampling.grids.KarrasGrid",
                                "init_args": {"rho": 3.0, "max_noise_level": 80.0}})
     assert json.loads((tmp_path / "karras" / "sample_config.json").read_text())["sampler"] == resolved
     assert isinstance(used[-1].grid, KarrasGrid) and used[-1].grid.rho == 3.0  # the grid reached the sampler
@@ -218,13 +220,13 @@ def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch):
 
 SPEC_ERRORS = [  # (--sampler and other arguments, what the one line says)
     (['{"class_path": "diffusion_pl.sampling.NoSuchSampler"}'], "has no attribute 'NoSuchSampler'"),
-    (['{"class_path": "diffusion_pl.sampling.KarrasGrid"}'], "does not correspond to a subclass of Sampler"),
+    (['{"class_path": "diffusion_pl.sampling.grids.KarrasGrid"}'], "does not correspond to a subclass of Sampler"),
     (['{"class_path": "this.Sampler"}'], "this.Sampler lies outside the packages diffusion_pl and torch"),
     (['{"class_path": "DDIM", "init_args": {"grid": "{class_path: this.Grid}"}}'], "this.Grid lies outside"),
-    (['{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"eta": "high"}}'], "init_args.eta: Expected a"),
-    (['{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"eta": -1}}'], "eta must be >= 0"),
-    (['{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"steps": 3}}', "--steps", "2"], "both set steps"),
-    (['{"class_path": "diffusion_pl.sampling.DDIM"'], "is not valid JSON / YAML"),
+    (['{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"eta": "high"}}'], "init_args.eta: Expected a"),
+    (['{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"eta": -1}}'], "eta must be >= 0"),
+    (['{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"steps": 3}}', "--steps", "2"], "both set steps"),
+    (['{"class_path": "diffusion_pl.sampling.posterior.DDIM"'], "is not valid JSON / YAML"),
     (["missing.yaml"], "the file does not exist"),
     (["nope"], "expected one of"),
 ]
@@ -245,7 +247,7 @@ def test_evaluate_checks_the_sampler_specs_before_any_work(run, tmp_path, capsys
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "4", "--sampler", "ddim",
-                 '{"class_path": "diffusion_pl.sampling.DDIM", "init_args": {"eta": "high"}}']) == 2
+                 '{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"eta": "high"}}']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("diffusion-pl evaluate: error: --sampler") and "init_args.eta" in err[0]
 
@@ -385,18 +387,19 @@ def test_sample_refuses_a_checkpoint_whose_config_imports_elsewhere(run, tmp_pat
 
 def test_ddpm_spec_with_variance_and_a_timestep_grid_parses():
     """Ho et al.'s protocol as a --sampler spec: DDPM's variance and a nested TimestepGrid reach the sampler."""
-    from diffusion_pl.commands.common import CommandError
-    from diffusion_pl.commands.sampler_spec import resolve_sampler
-    from diffusion_pl.sampling import DDPM, TimestepGrid
+    from diffusion_pl.cli.common import CommandError
+    from diffusion_pl.cli.sampler_spec import resolve_sampler
+    from diffusion_pl.sampling.posterior import DDPM
+    from diffusion_pl.sampling.grids import TimestepGrid
 
     spec = ('{"class_path": "ddpm", "init_args": {"variance": "fixedlarge", "grid": '
             '{"class_path": "TimestepGrid", "init_args": {"spacing": "trailing"}}}}')
     sampler, resolved = resolve_sampler(spec, steps=100)
     assert isinstance(sampler, DDPM) and sampler.variance == "fixedlarge" and sampler.steps == 100
     assert isinstance(sampler.grid, TimestepGrid) and sampler.grid.spacing == "trailing"
-    assert resolved == {"class_path": "diffusion_pl.sampling.DDPM", "init_args": {
+    assert resolved == {"class_path": "diffusion_pl.sampling.posterior.DDPM", "init_args": {
         "steps": 100, "final_denoise": True, "variance": "fixedlarge",
-        "grid": {"class_path": "diffusion_pl.sampling.TimestepGrid",
+        "grid": {"class_path": "diffusion_pl.sampling.grids.TimestepGrid",
                  "init_args": {"spacing": "trailing", "num_train_steps": None, "steps_offset": 0, "continuous": None}}}}
     sampler, _ = resolve_sampler("ddpm")  # the short name: 1000 steps, beta-tilde, the training timesteps
     assert sampler.steps == 1000 and sampler.variance == "fixedsmall" and isinstance(sampler.grid, TimestepGrid)

@@ -23,12 +23,17 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from diffusion_pl.data import (SHAPES, Sample, ShardDataModule, ShardStream, ensure_shapes,
-                               load_manifest, resolve_shards, write_shards)
-from diffusion_pl.data.datamodule import (WARN_EVERY, WARN_FIRST, ResumableLoader, SampleOrder, count_samples,
-                                          shard_counts, tar_samples)
-from diffusion_pl.data.prepare import encode_png, main as prepare_main
-from diffusion_pl.errors import DataError, MissingFileError, UserValueError, one_line
+from diffusion_pl.data.builtin import SHAPES, ensure_shapes
+from diffusion_pl.data.writer import Sample, write_shards
+from diffusion_pl.data.datamodule import ShardDataModule
+from diffusion_pl.data.stream import ShardStream
+from diffusion_pl.data.shards import load_manifest, resolve_shards
+from diffusion_pl.data.stream import WARN_EVERY, WARN_FIRST, ResumableLoader
+from diffusion_pl.data.order import SampleOrder
+from diffusion_pl.data.shards import count_samples, shard_counts, tar_samples
+from diffusion_pl.data.png import encode_png
+from diffusion_pl.cli.prepare import main as prepare_main
+from diffusion_pl.utils.errors import DataError, MissingFileError, UserValueError, one_line
 
 HERE = Path(__file__).resolve().parent
 CIFAR_TAR = HERE.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -17,11 +17,11 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 
 from _eval_setup import DATA, IMAGE_SIZE, StandInFeatures, fit, make_callbacks, recording
-from diffusion_pl import metrics
-from diffusion_pl.callbacks.fid import FIDCallback
-from diffusion_pl.callbacks.sample_grid import SampleGrid
-from diffusion_pl.data import ShardDataModule
-from diffusion_pl.sampling import DDIM
+from diffusion_pl.evaluation import metrics
+from diffusion_pl.evaluation.fid_callback import FIDCallback
+from diffusion_pl.evaluation.sample_grid import SampleGrid
+from diffusion_pl.data.datamodule import ShardDataModule
+from diffusion_pl.sampling.posterior import DDIM
 
 RecordingGrid = recording(SampleGrid)  # keeps the paths of the grids it wrote
 

@@ -1,4 +1,4 @@
-"""`diffusion-pl export` and `diffusion_pl.interop.load_exported`: a real `fit` checkpoint out as safetensors and back.
+"""`diffusion-pl export` and `diffusion_pl.interop.safetensors.load_exported`: a real `fit` checkpoint out as safetensors and back.
 
 Bad command lines of `export` (missing checkpoint, a non-checkpoint file, --out a file) are probes in
 tests/test_bad_inputs.py.
@@ -17,12 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from _helpers import tiny_fit_config
-from diffusion_pl.cli import main
-from diffusion_pl.errors import MissingFileError, UserValueError
-from diffusion_pl.fileio import sha256_file
-from diffusion_pl.interop import load_exported, read_export_config
-from diffusion_pl.module import load_module
-from diffusion_pl.sampling import DDIM, sample
+from diffusion_pl.cli.main import main
+from diffusion_pl.utils.errors import MissingFileError, UserValueError
+from diffusion_pl.utils.fileio import sha256_file
+from diffusion_pl.interop.safetensors import load_exported, read_export_config
+from diffusion_pl.training.module import load_module
+from diffusion_pl.sampling.posterior import DDIM
+from diffusion_pl.sampling.api import sample
 
 NUM_CLASSES = 5
 

@@ -17,21 +17,22 @@ import torch
 import yaml
 
 from _helpers import tiny_fit_config
-from diffusion_pl.cli import main
-from diffusion_pl.interop.diffusers_export import constructor_arguments
+from diffusion_pl.cli.main import main
+from diffusion_pl.interop.diffusers.export import constructor_arguments
 from diffusion_pl.interop.importer import import_pretrained, write_imported_checkpoint
-from diffusion_pl.module import load_module
-from diffusion_pl.networks import DiT, UNet
+from diffusion_pl.training.module import load_module
+from diffusion_pl.networks.dit import DiT
+from diffusion_pl.networks.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 from test_import import DIT, LABELS, TIMESTEPS, OurSinusoid, dit_reference_model, one_line_error  # noqa: E402
 
-DDPM_NET = {"class_path": "diffusion_pl.networks.UNet",
+DDPM_NET = {"class_path": "diffusion_pl.networks.unet.UNet",
             "init_args": {"model_channels": 128, "channel_mult": [1, 1], "num_res_blocks": 1, "attn_resolutions": [8],
                           "dropout": 0.0, "downsample_padding": "same", "embedding_order": "sin_cos"}}
-PROCESS = {"class_path": "diffusion_pl.processes.DDPMDiscrete",
+PROCESS = {"class_path": "diffusion_pl.processes.variance_preserving.DDPMDiscrete",
            "init_args": {"num_steps": 1000, "beta_start": 0.0002, "beta_end": 0.03, "beta_schedule": "scaled_linear"}}
 
 
@@ -117,10 +118,10 @@ def test_dit_round_trip_is_the_original(tmp_path):
 
 
 def test_preset_arguments_are_resolved():
-    args = constructor_arguments({"class_path": "diffusion_pl.networks.unet_ddpm_cifar10",
+    args = constructor_arguments({"class_path": "diffusion_pl.networks.unet_presets.unet_ddpm_cifar10",
                                   "init_args": {"img_resolution": 32}}, UNet)
     assert args["channel_mult"] == [1, 2, 2, 2] and args["downsample_padding"] == "same" and args["dropout"] == 0.1
-    args = constructor_arguments({"class_path": "diffusion_pl.networks.dit_xl_2", "init_args": {}}, DiT)
+    args = constructor_arguments({"class_path": "diffusion_pl.networks.dit.dit_xl_2", "init_args": {}}, DiT)
     assert (args["depth"], args["hidden_size"], args["num_heads"]) == (28, 1152, 16)
     assert UNet.__init__.__name__ == "__init__" and DiT.__init__.__name__ == "__init__"  # constructors restored
 
@@ -137,21 +138,21 @@ def checkpoint(tmp_path, name, net, process=PROCESS, prediction=None):
 
 UNET8 = dict(img_resolution=8, model_channels=128, channel_mult=[1], num_res_blocks=1, attn_resolutions=[])
 REFUSED = [
-    ("adm", {"class_path": "diffusion_pl.networks.UNet", "init_args": {**UNET8, "scale_shift": True}},
+    ("adm", {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": {**UNET8, "scale_shift": True}},
      ("UNet scale_shift=True", "ADM's scale-shift norm")),
-    ("ncsnpp", {"class_path": "diffusion_pl.networks.UNet", "init_args": {**UNET8, "embedding": "fourier"}},
+    ("ncsnpp", {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": {**UNET8, "embedding": "fourier"}},
      ("embedding='fourier'", "Fourier")),
-    ("resblock", {"class_path": "diffusion_pl.networks.UNet", "init_args": {**UNET8, "resample": "resblock",
+    ("resblock", {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": {**UNET8, "resample": "resblock",
                                                                            "channel_mult": [1, 1]}},
      ("resample='resblock'", "BigGAN")),
-    ("narrow", {"class_path": "diffusion_pl.networks.UNet", "init_args": {**UNET8, "model_channels": 32}},
+    ("narrow", {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": {**UNET8, "model_channels": 32}},
      ("GroupNorm groups", "32 groups")),
-    ("conditional", {"class_path": "diffusion_pl.networks.UNet", "init_args": {**UNET8, "num_classes": 10}},
+    ("conditional", {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": {**UNET8, "num_classes": 10}},
      ("num_classes=10", "class-conditional")),
-    ("dit-models-py", {"class_path": "diffusion_pl.networks.dit_tiny", "init_args": {"img_resolution": 8,
+    ("dit-models-py", {"class_path": "diffusion_pl.networks.dit.dit_tiny", "init_args": {"img_resolution": 8,
                                                                                    "num_classes": 10}},
      ("DiT frequency_endpoint=False", "downscale_freq_shift=1")),
-    ("dit-unconditional", {"class_path": "diffusion_pl.networks.DiT", "init_args": {
+    ("dit-unconditional", {"class_path": "diffusion_pl.networks.dit.DiT", "init_args": {
         "img_resolution": 8, "hidden_size": 64, "depth": 1, "num_heads": 4, "frequency_endpoint": True}},
      ("unconditional DiT",)),
 ]
@@ -166,8 +167,8 @@ def test_unrepresentable_networks_are_refused(tmp_path, capsys, name, net, words
 
 
 def test_processes_without_a_scheduler_are_said(tmp_path, capsys):
-    net = {"class_path": "diffusion_pl.networks.UNet", "init_args": UNET8}
-    edm = checkpoint(tmp_path, "edm", net, {"class_path": "diffusion_pl.processes.EDM", "init_args": {}},
+    net = {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": UNET8}
+    edm = checkpoint(tmp_path, "edm", net, {"class_path": "diffusion_pl.processes.exploding.EDM", "init_args": {}},
                      {"class_path": "diffusion_pl.prediction.EDMPreconditioning", "init_args": {}})
     assert main(["export", "--ckpt", edm, "--out", str(tmp_path / "edm"), "--format", "diffusers"]) == 0
     assert "no scheduler_config.json: the process EDM is not a discrete DDPM process" in capsys.readouterr().err

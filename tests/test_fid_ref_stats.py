@@ -8,11 +8,11 @@ import pytest
 import torch
 from _eval_setup import StandInFeatures, fit, recording
 
-from diffusion_pl.callbacks.fid import FIDCallback
-from diffusion_pl.errors import UserError
-from diffusion_pl.generation import generate
-from diffusion_pl.metrics.statistics import extract, frechet_distance, gaussian_stats
-from diffusion_pl.sampling import DDIM
+from diffusion_pl.evaluation.fid_callback import FIDCallback
+from diffusion_pl.utils.errors import UserError
+from diffusion_pl.evaluation.generation import generate
+from diffusion_pl.evaluation.metrics.statistics import extract, frechet_distance, gaussian_stats
+from diffusion_pl.sampling.posterior import DDIM
 
 DIM = 12  # StandInFeatures' feature dimension
 

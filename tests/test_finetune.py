@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from _helpers import tiny_fit_config
-from diffusion_pl.cli import main
+from diffusion_pl.cli.main import main
 from diffusion_pl.interop.importer import import_pretrained
 
 diffusers = pytest.importorskip("diffusers")
@@ -70,7 +70,7 @@ def test_fine_tune_an_import_with_no_model_section(tmp_path, imported, capsys):
     assert run_config["model"]["process"] == saved["hyper_parameters"]["process"]
     assert run_config["ckpt_path"] == str(imported)
     # resuming it with no recipe at all: --ckpt_path last takes the network from the run's newest checkpoint
-    assert main(["fit", "--ckpt_path", "last", "--data", "diffusion_pl.data.ShardDataModule", "--data.shards", SHAPES,
+    assert main(["fit", "--ckpt_path", "last", "--data", "diffusion_pl.data.datamodule.ShardDataModule", "--data.shards", SHAPES,
                  "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.default_root_dir", str(root),
                  "--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                  "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]) == 0

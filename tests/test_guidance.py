@@ -16,8 +16,11 @@ import torch
 
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import Denoiser, EpsPrediction, VPrediction
-from diffusion_pl.processes import EDM, VPLinear
-from diffusion_pl.sampling import DDIM, HeunODE, sample
+from diffusion_pl.processes.exploding import EDM
+from diffusion_pl.processes.variance_preserving import VPLinear
+from diffusion_pl.sampling.posterior import DDIM
+from diffusion_pl.sampling.ode import HeunODE
+from diffusion_pl.sampling.api import sample
 from test_commands import run  # noqa: F401  (the 2-step `diffusion-pl fit` fixture)
 
 MIX = GaussianMixture(torch.tensor([0.2, 0.3, 0.5]), torch.tensor([[-1.5, -0.5], [1.2, -1.0], [0.0, 1.5]]),
@@ -172,8 +175,8 @@ def test_errors_are_one_line():
 
 
 def _module(process=None, seed=0, resolution=8):
-    from diffusion_pl.module import DiffusionModule
-    from diffusion_pl.networks import UNet
+    from diffusion_pl.training.module import DiffusionModule
+    from diffusion_pl.networks.unet import UNet
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -185,7 +188,7 @@ def _module(process=None, seed=0, resolution=8):
 
 
 def test_generate_with_the_module_as_its_own_guide_is_unguided():
-    from diffusion_pl.generation import generate
+    from diffusion_pl.evaluation.generation import generate
 
     module, other = _module(), _module(seed=1)
     draw = lambda **kw: torch.cat([im for _, im, _, _ in generate(module, DDIM(steps=3), range(4), (3, 8, 8),  # noqa: E731
@@ -199,7 +202,7 @@ def test_generate_with_the_module_as_its_own_guide_is_unguided():
 def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkeypatch):
     import argparse
 
-    from diffusion_pl.commands import common
+    from diffusion_pl.cli import common
 
     p = argparse.ArgumentParser()
     common.add_model_options(p)
@@ -227,7 +230,7 @@ def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkey
 def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
     """`diffusion-pl sample --guide-ckpt`: the checkpoint as its own guide reproduces the unguided images
     and is recorded; a guide of another process (EDM) is refused in one line."""
-    from diffusion_pl.cli import main
+    from diffusion_pl.cli.main import main
 
     ckpt = run["ckpt"]
 
@@ -244,15 +247,15 @@ def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
     recorded = json.loads((guided / "sample_config.json").read_text())
     assert len(recorded["guide_checkpoint_sha256"]) == 64 and recorded["guidance_interval"] == [0.0, math.inf]
     forged = torch.load(ckpt, map_location="cpu", weights_only=True)
-    forged["hyper_parameters"]["process"] = {"class_path": "diffusion_pl.processes.EDM", "init_args": {}}
+    forged["hyper_parameters"]["process"] = {"class_path": "diffusion_pl.processes.exploding.EDM", "init_args": {}}
     torch.save(forged, tmp_path / "other.ckpt")
     capsys.readouterr()
     rc, out = draw("refused", "--guide-ckpt", str(tmp_path / "other.ckpt"), "--guidance", "3")
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "diffusion_pl.processes.EDM" in err[0] and "expected the same" in err[0]
+    assert rc == 2 and len(err) == 1 and "diffusion_pl.processes.exploding.EDM" in err[0] and "expected the same" in err[0]
     assert not out.exists()
     # the same process class with another parameter (VPLinear's repr omits its betas): refused too
-    forged["hyper_parameters"]["process"] = {"class_path": "diffusion_pl.processes.VPLinear",
+    forged["hyper_parameters"]["process"] = {"class_path": "diffusion_pl.processes.variance_preserving.VPLinear",
                                              "init_args": {"beta_min": 0.1, "beta_max": 10.0}}
     torch.save(forged, tmp_path / "betas.ckpt")
     capsys.readouterr()
@@ -267,10 +270,11 @@ def test_sample_grid_and_fid_callbacks_guide_with_a_checkpoint(tmp_path, monkeyp
     classes is refused when fit starts, in one line."""
     from PIL import Image
 
-    import diffusion_pl.module as module_lib
+    import diffusion_pl.training.module as module_lib
     from _eval_setup import StandInFeatures, fit, make_module, recording
-    from diffusion_pl.callbacks import FIDCallback, SampleGrid
-    from diffusion_pl.errors import UserValueError
+    from diffusion_pl.evaluation.fid_callback import FIDCallback
+    from diffusion_pl.evaluation.sample_grid import SampleGrid
+    from diffusion_pl.utils.errors import UserValueError
 
     guide = make_module(num_classes=5)
     with torch.no_grad():  # a guide that differs from the (frozen) trained model

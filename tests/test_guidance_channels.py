@@ -13,11 +13,14 @@ from _eval_setup import DATA
 from test_commands import run  # noqa: F401  (the 2-step `diffusion-pl fit` fixture)
 from test_guidance import MIX, NULL, ConditionalOracle, _module, _noise
 
-from diffusion_pl.cli import main
-from diffusion_pl.generation import generate
+from diffusion_pl.cli.main import main
+from diffusion_pl.evaluation.generation import generate
 from diffusion_pl.prediction import Denoiser, EpsPrediction
-from diffusion_pl.processes import EDM, VPLinear
-from diffusion_pl.sampling import DDIM, HeunODE, sample
+from diffusion_pl.processes.exploding import EDM
+from diffusion_pl.processes.variance_preserving import VPLinear
+from diffusion_pl.sampling.posterior import DDIM
+from diffusion_pl.sampling.ode import HeunODE
+from diffusion_pl.sampling.api import sample
 
 W = 1.5
 
@@ -87,12 +90,12 @@ def test_sampling_the_mixture_oracle():
 def test_generate_and_the_sampling_callbacks_pass_it_on(tmp_path, monkeypatch):
     from _eval_setup import StandInFeatures, fit, recording
 
-    from diffusion_pl.callbacks.fid import FIDCallback
-    from diffusion_pl.callbacks.sample_grid import SampleGrid
+    from diffusion_pl.evaluation.fid_callback import FIDCallback
+    from diffusion_pl.evaluation.sample_grid import SampleGrid
 
-    import diffusion_pl.callbacks.fid as fid_module
-    import diffusion_pl.callbacks.sample_grid as grid_module
-    import diffusion_pl.generation as generation
+    import diffusion_pl.evaluation.fid_callback as fid_module
+    import diffusion_pl.evaluation.sample_grid as grid_module
+    import diffusion_pl.evaluation.generation as generation
 
     calls = []
     real_sample = generation.sample
@@ -126,7 +129,7 @@ def test_generate_and_the_sampling_callbacks_pass_it_on(tmp_path, monkeypatch):
 
 
 def test_sample_and_evaluate_cli(run, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import diffusion_pl.generation as generation
+    import diffusion_pl.evaluation.generation as generation
 
     calls = []
     real_sample = generation.sample

@@ -21,13 +21,15 @@ import torch
 import yaml
 
 from _helpers import tiny_fit_config
-from diffusion_pl.cli import main
-from diffusion_pl.errors import UserError
+from diffusion_pl.cli.main import main
+from diffusion_pl.utils.errors import UserError
 from diffusion_pl.interop.dit_reference import dit_from_reference
 from diffusion_pl.interop.importer import import_pretrained, scheduler_spec
-from diffusion_pl.module import load_module
-from diffusion_pl.processes import DDPMDiscrete
-from diffusion_pl.sampling import DDPM, TimestepGrid, sample
+from diffusion_pl.training.module import load_module
+from diffusion_pl.processes.variance_preserving import DDPMDiscrete
+from diffusion_pl.sampling.posterior import DDPM
+from diffusion_pl.sampling.grids import TimestepGrid
+from diffusion_pl.sampling.api import sample
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -102,7 +104,7 @@ def test_unet_folder_import_matches_diffusers(tmp_path, capsys, layout, weights)
     assert "DDPM" in capsys.readouterr().err
     module = load_module(str(tmp_path / "ddpm.ckpt"))
     hparams = torch.load(tmp_path / "ddpm.ckpt", weights_only=True)["hyper_parameters"]
-    assert hparams["process"] == {"class_path": "diffusion_pl.processes.DDPMDiscrete", "init_args": {
+    assert hparams["process"] == {"class_path": "diffusion_pl.processes.variance_preserving.DDPMDiscrete", "init_args": {
         "num_steps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}}
     assert hparams["prediction"]["class_path"] == "diffusion_pl.prediction.EpsPrediction"
     assert hparams["net"]["init_args"]["downsample_padding"] == "same"  # TF 'SAME' (downsample_padding=0)
@@ -192,7 +194,7 @@ def test_latent_dit_import_records_the_vae(tmp_path, capsys):
         torch.manual_seed(0)
         diffusers.AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(tmp_path / "dit" / "vae")  # the pipeline's own
     dit_reference_model().save_pretrained(tmp_path / "dit" / "transformer")
-    autoencoder = {"class_path": "diffusion_pl.autoencoder.Autoencoder", "init_args": {"scale": 0.18215}}
+    autoencoder = {"class_path": "diffusion_pl.codecs.autoencoder.Autoencoder", "init_args": {"scale": 0.18215}}
     assert main(["import", str(tmp_path / "dit"), "--out", str(tmp_path / "other.ckpt"),
                  "--vae", "stabilityai/sd-vae-ft-mse"]) == 0
     hparams = torch.load(tmp_path / "other.ckpt", weights_only=True)["hyper_parameters"]
@@ -357,7 +359,7 @@ def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys, 
                  "--out", str(tmp_path / "samples"), "--png"]) == 0
     assert len(list((tmp_path / "samples").glob("*.png"))) == 2
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))  # the reference statistics
-    ddpm = '{"class_path": "diffusion_pl.sampling.DDPM", "init_args": {"steps": 3, "variance": "fixedlarge"}}'
+    ddpm = '{"class_path": "diffusion_pl.sampling.posterior.DDPM", "init_args": {"steps": 3, "variance": "fixedlarge"}}'
     assert main(["evaluate", "--ckpt", str(ckpt), "--data", "builtin:shapes?size=8&count=16", "--num-samples", "4",
                  "--sampler", ddpm, "--clip-x0", "1", "--feature-extractor", "_eval_setup.StandInFeatures",
                  "--report", str(tmp_path / "report.json")]) == 0
@@ -372,7 +374,7 @@ def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys, 
     tuned = torch.load(next((tmp_path / "ft").rglob("*.ckpt")), weights_only=True)
     imported = torch.load(ckpt, weights_only=True)
     assert tuned["global_step"] == 2 and tuned["hyper_parameters"]["net"] == imported["hyper_parameters"]["net"]
-    assert tuned["hyper_parameters"]["process"]["class_path"] == "diffusion_pl.processes.DDPMDiscrete"
+    assert tuned["hyper_parameters"]["process"]["class_path"] == "diffusion_pl.processes.variance_preserving.DDPMDiscrete"
     assert tuned["hyper_parameters"]["optimizer"]["init_args"]["lr"] == 0.0
     assert tuned["optimizer_states"][0]["state"]  # the recipe's Adam ran two steps
     state = imported["state_dict"]

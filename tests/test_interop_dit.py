@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_pl.interop.diffusers_dit import convert_dit_state_dict, dit_from_diffusers, dit_kwargs_from_diffusers
-from diffusion_pl.networks import DiT
+from diffusion_pl.interop.diffusers.dit import convert_dit_state_dict, dit_from_diffusers, dit_kwargs_from_diffusers
+from diffusion_pl.networks.dit import DiT
 
 diffusers = pytest.importorskip("diffusers")
 

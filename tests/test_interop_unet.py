@@ -14,11 +14,12 @@ import math
 import pytest
 import torch
 
-from diffusion_pl.errors import UserValueError
-from diffusion_pl.interop.diffusers_unet import (convert_unet_state_dict, load_diffusers_unet, unet_from_diffusers,
+from diffusion_pl.utils.errors import UserValueError
+from diffusion_pl.interop.diffusers.unet import (convert_unet_state_dict, load_diffusers_unet, unet_from_diffusers,
                                                  unet_kwargs_from_diffusers)
-from diffusion_pl.networks import UNet, unet_ddpm_cifar10
-from diffusion_pl.processes import DDPMDiscrete
+from diffusion_pl.networks.unet import UNet
+from diffusion_pl.networks.unet_presets import unet_ddpm_cifar10
+from diffusion_pl.processes.variance_preserving import DDPMDiscrete
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from _latent_setup import tiny_autoencoder
 
-from diffusion_pl.cli import main
-from diffusion_pl.data import ShardDataModule
-from diffusion_pl.errors import UserError
-from diffusion_pl.latent import SPEC_KEY, check_checkpoint_autoencoder
-from diffusion_pl.module import load_module
+from diffusion_pl.cli.main import main
+from diffusion_pl.data.datamodule import ShardDataModule
+from diffusion_pl.utils.errors import UserError
+from diffusion_pl.training.latent import SPEC_KEY, check_checkpoint_autoencoder
+from diffusion_pl.training.module import load_module
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -82,9 +82,9 @@ def test_load_module_checks_the_saved_spec_and_loads_older_checkpoints(tmp_path)
 def test_resuming_fit_refuses_another_autoencoder(tmp_path):
     import lightning as L
 
-    from diffusion_pl.module import DiffusionModule
-    from diffusion_pl.networks import UNet
-    from diffusion_pl.processes import VPLinear
+    from diffusion_pl.training.module import DiffusionModule
+    from diffusion_pl.networks.unet import UNet
+    from diffusion_pl.processes.variance_preserving import VPLinear
 
     def fit(ae, steps, ckpt_path=None):
         torch.manual_seed(0)

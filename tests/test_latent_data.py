@@ -18,13 +18,16 @@ import torch
 from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 from PIL import Image
 
-from diffusion_pl.data import Sample, ShardDataModule, ShardStream, resolve_shards, write_shards
+from diffusion_pl.data.writer import Sample, write_shards
+from diffusion_pl.data.datamodule import ShardDataModule
+from diffusion_pl.data.stream import ShardStream
+from diffusion_pl.data.shards import resolve_shards
 from diffusion_pl.data.crop import adm_center_crop
-from diffusion_pl.data.datamodule import ResumableLoader
+from diffusion_pl.data.stream import ResumableLoader
 from diffusion_pl.data.latents import LatentEncoder, npy_bytes
 from diffusion_pl.data.png import encode_png
-from diffusion_pl.data.prepare import main as prepare_main
-from diffusion_pl.errors import UserValueError
+from diffusion_pl.cli.prepare import main as prepare_main
+from diffusion_pl.utils.errors import UserValueError
 
 pytest.importorskip("diffusers")
 HERE = Path(__file__).resolve().parent

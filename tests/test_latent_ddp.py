@@ -18,8 +18,8 @@ import torch
 from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 from PIL import Image
 
-from diffusion_pl.cli import main
-from diffusion_pl.data.prepare import main as prepare_main
+from diffusion_pl.cli.main import main
+from diffusion_pl.cli.prepare import main as prepare_main
 
 pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.slow,

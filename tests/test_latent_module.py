@@ -11,17 +11,18 @@ from _eval_setup import StandInFeatures, recording
 from _latent_setup import tiny_autoencoder
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO
-from diffusion_pl.callbacks.fid import FIDCallback
-from diffusion_pl.data import Sample, ShardDataModule, write_shards
+from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
+from diffusion_pl.evaluation.fid_callback import FIDCallback
+from diffusion_pl.data.writer import Sample, write_shards
+from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.data.png import encode_png
-from diffusion_pl.errors import UserError
-from diffusion_pl.generation import generate
-from diffusion_pl.latent import to_latents
-from diffusion_pl.module import DiffusionModule, check_data_fits
-from diffusion_pl.networks import UNet
-from diffusion_pl.processes import VPLinear
-from diffusion_pl.sampling import DDIM
+from diffusion_pl.utils.errors import UserError
+from diffusion_pl.evaluation.generation import generate
+from diffusion_pl.training.latent import to_latents
+from diffusion_pl.training.module import DiffusionModule, check_data_fits
+from diffusion_pl.networks.unet import UNet
+from diffusion_pl.processes.variance_preserving import VPLinear
+from diffusion_pl.sampling.posterior import DDIM
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -173,7 +174,7 @@ def test_fid_callback_scores_decoded_images(tmp_path, monkeypatch):
 
 
 def test_a_guide_must_share_the_latent_space():
-    from diffusion_pl.generation import guide_mismatch
+    from diffusion_pl.evaluation.generation import guide_mismatch
 
     module = make_module()
     assert guide_mismatch(module, make_module()) is None

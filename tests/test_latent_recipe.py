@@ -13,9 +13,9 @@ import torch
 from _eval_setup import StandInFeatures
 from PIL import Image
 
-from diffusion_pl.cli import main
+from diffusion_pl.cli.main import main
 from diffusion_pl.data.reference import reference_images
-from diffusion_pl.metrics.statistics import extract
+from diffusion_pl.evaluation.metrics.statistics import extract
 
 pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.slow,
@@ -41,7 +41,7 @@ def test_the_recipe_trains_and_its_grid_is_decoded(run):
     ckpt = torch.load(run["ckpt"], weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 3
     assert all(k.startswith(("net.", "ema.")) for k in ckpt["state_dict"])
-    assert ckpt["hyper_parameters"]["autoencoder"]["class_path"] == "diffusion_pl.autoencoder.Autoencoder"
+    assert ckpt["hyper_parameters"]["autoencoder"]["class_path"] == "diffusion_pl.codecs.autoencoder.Autoencoder"
     (grid,) = run["root"].rglob("samples/heunode_17_step3.png")
     with Image.open(grid) as im:  # 5 x 5 cells of 16 x 16 decoded pixels, 1-pixel padding
         assert im.size == (5 * 17 + 1, 5 * 17 + 1)

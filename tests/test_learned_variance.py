@@ -19,8 +19,11 @@ from torch import nn
 from diffusion_pl.losses import DenoisingLoss, EpsMSE
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import Denoiser, EpsPrediction, VelocityPrediction, split_variance
-from diffusion_pl.processes import DDPMDiscrete, VPLinear
-from diffusion_pl.sampling import DDIM, DDPM, AdaptiveODE, Sampler, sample
+from diffusion_pl.processes.variance_preserving import DDPMDiscrete, VPLinear
+from diffusion_pl.sampling.posterior import DDIM, DDPM
+from diffusion_pl.sampling.ode import AdaptiveODE
+from diffusion_pl.sampling.base import Sampler
+from diffusion_pl.sampling.api import sample
 from diffusion_pl.sampling.base import point_at, posterior_step, step_variances
 from diffusion_pl.sampling.noise import GeneratorNoise
 from diffusion_pl.vlb import discretized_gaussian_log_likelihood
@@ -271,9 +274,9 @@ def test_hybrid_loss_refuses_what_it_cannot_train():
 def test_training_with_the_hybrid_loss_runs(tmp_path):
     import lightning as L
 
-    from diffusion_pl.data import ShardDataModule
-    from diffusion_pl.module import DiffusionModule
-    from diffusion_pl.networks import UNet
+    from diffusion_pl.data.datamodule import ShardDataModule
+    from diffusion_pl.training.module import DiffusionModule
+    from diffusion_pl.networks.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(img_resolution=8, in_channels=3, out_channels=6, model_channels=8, channel_mult=(1, 2),
@@ -296,10 +299,10 @@ def test_training_with_the_hybrid_loss_runs(tmp_path):
 def test_callbacks_pass_clip_x0_to_generation(tmp_path, monkeypatch):
     from _eval_setup import StandInFeatures, fit
 
-    from diffusion_pl.callbacks import fid as fid_module
-    from diffusion_pl.callbacks import sample_grid as grid_module
-    from diffusion_pl.callbacks.fid import FIDCallback
-    from diffusion_pl.callbacks.sample_grid import SampleGrid
+    from diffusion_pl.evaluation import fid_callback as fid_module
+    from diffusion_pl.evaluation import sample_grid as grid_module
+    from diffusion_pl.evaluation.fid_callback import FIDCallback
+    from diffusion_pl.evaluation.sample_grid import SampleGrid
 
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     seen = []

@@ -1,6 +1,6 @@
 """Lightning internals the project relies on: each test fails loudly when an upgrade renames one.
 
-diffusion_pl/lightning_compat.py wraps the ModelCheckpoint ones; DiffusionCLI overrides a few private
+diffusion_pl/utils/lightning_compat.py wraps the ModelCheckpoint ones; DiffusionCLI overrides a few private
 LightningCLI methods; the module and the data stream read two more private names.
 """
 
@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from diffusion_pl import lightning_compat
+from diffusion_pl.utils import lightning_compat
 
 
 def test_model_checkpoint_internals_used_by_final_checkpoint(tmp_path):
@@ -44,8 +44,8 @@ def test_lightning_cli_internals_overridden_by_diffusion_cli():
 def test_module_and_data_internals(tmp_path, monkeypatch):
     """built_by_cli is True only inside LightningCLI's instantiation; batches_processed counts batches."""
     from _helpers import tiny_fit_config
-    from diffusion_pl.cli import DiffusionCLI
-    from diffusion_pl.module import DiffusionModule
+    from diffusion_pl.cli.fit import DiffusionCLI
+    from diffusion_pl.training.module import DiffusionModule
 
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     assert not lightning_compat.built_by_cli()

@@ -20,7 +20,10 @@ from scipy import stats
 from diffusion_pl.likelihood import bits_per_dim, dequantize_uint8, jacobian_trace, ode_nll
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import Denoiser, EpsPrediction, Prediction, VelocityPrediction
-from diffusion_pl.processes import EDM, VE, Process, RectifiedFlow, VPLinear
+from diffusion_pl.processes.exploding import EDM, VE
+from diffusion_pl.processes.base import Process
+from diffusion_pl.processes.interpolants import RectifiedFlow
+from diffusion_pl.processes.variance_preserving import VPLinear
 
 from _helpers import subclasses
 

@@ -12,11 +12,11 @@ import torch
 from scipy import stats
 
 from diffusion_pl.losses import (DenoisingLoss, EDMWeighting, EpsMSE, LikelihoodWeighting, LogitNormalTime,
-                                 LogNormalNoise, MinSNR, OutputMSE, TimeProposal, UniformTime, VelocityMSE,
-                                 Weighting, bucket_losses, log_snr_grid)
+                                 LogNormalNoise, MinSNR, OutputMSE, TimeProposal, UniformTime, VelocityMSE, Weighting,
+                                 bucket_losses, log_snr_grid)
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EDMPreconditioning, EpsPrediction, Prediction, VelocityPrediction, X0Prediction
-from diffusion_pl.processes import Process
+from diffusion_pl.processes.base import Process
 
 from _helpers import subclasses
 
@@ -87,7 +87,7 @@ def test_lognormal_noise(process):
 
 def test_lognormal_noise_on_edm_moments():
     """On EDM (t = sigma) log t ~ N(-1.2, 1.2^2): mean within 5 standard errors, std within 3%."""
-    from diffusion_pl.processes import EDM
+    from diffusion_pl.processes.exploding import EDM
 
     log_t = torch.log(LogNormalNoise().sample(20000, EDM(), generator=torch.Generator().manual_seed(3)).to(F64))
     assert abs(log_t.mean().item() + 1.2) < 5 * 1.2 / math.sqrt(20000)

@@ -17,11 +17,12 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torchmetrics.image import FrechetInceptionDistance
 
 from _eval_setup import StandInFeatures
-from diffusion_pl import metrics
-from diffusion_pl.metrics import inception
-from diffusion_pl.metrics import (InceptionFeatures, InceptionWeightsError, SampleMetrics, frechet_distance,
-                                  gaussian_stats, load_inception, metric_prefix, random_inception_weights,
-                                  reference_stats, to_uint8)
+from diffusion_pl.evaluation import metrics
+from diffusion_pl.evaluation.metrics import inception
+from diffusion_pl.evaluation.metrics.inception import (InceptionFeatures, InceptionWeightsError, load_inception,
+                                                       random_inception_weights)
+from diffusion_pl.evaluation.metrics.statistics import SampleMetrics, frechet_distance, gaussian_stats, reference_stats
+from diffusion_pl.evaluation.generation import metric_prefix, to_uint8
 
 
 @pytest.fixture(autouse=True)
@@ -198,15 +199,15 @@ def test_preflight_passes_with_a_weights_file(tmp_path, monkeypatch):
 
 
 def test_generation_loads_without_the_metrics_stack():
-    """Sample grids and `diffusion-pl sample` import generation, never diffusion_pl.metrics (torch-fidelity)."""
+    """Sample grids and `diffusion-pl sample` import generation, never diffusion_pl.evaluation.metrics (torch-fidelity)."""
     # `import lightning` itself imports torchmetrics (and so torch-fidelity), so for the callback the
-    # check is that neither diffusion_pl.metrics nor the FID callback is loaded
-    code = ("import sys, diffusion_pl.generation, diffusion_pl.commands.sample; "
+    # check is that neither diffusion_pl.evaluation.metrics nor the FID callback is loaded
+    code = ("import sys, diffusion_pl.evaluation.generation, diffusion_pl.cli.sample; "
             "assert 'torch_fidelity' not in sys.modules and 'torchmetrics' not in sys.modules, 'metrics stack'; "
-            "import diffusion_pl.callbacks.sample_grid; "
-            "loaded = [m for m in ('diffusion_pl.metrics', 'diffusion_pl.callbacks.fid') if m in sys.modules]; "
+            "import diffusion_pl.evaluation.sample_grid; "
+            "loaded = [m for m in ('diffusion_pl.evaluation.metrics', 'diffusion_pl.evaluation.fid_callback') if m in sys.modules]; "
             "assert not loaded, loaded; "
-            "from diffusion_pl.callbacks import FIDCallback; assert 'diffusion_pl.metrics' in sys.modules")
+            "from diffusion_pl.evaluation.fid_callback import FIDCallback; assert 'diffusion_pl.evaluation.metrics' in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -23,8 +23,11 @@ from torch import nn
 from diffusion_pl.losses import DenoisingLoss, LogNormalNoise, OutputMSE, UniformTime
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EDMPreconditioning, EpsPrediction, VelocityPrediction, precondition
-from diffusion_pl.processes import EDM, RectifiedFlow, VPLinear
-from diffusion_pl.sampling import HeunODE, sample
+from diffusion_pl.processes.exploding import EDM
+from diffusion_pl.processes.interpolants import RectifiedFlow
+from diffusion_pl.processes.variance_preserving import VPLinear
+from diffusion_pl.sampling.ode import HeunODE
+from diffusion_pl.sampling.api import sample
 
 MIXTURE = GaussianMixture(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[-1.0, -0.6], [1.0, -0.6], [0.0, 1.0]]),
                           torch.tensor([0.3, 0.2, 0.35]))

@@ -54,13 +54,13 @@ def _config(path: Path, probe: Path, max_steps: int, **probe_args: int) -> Path:
               init_args: {{{probe_init}}}
         model:
           net:
-            class_path: diffusion_pl.networks.UNet
+            class_path: diffusion_pl.networks.unet.UNet
             init_args: {{model_channels: 8, channel_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [],
                          dropout: 0.0}}
-          process: {{class_path: diffusion_pl.processes.VPLinear}}
+          process: {{class_path: diffusion_pl.processes.variance_preserving.VPLinear}}
           ema_decay: 0.5
         data:
-          class_path: diffusion_pl.data.ShardDataModule
+          class_path: diffusion_pl.data.datamodule.ShardDataModule
           init_args: {{shards: "builtin:shapes?size=8&count=64", batch_size: 4, num_workers: 0}}
     """))
     return path

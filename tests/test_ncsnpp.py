@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_pl.networks import UNet, unet_ncsnpp_cifar10
+from diffusion_pl.networks.unet import UNet
+from diffusion_pl.networks.unet_presets import unet_ncsnpp_cifar10
 from diffusion_pl.networks.fir import FIRDownConv, FIRResample, ResidualInput, fir_filter
 from diffusion_pl.prediction import ScaledScorePrediction, precondition
-from diffusion_pl.processes import VE
+from diffusion_pl.processes.exploding import VE
 
 A = torch.tensor([1.0, 2.0, 3.0, 4.0])
 IMAGE = torch.outer(A, A)[None, None]  # (1, 1, 4, 4), separable, so each axis is worked by hand below

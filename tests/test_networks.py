@@ -15,8 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_pl.errors import UserValueError
-from diffusion_pl.networks import PRESETS, DiT, UNet, dit_tiny, dit_xl_2, unet_tiny
+from diffusion_pl.utils.errors import UserValueError
+from diffusion_pl.networks.presets import PRESETS
+from diffusion_pl.networks.dit import DiT, dit_tiny, dit_xl_2
+from diffusion_pl.networks.unet import UNet
+from diffusion_pl.networks.unet_presets import unet_tiny
 from diffusion_pl.networks.embeddings import PositionalEmbedding
 
 # Shrinks a preset to 0.2-2M parameters at 16x16 while keeping its family's options.
@@ -291,7 +294,8 @@ def test_torch_compile_inductor():
 
 def test_networks_run_in_float64():
     """net.double() runs end to end: the float32 sinusoid is cast to the embedding MLP's dtype."""
-    from diffusion_pl.networks import dit_tiny, unet_tiny
+    from diffusion_pl.networks.dit import dit_tiny
+    from diffusion_pl.networks.unet_presets import unet_tiny
 
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     for net in (dit_tiny(img_resolution=16, num_classes=3).double(), unet_tiny(img_resolution=16).double()):
@@ -301,7 +305,7 @@ def test_networks_run_in_float64():
 
 def test_unet_augment_labels():
     """augment_dim adds a bias-free map of EDM's augmentation labels to the noise embedding."""
-    from diffusion_pl.networks import unet_ddpmpp_cifar10
+    from diffusion_pl.networks.unet_presets import unet_ddpmpp_cifar10
 
     plain = small(unet_ddpmpp_cifar10)
     net = perturb(small(unet_ddpmpp_cifar10, augment_dim=9))
@@ -377,9 +381,9 @@ def test_unet_init_scales(name, scheme):
 
 def test_adm_preset_embeddings():
     """ADM: [cos, sin] sinusoid without endpoint, GroupNorm eps 1e-5, class table after the MLP, no null row."""
-    from diffusion_pl.module import DiffusionModule
-    from diffusion_pl.networks import unet_adm_cifar10
-    from diffusion_pl.processes import VPLinear
+    from diffusion_pl.training.module import DiffusionModule
+    from diffusion_pl.networks.unet_presets import unet_adm_cifar10
+    from diffusion_pl.processes.variance_preserving import VPLinear
 
     net = perturb(small(unet_adm_cifar10, num_classes=10))
     assert net.null_label is None and DiffusionModule(net, VPLinear()).null_label is None

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import diffusion_pl
-from diffusion_pl.cli import LIGHTNING_COMMANDS, PROJECT_COMMANDS, main
+from diffusion_pl.cli.main import LIGHTNING_COMMANDS, PROJECT_COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -21,15 +21,15 @@ from scipy.integrate import quad
 
 from _helpers import DYING_TORCH_SAVE, tiny_fit_config
 from _training_setup import make_datamodule, make_module
-from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO
-from diffusion_pl.callbacks.phema import PowerEMA
-from diffusion_pl.cli import main
-from diffusion_pl.commands.reconstruct_ema import read_snapshots
-from diffusion_pl.module import load_module
-from diffusion_pl.phema import (SIGMA_REL_MAX, PowerFunctionEMA, gamma_to_sigma_rel, list_snapshot_files,
-                                power_ema_beta, profile_inner_products, profile_residual, sigma_rel_to_gamma,
-                                solve_posthoc_coefficients)
-from diffusion_pl.run_folder import previous_run_outputs
+from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
+from diffusion_pl.training.callbacks.power_ema import PowerEMA
+from diffusion_pl.cli.main import main
+from diffusion_pl.cli.reconstruct_ema import read_snapshots
+from diffusion_pl.training.module import load_module
+from diffusion_pl.training.phema import (SIGMA_REL_MAX, PowerFunctionEMA, gamma_to_sigma_rel, list_snapshot_files,
+                                         power_ema_beta, profile_inner_products, profile_residual, sigma_rel_to_gamma,
+                                         solve_posthoc_coefficients)
+from diffusion_pl.cli.run_folder import previous_run_outputs
 
 SIGMA_RELS = (0.01, 0.05, 0.07, 0.10, 0.2, 0.28, SIGMA_REL_MAX)
 
@@ -272,13 +272,13 @@ def test_added_to_a_running_training_starts_from_the_current_weights(tmp_path):
     assert power.ema.step == 4 and power.ema.nimg == 4 * 8
 
 
-# the snapshot writer PowerEMA uses (diffusion_pl.phema.save_snapshot), without Lightning's import time
+# the snapshot writer PowerEMA uses (diffusion_pl.training.phema.save_snapshot), without Lightning's import time
 KILL_DURING_SNAPSHOT = textwrap.dedent("""
     import io, os, signal, sys, torch
     from pathlib import Path
-    from diffusion_pl.phema import save_snapshot, snapshot_name
+    from diffusion_pl.training.phema import save_snapshot, snapshot_name
     def snapshot(step):
-        return {"format": "diffusion_pl.phema/1", "state_dict": {"w": torch.full((64, 64), float(step))},
+        return {"format": "diffusion_pl.training.phema/1", "state_dict": {"w": torch.full((64, 64), float(step))},
                 "averaged": ["w"], "step": step, "nimg": 8 * step, "sigma_rel": 0.05, "gamma": 16.97}
     folder = Path(sys.argv[1])
     save_snapshot(folder / snapshot_name(1, 0.05), snapshot(1))
@@ -304,7 +304,7 @@ def test_a_killed_snapshot_write_leaves_no_partial_snapshot(tmp_path):
 def tiny_run(tmp_path_factory):
     """`diffusion-pl fit` of the tiny recipe for 6 steps with PowerEMA (snapshots every 2 steps)."""
     root = tmp_path_factory.mktemp("phema_run")
-    power = {"class_path": "diffusion_pl.callbacks.PowerEMA",
+    power = {"class_path": "diffusion_pl.training.callbacks.power_ema.PowerEMA",
              "init_args": {"sigma_rels": [0.05, 0.10], "snapshot_every_n_steps": 2}}
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_fit_config(max_steps=6, logger=False, callbacks=[power])))

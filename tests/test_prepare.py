@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_pl.data.prepare import MANIFEST, PrepareError, Sample, encode_png, main, write_shards
+from diffusion_pl.data.writer import MANIFEST, PrepareError, Sample, write_shards
+from diffusion_pl.data.png import encode_png
+from diffusion_pl.cli.prepare import main
 
-prep = importlib.import_module("diffusion_pl.data.prepare")  # the package's `prepare` is the function
+prep = importlib.import_module("diffusion_pl.data.writer")
+prepare_cli = importlib.import_module("diffusion_pl.cli.prepare")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -269,7 +272,7 @@ def test_prepare_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, capsys):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # run as a script: it does not import torch, so it starts in about 2 s
-    proc = subprocess.Popen([sys.executable, prep.__file__, "folder", str(src), "--shard-size", "1", "--out",
+    proc = subprocess.Popen([sys.executable, prepare_cli.__file__, "folder", str(src), "--shard-size", "1", "--out",
                              str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

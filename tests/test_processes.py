@@ -13,7 +13,8 @@ import torch
 
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import Denoiser, Prediction
-from diffusion_pl.processes import DDPMDiscrete, Process
+from diffusion_pl.processes.variance_preserving import DDPMDiscrete
+from diffusion_pl.processes.base import Process
 
 from _helpers import subclasses
 

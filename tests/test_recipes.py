@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from diffusion_pl.cli import main
+from diffusion_pl.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -54,7 +54,7 @@ def cifar_shards(tmp_path_factory) -> Path:
     if not CIFAR_TAR.exists():
         pytest.skip(f"real CIFAR-10 images not found at {CIFAR_TAR}")
     out = tmp_path_factory.mktemp("cifar") / "train"
-    assert importlib.import_module("diffusion_pl.data.prepare").main(["folder", str(CIFAR_TAR), "--split", "train", "--max-samples", "300",
+    assert importlib.import_module("diffusion_pl.cli.prepare").main(["folder", str(CIFAR_TAR), "--split", "train", "--max-samples", "300",
                          "--shard-size", "100", "--out", str(out)]) == 0
     return out
 

@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from _helpers import tiny_fit_config
-from diffusion_pl.cli import main
-from diffusion_pl.run_folder import LOCK_NAME
+from diffusion_pl.cli.main import main
+from diffusion_pl.cli.run_folder import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_final_step_is_saved_when_max_steps_is_not_a_multiple(tiny, tmp_path):
 
 def test_ckpt_path_last_resumes_from_the_newest_step_not_last_ckpt(tiny, tmp_path, capsys, monkeypatch):
     """A step-5 checkpoint and an older last.ckpt (step 3): the resumed run continues from step 5."""
-    from diffusion_pl.module import DiffusionModule
+    from diffusion_pl.training.module import DiffusionModule
 
     started_at = []  # the global step each fit starts training from (exact resume makes weights no witness)
     monkeypatch.setattr(DiffusionModule, "on_train_start", lambda self: started_at.append(self.global_step),
@@ -152,9 +152,9 @@ def test_network_shape_is_filled_from_the_data(tiny, tmp_path, capsys):
     """Grey 8x8 shards and a recipe without in_channels / img_resolution: the net is built 1-channel 8x8."""
     import numpy as np
 
-    from diffusion_pl.data import Sample, write_shards
-    from diffusion_pl.data.prepare import encode_png
-    from diffusion_pl.module import load_module
+    from diffusion_pl.data.writer import Sample, write_shards
+    from diffusion_pl.data.png import encode_png
+    from diffusion_pl.training.module import load_module
 
     grey = np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8)
     write_shards((Sample(f"{i:04d}", encode_png(g), "png", i % 5, (8, 8, 1)) for i, g in enumerate(grey)),

@@ -22,12 +22,19 @@ from torch import nn
 
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import Denoiser, EpsPrediction, Prediction, VelocityPrediction, precondition
-from diffusion_pl.processes import EDM, Process, RectifiedFlow, VPLinear
-from diffusion_pl.sampling import (
-    DDIM, DDPM, AdaptiveODE, AnnealedLangevin, DPMSolverPP, EDMStochastic, EulerMaruyama, EulerODE, ExplicitGrid,
-    HeunODE, KarrasGrid, LogSNRGrid, PredictorCorrector, QuadraticGrid, Sampler, SeededNoise, TimeGrid, UniformGrid,
-    sample,
-)
+from diffusion_pl.processes.exploding import EDM
+from diffusion_pl.processes.base import Process
+from diffusion_pl.processes.interpolants import RectifiedFlow
+from diffusion_pl.processes.variance_preserving import VPLinear
+from diffusion_pl.sampling.posterior import DDIM, DDPM
+from diffusion_pl.sampling.ode import AdaptiveODE, EulerODE, HeunODE
+from diffusion_pl.sampling.sde import AnnealedLangevin, EulerMaruyama, PredictorCorrector
+from diffusion_pl.sampling.dpm_solver import DPMSolverPP
+from diffusion_pl.sampling.edm import EDMStochastic
+from diffusion_pl.sampling.grids import ExplicitGrid, KarrasGrid, LogSNRGrid, QuadraticGrid, TimeGrid, UniformGrid
+from diffusion_pl.sampling.base import Sampler
+from diffusion_pl.sampling.noise import SeededNoise
+from diffusion_pl.sampling.api import sample
 
 from _helpers import subclasses
 
@@ -452,8 +459,8 @@ def test_fixedlarge_predictor_is_score_sde_reverse_diffusion_on_ve():
     """PredictorCorrector(predictor_variance='fixedlarge') is score_sde's ReverseDiffusionPredictor on VE:
     x <- x + (sigma_t^2 - sigma_s^2) score + sqrt(sigma_t^2 - sigma_s^2) z, checked step by step (a whole run
     amplifies float64 rounding through the 1 / sigma^2-steep score at small sigma)."""
-    from diffusion_pl.processes import VE
-    from diffusion_pl.sampling import GeneratorNoise
+    from diffusion_pl.processes.exploding import VE
+    from diffusion_pl.sampling.noise import GeneratorNoise
     from diffusion_pl.sampling.base import points_at
 
     process, pred = VE(sigma_min=0.02, sigma_max=100.0), EpsPrediction()

@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 from diffusion_pl.prediction import EpsPrediction
-from diffusion_pl.processes import DDPMDiscrete
-from diffusion_pl.sampling import DDIM, DDPM, DPMSolverPP, ExplicitGrid, TimestepGrid, UniformGrid, sample
+from diffusion_pl.processes.variance_preserving import DDPMDiscrete
+from diffusion_pl.sampling.posterior import DDIM, DDPM
+from diffusion_pl.sampling.dpm_solver import DPMSolverPP
+from diffusion_pl.sampling.grids import ExplicitGrid, TimestepGrid, UniformGrid
+from diffusion_pl.sampling.api import sample
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers 0.42 calls np.array(tensor, copy=False) in DPMSolverMultistepScheduler: NumPy 2 warns, not our code

@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import DYING_TORCH_SAVE  # noqa: E402
 from _training_setup import IMAGE_SIZE, make_datamodule, make_module, make_net  # noqa: E402
 
-from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, find_resume_checkpoint
-from diffusion_pl.module import DiffusionModule, load_module
+from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, PreemptionCheckpoint,
+                                                           find_resume_checkpoint)
+from diffusion_pl.training.module import DiffusionModule, load_module
 from diffusion_pl.prediction import EpsPrediction
-from diffusion_pl.processes import VPLinear
+from diffusion_pl.processes.variance_preserving import VPLinear
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -163,7 +164,7 @@ def test_nonfinite_loss_skip_keeps_weights_finite(tmp_path):
 
 KILL_DURING_SAVE = textwrap.dedent("""
     import io, os, signal, sys, torch
-    from diffusion_pl.callbacks.checkpointing import AtomicCheckpointIO
+    from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
     path = sys.argv[1]
     ckpt_io = AtomicCheckpointIO()
     ckpt_io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
@@ -215,13 +216,13 @@ def _cli_config(tmp_path: Path, max_steps: int) -> Path:
               init_args: {{path: {tmp_path}/steps.txt}}
         model:
           net:
-            class_path: diffusion_pl.networks.UNet
+            class_path: diffusion_pl.networks.unet.UNet
             init_args: {{img_resolution: {IMAGE_SIZE}, model_channels: 16, channel_mult: [1, 2], num_res_blocks: 1,
                          attn_resolutions: [8]}}
-          process: {{class_path: diffusion_pl.processes.VPLinear}}
+          process: {{class_path: diffusion_pl.processes.variance_preserving.VPLinear}}
           prediction: {{class_path: diffusion_pl.prediction.EpsPrediction}}
         data:
-          class_path: diffusion_pl.data.ShardDataModule
+          class_path: diffusion_pl.data.datamodule.ShardDataModule
           init_args: {{shards: "builtin:shapes?size={IMAGE_SIZE}", batch_size: 8, num_workers: 0}}
     """))
     return config
@@ -281,7 +282,7 @@ def test_preemption_callback_targets_checkpoint_dir(tmp_path):
 
 def test_validation_loss_is_deterministic_with_label_dropout(tmp_path):
     """p_uncond > 0: the dropped labels come from the validation generator, so val/loss repeats exactly."""
-    from diffusion_pl.data import ShardDataModule
+    from diffusion_pl.data.datamodule import ShardDataModule
     from diffusion_pl.losses import DenoisingLoss
 
     torch.manual_seed(0)

@@ -11,21 +11,3 @@
   (``prepare --encode VAE``: the frozen autoencoder's raw posterior mean and std, float16, of each image
   and of its mirror image), which ShardDataModule streams as (B, 2 C, h, w) batches.
 """
-
-from diffusion_pl.data.builtin import SHAPES, ensure_shapes, render_shapes
-from diffusion_pl.data.datamodule import ShardDataModule, ShardStream, load_manifest, resolve_shards, to_signed_unit
-from diffusion_pl.data.prepare import (  # the submodule first: the package's `prepare` is then the function
-    PrepareError,
-    Sample,
-    cifar10_batches,
-    cifar10_torchvision,
-    image_folder,
-    prepare,
-    write_shards,
-)
-
-__all__ = [
-    "SHAPES", "PrepareError", "Sample", "ShardDataModule", "ShardStream", "cifar10_batches", "cifar10_torchvision",
-    "ensure_shapes", "image_folder", "load_manifest", "prepare", "render_shapes", "resolve_shards",
-    "to_signed_unit", "write_shards",
-]

@@ -19,7 +19,7 @@ import numpy as np
 
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.data.writer import MANIFEST, PrepareError, Sample, write_shards
-from diffusion_pl.paths import cache_dir
+from diffusion_pl.utils.paths import cache_dir
 
 SHAPES = ("circle", "cross", "diamond", "square", "triangle")  # sorted: class index = position
 PALETTE = ((230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (220, 60, 220), (40, 220, 230))

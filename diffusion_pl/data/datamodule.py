@@ -22,16 +22,13 @@ from torch.utils.data import DataLoader
 
 from diffusion_pl.data import builtin
 from diffusion_pl.data.latents import latent_meta
-from diffusion_pl.data.order import ORDER_VERSION, READ_BLOCK, SampleOrder
-from diffusion_pl.data.shards import (SHARDS_HELP, _names, _reason, count_samples, load_manifest, resolve_shards,
-                                      shard_counts, tar_samples)
-from diffusion_pl.data.stream import (IMAGE_KEYS, MAX_BAD_SAMPLES, WARN_EVERY, WARN_FIRST, Batch, ResumableLoader,
-                                      ShardStream, _check_int, to_signed_unit)
-from diffusion_pl.errors import DataError, UserValueError
+from diffusion_pl.data.order import ORDER_VERSION
+from diffusion_pl.data.shards import (SHARDS_HELP, _names, _reason, load_manifest, resolve_shards, shard_counts,
+                                      tar_samples)
+from diffusion_pl.data.stream import IMAGE_KEYS, MAX_BAD_SAMPLES, ResumableLoader, ShardStream, _check_int
+from diffusion_pl.utils.errors import DataError, UserValueError
 
-__all__ = ["IMAGE_KEYS", "MAX_BAD_SAMPLES", "ORDER_VERSION", "READ_BLOCK", "SHARDS_HELP", "WARN_EVERY", "WARN_FIRST",
-           "Batch", "ResumableLoader", "SampleOrder", "ShardDataModule", "ShardStream", "count_samples",
-           "load_manifest", "resolve_shards", "shard_counts", "tar_samples", "to_signed_unit"]
+__all__ = ["ShardDataModule"]
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Latent shards: `diffusion-pl prepare ... --encode VAE` stores autoencoder posteriors in place of images.
 
 A latent shard is an image shard whose image member is replaced by the frozen autoencoder's raw
-posterior (diffusion_pl.autoencoder; scale and shift are applied at training time, not here):
+posterior (diffusion_pl.codecs.autoencoder; scale and shift are applied at training time, not here):
 
     {key}.latent.npy        float16 (2, C, h, w): [mean, std] of the posterior of the image, stacked
     {key}.latent_flip.npy   the same for the horizontally flipped image (absent with --no-flips)
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from diffusion_pl.data.writer import PrepareError, Sample
-from diffusion_pl.errors import UserValueError
+from diffusion_pl.utils.errors import UserValueError
 
 __all__ = ["FLIP_MEMBER", "LATENT_MEMBER", "LatentEncoder", "decode_latent", "latent_meta", "load_autoencoder",
            "npy_bytes"]
@@ -72,7 +72,7 @@ def load_autoencoder(spec: str):
     constructor arguments as a JSON object, inline or in a .json file: ``{"pretrained": "...",
     "subfolder": "vae"}``, or ``{"config": {...AutoencoderKL arguments...}, "seed": 0}`` for random weights.
     """
-    from diffusion_pl.autoencoder import Autoencoder
+    from diffusion_pl.codecs.autoencoder import Autoencoder
 
     text = spec.strip()
     if text.endswith(".json") and Path(text).is_file():
@@ -90,7 +90,7 @@ def load_autoencoder(spec: str):
         return Autoencoder(**args)
     except TypeError as err:  # an unknown argument name
         raise PrepareError(f"--encode arguments are invalid ({err}): expected the arguments of "
-                           "diffusion_pl.autoencoder.Autoencoder (pretrained, subfolder, config, seed, dtype, ...)")
+                           "diffusion_pl.codecs.autoencoder.Autoencoder (pretrained, subfolder, config, seed, dtype, ...)")
 
 
 @contextlib.contextmanager
@@ -111,7 +111,7 @@ class LatentEncoder:
     """The ``records`` and ``meta`` of `prepare` / `write_shards` that store latents (see the module doc).
 
     Args:
-        autoencoder: a diffusion_pl.autoencoder.Autoencoder (its ``encode`` gives the raw (mean, std)).
+        autoencoder: a diffusion_pl.codecs.autoencoder.Autoencoder (its ``encode`` gives the raw (mean, std)).
         batch_size: images encoded at once.
         device: where the autoencoder runs (default: CUDA when available, else the CPU).
         flips: also encode the horizontally flipped images (``latent_flip.npy``).

@@ -41,7 +41,7 @@ from typing import Sequence
 
 import numpy as np
 
-from diffusion_pl.seeding import mix_seed
+from diffusion_pl.utils.seeding import mix_seed
 
 READ_BLOCK = 256  # slots read at a time when nothing is shuffled (a block is read before it is emitted)
 ORDER_VERSION = 3  # saved in checkpoints: a resumed stream continues the saved one only if this matches

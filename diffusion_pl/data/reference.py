@@ -1,6 +1,6 @@
 """Reference images for FID: a shard set's stored images, in order, as uint8, with a cache key.
 
-The reference statistics of diffusion_pl.metrics are cached under the key returned here, which
+The reference statistics of diffusion_pl.evaluation.metrics are cached under the key returned here, which
 names the data (a built-in set's parameters and version, the manifest's shard hashes, or the
 files' paths and sizes) and the size the images are scored at.
 """
@@ -13,9 +13,11 @@ from typing import Iterable
 
 from torch import Tensor
 
-from diffusion_pl.data import ShardDataModule, builtin, resolve_shards
-from diffusion_pl.errors import UserValueError
-from diffusion_pl.generation import to_uint8
+from diffusion_pl.data.datamodule import ShardDataModule
+from diffusion_pl.data import builtin
+from diffusion_pl.data.shards import resolve_shards
+from diffusion_pl.utils.errors import UserValueError
+from diffusion_pl.evaluation.generation import to_uint8
 
 __all__ = ["reference_images"]
 

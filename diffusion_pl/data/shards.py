@@ -21,7 +21,7 @@ import webdataset as wds
 
 from diffusion_pl.data.tario import can_seek, read_member, skip_member, tar_entries
 from diffusion_pl.data.writer import MANIFEST
-from diffusion_pl.errors import DataError, MissingFileError, UserValueError
+from diffusion_pl.utils.errors import DataError, MissingFileError, UserValueError
 
 log = logging.getLogger(__name__)
 SHARDS_HELP = ("expected a shard .tar, a directory with manifest.json, a manifest .json, a brace pattern "

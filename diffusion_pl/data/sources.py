@@ -23,7 +23,7 @@ from PIL import Image
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.data.tario import tar_members
 from diffusion_pl.data.writer import PrepareError, Source, Unreadable, _reason
-from diffusion_pl.paths import cache_dir
+from diffusion_pl.utils.paths import cache_dir
 
 # Extensions taken from image folders; JPEG and PNG bytes are stored as-is, others re-encoded to PNG.
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": None, ".gif": None,

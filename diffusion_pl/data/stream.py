@@ -32,7 +32,7 @@ except ImportError:  # deprecated in torchvision 0.29 (for TorchCodec); PIL belo
 from diffusion_pl.data.latents import FLIP_MEMBER, LATENT_MEMBER, decode_latent
 from diffusion_pl.data.order import SampleOrder
 from diffusion_pl.data.shards import _names, _reason, shard_counts, tar_samples
-from diffusion_pl.errors import DataError, UserValueError
+from diffusion_pl.utils.errors import DataError, UserValueError
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")

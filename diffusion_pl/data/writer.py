@@ -50,8 +50,8 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from diffusion_pl.errors import UserValueError
-from diffusion_pl.fileio import sha256_file
+from diffusion_pl.utils.errors import UserValueError
+from diffusion_pl.utils.fileio import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "diffusion_pl.shards/1"

@@ -1,4 +1,4 @@
-"""facebookresearch/DiT's published `.pt` state dicts -> `diffusion_pl.networks.DiT` (same outputs, same weights).
+"""facebookresearch/DiT's published `.pt` state dicts -> `diffusion_pl.networks.dit.DiT` (same outputs, same weights).
 
 `DiT`'s defaults are DiT's models.py (Peebles & Xie 2023), and its state_dict keys are models.py's
 but for three:
@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from diffusion_pl.errors import UserValueError
+from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.interop.weights import check_state_dict
 from diffusion_pl.networks.dit import DiT
 from diffusion_pl.networks.embeddings import sincos_2d

@@ -12,7 +12,7 @@ Sources (`source`), tried in this order:
   pretrained_models/ folder, else downloaded into torch hub's cache;
 - a hub id `owner/name`: the Hugging Face cache first (works offline), else downloaded once
   (huggingface_hub.snapshot_download). Without either, one line says what to download and where to
-  put it, as for the Inception weights (diffusion_pl/metrics/inception.py).
+  put it, as for the Inception weights (diffusion_pl/evaluation/metrics/inception.py).
 
 The process and parameterization come from the pipeline's scheduler_config.json (scheduler/ or next
 to config.json; `scheduler_spec`): diffusers' DDPM-family schedulers share one forward process,
@@ -53,9 +53,9 @@ from typing import Any
 
 import torch
 
-from diffusion_pl.errors import MissingFileError, UserError, UserValueError, one_line
-from diffusion_pl.hub import hub_cache, unreachable
-from diffusion_pl.fileio import atomic_path, sha256_file
+from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError, one_line
+from diffusion_pl.utils.hub import hub_cache, unreachable
+from diffusion_pl.utils.fileio import atomic_path, sha256_file
 
 __all__ = ["PretrainedWeightsError", "import_pretrained", "scheduler_spec", "write_imported_checkpoint"]
 
@@ -114,7 +114,7 @@ def _published_dit(name: str, timeout: float) -> Path:
         if path.is_file():
             return path
     url = DOWNLOAD_URL.format(name)
-    from diffusion_pl.metrics.inception import download_once
+    from diffusion_pl.evaluation.metrics.inception import download_once
 
     reason = download_once(url, cached, timeout)
     if reason is None:
@@ -215,7 +215,7 @@ def scheduler_spec(config: dict[str, Any] | None, source: str = "scheduler_confi
     if prediction_type not in PREDICTIONS:
         raise UserValueError(f"{source} has prediction_type {prediction_type!r}: expected one of "
                              f"{', '.join(PREDICTIONS)}")
-    process = {"class_path": "diffusion_pl.processes.DDPMDiscrete",
+    process = {"class_path": "diffusion_pl.processes.variance_preserving.DDPMDiscrete",
                "init_args": {"num_steps": int(config.get("num_train_timesteps", 1000)),
                              "beta_start": float(config.get("beta_start", 0.0001)),
                              "beta_end": float(config.get("beta_end", 0.02)), "beta_schedule": schedule}}
@@ -223,7 +223,7 @@ def scheduler_spec(config: dict[str, Any] | None, source: str = "scheduler_confi
     variance = VARIANCES.get(config.get("variance_type", "fixed_small"))
     hints: dict[str, Any] = {"sampler": None, "clip_x0": None}
     if variance is not None:
-        hints["sampler"] = {"class_path": "diffusion_pl.sampling.DDPM", "init_args": {"variance": variance}}
+        hints["sampler"] = {"class_path": "diffusion_pl.sampling.posterior.DDPM", "init_args": {"variance": variance}}
     if config.get("clip_sample", name == "DDPMScheduler"):  # DDPMScheduler clips by default
         hints["clip_x0"] = float(config.get("clip_sample_range", 1.0))
     return process, prediction, hints
@@ -246,7 +246,7 @@ def write_imported_checkpoint(out: str | Path, net_spec: dict, process_spec: dic
     from lightning.pytorch.cli import instantiate_module
 
     from diffusion_pl.interop.weights import check_state_dict
-    from diffusion_pl.module import DiffusionModule
+    from diffusion_pl.training.module import DiffusionModule
 
     out = Path(out)
     if out.is_dir():
@@ -282,7 +282,7 @@ def _autoencoder_hparams(vae: str | None, pipeline: str | None = None) -> dict[s
     args: dict[str, Any] = {"pretrained": SD_VAE if vae == "auto" else vae, "scale": SD_VAE_SCALE}
     if vae == "auto" and pipeline is not None:
         args = {"pretrained": pipeline, "subfolder": "vae", "scale": SD_VAE_SCALE}
-    return {"autoencoder": {"class_path": "diffusion_pl.autoencoder.Autoencoder", "init_args": args}}
+    return {"autoencoder": {"class_path": "diffusion_pl.codecs.autoencoder.Autoencoder", "init_args": args}}
 
 
 def import_pretrained(source: str, out: str | Path, arch: str | None = None, image_size: int | None = None,
@@ -301,7 +301,7 @@ def import_pretrained(source: str, out: str | Path, arch: str | None = None, ima
     extra: dict[str, Any] = {}
     if path.is_file():  # a facebookresearch/DiT file
         from diffusion_pl.interop.dit_reference import PUBLISHED, dit_from_reference
-        from diffusion_pl.networks import DiT
+        from diffusion_pl.networks.dit import DiT
 
         if path.suffix not in (".pt", ".pth"):
             raise UserValueError(f"{path} is a file but not a .pt / .pth: expected a facebookresearch/DiT state "
@@ -309,7 +309,7 @@ def import_pretrained(source: str, out: str | Path, arch: str | None = None, ima
         arch, image_size = (arch, image_size) if path.name not in PUBLISHED else \
             (arch or PUBLISHED[path.name][0], image_size or PUBLISHED[path.name][1])
         net, kwargs = dit_from_reference(read_weights(path), arch, image_size, source=str(path))
-        net_spec = _full_spec(DiT, kwargs, "diffusion_pl.networks.DiT")
+        net_spec = _full_spec(DiT, kwargs, "diffusion_pl.networks.dit.DiT")
         process, prediction, hints = scheduler_spec(None)
         hints["clip_x0"] = None  # DiT samples latents without clipping (sample.py, clip_denoised=False)
         provenance.update(format="facebookresearch/DiT", weights_file=str(path))
@@ -320,17 +320,17 @@ def import_pretrained(source: str, out: str | Path, arch: str | None = None, ima
         file = _weights_file(folder)
         state_dict = {k: v.float() for k, v in read_weights(file).items()}
         if kind == "unet":
-            from diffusion_pl.interop.diffusers_unet import unet_from_diffusers_state, unet_kwargs_from_diffusers
-            from diffusion_pl.networks import UNet
+            from diffusion_pl.interop.diffusers.unet import unet_from_diffusers_state, unet_kwargs_from_diffusers
+            from diffusion_pl.networks.unet import UNet
 
             net = unet_from_diffusers_state(config, state_dict)
-            net_spec = _full_spec(UNet, unet_kwargs_from_diffusers(config), "diffusion_pl.networks.UNet")
+            net_spec = _full_spec(UNet, unet_kwargs_from_diffusers(config), "diffusion_pl.networks.unet.UNet")
         else:
-            from diffusion_pl.interop.diffusers_dit import dit_from_diffusers_state, dit_kwargs_from_diffusers
-            from diffusion_pl.networks import DiT
+            from diffusion_pl.interop.diffusers.dit import dit_from_diffusers_state, dit_kwargs_from_diffusers
+            from diffusion_pl.networks.dit import DiT
 
             net = dit_from_diffusers_state(config, state_dict, source=str(file))
-            net_spec = _full_spec(DiT, dit_kwargs_from_diffusers(config), "diffusion_pl.networks.DiT")
+            net_spec = _full_spec(DiT, dit_kwargs_from_diffusers(config), "diffusion_pl.networks.dit.DiT")
             own_vae = (path / "vae" / "config.json").is_file()
             pipeline = (str(source) if not Path(str(source)).expanduser().exists() else str(path.resolve())) \
                 if own_vae else None  # a hub id stays a hub id: the VAE's weights come with its first use

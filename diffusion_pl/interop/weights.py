@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffusion_pl.errors import UserValueError, one_line
+from diffusion_pl.utils.errors import UserValueError, one_line
 
 __all__ = ["check_state_dict", "read_weights"]
 

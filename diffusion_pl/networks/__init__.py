@@ -6,41 +6,10 @@ c_noise = log(sigma) / 4); class_labels is (B,) int64 or None. A class-condition
 of classifier-free guidance, used when class_labels is None (ADM's table, `UNet(class_null_row=False)`,
 has none: its `null_label` is None and it needs labels). Unconditional networks ignore
 class_labels. Networks know nothing of processes or losses.
+
+    unet.py, unet_blocks.py, fir.py   the U-Net (DDPM, DDPM++, NCSN++, ADM) and its blocks
+    unet_presets.py                   the U-Net presets of the papers, weight for weight
+    dit.py                            DiT and its presets
+    embeddings.py                     noise-label, class-label and position embeddings
+    presets.py                        PRESETS: every preset function
 """
-
-from diffusion_pl.networks.dit import DiT, dit_b_2, dit_l_2, dit_s_2, dit_tiny, dit_xl_2
-from diffusion_pl.networks.unet import UNet
-from diffusion_pl.networks.unet_presets import (unet_adm_cifar10, unet_ddpm_cifar10, unet_ddpmpp_cifar10,
-                                                unet_ddpmpp_score_sde, unet_ncsnpp_cifar10, unet_tiny)
-
-__all__ = [
-    "UNet",
-    "DiT",
-    "unet_ddpm_cifar10",
-    "unet_ddpmpp_cifar10",
-    "unet_ddpmpp_score_sde",
-    "unet_adm_cifar10",
-    "unet_ncsnpp_cifar10",
-    "unet_tiny",
-    "dit_s_2",
-    "dit_b_2",
-    "dit_l_2",
-    "dit_xl_2",
-    "dit_tiny",
-    "PRESETS",
-]
-
-PRESETS = (
-    unet_ddpm_cifar10,
-    unet_ddpmpp_cifar10,
-    unet_ddpmpp_score_sde,
-    unet_adm_cifar10,
-    unet_ncsnpp_cifar10,
-    unet_tiny,
-    dit_s_2,
-    dit_b_2,
-    dit_l_2,
-    dit_xl_2,
-    dit_tiny,
-)
-"""Every preset function, so tests and the benchmark cover a new preset once it is listed here."""

@@ -14,13 +14,7 @@ import torch
 from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
-from diffusion_pl.networks.embeddings import (
-    ClassEmbedding,
-    batch_noise_label,
-    data_shape,
-    embedding_mlp,
-    sincos_2d,
-)
+from diffusion_pl.networks.embeddings import ClassEmbedding, batch_noise_label, data_shape, embedding_mlp, sincos_2d
 
 __all__ = ["DiT", "dit_s_2", "dit_b_2", "dit_l_2", "dit_xl_2", "dit_tiny"]
 
@@ -105,7 +99,7 @@ class DiT(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of hidden_size.
         frequency_embedding_size: width of the sinusoidal noise-label embedding before its MLP.
         augment_dim: length of the augmentation-label vector (EDM's non-leaking augmentation, Karras et
-            al. 2022, Sec. 5; `diffusion_pl.augment.AugmentPipe`); 0: none. When > 0, a bias-free
+            al. 2022, Sec. 5; `diffusion_pl.training.augment.AugmentPipe`); 0: none. When > 0, a bias-free
             linear map of the labels is added to the conditioning vector c (timestep embedding), as EDM's
             SongUNet adds `map_augment` to its noise embedding (NVlabs/edm training/networks.py:271, :329).
         frequency_endpoint: sinusoid frequencies from 1 down to exactly 1 / 10000 (diffusers'
@@ -221,7 +215,7 @@ class DiT(nn.Module):
 
 
 # Presets name the four data-dependent arguments and augment_dim (set by the training recipe's
-# augmentation), so LightningCLI can set them under `class_path: diffusion_pl.networks.dit_s_2`;
+# augmentation), so LightningCLI can set them under `class_path: diffusion_pl.networks.dit.dit_s_2`;
 # from Python any other DiT argument can be overridden as a keyword (jsonargparse cannot see
 # through **overrides).
 

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from diffusion_pl.errors import UserValueError
+from diffusion_pl.utils.errors import UserValueError
 
 __all__ = [
     "PositionalEmbedding",

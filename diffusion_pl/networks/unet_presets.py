@@ -12,7 +12,7 @@ __all__ = ["unet_ddpm_cifar10", "unet_ddpmpp_cifar10", "unet_ddpmpp_score_sde", 
            "unet_ncsnpp_cifar10", "unet_tiny"]
 
 # Presets name the four data-dependent arguments and augment_dim (set by the training recipe's
-# augmentation), so LightningCLI can set them under `class_path: diffusion_pl.networks.unet_tiny`;
+# augmentation), so LightningCLI can set them under `class_path: diffusion_pl.networks.unet_presets.unet_tiny`;
 # from Python any other UNet argument can be overridden as a keyword (jsonargparse cannot see
 # through **overrides).
 

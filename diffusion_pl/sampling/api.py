@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_pl.prediction import Denoiser, Model, Prediction
-from diffusion_pl.processes import Process
+from diffusion_pl.processes.base import Process
 from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.sampling.noise import GeneratorNoise, Noise, SeededNoise
 

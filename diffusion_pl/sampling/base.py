@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusion_pl.prediction import Denoiser, DenoiserOutput
-from diffusion_pl.processes import AttributeRepr, Process
+from diffusion_pl.processes.base import AttributeRepr, Process
 from diffusion_pl.sampling.grids import LogSNRGrid, TimeGrid
 from diffusion_pl.sampling.noise import Noise
 

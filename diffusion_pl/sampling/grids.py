@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffusion_pl.processes import AttributeRepr, Process, check_positive
+from diffusion_pl.processes.base import AttributeRepr, Process, check_positive
 
 __all__ = ["TimeGrid", "UniformGrid", "QuadraticGrid", "KarrasGrid", "LogSNRGrid", "ExplicitGrid", "TimestepGrid"]
 

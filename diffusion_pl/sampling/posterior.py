@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
-from diffusion_pl.processes import Process, check_nonnegative
+from diffusion_pl.processes.base import Process, check_nonnegative
 from diffusion_pl.sampling.base import Point, Sampler, Variance, posterior_step
 from diffusion_pl.sampling.grids import TimeGrid, TimestepGrid
 from diffusion_pl.sampling.noise import Noise

@@ -21,7 +21,7 @@ from typing import Literal
 from torch import Tensor
 
 from diffusion_pl.prediction import Denoiser
-from diffusion_pl.processes import append_dims, check_nonnegative
+from diffusion_pl.processes.base import append_dims, check_nonnegative
 from diffusion_pl.sampling.base import Point, Sampler, posterior_step
 from diffusion_pl.sampling.grids import TimeGrid
 from diffusion_pl.sampling.noise import Noise

@@ -1,0 +1,259 @@
+"""The `diffusion-pl` command: LightningCLI's fit / validate / test / predict plus prepare, sample, evaluate.
+
+Training subcommands are LightningCLI (components picked by `class_path` in YAML, `--print_config`,
+the resolved config saved in every run folder). The project's own subcommands have their own
+argparse front ends and are dispatched before LightningCLI sees the arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ActionYesNo, Namespace
+from jsonargparse._actions import _ActionPrintConfig  # skip_print_config: the first of two parses prints nothing
+from jsonargparse.typing import import_object
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol  # as AtomicCheckpointIO uses it
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, DeferredRequeue, FinalCheckpoint,
+                                                           PreemptionCheckpoint, checkpoint_step,
+                                                           find_resume_checkpoint)
+from diffusion_pl.utils.errors import MissingFileError, UserValueError
+from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.cli.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
+                                         remove_run_outputs)
+
+__all__ = ["DiffusionCLI", "fill_network_shape"]
+
+# the module arguments that make a checkpoint's network: an explicit --ckpt_path's saved ones are used
+CHECKPOINT_MODEL_KEYS = ("net", "process", "prediction")
+RESUME_KEYWORDS = ("last", "hpc", "best", "registry")  # --ckpt_path values that name no file
+
+# Resuming writes into a checkpoint folder that holds the run's earlier checkpoints, on purpose; folders
+# of other runs are refused before training (diffusion_pl.cli.run_folder), so Lightning's warning says nothing.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+class DiffusionCLI(LightningCLI):
+    """LightningCLI for DiffusionModule and any LightningDataModule, with crash-safe checkpointing.
+
+    On top of LightningCLI: `trainer.default_root_dir` is the one option that places a run (see
+    diffusion_pl.cli.run_folder); network shape options left unset (`in_channels`, `img_resolution`) are
+    filled from the data; `--ckpt_path last` resumes from the newest checkpoint by stored step; the
+    network (net / process / prediction) a recipe leaves out comes from the --ckpt_path checkpoint's saved
+    config (fine-tuning an import: `parse_arguments`); every fit saves its final step and saves on SIGTERM.
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self._lock_fd: int | None = None
+        super().__init__(
+            DiffusionModule,
+            None,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,  # the module takes `optimizer:` itself
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def parse_arguments(self, parser, args: Any) -> None:
+        # LightningCLI puts an explicit --ckpt_path's saved config (hyper_parameters) over the parsed model
+        # section after parsing (_parse_ckpt_path), but model.net and model.process are required *while*
+        # parsing. So a first parse, unvalidated, finds --ckpt_path wherever it was given (option, recipe,
+        # env), and the checkpoint's net / process / prediction become the parser's defaults: a fine-tuning
+        # command needs no model section (`fit --ckpt_path imported.ckpt --data.shards ...`). The recipe's
+        # values still parse over these defaults, and the checkpoint's over those, as before.
+        ckpt_path, saved = self._checkpoint_model_defaults(parser, args)
+        super().parse_arguments(parser, args)
+        if not saved or not Path(ckpt_path).is_file():  # `last`: the recipe's model section is kept, as before
+            return
+        model = self.config[self.config["subcommand"]].get("model")
+        differ = [f"model.{key}" for key, value in saved.items() if _differs(model.get(key), value)]
+        if differ:  # LightningCLI's rule, said aloud: the checkpoint's network wins over the recipe's
+            fields = ", ".join(f"model.{key}" for key in CHECKPOINT_MODEL_KEYS)
+            print(f"diffusion-pl: {fields} come from the checkpoint {ckpt_path} (its saved config); the recipe's "
+                  f"{', '.join(differ)} {'is' if len(differ) == 1 else 'are'} not used", file=sys.stderr)
+
+    def _checkpoint_model_defaults(self, parser, args: Any) -> tuple[str | None, dict[str, Any]]:
+        """--ckpt_path and its saved net / process / prediction, now the subcommand parser's defaults."""
+        if not getattr(self, "_subcommand_parsers", None):
+            return None, {}  # run=False: no subcommand, no ckpt_path
+        with _ActionPrintConfig.skip_print_config():  # --print_config: printed by the second parse
+            first = (parser.parse_object(args, _skip_validation=True) if isinstance(args, (dict, Namespace))
+                     else parser.parse_args(args, _skip_validation=True))
+        subcommand = first.get("subcommand")
+        ckpt_path = first[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return None, {}
+        missing = [key for key in ("net", "process") if first[subcommand].get(f"model.{key}") is None]
+        source, root = ckpt_path, Path(first[subcommand].get("trainer.default_root_dir") or os.getcwd())
+        if ckpt_path == "last" and missing:  # resuming a run whose recipe names no network: its newest checkpoint
+            source = find_resume_checkpoint(root, root / "checkpoints", recursive=False)
+        is_file = source is not None and _is_local_file_protocol(str(source)) and Path(source).is_file()
+        saved = _saved_model_config(source) if is_file else {}
+        unset = " and ".join(f"model.{key}" for key in missing if key not in saved)
+        if unset:  # the second parse would fail on them: say why in one line
+            where = ckpt_path if source == ckpt_path else f"{ckpt_path} ({source})"
+            if source is None:
+                raise UserValueError(f"--ckpt_path last finds no checkpoint in {root} and the recipe sets no {unset}: "
+                                     f"expected a recipe (--config) that names {unset}, e.g. the run's config.yaml")
+            if is_file:
+                raise UserValueError(f"--ckpt_path {where} holds no saved {unset} (hyper_parameters) and the recipe "
+                                     f"sets none: expected a recipe (--config) that names {unset}, or a checkpoint "
+                                     "written by `diffusion-pl fit` or `diffusion-pl import`")
+            if source not in RESUME_KEYWORDS and _is_local_file_protocol(str(source)):
+                raise MissingFileError(f"--ckpt_path {source} does not exist: expected a checkpoint written by "
+                                       "`diffusion-pl fit` or `diffusion-pl import`")
+        if saved:
+            self._subcommand_parsers[subcommand].set_defaults({f"model.{key}": v for key, v in saved.items()})
+        return ckpt_path, saved
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--overwrite", action=ActionYesNo, default=False,
+                            help="fit: start over in a run folder that holds a previous run, deleting its "
+                                 "checkpoints, samples, logs and config.yaml (other files stay)")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        fill_network_shape(config)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # No logger configured: TensorBoard straight into the run folder (Lightning's default would add
+        # lightning_logs/version_N), so checkpoints (ModelCheckpoint without dirpath), samples and
+        # config.yaml all follow --trainer.default_root_dir.
+        if config.get("logger") in (None, True):
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            config["logger"] = TensorBoardLogger(save_dir=config.get("default_root_dir") or os.getcwd(), name="",
+                                                 version="")
+        return super()._instantiate_trainer(config, callbacks)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        # Always checkpoint atomically, save the final step, save on SIGTERM and requeue SLURM jobs at a
+        # step boundary, whatever the recipe lists.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
+            # first, so that its train-end save comes before ModelCheckpoint's own (last.ckpt only) one
+            trainer.callbacks.insert(0, FinalCheckpoint())
+        for cls in (PreemptionCheckpoint, DeferredRequeue):
+            if not any(isinstance(cb, cls) for cb in trainer.callbacks):
+                trainer.callbacks.append(cls())
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # the run is over (or failed): free its folder, also for a next fit in this process
+            release_run_folder(self._lock_fd)
+            self._lock_fd = None
+
+    def before_fit(self) -> None:
+        trainer = self.trainer
+        ckpt_path = self.config["fit"].get("ckpt_path")
+        root = Path(trainer.default_root_dir)
+        ckpt_cb = trainer.checkpoint_callback
+        ckpt_dir = getattr(ckpt_cb, "dirpath", None) or root / "checkpoints"
+        if ckpt_path not in (None, *RESUME_KEYWORDS) and _is_local_file_protocol(str(ckpt_path)) \
+                and not Path(ckpt_path).is_file():  # (an existing one was read in _checkpoint_model_defaults)
+            raise MissingFileError(f"--ckpt_path {ckpt_path} does not exist: expected a checkpoint written by "
+                                   "`diffusion-pl fit`, or `last` for the newest one in the run folder")
+        if trainer.global_rank == 0:
+            self._lock_fd = lock_run_folder(root)  # held until this process exits
+            previous = previous_run_outputs(root, ckpt_dir)
+            # a checkpoint from outside the run folder (an import, another run) starts a new run: rerunning the same
+            # command (a requeued job) into a folder that has trained on would silently go back to that start
+            foreign = ckpt_path not in (None, *RESUME_KEYWORDS) and _is_local_file_protocol(str(ckpt_path)) and not any(
+                Path(ckpt_path).resolve().is_relative_to(Path(d).resolve()) for d in (root, ckpt_dir))
+            if previous and (ckpt_path is None or foreign):
+                if not self.config["fit"].get("overwrite"):
+                    names = ", ".join(str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+                                      for p in previous[:3])
+                    start = f" and --ckpt_path {ckpt_path} is from outside it (a new start)" if foreign else ""
+                    raise RunFolderError(f"run folder {root} holds a previous run ({names}){start}: expected "
+                                         "--ckpt_path last to continue it, --overwrite to start over, or another "
+                                         "--trainer.default_root_dir")
+                remove_run_outputs(previous)
+                print(f"diffusion-pl: --overwrite: removed the previous run's outputs in {root}", file=sys.stderr)
+        if ckpt_path == "last":
+            self._resolve_last(root, ckpt_dir)
+
+    def _resolve_last(self, root: Path, ckpt_dir: Path) -> None:
+        """`--ckpt_path last`: the newest checkpoint in the run folder by stored global step."""
+        # the run folder's top (SLURM's hpc_ckpt_N.ckpt) and the checkpoint folder: not a recursive
+        # walk of default_root_dir, which defaults to the working directory
+        path = find_resume_checkpoint(*dict.fromkeys([root, root / "checkpoints", Path(ckpt_dir)]), recursive=False)
+        if self.trainer.global_rank != 0:
+            pass  # every rank resolves the same file; rank 0 says which
+        elif path is None:
+            print(f"diffusion-pl: --ckpt_path last: no checkpoint in {root}; starting from scratch", file=sys.stderr)
+        else:
+            print(f"diffusion-pl: resuming from {path} (step {checkpoint_step(path)})", file=sys.stderr)
+        # LightningCLI passes the *instantiated* config (config_init) to trainer.fit; the parsed one is
+        # what config.yaml records. Both must say which checkpoint was loaded.
+        self.config["fit"]["ckpt_path"] = path
+        self.config_init["fit"]["ckpt_path"] = path
+
+
+def _saved_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's saved net / process / prediction (class_path + init_args), those it holds (not None)."""
+    # before LightningCLI's _parse_ckpt_path loads it: a truncated or foreign file says "not a checkpoint"
+    # here, not torch's zip-archive error
+    checkpoint_step(path)
+    hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    return {key: hparams[key] for key in CHECKPOINT_MODEL_KEYS if hparams.get(key) is not None}
+
+
+def _differs(recipe: Any, saved: Any) -> bool:
+    """Whether a recipe's parsed component says other than a checkpoint's saved one; None (unset: filled from
+    the data, or not given) says nothing. Compared as YAML data: namespaces as dicts, tuples as lists."""
+    def plain(value: Any) -> Any:
+        value = value.as_dict() if isinstance(value, Namespace) else value
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items() if not str(k).startswith("__")}  # __path__: a file's
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    recipe, saved = plain(recipe), plain(saved)
+    if isinstance(recipe, dict) and isinstance(saved, dict):
+        return any(_differs(value, saved.get(key)) for key, value in recipe.items())
+    return recipe is not None and recipe != saved
+
+
+def fill_network_shape(config) -> None:
+    """Set `model.net.init_args.in_channels` / `img_resolution` from the data when the config leaves them None."""
+    net, data = config.get("model.net"), config.get("data")
+    if net is None or data is None or not hasattr(net, "init_args") or not hasattr(data, "class_path"):
+        return
+    unset = [key for key in ("in_channels", "img_resolution") if key in net.init_args and net.init_args[key] is None]
+    if not unset:
+        return
+    # a throwaway instance: ShardDataModule reads only its manifest (or one image) for these
+    datamodule = import_object(data.class_path)(**data.init_args.as_dict())
+    autoencoder = config.get("model.autoencoder")
+    if autoencoder is not None and hasattr(autoencoder, "class_path"):  # image data encoded on the fly: latent shape
+        from diffusion_pl.training.latent import encoded_view
+
+        datamodule = encoded_view(datamodule, import_object(autoencoder.class_path)(**autoencoder.init_args.as_dict()))
+    values = {}
+    if "in_channels" in unset and getattr(datamodule, "channels", None) is not None:
+        values["in_channels"] = int(datamodule.channels)
+    # the manifest's (or the argument's) square side first: output_size may have to read an image
+    side = getattr(datamodule, "image_size", None)
+    if "img_resolution" in unset and (side is not None or getattr(datamodule, "output_size", None) is not None):
+        h, w = (side, side) if side is not None else datamodule.output_size
+        if h != w:
+            raise UserValueError(f"the data yields {h}x{w} images but model.net img_resolution is unset: expected "
+                                 "square images; set data image_size to a side to resize them to")
+        values["img_resolution"] = int(h)
+    for key, value in values.items():
+        net.init_args[key] = value
+    if values:
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        print(f"diffusion-pl: model.net {shown} (from the data)", file=sys.stderr)

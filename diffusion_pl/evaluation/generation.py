@@ -1,0 +1,145 @@
+"""Seeded sample generation: what sample grids, `diffusion-pl sample` and the FID evaluation all draw.
+
+Sample i is drawn with seed `seed + i` (and class i % num_classes when conditional), so the images
+depend neither on the batch size nor on how the indices are split over ranks; rank r takes the
+contiguous block `rank_indices(n, r, world)`. Images leave as uint8 by the evaluation protocol
+(`to_uint8`). This module needs no torchmetrics or torch-fidelity (diffusion_pl.evaluation.metrics does).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from diffusion_pl.training.latent import decode_samples, latent_space
+from diffusion_pl.guidance import check_guidance_channels
+from diffusion_pl.sampling.api import sample
+
+__all__ = ["FULL_PROTOCOL_SAMPLES", "to_uint8", "metric_prefix", "sampler_label", "class_labels_for", "generate",
+           "rank_world", "rank_indices", "guide_mismatch"]
+
+FULL_PROTOCOL_SAMPLES = 50_000
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, 3, H, W), rounded and clamped; grey repeated to RGB."""
+    # torchmetrics' normalize=True does (x * 255).byte(), which wraps out-of-range values around.
+    u8 = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+
+
+def metric_prefix(name: str, n: int) -> str:
+    """`fid` for the full 50k protocol, else the sample count in the name (`fid10k`, `fid500`)."""
+    if n >= FULL_PROTOCOL_SAMPLES:
+        return name
+    return f"{name}{n // 1000}k" if n % 1000 == 0 else f"{name}{n}"
+
+
+def sampler_label(sampler) -> str:
+    """Name of a (sampler, steps) point in logged metrics: class name and steps, e.g. `heunode_17`."""
+    return f"{type(sampler).__name__.lower()}_{sampler.steps}"
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_indices(n: int, rank: int, world: int) -> range:
+    """This rank's contiguous block of sample indices 0..n-1 (blocks in rank order cover them in order)."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def class_labels_for(indices: Sequence[int], num_classes: int | None, choices: Sequence[int] | None = None,
+                     device: str | torch.device | None = None) -> Tensor | None:
+    """Label of sample i: choices[i % len(choices)], else i % num_classes (balanced); None if unconditional."""
+    if num_classes is None:
+        return None
+    labels = [choices[i % len(choices)] if choices else i % num_classes for i in indices]
+    return torch.tensor(labels, dtype=torch.long, device=device)
+
+
+def _saved_component(module, name: str) -> dict | None:
+    """The class_path / init_args of `name` in the module's saved config, or None (a module built from Python)."""
+    config = getattr(module, "saved_config", None) or getattr(module, "hparams", {})  # load_module sets saved_config
+    saved = config.get(name)
+    return saved if isinstance(saved, dict) else None
+
+
+def _network_shape(module) -> tuple:
+    net = module.net
+    return getattr(net, "in_channels", None), getattr(net, "img_resolution", None)
+
+
+def guide_mismatch(module, guide) -> str | None:
+    """Why `guide` cannot guide `module` ("has process X but the model has Y"), or None when it can.
+
+    Mixing raw network outputs equals mixing denoised images only when both models share the process
+    and the prediction, the generated shape and the classes. The process and prediction are compared by
+    their saved configs (every argument, where a repr may leave some out, e.g. VPLinear's betas) when both
+    modules have one, else by repr.
+    """
+    checks = [("image shape (channels, resolution)", _network_shape(module), _network_shape(guide))]
+    for name in ("process", "prediction"):
+        own, other = _saved_component(module, name), _saved_component(guide, name)
+        if own is None or other is None:
+            own, other = repr(getattr(module, name)), repr(getattr(guide, name))
+        else:
+            own, other = (json.dumps(c, sort_keys=True, default=str) for c in (own, other))
+        checks.append((name, own, other))
+    checks.append(("num_classes", module.num_classes, guide.num_classes))
+    checks.append(("latent space (autoencoder, scale, shift)", latent_space(module), latent_space(guide)))
+    for what, own, other in checks:
+        if own != other:
+            return f"has {what} {other} but the model has {own}"
+    return None
+
+
+def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int], *, seed: int = 0,
+             guidance: float = 1.0, ema: bool = True, class_choices: Sequence[int] | None = None,
+             batch_size: int = 64, device: str | torch.device | None = None, clip_x0: float | None = None,
+             progress: bool = False, guide_module=None,
+             guidance_interval: tuple[float, float] | None = None,
+             guidance_channels: int | None = None) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
+    """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
+
+    image_shape: what the network samples (a latent module's latent (C, h, w)); a module with an autoencoder
+    yields its samples decoded to pixels (`diffusion_pl.training.latent.pixel_shape`).
+    clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's sampling clips at 1).
+    guide_module: a second DiffusionModule (same process and prediction; its EMA weights when `ema`)
+    for autoguidance with weight `guidance`; guidance_interval: (sigma_lo, sigma_hi), see `Denoiser`.
+    guidance_channels: guide only the first K of image_shape[0] channels (diffusion_pl/guidance.py); None: all.
+    """
+
+    check_guidance_channels(guidance_channels, available=image_shape[0])
+    indices = list(indices)
+    model, net = module.model(ema=ema), module.ema if ema else module.net
+    guide = guide_module.model(ema=ema) if guide_module is not None else None
+    guide_net = (guide_module.ema if ema else guide_module.net) if guide_module is not None else None
+    training, guide_training = net.training, guide_net is not None and guide_net.training
+    net.eval()  # Lightning's model.train() also flips the EMA copy; sampling needs eval (no dropout)
+    if guide_net is not None:
+        guide_net.eval()
+    try:
+        with tqdm(total=len(indices), desc=f"sampling {sampler_label(sampler)}", unit="img",
+                  disable=not progress) as bar:
+            for start in range(0, len(indices), batch_size):
+                idx = indices[start:start + batch_size]
+                labels = class_labels_for(idx, module.num_classes, class_choices, device)
+                out = sample(model, module.process, module.prediction, sampler, (len(idx), *image_shape),
+                             class_labels=labels, guidance=guidance, null_label=module.null_label,
+                             clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device, guide=guide,
+                             guidance_interval=guidance_interval, guidance_channels=guidance_channels)
+                bar.update(len(idx))
+                yield idx, to_uint8(decode_samples(module, out.x)), labels, out.nfe  # latents: decoded to pixels
+    finally:
+        net.train(training)
+        if guide_net is not None:
+            guide_net.train(guide_training)

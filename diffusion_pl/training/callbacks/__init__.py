@@ -1,0 +1,4 @@
+"""Callbacks of a training run: crash-safe checkpointing, the power-function EMA, the base of step callbacks.
+
+The callbacks that evaluate during training (SampleGrid, FIDCallback) live in diffusion_pl.evaluation.
+"""

@@ -1,0 +1,233 @@
+"""PowerEMA: power-function EMAs tracked during training, with snapshots for post-hoc EMA (EDM2, Sec. 3).
+
+The callback keeps one average of the network's parameters per sigma_rel (EDM2 default 0.05 and 0.10),
+beside the module's own classic EMA (`DiffusionModule.ema`, untouched), and every
+`snapshot_every_n_steps` optimizer steps writes each average to
+
+    <run folder>/phema/phema-<step, 9 digits>-<sigma_rel>.pt
+
+a torch.save file of plain tensors and numbers (loadable with weights_only=True): `state_dict` (the
+network's state_dict keys; parameters averaged, buffers copied from the network), `averaged` (the
+averaged keys), `step`, `nimg` (t, training images seen), `sigma_rel`, `gamma`, `format`. Each file is
+written atomically (`fileio.atomic_path`), so a crash leaves only a hidden temporary file, which readers
+skip. `diffusion-pl reconstruct-ema` turns the snapshots into a checkpoint of any other sigma_rel.
+
+Why not the `ema-pytorch` package (0.8.3, PostHocEMA / KarrasEMA): its beta (1 - 1/(step + 1))^(gamma + 1)
+is one step behind EDM2's Eq. 127 (after k updates it holds EDM2's average at t = k + 1 with the first
+weights counted twice, while its synthesis takes t = k), its default update_every=100 applies one step's
+beta per 100 steps, the solved coefficients are not normalised to sum 1, snapshots are written in place
+(a crash leaves a truncated file) and carry no step / sigma_rel, time is counted in steps rather than
+images, and it has no Lightning state for exact resume. The math here follows edm2 training/phema.py.
+
+Timing: the update runs once per optimizer step, after it (`on_train_batch_end` of the batch whose
+global_step moved: under gradient accumulation the intermediate micro-batches only count their images).
+Lightning runs callbacks' batch-end hooks in list order, so a checkpoint callback listed before this one
+could save the step before its update; `state_dict` therefore applies a pending update first, and every
+checkpoint holds the averages of exactly the step it records. Under DDP every rank holds identical
+weights after the optimizer step (gradients are all-reduced), so each rank updates its own copy and no
+communication is needed; rank 0 writes the snapshots, and checkpoints hold rank 0's averages.
+Sharded strategies (FSDP, DeepSpeed, model parallel) are refused: there a rank holds only part of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from diffusion_pl.evaluation.sample_grid import run_dir
+from diffusion_pl.utils.errors import UserValueError, one_line
+from diffusion_pl.training.phema import (SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, PowerFunctionEMA, check_sigma_rel,
+                                         list_snapshot_files, save_snapshot, snapshot_name)
+
+__all__ = ["PowerEMA"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _batch_size(batch: Any) -> int:
+    x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not torch.is_tensor(x0):
+        raise TypeError(f"PowerEMA counts images from the batch's first tensor, got a {type(x0).__name__}")
+    return int(x0.shape[0])
+
+
+class PowerEMA(Callback):
+    """Track power-function EMAs of `pl_module.net` and snapshot them for post-hoc reconstruction.
+
+    Args:
+        sigma_rels: EMA lengths relative to training time, each in (0, 0.2887]; EDM2 tracks 0.05 and 0.10
+            and reconstructs any length between (and somewhat beyond) from them.
+        snapshot_every_n_steps: write snapshots every this many optimizer steps. The reconstruction
+            needs several per run (EDM2 writes one per 8M images); each costs one network copy per
+            sigma_rel on disk.
+        at_train_end: also snapshot the final step when it is not a multiple of snapshot_every_n_steps.
+        dirpath: snapshot folder; default `<run folder>/phema` (beside `checkpoints/`).
+        snapshot_dtype: dtype of the snapshot weights: float32 (exact), or float16 / bfloat16 (half the
+            disk, as EDM2's float16 snapshots; the reconstruction then carries their rounding).
+    """
+
+    def __init__(self, sigma_rels: Sequence[float] = (0.05, 0.10), snapshot_every_n_steps: int = 1000,
+                 at_train_end: bool = True, dirpath: str | None = None,
+                 snapshot_dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
+        try:
+            self.sigma_rels = tuple(check_sigma_rel(s) for s in sigma_rels)
+        except (TypeError, ValueError) as err:
+            raise UserValueError(f"PowerEMA: {one_line(err)}") from err
+        if not self.sigma_rels or len(set(self.sigma_rels)) != len(self.sigma_rels):
+            raise UserValueError(f"PowerEMA: sigma_rels is {list(sigma_rels)}: expected at least one value, no repeats")
+        if isinstance(snapshot_every_n_steps, bool) or not isinstance(snapshot_every_n_steps, int) \
+                or snapshot_every_n_steps < 1:
+            raise UserValueError(f"PowerEMA: snapshot_every_n_steps is {snapshot_every_n_steps}: expected an integer "
+                                 ">= 1")
+        if snapshot_dtype not in _DTYPES:
+            raise UserValueError(f"PowerEMA: snapshot_dtype is {snapshot_dtype!r}: expected one of "
+                                 f"{', '.join(_DTYPES)}")
+        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.at_train_end = at_train_end
+        self.dirpath = dirpath
+        self.snapshot_dtype = snapshot_dtype
+        self.folder: Path | None = None
+        self.ema: PowerFunctionEMA | None = None
+        self._loaded: dict | None = None  # state from a checkpoint, applied once the network is on its device
+        self._trainer: L.Trainer | None = None
+        self._pending_images = 0  # local images of the micro-batches since the last optimizer step
+        self._step_done = -1  # global step the averages correspond to
+        self._step_at_batch_start = -1
+        self._no_history_from: int | None = None  # started mid-run without averages in the checkpoint
+        self._last_snapshot = -1
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+            raise UserValueError(f"PowerEMA needs every rank to hold the full weights, but the strategy is "
+                                 f"{type(trainer.strategy).__name__}: expected single-device or DDP training")
+        if not isinstance(getattr(pl_module, "net", None), torch.nn.Module):
+            raise UserValueError(f"PowerEMA averages `pl_module.net`, which {type(pl_module).__name__} lacks: "
+                                 "expected a DiffusionModule")
+        self._trainer = trainer
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir is a collective: every rank evaluates it here (as SampleGrid does)
+        self.folder = self._folder(trainer)
+
+    def _folder(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath is not None else run_dir(trainer) / SNAPSHOT_FOLDER
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        named = list(pl_module.net.named_parameters())
+        self.ema = PowerFunctionEMA([p for _, p in named], [n for n, _ in named], self.sigma_rels)
+        step = trainer.global_step
+        if self._loaded is not None:
+            try:
+                self.ema.load_state_dict(self._loaded)
+            except ValueError as err:
+                raise UserValueError(f"PowerEMA: {one_line(err)}") from err
+            self._loaded = None
+            if self.ema.step != step:
+                rank_zero_warn(f"PowerEMA: the checkpoint's averages are at step {self.ema.step} but training resumes "
+                               f"at step {step}; continuing from them")
+        elif step > 0:
+            rank_zero_warn(f"PowerEMA: resuming at step {step} from a checkpoint without PowerEMA averages: the "
+                           "averages start from the current weights, as if they had been the weights of all earlier "
+                           "steps")
+            self._no_history_from = step
+            self.ema.step = step
+        self._step_done = step
+        self._pending_images = 0
+        if trainer.is_global_zero:
+            self._remove_abandoned(step)
+
+    def _remove_abandoned(self, step: int) -> None:
+        """Snapshots past the step training (re)starts from belong to an abandoned continuation: remove them."""
+        stale = [path for s, path in list_snapshot_files(self.folder) if s > step]
+        for path in stale:
+            path.unlink()
+        if stale:
+            rank_zero_info(f"PowerEMA: removed {len(stale)} snapshots past step {step} in {self.folder} (written by a "
+                           "run that continued beyond the checkpoint this one starts from)")
+
+    # -- averaging --------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+        self._pending_images += _batch_size(batch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._catch_up()
+        step = trainer.global_step
+        # only when this batch completed an optimizer step (not the micro-batches of gradient accumulation)
+        if step != self._step_at_batch_start and step % self.snapshot_every_n_steps == 0:
+            self.write_snapshots(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._catch_up()
+        if self.at_train_end and trainer.global_step > 0 and trainer.global_step != self._last_snapshot:
+            self.write_snapshots(trainer, pl_module)
+
+    def _catch_up(self) -> None:
+        """Apply the update of an optimizer step that completed since the last one (at most one is pending)."""
+        trainer = self._trainer
+        if self.ema is None or trainer is None or trainer.global_step == self._step_done:
+            return
+        t_delta = self._pending_images * trainer.world_size  # every rank draws batches of the same size
+        if t_delta <= 0:
+            raise RuntimeError(f"PowerEMA: optimizer step {trainer.global_step} with no images counted")
+        if self._no_history_from is not None:  # t before the resume, assuming this step's batch size
+            self.ema.nimg = self._no_history_from * t_delta
+            self._no_history_from = None
+        self.ema.update(list(trainer.lightning_module.net.parameters()), t_delta)
+        self.ema.step = trainer.global_step
+        self._step_done = trainer.global_step
+        self._pending_images = 0
+
+    # -- snapshots --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def snapshot(self, pl_module: L.LightningModule, index: int) -> dict:
+        """The snapshot of profile `index`: the net's state_dict with its parameters replaced by their average."""
+        ema = self.ema
+        position = {id(p): i for i, p in enumerate(pl_module.net.parameters())}
+        dtype = _DTYPES[self.snapshot_dtype]
+        state, averaged = {}, []
+        for key, value in pl_module.net.state_dict(keep_vars=True).items():
+            if id(value) in position:
+                value = ema.averages[index][position[id(value)]]
+                averaged.append(key)
+                value = value.to(dtype) if value.is_floating_point() else value
+            state[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {"format": SNAPSHOT_FORMAT, "state_dict": state, "averaged": averaged, "step": int(ema.step),
+                "nimg": int(ema.nimg), "sigma_rel": float(ema.sigma_rels[index]), "gamma": float(ema.gammas[index])}
+
+    def write_snapshots(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        """Write one snapshot per sigma_rel at the current step (rank 0; other ranks return at once)."""
+        self._last_snapshot = trainer.global_step
+        if not trainer.is_global_zero or self.ema is None:
+            return []
+        folder = self.folder or self._folder(trainer)
+        paths = []
+        for index, sigma_rel in enumerate(self.ema.sigma_rels):
+            path = folder / snapshot_name(trainer.global_step, sigma_rel)
+            save_snapshot(path, self.snapshot(pl_module, index))
+            paths.append(path)
+        return paths
+
+    # -- checkpoint state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        self._catch_up()  # a checkpoint callback listed before this one saves after the step's update
+        if self.ema is None:
+            return {} if self._loaded is None else self._loaded
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._loaded = state_dict

@@ -1,0 +1,379 @@
+"""The LightningModule: network + forward process + parameterization + loss + EMA.
+
+A training batch reads top to bottom in `training_step`:
+images -> (t, eps) -> x_t -> network -> wrapper -> weighted loss.
+
+Randomness of a training step (t, eps, label dropout, network dropout) is a pure function of
+(seed, rank, step): the step reseeds the global generators from those three numbers. Runs
+therefore resume bit-exactly without storing generator states, ranks draw different noise,
+and nothing depends on how many steps a previous job ran (as EDM2 seeds from images seen).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from diffusion_pl.utils import lightning_compat
+from diffusion_pl.training.augment import AugmentPipe
+from diffusion_pl.codecs.autoencoder import Autoencoder
+from diffusion_pl.utils.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
+from diffusion_pl.training.latent import (check_autoencoder, check_checkpoint_autoencoder, check_latent_data,
+                                          check_resumed_autoencoder, data_is_latent, save_autoencoder_spec, to_latents)
+from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
+from diffusion_pl.prediction import EpsPrediction, Model, Prediction, null_label_of, precondition
+from diffusion_pl.processes.base import Process
+from diffusion_pl.utils.seeding import mix_seed as step_seed
+from diffusion_pl.utils.trust import TRUSTED_PACKAGES, untrusted_imports
+
+__all__ = ["DiffusionModule", "check_data_fits", "load_module"]
+
+# Lightning warns about submodules in eval mode at the start of fit; the EMA copy is one on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# nonfinite_loss: skip returns None from training_step on purpose (the step is skipped on every rank)
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=2e-4)
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains `net` as a diffusion model of `process` in the `prediction` parameterization, with an EMA copy.
+
+    Args:
+        net: a network `net(x_in, noise_label, class_labels) -> tensor like x_in` (U-Net or DiT).
+        process: the forward process (alpha(t), sigma(t)).
+        prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
+        loss: time proposal x weighting, with label dropout for classifier-free guidance.
+        optimizer: a callable params -> optimizer (LightningCLI fills it from `optimizer:`).
+        lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000).
+        ema_decay: per-step EMA decay, used when `ema_half_life_images` is None (DDPM: 0.9999).
+        ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so early EMA tracks the net.
+        ema_half_life_images: EMA half-life counted in training images (EDM: 500k images).
+        ema_rampup_ratio: EDM's ramp-up: half-life <= ratio x images seen (EDM: 0.05); None disables.
+        seed: base seed of the per-step noise; each rank and step derives its own.
+        nonfinite_loss: "raise" stops with an error naming the step, "skip" skips that step.
+        max_nonfinite_skips: with "skip", stop after this many consecutive skipped steps (a dead model
+            would otherwise skip forever and exit 0).
+        val_num_times: validation loss uses this many fixed times, evenly spaced in log-SNR.
+        channels_last: run the network in channels_last memory format (faster convolutions on GPU).
+        compile: wrap the network in torch.compile for training.
+        augment: EDM's non-leaking augmentation (`AugmentPipe`; Karras et al. 2022, Sec. 5): training
+            images are augmented and the network gets their augmentation labels; validation and
+            sampling (`model()`) pass none, i.e. zeros. The net's `augment_dim` must equal its `label_dim`.
+        grad_nan_to_num: replace NaN / +inf / -inf gradient entries by 0 / 1e5 / -1e5 before each optimizer
+            step, as EDM does (NVlabs/edm training/training_loop.py:137-139).
+        autoencoder: a frozen `Autoencoder` for latent diffusion (diffusion_pl/training/latent.py): batches become
+            latents, samples are decoded; it is never in the optimizer, the EMA or the state_dict.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        process: Process,
+        prediction: Prediction | None = None,
+        loss: DenoisingLoss | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = False,
+        ema_half_life_images: float | None = None,
+        ema_rampup_ratio: float | None = None,
+        seed: int = 0,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
+        max_nonfinite_skips: int = 20,
+        val_num_times: int = 8,
+        channels_last: bool = False,
+        compile: bool = False,
+        augment: AugmentPipe | None = None,
+        grad_nan_to_num: bool = False,
+        autoencoder: Autoencoder | None = None,
+    ) -> None:
+        super().__init__()
+        if augment is not None:
+            if not hasattr(augment, "label_dim"):
+                raise UserValueError(f"augment is a {type(augment).__name__}: "
+                                     "expected a diffusion_pl.training.augment.AugmentPipe")
+            net_dim = getattr(net, "augment_dim", 0)
+            if net_dim != augment.label_dim:
+                raise UserValueError(f"augment gives {augment.label_dim} augmentation labels but {type(net).__name__} "
+                                     f"augment_dim={net_dim}: expected equal values (set model.net augment_dim: "
+                                     f"{augment.label_dim})")
+        if not 0.0 <= ema_decay < 1.0:
+            raise UserValueError(f"ema_decay is {ema_decay}: expected a value in [0, 1)")
+        if ema_half_life_images is not None and ema_half_life_images <= 0:
+            raise UserValueError(f"ema_half_life_images is {ema_half_life_images}: expected a positive number")
+        if ema_rampup_ratio is not None and ema_rampup_ratio <= 0:
+            raise UserValueError(f"ema_rampup_ratio is {ema_rampup_ratio}: expected a positive number or None")
+        if lr_warmup_steps < 0:
+            raise UserValueError(f"lr_warmup_steps is {lr_warmup_steps}: expected an integer >= 0")
+        if max_nonfinite_skips < 1:
+            raise UserValueError(f"max_nonfinite_skips is {max_nonfinite_skips}: expected an integer >= 1")
+        if val_num_times < 1:
+            raise UserValueError(f"val_num_times is {val_num_times}: expected an integer >= 1")
+        # Under LightningCLI the hparams are the YAML config (class_path + init_args), which lets
+        # `load_module` rebuild everything from a checkpoint; built from Python, the objects are left
+        # out so that checkpoints stay loadable with weights_only=True.
+        if lightning_compat.built_by_cli():
+            self.save_hyperparameters()
+        else:
+            self.save_hyperparameters(ignore=["net", "process", "prediction", "loss", "optimizer", "augment",
+                                              "autoencoder"])
+        self.net = net
+        # The EMA lives in the module, not in Lightning's EMAWeightAveraging callback: sampling and FID
+        # callbacks need the averaged network at arbitrary steps (not only inside validation, where the
+        # callback swaps weights), and `sample` / `evaluate` read it straight from a checkpoint.
+        self.ema = copy.deepcopy(net).requires_grad_(False).eval()
+        self.process = process
+        self.prediction = prediction if prediction is not None else EpsPrediction()
+        self.loss_fn = loss if loss is not None else DenoisingLoss()
+        self.optimizer_fn = optimizer
+        self.lr_warmup_steps = lr_warmup_steps
+        self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
+        self.ema_half_life_images, self.ema_rampup_ratio = ema_half_life_images, ema_rampup_ratio
+        self.seed = seed
+        self.nonfinite_loss, self.max_nonfinite_skips = nonfinite_loss, max_nonfinite_skips
+        self._nonfinite_run = 0  # consecutive skipped steps
+        self.val_num_times = val_num_times
+        self.channels_last = channels_last
+        self.compile = compile
+        self.augment, self.grad_nan_to_num = augment, grad_nan_to_num
+        check_autoencoder(net, autoencoder, augment)
+        object.__setattr__(self, "autoencoder", autoencoder)  # a plain attribute: no parameters, no state_dict
+        self._train_model: Model | None = None
+        self._images_per_step = 0
+
+    def train(self, mode: bool = True) -> "DiffusionModule":
+        super().train(mode)
+        self.ema.eval()  # the EMA network only ever evaluates (no dropout when sampling)
+        return self
+
+    # -- models in the sampler contract -------------------------------------------------------------
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.net, "num_classes", None)
+
+    @property
+    def null_label(self) -> int | None:
+        """Label index of the unconditional embedding (classifier-free guidance), or None.
+
+        The network's own `null_label` where it has one (None for ADM's class table without a null
+        row); else num_classes, the convention of every class-conditional network here.
+        """
+        return null_label_of(self.net)
+
+    def model(self, ema: bool = True) -> Model:
+        """The network (EMA by default) as a model `(x_t, t, class_labels) -> output` for samplers."""
+        return precondition(self.ema if ema else self.net, self.process, self.prediction)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the autoencoder's identity (latent.py)
+        save_autoencoder_spec(self.autoencoder, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # resuming `fit`; load_module checks below
+        check_resumed_autoencoder(self, checkpoint)
+
+    # -- training ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:  # the datamodule is set up before the module: its shapes are known
+            check_data_fits(self.net, datamodule, self.autoencoder)
+        net = self.net
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+            self.ema.to(memory_format=torch.channels_last)
+        if self.compile and stage == "fit":
+            net = torch.compile(net)
+        # Kept out of the module tree so the compiled wrapper adds no state_dict keys.
+        object.__setattr__(self, "_train_model", precondition(net, self.process, self.prediction))
+
+    def _reseed(self, batch_idx: int) -> None:
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step, micro))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        self._reseed(batch_idx)
+        x0, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
+        x0 = to_latents(self.autoencoder, x0)  # latent modules: one posterior draw, after the reseed
+        self._images_per_step = x0.shape[0] * self.trainer.world_size * max(1, self.trainer.accumulate_grad_batches)
+        model = self._train_model
+        if self.augment is not None:  # drawn from the generator reseeded above, before the loss's draws
+            x0, augment_labels = self.augment(x0)  # (B, C, H, W), (B, label_dim)
+            model = functools.partial(model, augment_labels=augment_labels)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        labels = class_labels if self.num_classes is not None else None
+        out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label)
+        loss = out.loss.mean()
+        if not self._loss_is_finite(loss):
+            return None
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in bucket_losses(out.loss.detach(), out.t, self.process).items():
+            self.log(f"train/{name}", value)
+        return loss
+
+    def _loss_is_finite(self, loss: Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        # every rank must take the same branch, or DDP's gradient all-reduce would hang
+        finite = self.trainer.strategy.reduce(finite, reduce_op="min") if self.trainer.world_size > 1 else finite
+        if finite.item() == 1.0:
+            self._nonfinite_run = 0
+            return True
+        step = self.global_step
+        if self.nonfinite_loss == "raise":
+            raise NonFiniteLossError(f"non-finite training loss at step {step} ({loss.item()}); lower the learning "
+                                     "rate, enable gradient clipping, or set nonfinite_loss: skip")
+        self._nonfinite_run += 1
+        if self._nonfinite_run >= self.max_nonfinite_skips:
+            raise NonFiniteLossError(f"non-finite training loss at {self._nonfinite_run} consecutive steps (up to step "
+                                     f"{step}; max_nonfinite_skips={self.max_nonfinite_skips}): the model is diverged; "
+                                     "resume from an earlier checkpoint with a lower learning rate")
+        self.print(f"warning: non-finite training loss at step {step}; step skipped (nonfinite_loss=skip)")
+        self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+        return False
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the total gradient norm before clipping (all-reduced under DDP, unscaled under fp16); then,
+        with grad_nan_to_num, replace non-finite entries (before clipping, which would spread a NaN)."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        if self.grad_nan_to_num:
+            for grad in grads:
+                torch.nan_to_num(grad, nan=0.0, posinf=1e5, neginf=-1e5, out=grad)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks (ModelCheckpoint) run their batch-end hooks
+        # before the module's, so a checkpoint saved at this step would miss this EMA update.
+        self.update_ema(batch_size=self._images_per_step)
+
+    @torch.no_grad()
+    def update_ema(self, batch_size: int) -> float:
+        """ema <- beta ema + (1 - beta) net; returns beta."""
+        beta = self.ema_beta(self.global_step, batch_size)
+        ema_params = list(self.ema.parameters())
+        net_params = [p.detach() for p in self.net.parameters()]
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+        for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
+            b_ema.copy_(b_net)
+        return beta
+
+    def ema_beta(self, step: int, batch_size: int) -> float:
+        """EMA decay after `step` optimizer steps of `batch_size` images (global)."""
+        if self.ema_half_life_images is None:
+            beta = self.ema_decay
+            if self.ema_warmup:
+                beta = min(beta, (1.0 + step) / (10.0 + step))
+            return beta
+        half_life = self.ema_half_life_images
+        if self.ema_rampup_ratio is not None:  # EDM: the half-life grows with the images seen
+            half_life = min(half_life, step * batch_size * self.ema_rampup_ratio)
+        return 0.5 ** (batch_size / max(half_life, 1e-8))
+
+    def configure_optimizers(self) -> Any:
+        try:
+            optimizer = self.optimizer_fn(self.net.parameters())
+        except ValueError as err:  # torch.optim checks its values (lr, betas, eps, weight_decay) this way
+            raise UserValueError(f"optimizer: {one_line(err)}: expected the optimizer's valid range") from err
+        if self.lr_warmup_steps == 0:
+            return optimizer
+        warmup = self.lr_warmup_steps
+        # lr x min(step / warmup, 1) with step counted from 0, as DDPM (utils.get_warmed_up_lr), score_sde
+        # (losses.optimization_manager) and EDM (training_loop.py:136) ramp it: the first step has lr 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation: a deterministic denoising loss with EMA weights ----------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, class_labels = batch
+        n = x0.shape[0]
+        # fixed times: val_num_times log-SNRs evenly spaced over the process's range (the same noise
+        # levels for every process), cycled over the batch; fixed noise per batch index
+        grid = log_snr_grid(self.process, self.val_num_times)
+        t = grid[torch.arange(n) % self.val_num_times].to(device=x0.device, dtype=x0.dtype)
+        g = torch.Generator(device=x0.device).manual_seed(step_seed(self.seed, 1, batch_idx))
+        x0 = to_latents(self.autoencoder, x0, g)
+        eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        labels = class_labels if self.num_classes is not None else None
+        # the generator also draws the label dropout (p_uncond), so val/loss is deterministic
+        out = self.loss_fn(self.model(ema=True), x0, self.process, self.prediction, labels, self.null_label,
+                           generator=g, t=t, eps=eps)
+        loss = out.loss.mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        for name, value in bucket_losses(out.loss, out.t, self.process).items():
+            self.log(f"val/{name}", value, sync_dist=True)
+        return loss
+
+
+def check_data_fits(net: nn.Module, datamodule: Any, autoencoder: Autoencoder | None = None) -> None:
+    """Refuse, in one line naming both values, data whose channels, size or classes the network does not take.
+
+    Reads the attributes the networks (`in_channels`, `img_resolution`, `num_classes`) and
+    ShardDataModule (`channels`, `output_size`, `num_classes`) expose; anything absent is not checked.
+    """
+    net_name, data_name = type(net).__name__, type(datamodule).__name__
+    latent = autoencoder is not None or data_is_latent(datamodule)
+    if latent:  # channels and size in latent space (and the autoencoder's identity); classes below
+        check_latent_data(net, datamodule, autoencoder)
+    channels = getattr(net, "in_channels", None)
+    data_channels = None if latent else getattr(datamodule, "channels", None)
+    if channels is not None and data_channels is not None and channels != data_channels:
+        raise UserValueError(f"{net_name} in_channels={channels} but the data has {data_channels}-channel images: "
+                             f"expected equal values (set model.net in_channels: {data_channels}, or leave it unset)")
+    size = getattr(net, "img_resolution", None)
+    data_size = None if latent else getattr(datamodule, "output_size", None)
+    if size is not None and data_size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(size) != tuple(data_size):
+            raise UserValueError(f"{net_name} img_resolution={size[0]}x{size[1]} but the data yields "
+                                 f"{data_size[0]}x{data_size[1]} images: expected equal sizes (set data image_size: "
+                                 f"{size[0]} to resize the data, or model.net img_resolution: {data_size[0]})")
+    classes = getattr(net, "num_classes", None)
+    if classes is not None and hasattr(datamodule, "num_classes"):
+        data_classes = datamodule.num_classes
+        if data_classes is None:
+            raise UserValueError(f"{net_name} num_classes={classes} but the data {data_name} has no class labels: "
+                                 "expected labelled data (a manifest with 'classes') or num_classes: null")
+        if data_classes != classes:
+            raise UserValueError(f"{net_name} num_classes={classes} but the data has {data_classes} classes: "
+                                 f"expected equal values (set model.net num_classes: {data_classes}, or null for an "
+                                 "unconditional model)")
+
+
+def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
+                trust_config: bool = False) -> DiffusionModule:
+    """Rebuild a DiffusionModule (net, EMA, process, prediction) from a checkpoint written by `diffusion-pl fit`.
+
+    Tensors load with weights_only=True; the saved config, though, names classes to import. Unless
+    `trust_config`, those must come from TRUSTED_PACKAGES (a checkpoint from elsewhere could otherwise
+    import and run any installed module).
+    """
+    if not Path(ckpt_path).is_file():
+        raise MissingFileError(f"checkpoint {ckpt_path} does not exist: expected a .ckpt written by `diffusion-pl fit`")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch's message for a truncated or foreign file talks of zip serialization
+        raise UserValueError(f"{ckpt_path} is not a checkpoint (torch.load failed: {type(err).__name__}): "
+                             "expected a .ckpt written by `diffusion-pl fit`") from err
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if "_instantiator" not in hparams:
+        raise UserValueError(f"checkpoint {ckpt_path} has no saved config (it was not written by `diffusion-pl fit`): "
+                             "build the DiffusionModule yourself and call load_state_dict(checkpoint['state_dict'])")
+    untrusted = untrusted_imports(hparams)
+    if untrusted and not trust_config:
+        raise UserValueError(f"checkpoint {ckpt_path} names classes outside {', '.join(TRUSTED_PACKAGES)} "
+                             f"({', '.join(untrusted[:3])}): its config is code; pass trust_config=True "
+                             "(--trust-config) if you trust where it came from")
+    module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)
+    check_checkpoint_autoencoder(checkpoint, module.autoencoder, ckpt_path)  # the VAE it was trained with
+    module.saved_config = hparams  # the config as saved (hparams hold only what the rebuilt module saves)
+    return module

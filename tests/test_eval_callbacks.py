@@ -17,7 +17,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 
 from _eval_setup import DATA, IMAGE_SIZE, StandInFeatures, fit, make_callbacks, recording
-from diffusion_pl.evaluation import metrics
+from diffusion_pl.data.pixels import to_uint8
+from diffusion_pl.evaluation.metrics.inception import WEIGHTS_ENV, InceptionWeightsError
 from diffusion_pl.evaluation.fid_callback import FIDCallback
 from diffusion_pl.evaluation.sample_grid import SampleGrid
 from diffusion_pl.data.datamodule import ShardDataModule
@@ -130,21 +131,21 @@ def test_explicit_reference_data_is_resized_to_the_training_size(tmp_path, monke
     dm = ShardDataModule(shards=big, val_shards=big, batch_size=8, num_workers=0, image_size=IMAGE_SIZE,
                          random_flip=False)
     dm.setup("validate")
-    features = torch.cat([extractor(metrics.to_uint8(x))[0] for x, _ in dm.val_dataloader()]).double()
+    features = torch.cat([extractor(to_uint8(x))[0] for x, _ in dm.val_dataloader()]).double()
     assert fid.reference.n == 20
     torch.testing.assert_close(fid.reference.feature_sum, features.sum(0))
 
 
 def test_preflight_stops_fit_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv(metrics.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
 
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     grid = RecordingGrid(every_n_steps=1, sampler=DDIM(steps=1))
-    with pytest.raises(metrics.InceptionWeightsError, match="--inception-weights PATH"):
+    with pytest.raises(InceptionWeightsError, match="--inception-weights PATH"):
         fit(tmp_path, [FIDCallback(every_n_steps=1, num_samples=4), grid])
     assert grid.written == [] and grid.image_shape is None  # no training batch was run
 

@@ -17,12 +17,14 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torchmetrics.image import FrechetInceptionDistance
 
 from _eval_setup import StandInFeatures
-from diffusion_pl.evaluation import metrics
+import diffusion_pl
+from diffusion_pl.evaluation.metrics.inception import INCEPTION_URL, WEIGHTS_ENV, inception_weights_file
 from diffusion_pl.evaluation.metrics import inception
 from diffusion_pl.evaluation.metrics.inception import (InceptionFeatures, InceptionWeightsError, load_inception,
                                                        random_inception_weights)
 from diffusion_pl.evaluation.metrics.statistics import SampleMetrics, frechet_distance, gaussian_stats, reference_stats
-from diffusion_pl.evaluation.generation import metric_prefix, to_uint8
+from diffusion_pl.data.pixels import to_uint8
+from diffusion_pl.evaluation.generation import metric_prefix
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +32,7 @@ def _isolated(tmp_path, monkeypatch):
     """Fresh cache and torch hub folders, no weights from the environment."""
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv(metrics.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
 
 
 class TableFeatures(nn.Module):
@@ -166,7 +168,7 @@ def test_preflight_fails_fast_without_weights(monkeypatch):
     assert time.time() - start < 5
     message = str(err.value)
     assert "\n" not in message
-    assert "--inception-weights" in message and metrics.WEIGHTS_ENV in message and metrics.INCEPTION_URL in message
+    assert "--inception-weights" in message and WEIGHTS_ENV in message and INCEPTION_URL in message
     with pytest.raises(InceptionWeightsError, match="does not exist"):
         load_inception("/nonexistent/inception.pth")
 
@@ -184,13 +186,13 @@ def test_preflight_passes_with_a_weights_file(tmp_path, monkeypatch):
     expected = tm.inception(images)
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     # the file is also found through the environment variable, and in torch hub's cache folder
-    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(path))
-    assert metrics.inception_weights_file() == path
-    monkeypatch.delenv(metrics.WEIGHTS_ENV)
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    assert inception_weights_file() == path
+    monkeypatch.delenv(WEIGHTS_ENV)
     hub = inception._hub_weights_file()
     hub.parent.mkdir(parents=True)
     hub.write_bytes(path.read_bytes())
-    assert metrics.inception_weights_file(download_timeout=0.01) == hub
+    assert inception_weights_file(download_timeout=0.01) == hub
     # a file that is not a state_dict fails in one line
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
@@ -214,5 +216,5 @@ def test_generation_loads_without_the_metrics_stack():
 
 def test_package_does_not_use_unittest_mock():
     """Test doubles stay in tests/ (lightning imports unittest.mock itself, so the source is checked)."""
-    package = Path(metrics.__file__).parents[1]
+    package = Path(diffusion_pl.__file__).parent
     assert not [str(p) for p in package.rglob("*.py") if "unittest" in p.read_text()]

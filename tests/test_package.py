@@ -20,8 +20,18 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_package_imports_and_has_version():
     assert re.fullmatch(r"\d+\.\d+\.\d+", diffusion_pl.__version__)
-    for name in ("module", "sampling", "losses", "likelihood", "networks", "data", "callbacks", "commands", "metrics"):
+    for name in ("training.module", "sampling", "losses", "likelihood", "networks", "data", "evaluation.metrics",
+                 "cli.main", "utils", "codecs", "interop"):
         importlib.import_module(f"diffusion_pl.{name}")
+
+
+def test_public_api_names_resolve_to_their_defining_modules():
+    for name in diffusion_pl.__all__:
+        value = getattr(diffusion_pl, name)
+        if name != "__version__":
+            assert value.__module__.startswith("diffusion_pl."), name
+    with pytest.raises(AttributeError):
+        diffusion_pl.NoSuchThing
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -35,6 +45,13 @@ def test_console_script_help_runs():
     proc = subprocess.run([sys.executable, "-m", "diffusion_pl", "--help"], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"fit" in proc.stdout and b"prepare" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_lightning_test_and_predict_point_to_sample_and_evaluate(command, capsys):
+    assert main([command, "--config", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion-pl sample" in err and "diffusion-pl evaluate" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unknown_command_is_a_one_line_error(capsys):

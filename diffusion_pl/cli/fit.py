@@ -62,6 +62,11 @@ class DiffusionCLI(LightningCLI):
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate only (diffusion_pl.cli.main says why test and predict are not offered)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
     def parse_arguments(self, parser, args: Any) -> None:
         # LightningCLI puts an explicit --ckpt_path's saved config (hyper_parameters) over the parsed model
         # section after parsing (_parse_ckpt_path), but model.net and model.process are required *while*

@@ -24,11 +24,12 @@ PROJECT_COMMANDS = {
     "export": ("diffusion_pl.cli.export", "a checkpoint's EMA (or raw) weights as safetensors + config, or a diffusers folder"),
     "import": ("diffusion_pl.cli.import_model", "a published model (diffusers, hub id, DiT .pt) as a checkpoint"),
 }
+# LightningCLI's `test` and `predict` are not offered: generation is `sample` (seeded per sample, so independent
+# of devices and batch size, PNGs or an .npz) and evaluation is `evaluate` (FID / KID / IS, bits/dim); a test
+# loop would repeat `validate` on another split and a predict loop would be a second, weaker `sample`.
 LIGHTNING_COMMANDS = {
     "fit": "train a model (resume with --ckpt_path last)",
     "validate": "run the validation loop (deterministic denoising loss, EMA weights)",
-    "test": "run the test loop",
-    "predict": "run the predict loop",
 }
 
 
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in PROJECT_COMMANDS:  # each prints its UserErrors in one line itself (run_command)
         module_name = PROJECT_COMMANDS[argv[0]][0]
         return int(importlib.import_module(module_name).main(argv[1:]) or 0)
+    if argv[0] in ("test", "predict"):
+        print(f"diffusion-pl: {argv[0]!r} is not a command here: generate images with `diffusion-pl sample` and "
+              "score them with `diffusion-pl evaluate`", file=sys.stderr)
+        return 2
     if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         print(f"diffusion-pl: unknown command {argv[0]!r}; expected one of "
               f"{', '.join([*LIGHTNING_COMMANDS, *PROJECT_COMMANDS])}", file=sys.stderr)

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from diffusion_pl.data.pixels import to_signed_unit
 from diffusion_pl.data.writer import PrepareError, Sample
 from diffusion_pl.utils.errors import UserValueError
 
@@ -159,8 +160,6 @@ class LatentEncoder:
         return array.reshape(*array.shape[:2], -1)
 
     def _encode(self, batch: list[Sample]) -> Iterator[dict]:
-        from diffusion_pl.data.stream import to_signed_unit
-
         pixels = np.stack([self._pixels(s) for s in batch])  # the writer checked that all share one size
         shape = self.autoencoder.latent_shape(tuple(pixels.shape[1:3]))  # one-line error if sizes do not divide
         self.latent_shape = tuple(int(v) for v in shape)

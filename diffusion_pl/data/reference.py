@@ -17,7 +17,7 @@ from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.data import builtin
 from diffusion_pl.data.shards import resolve_shards
 from diffusion_pl.utils.errors import UserValueError
-from diffusion_pl.evaluation.generation import to_uint8
+from diffusion_pl.data.pixels import to_uint8
 
 __all__ = ["reference_images"]
 

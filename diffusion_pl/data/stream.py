@@ -29,6 +29,7 @@ try:  # torchvision's libjpeg-turbo decoder: ~3x faster than PIL on 32x32 JPEGs
 except ImportError:  # deprecated in torchvision 0.29 (for TorchCodec); PIL below still works
     decode_image = None
 
+from diffusion_pl.data.pixels import to_signed_unit
 from diffusion_pl.data.latents import FLIP_MEMBER, LATENT_MEMBER, decode_latent
 from diffusion_pl.data.order import SampleOrder
 from diffusion_pl.data.shards import _names, _reason, shard_counts, tar_samples
@@ -39,11 +40,6 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 MAX_BAD_SAMPLES = 1000  # consecutive slots without a decodable image before a reader gives up
 WARN_FIRST, WARN_EVERY = 10, 1000  # per-sample warnings: the first ones, then every WARN_EVERY-th
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def to_signed_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]: the one place where pixel values are scaled."""
-    return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> None:

@@ -18,19 +18,13 @@ from tqdm import tqdm
 
 from diffusion_pl.training.latent import decode_samples, latent_space
 from diffusion_pl.guidance import check_guidance_channels
+from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.sampling.api import sample
 
-__all__ = ["FULL_PROTOCOL_SAMPLES", "to_uint8", "metric_prefix", "sampler_label", "class_labels_for", "generate",
+__all__ = ["FULL_PROTOCOL_SAMPLES", "metric_prefix", "sampler_label", "class_labels_for", "generate",
            "rank_world", "rank_indices", "guide_mismatch"]
 
 FULL_PROTOCOL_SAMPLES = 50_000
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, 3, H, W), rounded and clamped; grey repeated to RGB."""
-    # torchmetrics' normalize=True does (x * 255).byte(), which wraps out-of-range values around.
-    u8 = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
 
 
 def metric_prefix(name: str, n: int) -> str:

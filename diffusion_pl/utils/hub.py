@@ -8,8 +8,12 @@ download and where to put it (as the Inception weights do, diffusion_pl/evaluati
 from __future__ import annotations
 
 import os
+import threading
+import urllib.request
 
-__all__ = ["HUB_URL", "hub_cache", "offline", "unreachable", "looks_like_path"]
+from diffusion_pl.utils.errors import one_line
+
+__all__ = ["HUB_URL", "hub_cache", "probe", "offline", "unreachable", "looks_like_path"]
 
 HUB_URL = "https://huggingface.co"
 
@@ -23,6 +27,24 @@ def hub_cache() -> str:
         return "~/.cache/huggingface/hub"
 
 
+def probe(url: str, timeout: float) -> str | None:
+    """None if `url` answers within `timeout` seconds, else the reason; never blocks longer (DNS included)."""
+    result: list[str | None] = ["no answer within %.0f s" % timeout]
+
+    def run() -> None:
+        try:
+            urllib.request.urlopen(url, timeout=timeout).close()
+            result[0] = None
+        except Exception as err:  # any network failure means the same: nothing can be downloaded
+            result[0] = one_line(err, 120)
+
+    # a daemon thread bounds the wait even where getaddrinfo ignores socket timeouts
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return result[0]
+
+
 def offline() -> bool:
     """HF_HUB_OFFLINE is set: never try the network."""
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -32,9 +54,7 @@ def unreachable(timeout: float) -> str | None:
     """Why the hub cannot be reached now (offline mode, no answer within `timeout` s, DNS included), or None."""
     if offline():
         return "HF_HUB_OFFLINE is set"
-    from diffusion_pl.evaluation.metrics.inception import _probe
-
-    return _probe(HUB_URL, timeout)
+    return probe(HUB_URL, timeout)
 
 
 def looks_like_path(name: str) -> bool:

@@ -13,6 +13,6 @@ The modules of that path:
     statistics.py                Frechet math, the reference-statistics cache, SampleMetrics
     published.py                 published reference statistics (an npz of mu / sigma)
     pixels.py                    PooledPixels, a weight-free extractor for runs without Inception weights
-    ../generation.py             seeded generation, to_uint8, rank split, metric names
+    ../generation.py             seeded generation, rank split, metric names
     diffusion_pl.data.reference  the reference images of a shard set and their cache key
 """

@@ -9,15 +9,14 @@ the download probe gives up within its timeout, and loading fails in one line
 from __future__ import annotations
 
 import os
-import threading
-import urllib.request
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
-from diffusion_pl.utils.errors import UserError
+from diffusion_pl.utils.errors import UserError, one_line
+from diffusion_pl.utils.hub import probe
 
 __all__ = ["WEIGHTS_ENV", "INCEPTION_URL", "InceptionWeightsError", "InceptionFeatures", "inception_weights_file",
            "load_inception", "random_inception_weights"]
@@ -40,28 +39,6 @@ def _how_to_provide(reason: str) -> str:
             f"inception_weights: PATH) or {WEIGHTS_ENV}=PATH, or copy it to {_hub_weights_file()}")
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-
-
-def _probe(url: str, timeout: float) -> str | None:
-    """None if `url` answers within `timeout` seconds, else the reason; never blocks longer (DNS included)."""
-    result: list[str | None] = ["no answer within %.0f s" % timeout]
-
-    def run() -> None:
-        try:
-            urllib.request.urlopen(url, timeout=timeout).close()
-            result[0] = None
-        except Exception as err:  # any network failure means the same: weights not downloadable
-            result[0] = _first_line(err)
-
-    # a daemon thread bounds the wait even where getaddrinfo ignores socket timeouts
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    return result[0]
-
-
 def inception_weights_file(path: str | None = None, download_timeout: float = 10.0) -> Path:
     """The weights file: `path`, else $DIFFUSION_PL_INCEPTION_WEIGHTS, else torch hub's cache (downloaded once)."""
     path = path or os.environ.get(WEIGHTS_ENV) or None
@@ -82,14 +59,14 @@ def inception_weights_file(path: str | None = None, download_timeout: float = 10
 def download_once(url: str, file: Path, timeout: float) -> str | None:
     """Download `url` to `file` (torch hub's downloader, a progress bar) after checking within `timeout` seconds that
     the server answers; None when done, else the one-line reason it failed (no network, a broken download)."""
-    reason = _probe(url, timeout)
+    reason = probe(url, timeout)
     if reason is None:
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(file), progress=True)
             return None
         except Exception as err:  # a failed download mid-way is as unusable as none
-            reason = _first_line(err)
+            reason = one_line(err, 120)
     return reason
 
 

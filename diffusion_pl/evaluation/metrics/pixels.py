@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_pl.data.stream import to_signed_unit
+from diffusion_pl.data.pixels import to_signed_unit
 
 __all__ = ["PooledPixels"]
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion_pl.networks.presets import PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("recipe_tables", ROOT / "configs" / "sources" / "tables.py")
 recipe_tables = importlib.util.module_from_spec(_spec)
@@ -65,7 +67,8 @@ def test_recipe_network_is_its_preset_weight_for_weight(name):
     recipe_net = _built(net["class_path"], args)
     shared = {k: args[k] for k in ("img_resolution", "in_channels", "out_channels", "num_classes", "augment_dim")
               if k in args}
-    preset = _built(f"diffusion_pl.networks.{SOURCES[name]['network']}", shared)
+    preset_fn = next(p for p in PRESETS if p.__name__ == SOURCES[name]["network"])
+    preset = _built(f"{preset_fn.__module__}.{preset_fn.__name__}", shared)
     ours, theirs = recipe_net.state_dict(), preset.state_dict()
     assert list(ours) == list(theirs)
     for key in ours:

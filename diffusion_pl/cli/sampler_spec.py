@@ -8,8 +8,9 @@ path in it must lie in diffusion_pl or torch, so a spec given on the command lin
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import json
+import pkgutil
 import re
 import sys
 import warnings
@@ -26,10 +27,16 @@ __all__ = ["sampler_classes", "resolve_sampler", "make_sampler", "sampler_help",
 
 
 def sampler_classes() -> dict[str, type[Sampler]]:
-    """CLI name (lower-case class name) -> sampler class, for every sampler diffusion_pl.sampling exports."""
-    classes = (getattr(sampling, name) for name in sampling.__all__)
-    return {cls.__name__.lower(): cls for cls in classes
-            if inspect.isclass(cls) and issubclass(cls, Sampler) and cls is not Sampler}
+    """CLI name (lower-case class name) -> sampler class, for every public Sampler subclass in diffusion_pl.sampling."""
+    for info in pkgutil.iter_modules(sampling.__path__):  # a new sampler module is found without a list to edit
+        importlib.import_module(f"{sampling.__name__}.{info.name}")
+    found, todo = {}, list(Sampler.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith(f"{sampling.__name__}.") and not cls.__name__.startswith("_"):
+            found[cls.__name__.lower()] = cls
+    return dict(sorted(found.items()))
 
 
 # --- sampler specs: `--sampler NAME`, a class_path / init_args spec (JSON or YAML), or a file holding one ---
@@ -71,7 +78,7 @@ def _load_spec(text: str) -> object:
     name = text.strip()
     if name.lower() in classes:
         cls = classes[name.lower()]
-        return {"class_path": f"{sampling.__name__}.{cls.__name__}"}
+        return {"class_path": f"{cls.__module__}.{cls.__name__}"}
     is_file = False
     if "\n" not in name and len(name) < 4096:
         try:
@@ -154,8 +161,8 @@ def _jsonargparse_problem(err: BaseException) -> str:
 
 def _canonical_class_paths(value: object, text: str) -> object:
     """The resolved spec with every class_path checked against SPEC_PACKAGES and written as the recipes
-    write it: `diffusion_pl.sampling.posterior.DDIM` for a class diffusion_pl.sampling exports (whether the spec
-    said `ddim`, `DDIM` or `diffusion_pl.sampling.posterior.DDIM`), so equal samplers have equal specs."""
+    write it, by the defining module: `diffusion_pl.sampling.posterior.DDIM` whether the spec said `ddim`, `DDIM`,
+    `diffusion_pl.DDIM` or `diffusion_pl.sampling.posterior.DDIM`, so equal samplers have equal specs."""
     if isinstance(value, list):
         return [_canonical_class_paths(item, text) for item in value]
     if not isinstance(value, dict):
@@ -168,8 +175,9 @@ def _canonical_class_paths(value: object, text: str) -> object:
                               "class paths under diffusion_pl or torch")
         module_name, _, name = path.rpartition(".")
         module = sys.modules.get(module_name)  # imported by jsonargparse while it resolved the spec
-        if module is not None and name in sampling.__all__ and getattr(module, name, None) is getattr(sampling, name):
-            value["class_path"] = f"{sampling.__name__}.{name}"
+        obj = getattr(module, name, None) if module is not None else None
+        if isinstance(obj, type) and obj.__module__.startswith("diffusion_pl."):  # e.g. diffusion_pl.DDIM
+            value["class_path"] = f"{obj.__module__}.{obj.__qualname__}"
     return value
 
 
@@ -210,7 +218,8 @@ def resolve_sampler(text: str, steps: int | None = None) -> tuple[Sampler, dict]
     classes = sampler_classes()
     class_path = spec["class_path"].strip()
     if "." not in class_path and class_path.lower() in classes:  # `class_path: ddim` as the short name
-        class_path = f"{sampling.__name__}.{classes[class_path.lower()].__name__}"
+        cls = classes[class_path.lower()]
+        class_path = f"{cls.__module__}.{cls.__name__}"
     spec = {"class_path": class_path, "init_args": dict(init_args)}
     if steps is not None:
         if "steps" in spec["init_args"]:
@@ -229,7 +238,7 @@ def resolve_sampler(text: str, steps: int | None = None) -> tuple[Sampler, dict]
             raise _spec_error(text, _jsonargparse_problem(err), expected) from err
         resolved = _json_data(cfg.sampler.as_dict() if hasattr(cfg.sampler, "as_dict") else dict(cfg.sampler))
         resolved = _canonical_class_paths(resolved, text)
-        if resolved["class_path"] == f"{sampling.__name__}.{Sampler.__name__}":
+        if resolved["class_path"] == f"{Sampler.__module__}.{Sampler.__name__}":
             raise _spec_error(text, f"{resolved['class_path']} is the abstract base class", expected)
         instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
         try:

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from _eval_setup import DATA, IMAGE_SIZE
-from diffusion_pl.evaluation import metrics
+from diffusion_pl.evaluation import generation
+from diffusion_pl.evaluation.metrics import inception
 from diffusion_pl.cli.main import main
-from diffusion_pl.cli.evaluate import dataset_bits_per_dim
+from diffusion_pl.evaluation.bits_per_dim import dataset_bits_per_dim
 from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EpsPrediction
@@ -76,7 +77,7 @@ def run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        mp.delenv(metrics.WEIGHTS_ENV, raising=False)
+        mp.delenv(inception.WEIGHTS_ENV, raising=False)
         config = root / "fit.yaml"
         config.write_text(FIT_CONFIG.replace("ROOT", str(root)))
         assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}"]) == 0
@@ -120,7 +121,7 @@ def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monk
     (out / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz").unlink()
     (out / ".000004.tmp-99999.png").write_bytes(b"partial")  # as fileio.atomic_path names it
     written = {}
-    original = metrics.generate
+    original = generation.generate
 
     def counting(module, sampler, indices, *args, **kwargs):
         written["indices"] = list(indices)
@@ -186,7 +187,7 @@ def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys
 
 def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch):
     used = []
-    original = metrics.generate
+    original = generation.generate
 
     def recording(module, sampler, *args, **kwargs):
         used.append(sampler)
@@ -296,7 +297,7 @@ def test_evaluate_resizes_the_reference_to_the_samples_size(run, tmp_path, capsy
     big = "builtin:shapes?size=16&count=48"
     dm = ShardDataModule(shards=big, val_shards=big, batch_size=16, num_workers=0, image_size=8, random_flip=False)
     dm.setup("validate")
-    images = torch.cat([metrics.to_uint8(x) for x, _ in dm.val_dataloader()])
+    images = torch.cat([generation.to_uint8(x) for x, _ in dm.val_dataloader()])
     assert images.shape == (48, 3, 8, 8)
     np.savez(tmp_path / "s.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
     report = tmp_path / "r.json"
@@ -337,7 +338,7 @@ def test_evaluate_without_inception_weights_fails_in_one_line(run, tmp_path, cap
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--inception-weights PATH" in err[0] and metrics.WEIGHTS_ENV in err[0]
+    assert len(err) == 1 and "--inception-weights PATH" in err[0] and inception.WEIGHTS_ENV in err[0]
     assert main(["evaluate", "--samples", str(tmp_path / "none"), "--data", DATA]) == 2
     assert "does not exist" in capsys.readouterr().err
 

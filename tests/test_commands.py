@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from _eval_setup import DATA, IMAGE_SIZE
-from diffusion_pl.evaluation import generation
-from diffusion_pl.evaluation.metrics import inception
+from diffusion_pl.evaluation.generation import generate, to_uint8
+from diffusion_pl.evaluation.metrics.inception import WEIGHTS_ENV
 from diffusion_pl.cli.main import main
 from diffusion_pl.evaluation.bits_per_dim import dataset_bits_per_dim
 from diffusion_pl.data.datamodule import ShardDataModule
@@ -77,7 +77,7 @@ def run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        mp.delenv(inception.WEIGHTS_ENV, raising=False)
+        mp.delenv(WEIGHTS_ENV, raising=False)
         config = root / "fit.yaml"
         config.write_text(FIT_CONFIG.replace("ROOT", str(root)))
         assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}"]) == 0
@@ -121,13 +121,13 @@ def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monk
     (out / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz").unlink()
     (out / ".000004.tmp-99999.png").write_bytes(b"partial")  # as fileio.atomic_path names it
     written = {}
-    original = generation.generate
+    original = generate
 
     def counting(module, sampler, indices, *args, **kwargs):
         written["indices"] = list(indices)
         return original(module, sampler, indices, *args, **kwargs)
 
-    monkeypatch.setattr("diffusion_pl.evaluation.generation.generate", counting)
+    monkeypatch.setattr("diffusion_pl.cli.sample.generate", counting)
     assert sample(run, out, "--num-samples", "6", "--batch-size", "2") == 0
     assert written["indices"] == [1, 4, 5]  # only the missing ones, each once
     assert "resuming: 3 of 6" in capsys.readouterr().err
@@ -187,13 +187,13 @@ def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys
 
 def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch):
     used = []
-    original = generation.generate
+    original = generate
 
     def recording(module, sampler, *args, **kwargs):
         used.append(sampler)
         return original(module, sampler, *args, **kwargs)
 
-    monkeypatch.setattr("diffusion_pl.evaluation.generation.generate", recording)
+    monkeypatch.setattr("diffusion_pl.cli.sample.generate", recording)
     # YAML, as LightningCLI accepts it (EDM's stochastic sampler with churn)
     edm = "class_path: diffusion_pl.sampling.edm.EDMStochastic\ninit_args: {steps: 2, S_churn: 40}"
     assert sample(run, tmp_path / "edm", "--num-samples", "2", "--npz", sampler=(edm,)) == 0
@@ -297,7 +297,7 @@ def test_evaluate_resizes_the_reference_to_the_samples_size(run, tmp_path, capsy
     big = "builtin:shapes?size=16&count=48"
     dm = ShardDataModule(shards=big, val_shards=big, batch_size=16, num_workers=0, image_size=8, random_flip=False)
     dm.setup("validate")
-    images = torch.cat([generation.to_uint8(x) for x, _ in dm.val_dataloader()])
+    images = torch.cat([to_uint8(x) for x, _ in dm.val_dataloader()])
     assert images.shape == (48, 3, 8, 8)
     np.savez(tmp_path / "s.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
     report = tmp_path / "r.json"
@@ -338,7 +338,7 @@ def test_evaluate_without_inception_weights_fails_in_one_line(run, tmp_path, cap
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--inception-weights PATH" in err[0] and inception.WEIGHTS_ENV in err[0]
+    assert len(err) == 1 and "--inception-weights PATH" in err[0] and WEIGHTS_ENV in err[0]
     assert main(["evaluate", "--samples", str(tmp_path / "none"), "--data", DATA]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -58,12 +58,22 @@ def test_evaluate_from_python_equals_the_command(run, tmp_path, monkeypatch):  #
     assert from_module.results[1]["sampler"] == repr(DDIM(steps=2, eta=1.0))
 
 
-def test_evaluate_checkpoints_share_one_extractor_and_reference(run, tmp_path, monkeypatch):  # noqa: F811
-    """Two checkpoints, one reference: the extractor sees the 48 reference images once, then each one's samples."""
+def test_evaluate_checkpoints_share_one_launch_extractor_and_reference(run, tmp_path, monkeypatch):  # noqa: F811
+    """Two checkpoints, one launch and one reference: the reference images are read once, and the extractor sees
+    them once, then each checkpoint's samples."""
+    from diffusion_pl.evaluation import evaluate as evaluate_module
+
+    calls = {"make_fabric": 0, "reference_images": 0}
+    for name in calls:
+        def counting(*args, _name=name, _real=getattr(evaluate_module, name), **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(evaluate_module, name, counting)
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     extractor = StandInFeatures()
     options = _options(samplers=[DDIM(steps=2)], sampler_specs=None, isc=False, feature_extractor=extractor)
     one, two = evaluate_checkpoints(options, [run["ckpt"], load_module(run["ckpt"])])
+    assert calls == {"make_fabric": 1, "reference_images": 1}
     assert extractor.images_seen == int(DATA.rsplit("=", 1)[1]) + 2 * 6
     assert one.results == two.results and one.protocol == two.protocol and math.isfinite(one.results[0]["fid"])
     assert one.results[0]["fid"] == evaluate(options, ckpt=run["ckpt"]).results[0]["fid"]

@@ -79,7 +79,8 @@ class EvalOptions:
         guidance_interval: (lo, hi): guide only at noise levels sigma/alpha in [lo, hi] (Kynkäänniemi et al. 2024).
         guidance_channels: guide only the first K output channels (diffusion_pl/guidance.py); None: all.
         trust_config: allow checkpoints whose saved config imports from other packages (see load_module).
-        devices: processes (GPUs, or CPU processes) to split over; more than one launches DDP (Lightning Fabric).
+        devices: processes (GPUs, or CPU processes) to split over; more than one launches DDP with Lightning Fabric,
+            which re-runs the calling program in devices - 1 child processes (every rank gets the same report).
         accelerator: Lightning accelerator (auto, cpu, gpu, ...).
         inception_weights: local InceptionV3 weights (else $DIFFUSION_PL_INCEPTION_WEIGHTS, else torch hub's cache).
         feature_extractor: an nn.Module, or the import path of an nn.Module class built without arguments, to use

@@ -75,6 +75,9 @@ _PUBLIC = {
     **dict.fromkeys(("SampleGrid",), "evaluation.sample_grid"),
     **dict.fromkeys(("FIDCallback",), "evaluation.fid_callback"),
     **dict.fromkeys(("generate",), "evaluation.generation"),
+    **dict.fromkeys(("evaluate", "evaluate_checkpoints", "EvalOptions"), "evaluation.evaluate"),
+    **dict.fromkeys(("EvalReport",), "evaluation.report"),
+    **dict.fromkeys(("reconstruct", "ReconstructReport"), "evaluation.reconstruct"),
     **dict.fromkeys(("load_exported",), "interop.safetensors"),
 }
 

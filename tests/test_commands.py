@@ -21,7 +21,7 @@ from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.evaluation.generation import generate
 from diffusion_pl.evaluation.metrics.inception import WEIGHTS_ENV
 from diffusion_pl.cli.main import main
-from diffusion_pl.cli.evaluate import dataset_bits_per_dim
+from diffusion_pl.evaluation.bits_per_dim import dataset_bits_per_dim
 from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EpsPrediction

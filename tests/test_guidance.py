@@ -200,31 +200,35 @@ def test_generate_with_the_module_as_its_own_guide_is_unguided():
 
 
 def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkeypatch):
+    """evaluation.loading.load_guide, as the commands call it (errors naming their flags through cli.common.flag)."""
     import argparse
 
-    from diffusion_pl.cli import common
+    from diffusion_pl.cli.common import add_model_options, flag
+    from diffusion_pl.evaluation import loading
+    from diffusion_pl.utils.errors import UserError
 
     p = argparse.ArgumentParser()
-    common.add_model_options(p)
+    add_model_options(p)
     path = tmp_path / "guide.ckpt"
     path.write_bytes(b"")
     main = _module()
-    args = p.parse_args(["--guide-ckpt", str(path), "--guidance-interval", "0.1", "inf"])
-    assert args.guidance_interval == [0.1, math.inf]
+    cpu = torch.device("cpu")
+    interval = p.parse_args(["--guide-ckpt", str(path), "--guidance-interval", "0.1", "inf"]).guidance_interval
+    assert interval == [0.1, math.inf]
     for guide, what in ((_module(seed=1), None), (_module(EDM()), "process"), (_module(resolution=16), "image shape")):
-        monkeypatch.setattr(common, "load_checkpoint", lambda *a, g=guide, **k: g)
+        monkeypatch.setattr(loading, "load_checkpoint", lambda *a, g=guide, **k: g)
         if what is None:
-            assert common.load_guide(args, main, torch.device("cpu")) is guide
+            assert loading.load_guide(main, str(path), cpu, guidance_interval=interval, names=flag) is guide
             continue
-        with pytest.raises(common.CommandError, match=f"--guide-ckpt .* has {what} .*expected the same") as e:
-            common.load_guide(args, main, torch.device("cpu"))
+        with pytest.raises(UserError, match=f"--guide-ckpt .* has {what} .*expected the same") as e:
+            loading.load_guide(main, str(path), cpu, guidance_interval=interval, names=flag)
         assert "\n" not in str(e.value)
-    with pytest.raises(common.CommandError, match="--guidance-interval -1 2 is invalid"):
-        common.load_guide(p.parse_args(["--guidance-interval", "-1", "2"]), main, torch.device("cpu"))
-    with pytest.raises(common.CommandError, match="does not exist"):
-        common.load_guide(p.parse_args(["--guide-ckpt", str(tmp_path / "missing.ckpt")]), main, torch.device("cpu"))
-    assert common.load_guide(p.parse_args([]), main, torch.device("cpu")) is None
-    assert set(common.guidance_config(args)) == {"guide_checkpoint_sha256", "guidance_interval"}
+    with pytest.raises(UserError, match="--guidance-interval -1 2 is invalid"):
+        loading.load_guide(main, None, cpu, guidance_interval=[-1.0, 2.0], names=flag)
+    with pytest.raises(UserError, match="does not exist"):
+        loading.load_guide(main, str(tmp_path / "missing.ckpt"), cpu, names=flag)
+    assert loading.load_guide(main, None, cpu, names=flag) is None
+    assert set(loading.guidance_config(str(path), interval)) == {"guide_checkpoint_sha256", "guidance_interval"}
 
 
 def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):

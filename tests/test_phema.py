@@ -24,7 +24,7 @@ from _training_setup import make_datamodule, make_module
 from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
 from diffusion_pl.training.callbacks.power_ema import PowerEMA
 from diffusion_pl.cli.main import main
-from diffusion_pl.cli.reconstruct_ema import read_snapshots
+from diffusion_pl.evaluation.reconstruct import read_snapshots
 from diffusion_pl.training.module import load_module
 from diffusion_pl.training.phema import (SIGMA_REL_MAX, PowerFunctionEMA, gamma_to_sigma_rel, list_snapshot_files,
                                          power_ema_beta, profile_inner_products, profile_residual, sigma_rel_to_gamma,

@@ -3,7 +3,7 @@
     main.py              the dispatcher (`diffusion-pl <command>`)
     fit.py               LightningCLI's fit / validate / test / predict (DiffusionCLI)
     run_folder.py        one run per run folder
-    common.py            what the commands share: the one-line input error, the device launch
+    common.py            what the commands share: the one-line input error, flag names, the model options
     sampler_spec.py      the `--sampler` argument
     prepare.py, sample.py, evaluate.py, reconstruct_ema.py, export.py, import_model.py: one command each
 """

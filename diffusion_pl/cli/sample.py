@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_pl.cli.common import (CommandError, add_model_options, guidance_config, image_shape, load_checkpoint,
-                                     load_guide, make_fabric, read_rgb)
+from diffusion_pl.cli.common import CommandError, add_model_options, flag
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.evaluation.generation import class_labels_for, generate, rank_indices
+from diffusion_pl.evaluation.loading import guidance_config, image_shape, load_checkpoint, load_guide, make_fabric
+from diffusion_pl.evaluation.samples import read_rgb
 from diffusion_pl.training.latent import pixel_shape
 
 __all__ = ["main", "parser", "run"]
@@ -99,7 +100,7 @@ def _config(args: argparse.Namespace, module, sampler_spec: dict) -> dict:
             "class_labels": labels or ("balanced" if module.num_classes else None), "seed": args.seed,
             "ema": not args.no_ema, "image_shape": list(image_shape(module)),
             **({"clip_x0": args.clip_x0} if args.clip_x0 is not None else {}),  # absent: as folders before it
-            **guidance_config(args)}
+            **guidance_config(args.guide_ckpt, args.guidance_interval, args.guidance_channels)}
 
 
 def _check_out(out: Path, config: dict, overwrite: bool, sampler_repr: str | None = None) -> bool:
@@ -160,10 +161,11 @@ def run(args: argparse.Namespace) -> Path:
     _check_args(args)
     keep_png, want_npz = (args.png, args.npz) if (args.png or args.npz) else (True, True)
     sampler, spec = resolve_sampler(args.sampler, args.steps)
-    fabric = make_fabric(args.devices, args.accelerator)
+    fabric = make_fabric(args.devices, args.accelerator, what="--devices")
     rank, world = fabric.global_rank, fabric.world_size
-    module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
-    guide = load_guide(args, module, fabric.device)
+    module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config, what="--ckpt")
+    guide = load_guide(module, args.guide_ckpt, fabric.device, trust_config=args.trust_config,
+                       guidance_interval=args.guidance_interval, guidance_channels=args.guidance_channels, names=flag)
     config, out, shape = _config(args, module, spec), Path(args.out), image_shape(module)
     pixels = pixel_shape(module, shape)  # what the images are: decoded pixels of a latent module
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None

@@ -9,6 +9,7 @@ path in it must lie in diffusion_pl or torch, so a spec given on the command lin
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pkgutil
 import re
@@ -27,16 +28,21 @@ __all__ = ["sampler_classes", "resolve_sampler", "make_sampler", "sampler_help",
 
 
 def sampler_classes() -> dict[str, type[Sampler]]:
-    """CLI name (lower-case class name) -> sampler class, for every public Sampler subclass in diffusion_pl.sampling."""
-    for info in pkgutil.iter_modules(sampling.__path__):  # a new sampler module is found without a list to edit
-        importlib.import_module(f"{sampling.__name__}.{info.name}")
-    found, todo = {}, list(Sampler.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if cls.__module__.startswith(f"{sampling.__name__}.") and not cls.__name__.startswith("_"):
-            found[cls.__name__.lower()] = cls
-    return dict(sorted(found.items()))
+    """CLI name (lower-case class name) -> sampler class, for every Sampler subclass the modules of
+    diffusion_pl.sampling define (the package's __init__ names none: every class lives in its own module)."""
+    classes = {}
+    for info in pkgutil.iter_modules(sampling.__path__):
+        module = importlib.import_module(f"{sampling.__name__}.{info.name}")
+        for cls in vars(module).values():
+            if (inspect.isclass(cls) and issubclass(cls, Sampler) and cls is not Sampler
+                    and cls.__module__ == module.__name__):
+                classes[cls.__name__.lower()] = cls
+    return classes
+
+
+def _class_path(cls: type) -> str:
+    """The import path of the module that defines `cls`, as the recipes write it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # --- sampler specs: `--sampler NAME`, a class_path / init_args spec (JSON or YAML), or a file holding one ---
@@ -78,7 +84,7 @@ def _load_spec(text: str) -> object:
     name = text.strip()
     if name.lower() in classes:
         cls = classes[name.lower()]
-        return {"class_path": f"{cls.__module__}.{cls.__name__}"}
+        return {"class_path": _class_path(cls)}
     is_file = False
     if "\n" not in name and len(name) < 4096:
         try:
@@ -161,8 +167,8 @@ def _jsonargparse_problem(err: BaseException) -> str:
 
 def _canonical_class_paths(value: object, text: str) -> object:
     """The resolved spec with every class_path checked against SPEC_PACKAGES and written as the recipes
-    write it, by the defining module: `diffusion_pl.sampling.posterior.DDIM` whether the spec said `ddim`, `DDIM`,
-    `diffusion_pl.DDIM` or `diffusion_pl.sampling.posterior.DDIM`, so equal samplers have equal specs."""
+    write it: `diffusion_pl.sampling.posterior.DDIM`, the defining module, for a class of diffusion_pl.sampling
+    (whether the spec said `ddim`, `DDIM`, `diffusion_pl.DDIM` or that path), so equal samplers have equal specs."""
     if isinstance(value, list):
         return [_canonical_class_paths(item, text) for item in value]
     if not isinstance(value, dict):
@@ -175,9 +181,9 @@ def _canonical_class_paths(value: object, text: str) -> object:
                               "class paths under diffusion_pl or torch")
         module_name, _, name = path.rpartition(".")
         module = sys.modules.get(module_name)  # imported by jsonargparse while it resolved the spec
-        obj = getattr(module, name, None) if module is not None else None
-        if isinstance(obj, type) and obj.__module__.startswith("diffusion_pl."):  # e.g. diffusion_pl.DDIM
-            value["class_path"] = f"{obj.__module__}.{obj.__qualname__}"
+        cls = getattr(module, name, None) if module is not None else None
+        if inspect.isclass(cls) and cls.__module__.startswith(f"{sampling.__name__}."):  # e.g. diffusion_pl.DDIM
+            value["class_path"] = _class_path(cls)
     return value
 
 
@@ -218,8 +224,7 @@ def resolve_sampler(text: str, steps: int | None = None) -> tuple[Sampler, dict]
     classes = sampler_classes()
     class_path = spec["class_path"].strip()
     if "." not in class_path and class_path.lower() in classes:  # `class_path: ddim` as the short name
-        cls = classes[class_path.lower()]
-        class_path = f"{cls.__module__}.{cls.__name__}"
+        class_path = _class_path(classes[class_path.lower()])
     spec = {"class_path": class_path, "init_args": dict(init_args)}
     if steps is not None:
         if "steps" in spec["init_args"]:
@@ -238,7 +243,7 @@ def resolve_sampler(text: str, steps: int | None = None) -> tuple[Sampler, dict]
             raise _spec_error(text, _jsonargparse_problem(err), expected) from err
         resolved = _json_data(cfg.sampler.as_dict() if hasattr(cfg.sampler, "as_dict") else dict(cfg.sampler))
         resolved = _canonical_class_paths(resolved, text)
-        if resolved["class_path"] == f"{Sampler.__module__}.{Sampler.__name__}":
+        if resolved["class_path"] == _class_path(Sampler):
             raise _spec_error(text, f"{resolved['class_path']} is the abstract base class", expected)
         instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
         try:

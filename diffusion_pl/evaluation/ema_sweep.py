@@ -1,16 +1,17 @@
-"""The FID sweep of `diffusion-pl reconstruct-ema --fid-data`: FID against EMA length, as a table and a plot.
+"""The FID sweep of post-hoc EMA lengths: FID against sigma_rel, as a table and a plot.
 
 EDM2 (Karras et al. 2024, Sec. 3 and Fig. 5) picks the EMA length after training: reconstruct a range
-of sigma_rel from the snapshots, score each, keep the best. Here every reconstruction written by
-reconstruct-ema is scored by `diffusion-pl evaluate` (its own options, given after `--`, with one device
+of sigma_rel from the snapshots (diffusion_pl/evaluation/reconstruct.py), score each, keep the best. Here
+every reconstruction is scored by `evaluate_checkpoints` (diffusion_pl/evaluation/evaluate.py: one device
 launch, one feature extractor and one reference for all of them; each checkpoint gets its usual
-`.eval.json` report), and the sweep is written beside the reconstructions:
+`.eval.json` report beside it), and the sweep is written beside the reconstructions:
 
     OUT/phema-sweep-<step>.csv   sigma_rel, gamma, profile_error, then one metric column per sampler
     OUT/phema-sweep-<step>.png   the metric against sigma_rel, one line per sampler, the best point marked
 
-The metric is FID with the InceptionV3 extractor; with `--feature-extractor` it is the Frechet distance in
-that extractor's features, and the plot and table say so.
+The metric is FID with the InceptionV3 extractor; with another feature extractor it is the Frechet
+distance in that extractor's features, and the plot and table say so. `diffusion-pl reconstruct-ema
+--fid-data` runs it after the reconstruction.
 """
 
 from __future__ import annotations
@@ -18,62 +19,78 @@ from __future__ import annotations
 import csv
 import io
 import math
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.utils.fileio import atomic_path
+from diffusion_pl.evaluation.evaluate import EvalOptions, evaluate_checkpoints
+from diffusion_pl.evaluation.reconstruct import ReconstructReport
+from diffusion_pl.evaluation.report import EvalReport, default_report_path
 
-__all__ = ["evaluate_args", "run_sweep", "sweep_rows", "write_csv", "write_plot", "format_table"]
-
-
-def evaluate_args(data: str, evaluate_argv: list[str]):
-    """The `diffusion-pl evaluate` arguments of the sweep, checked before any reconstruction is written."""
-    from diffusion_pl.cli import evaluate
-    from diffusion_pl.cli.common import CommandError
-
-    for flag in ("--ckpt", "--samples", "--data", "--report", "--devices"):
-        if flag in evaluate_argv or any(a.startswith(flag + "=") for a in evaluate_argv):
-            raise CommandError(f"evaluate option {flag} after `--` is set by reconstruct-ema itself: expected only "
-                               "sampling and metric options (--num-samples, --sampler, --steps, --guidance, ...)")
-    try:
-        args = evaluate.parser().parse_args(["--ckpt", "<reconstruction>", "--data", data, *evaluate_argv])
-    except SystemExit as err:  # argparse has printed its usage error
-        raise CommandError(f"the evaluate options after `--` ({' '.join(evaluate_argv)}) do not parse: expected "
-                           "options of `diffusion-pl evaluate`") from err
-    evaluate.check_args(args)  # counts, --steps per sampler, each sampler spec: before any slow work
-    return args
+__all__ = ["Sweep", "run_sweep", "sweep_stem", "metric_name", "sweep_rows", "write_csv", "write_plot",
+           "format_table"]
 
 
-def run_sweep(args, paths: list[Path], sigma_rels: list[float], gammas: list[float], errors: list[float],
-              stem: Path) -> list[dict]:
-    """Evaluate every reconstruction (`args`: from `evaluate_args`), write `stem`.csv and `stem`.png, print the
-    table; returns the rows."""
-    from diffusion_pl.cli import evaluate
+@dataclass(frozen=True)
+class Sweep:
+    """The sweep: one row per sigma_rel (sigma_rel, gamma, profile_error, `fid/<sampler point>` ...), the metric
+    they hold, the files written and each reconstruction's evaluation report."""
 
-    reports = evaluate.run_checkpoints(args, [str(p) for p in paths])
-    rows = sweep_rows(reports, sigma_rels, gammas, errors)
+    rows: list[dict]
+    metric: str
+    csv: Path
+    png: Path
+    reports: list[EvalReport]
+
+    def table(self) -> str:
+        """The sweep as aligned text, with the best sigma_rel of each sampler named below it."""
+        return format_table(self.rows, self.metric)
+
+
+def sweep_stem(reconstruction: ReconstructReport) -> Path:
+    """OUT/phema-sweep-<step>: beside the reconstructions."""
+    return reconstruction.paths[0].parent / f"phema-sweep-{reconstruction.step:09d}"
+
+
+def run_sweep(options: EvalOptions, reconstruction: ReconstructReport, stem: str | Path | None = None,
+              on_report: Callable[[EvalReport], None] | None = None) -> Sweep:
+    """Evaluate every reconstruction with `options` (one device), write each report beside its checkpoint
+    (`<ckpt>.eval.json`, then `on_report(report)`), `stem`.csv and `stem`.png (default `sweep_stem`)."""
+    if options.devices != 1:
+        raise UserValueError(f"{options.names('devices')} {options.devices} for the post-hoc EMA sweep: expected 1 "
+                             "(the sweep runs on one device)")
+
+    def publish(report: EvalReport) -> None:
+        report.write_json(default_report_path(report.source["checkpoint"]))
+        if on_report is not None:
+            on_report(report)
+
+    reports = evaluate_checkpoints(options, list(reconstruction.paths), on_report=publish)
+    rows = sweep_rows(reports, reconstruction.sigma_rels, reconstruction.gammas, reconstruction.profile_errors)
     metric = metric_name(reports[0])
-    write_csv(stem.with_suffix(".csv"), rows)
-    write_plot(stem.with_suffix(".png"), rows, metric, step_note=stem.name)
-    print(format_table(rows, metric))
-    print(f"sweep: {stem.with_suffix('.csv')} and {stem.with_suffix('.png')}", file=sys.stderr)
-    return rows
+    stem = Path(stem) if stem is not None else sweep_stem(reconstruction)
+    csv_path, png_path = stem.with_suffix(".csv"), stem.with_suffix(".png")
+    write_csv(csv_path, rows)
+    write_plot(png_path, rows, metric, step_note=stem.name)
+    return Sweep(rows, metric, csv_path, png_path, reports)
 
 
-def metric_name(report: dict) -> str:
+def metric_name(report: EvalReport) -> str:
     """'FID' with InceptionV3, else 'Frechet distance (<extractor>)', with the sample count."""
-    protocol = report["protocol"]
+    protocol = report.protocol
     extractor = protocol["extractor"]
     name = "FID" if extractor.startswith("torch-fidelity InceptionV3") else f"Frechet distance ({extractor})"
     return f"{name}, {protocol['n']} samples"
 
 
-def sweep_rows(reports: list[dict], sigma_rels: list[float], gammas: list[float], errors: list[float]) -> list[dict]:
+def sweep_rows(reports: list[EvalReport], sigma_rels: list[float], gammas: list[float], errors: list[float]) -> list[dict]:
     """One row per sigma_rel: sigma_rel, gamma, profile_error and `fid/<sampler point>` for every sampler."""
     rows = []
     for report, sigma_rel, gamma, error in zip(reports, sigma_rels, gammas, errors):
         row = {"sigma_rel": sigma_rel, "gamma": gamma, "profile_error": error}
-        row.update({f"fid/{p['name']}": p["fid"] for p in report["results"]})
+        row.update({f"fid/{p['name']}": p["fid"] for p in report.results})
         rows.append(row)
     return rows
 

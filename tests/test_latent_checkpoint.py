@@ -12,7 +12,8 @@ from _latent_setup import tiny_autoencoder
 from diffusion_pl.cli.main import main
 from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.utils.errors import UserError
-from diffusion_pl.training.latent import SPEC_KEY, check_checkpoint_autoencoder
+from diffusion_pl.codecs.base import Pixels
+from diffusion_pl.codecs.latent import SPEC_KEY, LatentCodec
 from diffusion_pl.training.module import load_module
 
 pytest.importorskip("diffusers")
@@ -57,7 +58,7 @@ def test_load_module_refuses_a_vae_folder_whose_weights_changed(tmp_path):
                 "--model.autoencoder.init_args.config=null")
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")[SPEC_KEY]
     assert saved == tiny_autoencoder(scale=0.5).spec() | {"pretrained": str(vae)}  # the config-built identity
-    assert load_module(str(ckpt)).autoencoder.spec() == saved
+    assert load_module(str(ckpt)).codec.spec() == saved
     _vae_folder(vae, seed=1)  # the folder's weights change after training
     message = _refused(load_module, str(ckpt))
     assert message.startswith(f"checkpoint {ckpt} was trained with autoencoder pretrained: {vae} (weights sha256 "
@@ -76,7 +77,7 @@ def test_load_module_checks_the_saved_spec_and_loads_older_checkpoints(tmp_path)
         message = _refused(load_module, str(forged))
         assert f"checkpoint {forged} was trained with autoencoder a config-built VAE ({what}" in message, message
     older = _forge(ckpt, tmp_path / "older.ckpt", drop=True)  # written before checkpoints recorded the spec
-    assert load_module(str(older)).autoencoder.spec() == spec
+    assert load_module(str(older)).codec.spec() == spec
 
 
 def test_resuming_fit_refuses_another_autoencoder(tmp_path):
@@ -103,5 +104,5 @@ def test_resuming_fit_refuses_another_autoencoder(tmp_path):
     message = _refused(fit, tiny_autoencoder(seed=1), 2, str(ckpt))
     assert message.startswith(f"checkpoint {ckpt} was trained with autoencoder a config-built VAE (weights sha256")
     # the rule itself: a pixel-space module or a checkpoint without a spec is not checked
-    check_checkpoint_autoencoder({}, tiny_autoencoder(seed=1))
-    check_checkpoint_autoencoder({SPEC_KEY: tiny_autoencoder().spec()}, None)
+    LatentCodec(tiny_autoencoder(seed=1)).check_checkpoint({})
+    Pixels().check_checkpoint({SPEC_KEY: tiny_autoencoder().spec()})

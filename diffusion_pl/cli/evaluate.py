@@ -36,7 +36,6 @@ from diffusion_pl.data.reference import reference_images
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.evaluation.generation import generate, metric_prefix, rank_indices, sampler_label
-from diffusion_pl.training.latent import pixel_shape
 from diffusion_pl.evaluation.metrics.inception import InceptionFeatures, load_inception
 from diffusion_pl.evaluation.metrics.statistics import PROTOCOL, SampleMetrics, extract, fingerprint, reference_stats
 from diffusion_pl.sampling.base import Sampler
@@ -173,10 +172,9 @@ def _open_source(args: argparse.Namespace, fabric) -> tuple[object, tuple[int | 
     if args.samples is not None:
         return None, inspect_samples(args.samples)
     module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
-    if args.bpd and module.autoencoder is not None:
-        raise CommandError(f"--bpd with --ckpt {args.ckpt}, a latent diffusion model: expected a pixel-space model "
-                           "(bits/dim of latents is not the images' likelihood)")
-    _, height, width = pixel_shape(module, image_shape(module))  # FID in pixel space, at the decoded size
+    if args.bpd:
+        module.codec.check_pixel_likelihood(f"--bpd with --ckpt {args.ckpt}")
+    _, height, width = module.codec.pixel_shape(image_shape(module))  # FID in pixel space, at the decoded size
     return module, (None, height, width)
 
 

@@ -36,7 +36,6 @@ from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, s
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.evaluation.generation import class_labels_for, generate, rank_indices
-from diffusion_pl.training.latent import pixel_shape
 
 __all__ = ["main", "parser", "run"]
 
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace) -> Path:
     module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
     guide = load_guide(args, module, fabric.device)
     config, out, shape = _config(args, module, spec), Path(args.out), image_shape(module)
-    pixels = pixel_shape(module, shape)  # what the images are: decoded pixels of a latent module
+    pixels = module.codec.pixel_shape(shape)  # what the images are: decoded pixels of a latent module
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None
     resume = _check_out(out, config, args.overwrite, repr(sampler))  # every rank checks before anyone writes
     done = resume and npz_path(out, args.num_samples, pixels).is_file()

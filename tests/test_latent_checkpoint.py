@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _latent_setup import tiny_autoencoder
+from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 
 from diffusion_pl.cli.main import main
 from diffusion_pl.data.datamodule import ShardDataModule
@@ -20,6 +20,10 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = "builtin:shapes?size=16&count=16"
+# model.autoencoder as configs/cpu_latent_tiny.yaml's checkpoints saved it before codecs existed (hyper_parameters)
+SAVED_BEFORE_CODECS = {"class_path": "diffusion_pl.codecs.autoencoder.Autoencoder", "init_args": {
+    "pretrained": None, "subfolder": None, "config": TINY_VAE_CONFIG, "seed": 0, "scale": 0.5, "shift": None,
+    "dtype": "float32", "latent_stats": None, "download_timeout": 10.0}}
 
 
 def _vae_folder(path: Path, seed: int) -> Path:
@@ -106,3 +110,18 @@ def test_resuming_fit_refuses_another_autoencoder(tmp_path):
     # the rule itself: a pixel-space module or a checkpoint without a spec is not checked
     LatentCodec(tiny_autoencoder(seed=1)).check_checkpoint({})
     Pixels().check_checkpoint({SPEC_KEY: tiny_autoencoder().spec()})
+
+
+def test_saved_configs_of_latent_checkpoints_from_before_codecs_load_and_resume(tmp_path):
+    """`load_module` and `fit --ckpt_path` (LightningCLI parses the saved hyper_parameters over the recipe) rebuild
+    the latent codec from a saved `autoencoder:` entry."""
+    checkpoint = torch.load(_fit(tmp_path / "run"), weights_only=True, map_location="cpu")
+    checkpoint["hyper_parameters"]["autoencoder"] = SAVED_BEFORE_CODECS
+    del checkpoint["callbacks"]  # their state names the first run's folder, not the one resumed into below
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    module = load_module(str(old))
+    assert isinstance(module.codec, LatentCodec) and module.codec.spec() == checkpoint[SPEC_KEY]
+    assert module.codec.pixel_shape((4, 8, 8)) == (3, 16, 16)
+    resumed = _fit(tmp_path / "resumed", "--trainer.max_steps=2", f"--ckpt_path={old}")
+    assert torch.load(resumed, weights_only=True, map_location="cpu")["global_step"] == 2

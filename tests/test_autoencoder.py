@@ -122,7 +122,7 @@ def test_missing_weights_fail_in_one_line(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(AutoencoderWeightsError, match="not an AutoencoderKL folder"):
-        Autoencoder(pretrained=str(tmp_path / "empty"))
+        Autoencoder(pretrained=str(tmp_path / "empty")).load()  # a config but no weights: refused when they load
     # a hub id neither cached nor downloadable (offline): what to download and where to put it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -205,7 +205,7 @@ def test_latent_dit_import_records_the_vae(tmp_path, capsys):
     autoencoder["init_args"].update(pretrained=str(tmp_path / "dit"), subfolder="vae")
     assert hparams["autoencoder"] == autoencoder
     module = load_module(str(tmp_path / "dit.ckpt"))
-    assert module.autoencoder is not None and module.autoencoder.latent_channels == 4
+    assert module.codec.autoencoder.latent_channels == 4
     assert main(["sample", "--ckpt", str(tmp_path / "dit.ckpt"), "--num-samples", "2", "--sampler", "ddim", "--steps",
                  "2", "--class-labels", "3", "--out", str(tmp_path / "samples"), "--png"]) == 0
     pngs = sorted((tmp_path / "samples").glob("*.png"))

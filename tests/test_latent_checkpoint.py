@@ -7,18 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from _latent_setup import tiny_autoencoder
+from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 
 from diffusion_pl.cli.main import main
 from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.utils.errors import UserError
-from diffusion_pl.training.latent import SPEC_KEY, check_checkpoint_autoencoder
+from diffusion_pl.codecs.base import Pixels
+from diffusion_pl.codecs.latent import SPEC_KEY, LatentCodec
 from diffusion_pl.training.module import load_module
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = "builtin:shapes?size=16&count=16"
+# model.autoencoder as configs/cpu_latent_tiny.yaml's checkpoints saved it before codecs existed (hyper_parameters)
+SAVED_BEFORE_CODECS = {"class_path": "diffusion_pl.codecs.autoencoder.Autoencoder", "init_args": {
+    "pretrained": None, "subfolder": None, "config": TINY_VAE_CONFIG, "seed": 0, "scale": 0.5, "shift": None,
+    "dtype": "float32", "latent_stats": None, "download_timeout": 10.0}}
 
 
 def _vae_folder(path: Path, seed: int) -> Path:
@@ -57,7 +62,7 @@ def test_load_module_refuses_a_vae_folder_whose_weights_changed(tmp_path):
                 "--model.autoencoder.init_args.config=null")
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")[SPEC_KEY]
     assert saved == tiny_autoencoder(scale=0.5).spec() | {"pretrained": str(vae)}  # the config-built identity
-    assert load_module(str(ckpt)).autoencoder.spec() == saved
+    assert load_module(str(ckpt)).codec.spec() == saved
     _vae_folder(vae, seed=1)  # the folder's weights change after training
     message = _refused(load_module, str(ckpt))
     assert message.startswith(f"checkpoint {ckpt} was trained with autoencoder pretrained: {vae} (weights sha256 "
@@ -76,7 +81,7 @@ def test_load_module_checks_the_saved_spec_and_loads_older_checkpoints(tmp_path)
         message = _refused(load_module, str(forged))
         assert f"checkpoint {forged} was trained with autoencoder a config-built VAE ({what}" in message, message
     older = _forge(ckpt, tmp_path / "older.ckpt", drop=True)  # written before checkpoints recorded the spec
-    assert load_module(str(older)).autoencoder.spec() == spec
+    assert load_module(str(older)).codec.spec() == spec
 
 
 def test_resuming_fit_refuses_another_autoencoder(tmp_path):
@@ -103,5 +108,20 @@ def test_resuming_fit_refuses_another_autoencoder(tmp_path):
     message = _refused(fit, tiny_autoencoder(seed=1), 2, str(ckpt))
     assert message.startswith(f"checkpoint {ckpt} was trained with autoencoder a config-built VAE (weights sha256")
     # the rule itself: a pixel-space module or a checkpoint without a spec is not checked
-    check_checkpoint_autoencoder({}, tiny_autoencoder(seed=1))
-    check_checkpoint_autoencoder({SPEC_KEY: tiny_autoencoder().spec()}, None)
+    LatentCodec(tiny_autoencoder(seed=1)).check_checkpoint({})
+    Pixels().check_checkpoint({SPEC_KEY: tiny_autoencoder().spec()})
+
+
+def test_saved_configs_of_latent_checkpoints_from_before_codecs_load_and_resume(tmp_path):
+    """`load_module` and `fit --ckpt_path` (LightningCLI parses the saved hyper_parameters over the recipe) rebuild
+    the latent codec from a saved `autoencoder:` entry."""
+    checkpoint = torch.load(_fit(tmp_path / "run"), weights_only=True, map_location="cpu")
+    checkpoint["hyper_parameters"]["autoencoder"] = SAVED_BEFORE_CODECS
+    del checkpoint["callbacks"]  # their state names the first run's folder, not the one resumed into below
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    module = load_module(str(old))
+    assert isinstance(module.codec, LatentCodec) and module.codec.spec() == checkpoint[SPEC_KEY]
+    assert module.codec.pixel_shape((4, 8, 8)) == (3, 16, 16)
+    resumed = _fit(tmp_path / "resumed", "--trainer.max_steps=2", f"--ckpt_path={old}")
+    assert torch.load(resumed, weights_only=True, map_location="cpu")["global_step"] == 2

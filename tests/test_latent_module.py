@@ -18,7 +18,8 @@ from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.utils.errors import UserError
 from diffusion_pl.evaluation.generation import generate
-from diffusion_pl.training.latent import to_latents
+from diffusion_pl.codecs.base import Pixels
+from diffusion_pl.codecs.latent import LatentCodec, codec_for
 from diffusion_pl.training.module import DiffusionModule, check_data_fits
 from diffusion_pl.networks.unet import UNet
 from diffusion_pl.processes.variance_preserving import VPLinear
@@ -66,28 +67,28 @@ def test_batches_become_posterior_samples():
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, std = ae.encode(images)
     torch.manual_seed(5)
-    from_shards = to_latents(ae, torch.cat([mean, std], dim=1))  # the step's reseeded global generator
+    from_shards = LatentCodec(ae).encode(torch.cat([mean, std], dim=1))  # the step's reseeded global generator
     torch.manual_seed(5)
-    on_the_fly = to_latents(ae, images)
+    on_the_fly = LatentCodec(ae).encode(images)
     expected = ae.sample_latents(mean, std, torch.Generator().manual_seed(5))
     assert torch.equal(from_shards, expected) and torch.equal(on_the_fly, expected)
-    assert to_latents(None, images) is images
+    assert Pixels().encode(images) is images
     with pytest.raises(UserError, match=r"expected images \(B, 3, H, W\) or a latent posterior \(B, 8, h, w\)"):
-        to_latents(ae, torch.zeros(2, 5, 8, 8))
+        LatentCodec(ae).encode(torch.zeros(2, 5, 8, 8))
 
 
 def test_training_keeps_the_autoencoder_frozen_and_out_of_optimizer_ema_checkpoint(tmp_path):
     module = make_module()
-    vae_before = {k: v.clone() for k, v in module.autoencoder.vae.state_dict().items()}
+    vae_before = {k: v.clone() for k, v in module.codec.autoencoder.vae.state_dict().items()}
     net_before = {k: v.clone() for k, v in module.net.state_dict().items()}
     trainer = _fit(tmp_path, module, ShardDataModule(shards=IMAGES, batch_size=4, num_workers=0), 2)
-    vae_ids = {id(p) for p in module.autoencoder.vae.parameters()}
+    vae_ids = {id(p) for p in module.codec.autoencoder.vae.parameters()}
     optimized = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
     assert optimized and not vae_ids & {id(p) for p in optimized}
     assert {id(p) for p in optimized} == {id(p) for p in module.net.parameters()}
     assert not vae_ids & {id(p) for p in module.parameters()}  # not a submodule: not in the EMA copy either
     assert len(list(module.ema.parameters())) == len(list(module.net.parameters()))
-    assert all(torch.equal(v, vae_before[k]) for k, v in module.autoencoder.vae.state_dict().items())
+    assert all(torch.equal(v, vae_before[k]) for k, v in module.codec.autoencoder.vae.state_dict().items())
     assert any(not torch.equal(v, net_before[k]) for k, v in module.net.state_dict().items())  # it trained
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all(k.startswith(("net.", "ema.")) for k in state)
@@ -139,18 +140,18 @@ def test_data_that_does_not_fit_is_refused_in_one_line(tmp_path):
     ae = tiny_autoencoder()
     shards = latent_shards(tmp_path / "latents", ae, n=8)
     data = ShardDataModule(shards=shards, batch_size=4, num_workers=0)
-    check_data_fits(make_net(), data, ae)  # the encoding VAE, the net's latent shape: accepted
+    check_data_fits(make_net(), data, codec_for(ae))  # the encoding VAE, the net's latent shape: accepted
     for autoencoder, net, match in [
             (tiny_autoencoder(seed=1), make_net(), "weights_sha256"),  # another VAE's latents
             (None, make_net(), "has no autoencoder"),
             (ae, make_net(size=16), "img_resolution=16x16 but the latent shards give 8x8 latents")]:
         with pytest.raises(UserError) as err:
-            check_data_fits(net, data, autoencoder)
+            check_data_fits(net, data, codec_for(autoencoder))
         assert match in str(err.value) and "\n" not in str(err.value)
     images = ShardDataModule(shards=IMAGES, batch_size=4, num_workers=0)
-    check_data_fits(make_net(), images, ae)  # 16 x 16 images encode to 4 x 8 x 8
+    check_data_fits(make_net(), images, codec_for(ae))  # 16 x 16 images encode to 4 x 8 x 8
     with pytest.raises(UserError, match="img_resolution=16x16 but the 16x16 images give 8x8 latents"):
-        check_data_fits(make_net(size=16), images, ae)
+        check_data_fits(make_net(size=16), images, codec_for(ae))
     with pytest.raises(UserError, match="in_channels=3 but the autoencoder has 4 latent channels"):
         DiffusionModule(make_net(in_channels=3), VPLinear(), autoencoder=ae)
     # a module whose autoencoder differs from the shards' stops before training, in one line

@@ -25,6 +25,7 @@ from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, D
                                                            PreemptionCheckpoint, checkpoint_step,
                                                            find_resume_checkpoint)
 from diffusion_pl.utils.errors import MissingFileError, UserValueError
+from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.training.module import DiffusionModule
 from diffusion_pl.cli.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
                                          remove_run_outputs)
@@ -231,21 +232,29 @@ def _differs(recipe: Any, saved: Any) -> bool:
     return recipe is not None and recipe != saved
 
 
+def _throwaway(component: Any) -> Any:
+    """An instance of a parsed `class_path` + `init_args` component, None when the config leaves it unset."""
+    if not hasattr(component, "class_path"):
+        return None
+    init_args = component.get("init_args")
+    return import_object(component.class_path)(**(init_args.as_dict() if init_args is not None else {}))
+
+
 def fill_network_shape(config) -> None:
-    """Set `model.net.init_args.in_channels` / `img_resolution` from the data when the config leaves them None."""
+    """Set `model.net.init_args.in_channels` / `img_resolution` from the data when the config leaves them None.
+
+    The shape is what the network sees of the data in the module's space (`Codec.network_view`): a latent
+    module's codec takes it from the autoencoder's config, without loading or hashing its weights.
+    """
     net, data = config.get("model.net"), config.get("data")
     if net is None or data is None or not hasattr(net, "init_args") or not hasattr(data, "class_path"):
         return
     unset = [key for key in ("in_channels", "img_resolution") if key in net.init_args and net.init_args[key] is None]
     if not unset:
         return
-    # a throwaway instance: ShardDataModule reads only its manifest (or one image) for these
-    datamodule = import_object(data.class_path)(**data.init_args.as_dict())
-    autoencoder = config.get("model.autoencoder")
-    if autoencoder is not None and hasattr(autoencoder, "class_path"):  # image data encoded on the fly: latent shape
-        from diffusion_pl.training.latent import encoded_view
-
-        datamodule = encoded_view(datamodule, import_object(autoencoder.class_path)(**autoencoder.init_args.as_dict()))
+    # throwaway instances: ShardDataModule reads only its manifest (or one image) for these, an Autoencoder its config
+    codec = codec_for(_throwaway(config.get("model.autoencoder")))
+    datamodule = codec.network_view(_throwaway(data))
     values = {}
     if "in_channels" in unset and getattr(datamodule, "channels", None) is not None:
         values["in_channels"] = int(datamodule.channels)

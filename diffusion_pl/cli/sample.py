@@ -37,7 +37,6 @@ from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.evaluation.generation import class_labels_for, generate, rank_indices
 from diffusion_pl.evaluation.loading import guidance_config, image_shape, load_checkpoint, load_guide, make_fabric
 from diffusion_pl.evaluation.samples import read_rgb
-from diffusion_pl.training.latent import pixel_shape
 
 __all__ = ["main", "parser", "run"]
 
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> Path:
     guide = load_guide(module, args.guide_ckpt, fabric.device, trust_config=args.trust_config,
                        guidance_interval=args.guidance_interval, guidance_channels=args.guidance_channels, names=flag)
     config, out, shape = _config(args, module, spec), Path(args.out), image_shape(module)
-    pixels = pixel_shape(module, shape)  # what the images are: decoded pixels of a latent module
+    pixels = module.codec.pixel_shape(shape)  # what the images are: decoded pixels of a latent module
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None
     resume = _check_out(out, config, args.overwrite, repr(sampler))  # every rank checks before anyone writes
     done = resume and npz_path(out, args.num_samples, pixels).is_file()

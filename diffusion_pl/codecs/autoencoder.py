@@ -18,9 +18,14 @@ change what it computes).
 
 Weights, as for the Inception weights: `pretrained` is a local folder (a diffusers model folder, or a
 pipeline folder with `subfolder: vae`) or a hub id, found in the Hugging Face cache or downloaded
-once; without either the constructor fails in one line (AutoencoderWeightsError) saying what to
-download and where to put it. `config` builds an AutoencoderKL with seeded random weights instead
-(tests, the CPU recipe).
+once; without either it fails in one line (AutoencoderWeightsError) saying what to download and
+where to put it. `config` builds an AutoencoderKL with seeded random weights instead (tests, the CPU
+recipe).
+
+The constructor reads only the VAE's config (its config.json, or `config`): the shapes (latent
+channels, downsampling factor), scale and shift come from it, so building an Autoencoder to learn a
+shape (`diffusion-pl fit` filling the network's shape, a module checking its network) neither loads
+nor hashes weights. The weights load on first use (`encode`, `decode`, `spec`, `vae`, or `load()`).
 
 `spec()` is the autoencoder's identity, recorded by latent shard manifests and compared with the
 module's (`spec_mismatch`): the raw latents depend on the VAE's config and weights only, so those
@@ -30,6 +35,7 @@ two hashes must agree; scale, shift and latent statistics are applied at trainin
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import warnings
 from contextlib import nullcontext
@@ -71,33 +77,81 @@ def _how_to_provide(name: str, subfolder: str | None, reason: str) -> str:
             f"cache there into {hub_cache()}")
 
 
-def _load_pretrained(name: str, subfolder: str | None, download_timeout: float):
-    AutoencoderKL = _import_autoencoder_kl()
-    folder = Path(name).expanduser()
+def _kl_defaults() -> dict[str, Any]:
+    """AutoencoderKL's constructor defaults: what a config (or a config.json) that leaves a key out gets."""
+    params = inspect.signature(_import_autoencoder_kl().__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+
+
+def _checked_config(config: dict) -> dict[str, Any]:
+    """An AutoencoderKL config (constructor arguments) whose keys the constructor takes; refused in one line else."""
+    if not isinstance(config, dict):
+        raise UserValueError(f"autoencoder config is a {type(config).__name__}: expected a dict of diffusers "
+                             "AutoencoderKL arguments")
+    unknown = sorted(set(config) - set(_kl_defaults()))
+    if unknown:
+        raise UserValueError(f"autoencoder config is invalid (unknown arguments {', '.join(unknown)}): expected "
+                             "diffusers AutoencoderKL arguments")
+    return dict(config)
+
+
+def _from_hub(load, name: str, subfolder: str | None, download_timeout: float):
+    """`load(name)` from the Hugging Face cache, else downloaded when the hub answers in time; one line else."""
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    if folder.exists() or looks_like_path(name):
-        config = folder / (subfolder or "") / "config.json"
-        if not config.is_file():
-            raise AutoencoderWeightsError(_how_to_provide(name, subfolder, f"{config} does not exist"))
-        try:
-            return AutoencoderKL.from_pretrained(str(folder), **kwargs)
-        except Exception as err:  # a folder without weights, or with another model's
-            raise AutoencoderWeightsError(_how_to_provide(
-                name, subfolder, f"{folder} is not an AutoencoderKL folder ({_first_line(err)})")) from err
     try:  # the hub cache first: no network needed
         with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
             warnings.simplefilter("ignore", UserWarning)
-            return AutoencoderKL.from_pretrained(name, local_files_only=True, **kwargs)
+            return load(name, local_files_only=True, **kwargs)
     except Exception as err:
         reason = f"not in the Hugging Face cache ({_first_line(err)})"
     failure = unreachable(download_timeout)
     if failure is None:
         try:
-            return AutoencoderKL.from_pretrained(name, **kwargs)
+            return load(name, **kwargs)
         except Exception as err:
             failure = _first_line(err)
     reason += f" and the download failed ({failure})"
     raise AutoencoderWeightsError(_how_to_provide(name, subfolder, reason))
+
+
+def _local_config(name: str, subfolder: str | None) -> Path | None:
+    """The config.json of a local VAE folder (refused in one line when absent), None for a hub id."""
+    folder = Path(name).expanduser()
+    if not (folder.exists() or looks_like_path(name)):
+        return None
+    path = folder / (subfolder or "") / "config.json"
+    if not path.is_file():
+        raise AutoencoderWeightsError(_how_to_provide(name, subfolder, f"{path} does not exist"))
+    return path
+
+
+def _read_config(name: str, subfolder: str | None, download_timeout: float) -> dict[str, Any]:
+    """The config of a pretrained VAE: its config.json (local, in the hub cache, or that file downloaded), no weights."""
+    path = _local_config(name, subfolder)
+    if path is None:
+        return dict(_from_hub(_import_autoencoder_kl().load_config, name, subfolder, download_timeout))
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise AutoencoderWeightsError(_how_to_provide(name, subfolder, f"{path} is not a JSON config "
+                                                                        f"({_first_line(err)})")) from err
+    found = config.get("_class_name", "AutoencoderKL") if isinstance(config, dict) else type(config).__name__
+    if found != "AutoencoderKL":
+        raise AutoencoderWeightsError(_how_to_provide(name, subfolder, f"{path.parent} is not an AutoencoderKL "
+                                                                        f"folder (its config.json is a {found})"))
+    return config
+
+
+def _load_pretrained(name: str, subfolder: str | None, download_timeout: float):
+    AutoencoderKL = _import_autoencoder_kl()
+    if _local_config(name, subfolder) is None:
+        return _from_hub(AutoencoderKL.from_pretrained, name, subfolder, download_timeout)
+    folder, kwargs = Path(name).expanduser(), {"subfolder": subfolder} if subfolder else {}
+    try:
+        return AutoencoderKL.from_pretrained(str(folder), **kwargs)
+    except Exception as err:  # a folder without weights, or with another model's
+        raise AutoencoderWeightsError(_how_to_provide(
+            name, subfolder, f"{folder} is not an AutoencoderKL folder ({_first_line(err)})")) from err
 
 
 def _first_line(err: Exception) -> str:
@@ -114,6 +168,12 @@ def _weights_sha256(vae) -> str:
         h.update(key.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _shapes(vae_config: dict[str, Any]) -> tuple[int, int, int]:
+    """(latent channels, image channels, downsampling factor) of an AutoencoderKL config with its defaults filled."""
+    return (int(vae_config["latent_channels"]), int(vae_config["in_channels"]),
+            2 ** (len(vae_config["block_out_channels"]) - 1))
 
 
 def _channel_values(value: float | Sequence[float], channels: int, name: str) -> Tensor:
@@ -150,22 +210,13 @@ class Autoencoder:
                                  "expected exactly one (a hub id or folder, or an AutoencoderKL config)")
         if dtype not in _DTYPES:
             raise UserValueError(f"autoencoder dtype is {dtype!r}: expected one of {', '.join(_DTYPES)}")
-        if pretrained is not None:
-            vae = _load_pretrained(pretrained, subfolder, download_timeout)
-        else:
-            AutoencoderKL = _import_autoencoder_kl()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                try:
-                    vae = AutoencoderKL(**config)
-                except (TypeError, ValueError) as err:
-                    raise UserValueError(f"autoencoder config is invalid ({_first_line(err)}): expected "
-                                         "diffusers AutoencoderKL arguments") from err
-        vae_config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+        # the config only: shapes, scale and shift; the weights load on first use (load)
+        raw = _read_config(pretrained, subfolder, download_timeout) if pretrained is not None else \
+            _checked_config(config)
+        vae_config = {**_kl_defaults(), **{k: v for k, v in raw.items() if not k.startswith("_")}}
         self.pretrained, self.subfolder, self.config, self.seed = pretrained, subfolder, config, seed
-        self.latent_channels: int = int(vae_config["latent_channels"])
-        self.image_channels: int = int(vae_config["in_channels"])
-        self.downsample: int = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.download_timeout = download_timeout
+        self.latent_channels, self.image_channels, self.downsample = _shapes(vae_config)
         scale = vae_config.get("scaling_factor", 1.0) if scale is None else scale
         shift = (vae_config.get("shift_factor") or 0.0) if shift is None else shift
         self.scale_values, self.shift_values = scale, shift
@@ -175,11 +226,47 @@ class Autoencoder:
         self._stats_mean, self._stats_std = self._read_stats(latent_stats) if latent_stats else (None, None)
         # hashed once, with the statistics it loaded: spec() then describes them, not the file as it is later
         self._stats_sha256 = sha256_file(latent_stats) if latent_stats else None
-        self._identity = {"config_sha256": _sha256_json(vae_config), "weights_sha256": _weights_sha256(vae)}
         self.dtype_name, self.dtype = dtype, _DTYPES[dtype]
-        # nn.Module.to: diffusers' own `to` warns on every dtype cast (modeling_utils.py, an empty fp32 list)
-        self.vae = torch.nn.Module.to(vae.requires_grad_(False).eval(), self.dtype)
         self.device = torch.device("cpu")
+        self._vae: Any = None  # the AutoencoderKL, once loaded
+        self._identity: dict[str, str] = {}  # its config and weights hashes, taken when it loads
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are loaded (they load on first use)."""
+        return self._vae is not None
+
+    @property
+    def vae(self):
+        """The frozen diffusers AutoencoderKL, loaded (and hashed) on first access."""
+        return self.load()._vae
+
+    def load(self) -> "Autoencoder":
+        """Load (or build from `config`) the weights now, if not yet: fails in one line when they are missing."""
+        if self._vae is not None:
+            return self
+        if self.pretrained is not None:
+            vae = _load_pretrained(self.pretrained, self.subfolder, self.download_timeout)
+        else:
+            AutoencoderKL = _import_autoencoder_kl()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                try:
+                    vae = AutoencoderKL(**self.config)
+                except (TypeError, ValueError) as err:
+                    raise UserValueError(f"autoencoder config is invalid ({_first_line(err)}): expected "
+                                         "diffusers AutoencoderKL arguments") from err
+        vae_config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+        loaded = _shapes(vae_config)
+        if loaded != (self.latent_channels, self.image_channels, self.downsample):  # the cache changed under us
+            raise AutoencoderWeightsError(f"the autoencoder {self.pretrained} loaded with (latent channels, image "
+                                          f"channels, downsampling) {loaded} but its config said "
+                                          f"{(self.latent_channels, self.image_channels, self.downsample)}: expected "
+                                          "the same (re-download the VAE folder)")
+        self._identity = {"config_sha256": _sha256_json(vae_config), "weights_sha256": _weights_sha256(vae)}
+        # nn.Module.to: diffusers' own `to` warns on every dtype cast (modeling_utils.py, an empty fp32 list)
+        self._vae = torch.nn.Module.to(vae.requires_grad_(False).eval(), device=self.device, dtype=self.dtype)
+        return self
 
     def _read_stats(self, path: str) -> tuple[Tensor, Tensor]:
         if not Path(path).is_file():
@@ -197,7 +284,10 @@ class Autoencoder:
 
     # -- identity and shapes ----------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
-        """JSON-able identity: source, config / weights hashes, scale, shift, latent stats hash, shapes."""
+        """JSON-able identity: source, config / weights hashes, scale, shift, latent stats hash, shapes.
+
+        The hashes are of the loaded weights: this loads them if they are not yet."""
+        self.load()
         return {"pretrained": self.pretrained, "subfolder": self.subfolder, **self._identity,
                 "scale": self.scale_values, "shift": self.shift_values,
                 "latent_stats_sha256": self._stats_sha256,
@@ -239,9 +329,9 @@ class Autoencoder:
     # -- the networks ------------------------------------------------------------------------------------
     def to(self, device: str | torch.device) -> "Autoencoder":
         device = torch.device(device)
-        if device != self.device:
-            torch.nn.Module.to(self.vae, device)
-            self.device = device
+        if device != self.device and self._vae is not None:  # else the weights load onto `device`
+            torch.nn.Module.to(self._vae, device)
+        self.device = device
         return self
 
     def _run(self, x: Tensor):

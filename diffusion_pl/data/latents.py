@@ -67,7 +67,8 @@ def decode_latent(data: bytes, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def load_autoencoder(spec: str):
-    """The `Autoencoder` that ``--encode SPEC`` names.
+    """The `Autoencoder` that ``--encode SPEC`` names, its weights loaded (a missing VAE is refused before any
+    image is read).
 
     SPEC is a hub id (``stabilityai/sd-vae-ft-ema``) or a local diffusers folder, or the Autoencoder's
     constructor arguments as a JSON object, inline or in a .json file: ``{"pretrained": "...",
@@ -79,7 +80,7 @@ def load_autoencoder(spec: str):
     if text.endswith(".json") and Path(text).is_file():
         text = Path(text).read_text()
     if not text.startswith("{"):
-        return Autoencoder(pretrained=spec)
+        return Autoencoder(pretrained=spec).load()
     try:
         args = json.loads(text)
     except ValueError as err:
@@ -88,10 +89,11 @@ def load_autoencoder(spec: str):
     if not isinstance(args, dict):
         raise PrepareError(f"--encode {spec[:80]!r} is not a JSON object: expected Autoencoder arguments")
     try:
-        return Autoencoder(**args)
+        autoencoder = Autoencoder(**args)
     except TypeError as err:  # an unknown argument name
         raise PrepareError(f"--encode arguments are invalid ({err}): expected the arguments of "
                            "diffusion_pl.codecs.autoencoder.Autoencoder (pretrained, subfolder, config, seed, dtype, ...)")
+    return autoencoder.load()
 
 
 @contextlib.contextmanager

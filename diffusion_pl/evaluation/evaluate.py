@@ -38,7 +38,6 @@ from diffusion_pl.utils.fileio import sha256_file
 from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.data.reference import reference_images
-from diffusion_pl.training.latent import pixel_shape
 from diffusion_pl.evaluation.bits_per_dim import dataset_bits_per_dim, first_images
 from diffusion_pl.evaluation.generation import generate, rank_indices, sampler_label
 from diffusion_pl.evaluation.loading import (Names, argument_name, guidance_config, image_shape, load_checkpoint,
@@ -261,10 +260,9 @@ def _open_source(options: EvalOptions, fabric, ckpt, samples) -> tuple[object, t
         module = ckpt.to(fabric.device).eval()
     else:
         module = load_checkpoint(ckpt, fabric.device, trust_config=options.trust_config, what=name("ckpt"))
-    if options.bpd and module.autoencoder is not None:
-        raise UserValueError(f"{name('bpd')} with {name('ckpt')} {_label(ckpt)}, a latent diffusion model: expected a "
-                             "pixel-space model (bits/dim of latents is not the images' likelihood)")
-    _, height, width = pixel_shape(module, image_shape(module))  # FID in pixel space, at the decoded size
+    if options.bpd:
+        module.codec.check_pixel_likelihood(f"{name('bpd')} with {name('ckpt')} {_label(ckpt)}")
+    _, height, width = module.codec.pixel_shape(image_shape(module))  # FID in pixel space, at the decoded size
     return module, (None, height, width)
 
 

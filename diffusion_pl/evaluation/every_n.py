@@ -16,7 +16,6 @@ from lightning.pytorch.callbacks import Callback
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.guidance import check_guidance_channels, check_guidance_interval
 from diffusion_pl.evaluation.generation import guide_mismatch
-from diffusion_pl.training.latent import sample_shape
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.sampling.base import Sampler
 
@@ -66,7 +65,7 @@ class EveryNSteps(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_batch_start = trainer.global_step
         if self.image_shape is None:
-            self.image_shape = sample_shape(pl_module, batch[0])  # a latent module's: the net's latent shape
+            self.image_shape = pl_module.codec.sample_shape(batch[0].shape[1:])  # a latent module's: the latent shape
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -19,7 +19,6 @@ from diffusion_pl.evaluation.every_n import EveryNSteps
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.evaluation.generation import generate, metric_prefix, rank_indices, sampler_label
-from diffusion_pl.training.latent import data_is_latent, reference_size
 from diffusion_pl.evaluation.metrics.inception import load_inception
 from diffusion_pl.evaluation.metrics.statistics import ReferenceStats, SampleMetrics, _device, extract, reference_stats
 from diffusion_pl.sampling.base import Sampler
@@ -110,13 +109,13 @@ class FIDCallback(EveryNSteps):
         if self.ref_stats is not None:  # read at setup
             return
         datamodule = trainer.datamodule
-        data = self.data or (None if data_is_latent(datamodule) else getattr(datamodule, "shards", None))
+        data = self.data or (None if pl_module.codec.data_is_latent(datamodule) else getattr(datamodule, "shards", None))
         if data is None:
             raise ValueError("FIDCallback: no reference data: expected `data:` (a shards string of images) or a "
                              "datamodule with a `shards` attribute of image shards")
         # reference images are scored at the training images' size (resized as training resizes them),
         # so a model trained on resized data is compared at the resolution it learns
-        size = reference_size(pl_module, datamodule)  # a latent module's: the decoded samples' size
+        size = pl_module.codec.reference_size(datamodule)  # a latent module's: the decoded samples' size
         images, key, info = reference_images(data, batch_size=self.batch_size, image_size=size)
         self.reference = reference_stats(images, key, self.extractor, with_features=self.kid, total=info["count"],
                                          progress=trainer.is_global_zero)

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion_pl.training.latent import decode_samples, latent_space
 from diffusion_pl.guidance import check_guidance_channels
 from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.sampling.api import sample
@@ -89,7 +88,7 @@ def guide_mismatch(module, guide) -> str | None:
             own, other = (json.dumps(c, sort_keys=True, default=str) for c in (own, other))
         checks.append((name, own, other))
     checks.append(("num_classes", module.num_classes, guide.num_classes))
-    checks.append(("latent space (autoencoder, scale, shift)", latent_space(module), latent_space(guide)))
+    checks.append(("latent space (autoencoder, scale, shift)", module.codec.space, guide.codec.space))
     for what, own, other in checks:
         if own != other:
             return f"has {what} {other} but the model has {own}"
@@ -104,8 +103,8 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
              guidance_channels: int | None = None) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
     """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
 
-    image_shape: what the network samples (a latent module's latent (C, h, w)); a module with an autoencoder
-    yields its samples decoded to pixels (`diffusion_pl.training.latent.pixel_shape`).
+    image_shape: what the network samples (a latent module's latent (C, h, w)); samples are yielded decoded to
+    pixels by the module's codec (`module.codec.pixel_shape(image_shape)` is their shape).
     clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's sampling clips at 1).
     guide_module: a second DiffusionModule (same process and prediction; its EMA weights when `ema`)
     for autoguidance with weight `guidance`; guidance_interval: (sigma_lo, sigma_hi), see `Denoiser`.
@@ -132,7 +131,7 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
                              clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device, guide=guide,
                              guidance_interval=guidance_interval, guidance_channels=guidance_channels)
                 bar.update(len(idx))
-                yield idx, to_uint8(decode_samples(module, out.x)), labels, out.nfe  # latents: decoded to pixels
+                yield idx, to_uint8(module.codec.decode(out.x)), labels, out.nfe  # latents: decoded to pixels
     finally:
         net.train(training)
         if guide_net is not None:

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from diffusion_pl.utils import lightning_compat
 from diffusion_pl.training.augment import AugmentPipe
 from diffusion_pl.codecs.autoencoder import Autoencoder
+from diffusion_pl.codecs.base import Codec, Pixels
+from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.utils.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
-from diffusion_pl.training.latent import (check_autoencoder, check_checkpoint_autoencoder, check_latent_data,
-                                          check_resumed_autoencoder, data_is_latent, save_autoencoder_spec, to_latents)
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, null_label_of, precondition
 from diffusion_pl.processes.base import Process
@@ -72,8 +72,9 @@ class DiffusionModule(L.LightningModule):
             sampling (`model()`) pass none, i.e. zeros. The net's `augment_dim` must equal its `label_dim`.
         grad_nan_to_num: replace NaN / +inf / -inf gradient entries by 0 / 1e5 / -1e5 before each optimizer
             step, as EDM does (NVlabs/edm training/training_loop.py:137-139).
-        autoencoder: a frozen `Autoencoder` for latent diffusion (diffusion_pl/training/latent.py): batches become
-            latents, samples are decoded; it is never in the optimizer, the EMA or the state_dict.
+        autoencoder: a frozen `Autoencoder` for latent diffusion: the module's codec (`self.codec`, `Pixels` when
+            None; diffusion_pl/codecs/) is then its latents: batches become latents, samples are decoded; it is
+            never in the optimizer, the EMA or the state_dict.
     """
 
     def __init__(
@@ -147,8 +148,9 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last
         self.compile = compile
         self.augment, self.grad_nan_to_num = augment, grad_nan_to_num
-        check_autoencoder(net, autoencoder, augment)
-        object.__setattr__(self, "autoencoder", autoencoder)  # a plain attribute: no parameters, no state_dict
+        # the space the process runs in; a plain object (not an nn.Module): no parameters, no state_dict entries
+        self.codec: Codec = codec_for(autoencoder)
+        self.codec.check_module(net, augment)
         self._train_model: Model | None = None
         self._images_per_step = 0
 
@@ -175,17 +177,20 @@ class DiffusionModule(L.LightningModule):
         """The network (EMA by default) as a model `(x_t, t, class_labels) -> output` for samplers."""
         return precondition(self.ema if ema else self.net, self.process, self.prediction)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the autoencoder's identity (latent.py)
-        save_autoencoder_spec(self.autoencoder, checkpoint)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the codec's identity (a latent space's VAE)
+        self.codec.save_spec(checkpoint)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # resuming `fit`; load_module checks below
-        check_resumed_autoencoder(self, checkpoint)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint a Trainer restores (resuming `fit`); load_module checks what it loads itself (it knows the
+        # path; load_from_checkpoint has no trainer)
+        if self._trainer is not None:
+            self.codec.check_checkpoint(checkpoint, self._trainer.ckpt_path)
 
     # -- training ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:  # the datamodule is set up before the module: its shapes are known
-            check_data_fits(self.net, datamodule, self.autoencoder)
+            check_data_fits(self.net, datamodule, self.codec)
         net = self.net
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -202,7 +207,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         self._reseed(batch_idx)
         x0, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
-        x0 = to_latents(self.autoencoder, x0)  # latent modules: one posterior draw, after the reseed
+        x0 = self.codec.encode(x0)  # latents: one posterior draw, after the reseed
         self._images_per_step = x0.shape[0] * self.trainer.world_size * max(1, self.trainer.accumulate_grad_batches)
         model = self._train_model
         if self.augment is not None:  # drawn from the generator reseeded above, before the loss's draws
@@ -301,7 +306,7 @@ class DiffusionModule(L.LightningModule):
         grid = log_snr_grid(self.process, self.val_num_times)
         t = grid[torch.arange(n) % self.val_num_times].to(device=x0.device, dtype=x0.dtype)
         g = torch.Generator(device=x0.device).manual_seed(step_seed(self.seed, 1, batch_idx))
-        x0 = to_latents(self.autoencoder, x0, g)
+        x0 = self.codec.encode(x0, g)
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         labels = class_labels if self.num_classes is not None else None
         # the generator also draws the label dropout (p_uncond), so val/loss is deterministic
@@ -314,23 +319,24 @@ class DiffusionModule(L.LightningModule):
         return loss
 
 
-def check_data_fits(net: nn.Module, datamodule: Any, autoencoder: Autoencoder | None = None) -> None:
+def check_data_fits(net: nn.Module, datamodule: Any, codec: Codec | None = None) -> None:
     """Refuse, in one line naming both values, data whose channels, size or classes the network does not take.
 
     Reads the attributes the networks (`in_channels`, `img_resolution`, `num_classes`) and
     ShardDataModule (`channels`, `output_size`, `num_classes`) expose; anything absent is not checked.
+    Channels and size are compared in the codec's space (default `Pixels`): what the network sees of the data.
     """
     net_name, data_name = type(net).__name__, type(datamodule).__name__
-    latent = autoencoder is not None or data_is_latent(datamodule)
-    if latent:  # channels and size in latent space (and the autoencoder's identity); classes below
-        check_latent_data(net, datamodule, autoencoder)
+    codec = codec if codec is not None else Pixels()
+    codec.check_data(net, datamodule)  # the space's own rules (a latent space: the VAE's identity, latent shapes)
+    seen = codec.network_view(datamodule)  # pixels as they are, images as their latents, latent shards as they are
     channels = getattr(net, "in_channels", None)
-    data_channels = None if latent else getattr(datamodule, "channels", None)
+    data_channels = getattr(seen, "channels", None)
     if channels is not None and data_channels is not None and channels != data_channels:
         raise UserValueError(f"{net_name} in_channels={channels} but the data has {data_channels}-channel images: "
                              f"expected equal values (set model.net in_channels: {data_channels}, or leave it unset)")
     size = getattr(net, "img_resolution", None)
-    data_size = None if latent else getattr(datamodule, "output_size", None)
+    data_size = getattr(seen, "output_size", None)
     if size is not None and data_size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(size) != tuple(data_size):
@@ -374,6 +380,6 @@ def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
                              f"({', '.join(untrusted[:3])}): its config is code; pass trust_config=True "
                              "(--trust-config) if you trust where it came from")
     module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)
-    check_checkpoint_autoencoder(checkpoint, module.autoencoder, ckpt_path)  # the VAE it was trained with
+    module.codec.check_checkpoint(checkpoint, ckpt_path)  # a latent module: the VAE it was trained with
     module.saved_config = hparams  # the config as saved (hparams hold only what the rebuilt module saves)
     return module

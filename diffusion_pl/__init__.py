@@ -48,6 +48,7 @@ _PUBLIC = {
                     "processes.variance_preserving"),
     **dict.fromkeys(("VE", "EDM"), "processes.exploding"),
     **dict.fromkeys(("RectifiedFlow", "Trigonometric"), "processes.interpolants"),
+    **dict.fromkeys(("Guidance",), "guidance"),
     **dict.fromkeys(("Prediction", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
                      "ScaledScorePrediction", "VelocityPrediction", "EDMPreconditioning", "Denoiser",
                      "DenoiserOutput", "precondition"), "prediction"),

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from diffusion_pl.guidance import check_guidance_channels, check_guidance_interval
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.processes.base import AttributeRepr, Process, append_dims, check_positive
 
 __all__ = ["Model", "Prediction", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
@@ -294,52 +294,52 @@ class Denoiser:
     with the same x_t term, mixing raw outputs equals mixing D (x0_hat) or eps_hat with the same weight,
     provided both models share this process and prediction (the caller's duty; the CLI checks it).
     A learned variance (`split_variance`) is not mixed: it stays the main model's. w = 1: no guidance.
-    `guidance_interval` = (sigma_lo, sigma_hi) in noise levels sigma/alpha (EDM's sigma; Kynkäänniemi
-    et al. 2024, "Applying Guidance in a Limited Interval", eq. 5): guidance applies only to samples
-    whose process.noise_level(t) lies in [sigma_lo, sigma_hi]; elsewhere F is the plain conditional
-    output, with no extra call when the whole batch is outside. An empty interval (lo > hi) never guides.
-    `guidance_channels` K mixes only the mean's first K channels; the rest stay the main model's output
-    (DiT's sampling, K = 3 of 4 latent channels: diffusion_pl/guidance.py). None mixes them all.
-    `clip_x0` clamps x0_hat to [-clip_x0, clip_x0] and recomputes eps_hat (DDPM's clipping).
+    Every option comes in one `Guidance` (diffusion_pl/guidance.py): the weight w, the guide model, the
+    interval (sigma_lo, sigma_hi) in noise levels sigma/alpha (EDM's sigma; Kynkäänniemi et al. 2024,
+    "Applying Guidance in a Limited Interval", eq. 5) outside which F is the plain conditional output (no
+    extra call when the whole batch is outside), the channels K of the mean that are mixed (the rest stay
+    the main model's; DiT's K = 3 of 4 latent channels), `clip_x0` (clamp x0_hat to [-clip_x0, clip_x0]
+    and recompute eps_hat, DDPM's clipping) and the null label.
     `nfe` counts network evaluations (a guided evaluation counts once).
     """
 
-    def __init__(self, model: Model, process: Process, prediction: Prediction, guidance: float = 1.0,
-                 null_label: int | None = None, clip_x0: float | None = None, guide: Model | None = None,
-                 guidance_interval: tuple[float, float] | None = None, guidance_channels: int | None = None) -> None:
-        if guidance != 1.0 and null_label is None and guide is None:
-            raise ValueError("guidance != 1 needs null_label, the index of the network's unconditional label, "
+    def __init__(self, model: Model, process: Process, prediction: Prediction,
+                 guidance: Guidance = Guidance()) -> None:
+        if not isinstance(guidance, Guidance):
+            raise TypeError(f"guidance must be a diffusion_pl.guidance.Guidance, got {type(guidance).__name__}")
+        if guidance.guide_path is not None:
+            raise ValueError(f"guidance guide {guidance.guide_path} is a checkpoint path: expected the loaded model "
+                             "(diffusion_pl.evaluation.loading.load_guide loads it)")
+        if guidance.active and guidance.null_label is None and guidance.guide is None:
+            raise ValueError("guidance weight != 1 needs null_label, the index of the network's unconditional label, "
                              "or a guide model (autoguidance)")
-        guidance_interval = check_guidance_interval(guidance_interval)
-        self.model, self.process, self.prediction = model, process, prediction
-        self.guidance, self.null_label, self.clip_x0 = guidance, null_label, clip_x0
-        self.guide, self.guidance_interval = guide, guidance_interval
-        self.guidance_channels = check_guidance_channels(guidance_channels)
+        self.model, self.process, self.prediction, self.guidance = model, process, prediction, guidance
         self.nfe = 0
 
     def _guided_mask(self, t: Tensor) -> Tensor | None:
         """(B,) bool: which samples are guided at t; None means all of them."""
-        if self.guidance_interval is None:
+        if self.guidance.interval is None:
             return None
-        lo, hi = self.guidance_interval
+        lo, hi = self.guidance.interval
         level = self.process.noise_level(t.to(torch.float64))  # (B,) sigma/alpha
         return (level >= lo) & (level <= hi)
 
     def output(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
         """Raw (guided) network output F at (x_t, t)."""
         self.nfe += 1
-        if self.guidance == 1.0 or (class_labels is None and self.guide is None):
+        guidance = self.guidance
+        if not guidance.active or (class_labels is None and guidance.guide is None):
             return self.model(x_t, t, class_labels)
         mask = self._guided_mask(t)
         if mask is not None and not bool(mask.any()):
             return self.model(x_t, t, class_labels)  # whole batch outside the interval: no extra call
-        if self.guide is None:
-            null = torch.full_like(class_labels, self.null_label)
+        if guidance.guide is None:
+            null = torch.full_like(class_labels, guidance.null_label)
             out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
             out_main, out_guide = out.chunk(2)  # (B, C', ...) each: F_c, F_u
         else:
-            out_main, out_guide = self.model(x_t, t, class_labels), self.guide(x_t, t, class_labels)
-        guided = _mix(out_main, out_guide, self.guidance, x_t, self.guidance_channels)
+            out_main, out_guide = self.model(x_t, t, class_labels), guidance.guide(x_t, t, class_labels)
+        guided = _mix(out_main, out_guide, guidance.weight, x_t, guidance.check_channels(x_t.shape[1]))
         if mask is not None:
             guided = torch.where(append_dims(mask, guided.ndim), guided, out_main)
         return guided
@@ -348,8 +348,9 @@ class Denoiser:
         t = _per_sample_time(t, x_t)
         mean, variance_interp = split_variance(self.output(x_t, t, class_labels), x_t)
         x0, eps = self.prediction.to_x0_eps(mean, x_t, t, self.process)
-        if self.clip_x0 is not None:
-            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        clip = self.guidance.clip_x0
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
             alpha, sigma = _scales(t, self.process)
             eps = (x_t - _per_sample_like(alpha, x_t) * x0) / _per_sample_like(sigma, x_t)
         return DenoiserOutput(x0=x0, eps=eps, variance_interp=variance_interp)
@@ -368,12 +369,11 @@ class Denoiser:
         return -self(x_t, t, class_labels).eps / sigma
 
 
-def _mix(out_main: Tensor, out_guide: Tensor, w: float, x_t: Tensor, channels: int | None = None) -> Tensor:
-    """F_guide + w (F_main - F_guide) on the first `channels` mean channels (all when None); the other mean
-    channels and any learned-variance channels stay the main model's."""
+def _mix(out_main: Tensor, out_guide: Tensor, w: float, x_t: Tensor, k: int) -> Tensor:
+    """F_guide + w (F_main - F_guide) on the first k mean channels; the other mean channels and any
+    learned-variance channels stay the main model's."""
     mean_main, _ = split_variance(out_main, x_t)  # also refuses a malformed output
     mean_guide, _ = split_variance(out_guide, x_t)
-    k = check_guidance_channels(channels, available=x_t.shape[1]) or x_t.shape[1]
     guided = mean_guide[:, :k] + w * (mean_main[:, :k] - mean_guide[:, :k])  # (B, k, ...)
     if out_main.shape[1] != k:  # (DiT models.py:262-266: eps channels [:3] guided, the rest conditional)
         guided = torch.cat([guided, out_main[:, k:]], dim=1)

@@ -8,9 +8,10 @@ Checkpoint loading, the device launch and the guide live in diffusion_pl/evaluat
 
 from __future__ import annotations
 
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import UserValueError
 
-__all__ = ["CommandError", "flag", "add_model_options"]
+__all__ = ["CommandError", "flag", "add_model_options", "guidance_from_args"]
 
 # library argument -> flag, where the flag is not "--" + the argument with dashes
 _FLAGS = {"samplers": "--sampler", "ema": "--no-ema", "sigma_rels": "--sigma-rel"}
@@ -26,7 +27,9 @@ def flag(name: str) -> str:
 
 
 def add_model_options(p) -> None:
-    """The options `sample` and `evaluate` share for how a checkpoint is loaded and sampled."""
+    """The options `sample` and `evaluate` share for how a checkpoint is loaded and sampled (`guidance_from_args`
+    turns the guidance ones into one Guidance)."""
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
     p.add_argument("--clip-x0", type=float, default=None,
                    help="clamp the predicted x0 to [-v, v] at every step (DDPM samples with 1); default: no clipping")
     p.add_argument("--trust-config", action="store_true",
@@ -41,3 +44,23 @@ def add_model_options(p) -> None:
     p.add_argument("--guidance-channels", type=int, default=None, metavar="K",
                    help="guide only the first K channels of the model's output, the rest being the conditional "
                         "output (DiT samples with 3 of its 4 latent channels); default: all channels")
+
+
+# Guidance's own messages name its fields; a command names the flags that set them
+_GUIDANCE_FLAGS = {"guidance weight": "--guidance", "guidance interval": "--guidance-interval",
+                   "guidance channels": "--guidance-channels", "clip_x0": "--clip-x0", "guidance guide": "--guide-ckpt"}
+
+
+def guidance_from_args(args) -> Guidance:
+    """The one Guidance of `--guidance`, `--guide-ckpt`, `--guidance-interval`, `--guidance-channels`, `--clip-x0`
+    and `--trust-config`, refused in one line naming the flag."""
+    try:
+        return Guidance(weight=args.guidance, guide=args.guide_ckpt, interval=args.guidance_interval,
+                        channels=args.guidance_channels, clip_x0=args.clip_x0, trust_guide_config=args.trust_config)
+    except ValueError as err:
+        message = str(err)
+        for field, name in _GUIDANCE_FLAGS.items():
+            if message.startswith(field):
+                message = name + message[len(field):]
+                break
+        raise CommandError(message) from None

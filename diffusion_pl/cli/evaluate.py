@@ -23,7 +23,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from diffusion_pl.cli.common import CommandError, add_model_options, flag
+from diffusion_pl.cli.common import CommandError, add_model_options, flag, guidance_from_args
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.evaluation.evaluate import EvalOptions, evaluate
@@ -48,7 +48,6 @@ def parser() -> argparse.ArgumentParser:
                    help="one or more samplers (with --ckpt), each " + sampler_help())
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="one value for every sampler or one each: " + SAMPLER_STEPS_HELP)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
     add_model_options(p)
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--no-ema", action="store_true", help="use the raw network instead of the EMA weights")
@@ -77,9 +76,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     options = EvalOptions(
         data=args.data, ref_stats=args.ref_stats, num_samples=args.num_samples, seed=args.seed,
         batch_size=args.batch_size, kid=args.kid, isc=args.isc, bpd=args.bpd, bpd_samples=args.bpd_samples,
-        bpd_data=args.bpd_data, guidance=args.guidance, clip_x0=args.clip_x0, ema=not args.no_ema,
-        guide_ckpt=args.guide_ckpt, guidance_interval=args.guidance_interval,
-        guidance_channels=args.guidance_channels, trust_config=args.trust_config, devices=args.devices,
+        bpd_data=args.bpd_data, guidance=guidance_from_args(args), ema=not args.no_ema,
+        trust_config=args.trust_config, devices=args.devices,
         accelerator=args.accelerator, inception_weights=args.inception_weights,
         feature_extractor=args.feature_extractor, names=flag)
     if args.ckpt is None:  # --samples: no sampler is used, none is resolved

@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_pl.cli.common import CommandError, add_model_options, flag
+from diffusion_pl.cli.common import CommandError, add_model_options, flag, guidance_from_args
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.evaluation.generation import class_labels_for, generate, rank_indices
 from diffusion_pl.evaluation.loading import guidance_config, image_shape, load_checkpoint, load_guide, make_fabric
 from diffusion_pl.evaluation.samples import read_rgb
+from diffusion_pl.guidance import Guidance
 
 __all__ = ["main", "parser", "run"]
 
@@ -51,7 +52,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, required=True, help="number of images N (indices 0..N-1)")
     p.add_argument("--sampler", default="heunode", help=sampler_help())
     p.add_argument("--steps", type=int, default=None, help=SAMPLER_STEPS_HELP)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
     add_model_options(p)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="labels cycled over the samples (default: balanced, i %% num_classes)")
@@ -87,7 +87,7 @@ def npz_path(out: Path, n: int, shape: tuple[int, int, int]) -> Path:
     return out / f"samples_{n}x{shape[1]}x{shape[2]}x3.npz"
 
 
-def _config(args: argparse.Namespace, module, sampler_spec: dict) -> dict:
+def _config(args: argparse.Namespace, module, sampler_spec: dict, guidance: Guidance) -> dict:
     """Everything sample i depends on (not N: a run can be extended to more samples); the sampler as its
     resolved spec, so the same spec resumes and any other init_arg (eta, a grid, ...) is another run."""
     labels = args.class_labels
@@ -95,11 +95,11 @@ def _config(args: argparse.Namespace, module, sampler_spec: dict) -> dict:
         raise CommandError(f"--class-labels {labels} given but the model is unconditional: expected no labels")
     if labels and any(not 0 <= y < module.num_classes for y in labels):
         raise CommandError(f"--class-labels {labels} is invalid: expected labels in 0..{module.num_classes - 1}")
-    return {"checkpoint_sha256": sha256_file(args.ckpt), "sampler": sampler_spec, "guidance": args.guidance,
+    return {"checkpoint_sha256": sha256_file(args.ckpt), "sampler": sampler_spec, "guidance": guidance.weight,
             "class_labels": labels or ("balanced" if module.num_classes else None), "seed": args.seed,
             "ema": not args.no_ema, "image_shape": list(image_shape(module)),
-            **({"clip_x0": args.clip_x0} if args.clip_x0 is not None else {}),  # absent: as folders before it
-            **guidance_config(args.guide_ckpt, args.guidance_interval, args.guidance_channels)}
+            **({"clip_x0": guidance.clip_x0} if guidance.clip_x0 is not None else {}),  # absent: as before it
+            **guidance_config(guidance)}
 
 
 def _check_out(out: Path, config: dict, overwrite: bool, sampler_repr: str | None = None) -> bool:
@@ -160,12 +160,13 @@ def run(args: argparse.Namespace) -> Path:
     _check_args(args)
     keep_png, want_npz = (args.png, args.npz) if (args.png or args.npz) else (True, True)
     sampler, spec = resolve_sampler(args.sampler, args.steps)
+    guidance = guidance_from_args(args)
     fabric = make_fabric(args.devices, args.accelerator, what="--devices")
     rank, world = fabric.global_rank, fabric.world_size
     module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config, what="--ckpt")
-    guide = load_guide(module, args.guide_ckpt, fabric.device, trust_config=args.trust_config,
-                       guidance_interval=args.guidance_interval, guidance_channels=args.guidance_channels, names=flag)
-    config, out, shape = _config(args, module, spec), Path(args.out), image_shape(module)
+    loaded = load_guide(module, guidance, fabric.device, names=flag)  # the guide checkpoint checked and loaded
+    config, out, shape = _config(args, module, spec, guidance), Path(args.out), image_shape(module)
+    guidance = loaded
     pixels = module.codec.pixel_shape(shape)  # what the images are: decoded pixels of a latent module
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None
     resume = _check_out(out, config, args.overwrite, repr(sampler))  # every rank checks before anyone writes
@@ -183,11 +184,9 @@ def run(args: argparse.Namespace) -> Path:
         print(f"resuming: {args.num_samples - len(missing)} of {args.num_samples} samples already in {out}",
               file=sys.stderr)
     mine = [missing[j] for j in rank_indices(len(missing), rank, world)]
-    for idx, images, _, _ in generate(module, sampler, mine, shape, seed=args.seed, guidance=args.guidance,
-                                      clip_x0=args.clip_x0, ema=not args.no_ema, class_choices=labels, batch_size=args.batch_size,
-                                      device=fabric.device, progress=rank == 0, guide_module=guide,
-                                      guidance_interval=args.guidance_interval,
-                                      guidance_channels=args.guidance_channels):
+    for idx, images, _, _ in generate(module, sampler, mine, shape, seed=args.seed, guidance=guidance,
+                                      ema=not args.no_ema, class_choices=labels, batch_size=args.batch_size,
+                                      device=fabric.device, progress=rank == 0):
         for i, image in zip(idx, images):
             _write_png(image, png_path(out, i))
     fabric.barrier()

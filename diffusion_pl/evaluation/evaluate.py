@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusion_pl.guidance import check_guidance_channels, check_guidance_interval
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import MissingFileError, UserValueError
 from diffusion_pl.utils.fileio import sha256_file
 from diffusion_pl.sampling.base import Sampler
@@ -70,13 +70,10 @@ class EvalOptions:
         kid, isc: also report KID (caches the reference features) and the Inception Score.
         bpd: also report bits/dim by the probability-flow ODE, on the first `bpd_samples` images of
             `bpd_data` (default: `data`); pixel-space models only.
-        guidance: classifier-free guidance weight w (autoguidance weight with `guide_ckpt`).
-        clip_x0: clamp the predicted x0 to [-clip_x0, clip_x0] at every step; None: no clipping.
+        guidance: every guidance option in one value (diffusion_pl/guidance.py): the weight w, a guide checkpoint
+            path (autoguidance, Karras et al. 2024: a weaker checkpoint of the same process, prediction and image
+            shape), the noise-level interval, the guided channels and x0 clipping.
         ema: sample the EMA weights (False: the raw network).
-        guide_ckpt: autoguidance (Karras et al. 2024) by this weaker checkpoint of the same process, prediction
-            and image shape.
-        guidance_interval: (lo, hi): guide only at noise levels sigma/alpha in [lo, hi] (Kynkäänniemi et al. 2024).
-        guidance_channels: guide only the first K output channels (diffusion_pl/guidance.py); None: all.
         trust_config: allow checkpoints whose saved config imports from other packages (see load_module).
         devices: processes (GPUs, or CPU processes) to split over; more than one launches DDP with Lightning Fabric,
             which re-runs the calling program in devices - 1 child processes (every rank gets the same report).
@@ -100,12 +97,8 @@ class EvalOptions:
     bpd: bool = False
     bpd_samples: int = 1000
     bpd_data: str | None = None
-    guidance: float = 1.0
-    clip_x0: float | None = None
+    guidance: Guidance = field(default_factory=Guidance)
     ema: bool = True
-    guide_ckpt: str | Path | None = None
-    guidance_interval: tuple[float, float] | None = None
-    guidance_channels: int | None = None
     trust_config: bool = False
     devices: int = 1
     accelerator: str = "auto"
@@ -134,14 +127,9 @@ class EvalOptions:
                                      "samplers: expected one each (or None)")
             object.__setattr__(self, "sampler_specs", tuple(self.sampler_specs))
         self._check_reference()
-        if self.clip_x0 is not None and not self.clip_x0 > 0:
-            raise UserValueError(f"{name('clip_x0')} {self.clip_x0} is invalid: expected a positive bound or None")
-        try:
-            interval = check_guidance_interval(self.guidance_interval, name("guidance_interval"))
-            check_guidance_channels(self.guidance_channels, name("guidance_channels"))
-        except ValueError as err:
-            raise UserValueError(str(err)) from None
-        object.__setattr__(self, "guidance_interval", interval)
+        if not isinstance(self.guidance, Guidance):
+            raise UserValueError(f"{name('guidance')} is a {type(self.guidance).__name__}: expected a "
+                                 "diffusion_pl.guidance.Guidance")
 
     def _check_reference(self) -> None:
         name = self.names
@@ -190,10 +178,8 @@ def _run(options: EvalOptions, checkpoints: list, samples, on_report) -> list[Ev
     for ckpt in checkpoints or [None]:
         start = time.time()
         module, (count, height, width) = _open_source(options, fabric, ckpt, samples)
-        guide = None if module is None else load_guide(  # checked before the slow reference
-            module, options.guide_ckpt, fabric.device, trust_config=options.trust_config,
-            guidance_interval=options.guidance_interval, guidance_channels=options.guidance_channels,
-            names=options.names)
+        guidance = None if module is None else load_guide(  # checked before the slow reference
+            module, options.guidance, fabric.device, names=options.names)
         if reference is None:
             reference, data_info = _reference(options, fabric, extractor, height, width)
         elif data_info["image_size"] != [height, width]:
@@ -203,7 +189,7 @@ def _run(options: EvalOptions, checkpoints: list, samples, on_report) -> list[Ev
         if module is None:
             points, info = _score_samples(options, fabric, samples, count, extractor, reference)
         else:
-            points, info = _score_checkpoint(options, fabric, module, ckpt, extractor, reference, guide)
+            points, info = _score_checkpoint(options, fabric, module, ckpt, extractor, reference, guidance)
         protocol = protocol_of(extractor, reference, options.data, data_info, points[0]["n"], fabric.world_size,
                                options.batch_size)
         reports.append(EvalReport(protocol, info, points, round(time.time() - start, 2)))
@@ -223,8 +209,8 @@ def _check_source(options: EvalOptions, checkpoints: list, samples) -> None:
                                "file")
     if options.bpd and not checkpoints:
         raise UserValueError(f"{name('bpd')} needs {name('ckpt')}: expected a model to evaluate the likelihood of")
-    if not checkpoints and any(v is not None for v in (options.guide_ckpt, options.guidance_interval,
-                                                       options.guidance_channels)):
+    guidance = options.guidance
+    if not checkpoints and any(v is not None for v in (guidance.guide, guidance.interval, guidance.channels)):
         raise UserValueError(f"{name('guide_ckpt')} / {name('guidance_interval')} / {name('guidance_channels')} "
                              f"need {name('ckpt')}: expected a model to sample from")
 
@@ -309,17 +295,14 @@ def _score_samples(options: EvalOptions, fabric, samples, n: int, extractor, ref
 
 
 def _score_checkpoint(options: EvalOptions, fabric, module, ckpt, extractor, reference,
-                      guide=None) -> tuple[list[dict], dict]:
+                      guidance: Guidance) -> tuple[list[dict], dict]:
     shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
     points = []
     for j, sampler in enumerate(options.samplers):
         metrics = SampleMetrics(extractor, reference, kid=options.kid, isc=options.isc, seed=options.seed)
         nfe = []
         for _, images, _, batch_nfe in generate(module, sampler, rank_indices(options.num_samples, rank, world), shape,
-                                                seed=options.seed, guidance=options.guidance,
-                                                clip_x0=options.clip_x0, ema=options.ema, guide_module=guide,
-                                                guidance_interval=options.guidance_interval,
-                                                guidance_channels=options.guidance_channels,
+                                                seed=options.seed, guidance=guidance, ema=options.ema,
                                                 batch_size=options.batch_size, device=fabric.device,
                                                 progress=options.progress and rank == 0):
             metrics.update(images)
@@ -345,7 +328,7 @@ def _checkpoint_info(options: EvalOptions, module, ckpt) -> dict:
     """What the report records of a checkpoint and how it was sampled."""
     path = str(ckpt) if isinstance(ckpt, (str, Path)) else None
     return {"checkpoint": path, "checkpoint_sha256": sha256_file(path) if path is not None else None,
-            "ema": options.ema, "guidance": options.guidance, "clip_x0": options.clip_x0,
+            "ema": options.ema, "guidance": options.guidance.weight, "clip_x0": options.guidance.clip_x0,
             "seed_range": [options.seed, options.seed + options.num_samples - 1],
             "class_labels": "i % num_classes (balanced)" if module.num_classes else None,
-            **guidance_config(options.guide_ckpt, options.guidance_interval, options.guidance_channels)}
+            **guidance_config(options.guidance)}

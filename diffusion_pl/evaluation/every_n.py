@@ -3,19 +3,18 @@
 It normalises the sampler argument to a list (default HeunODE(steps=17), EDM's 35 NFE), records
 the training images' (C, H, W) from the first batch as the shape to sample, and calls
 `on_every_n_steps` after each batch that completed an optimizer step whose count is a multiple of
-`every_n_steps`. It also holds the optional autoguidance model (`guide_ckpt`, loaded and checked
-against the trained module when fit starts, kept out of the callback's state), the guidance
-interval and the guided channel count that both sampling callbacks pass to `generate`.
+`every_n_steps`. It also holds the callbacks' `Guidance` (diffusion_pl/guidance.py; in YAML
+`guidance: {weight: 1.5, interval: [0.28, 2.9]}`) and, when its guide is a checkpoint path, the guide
+module, loaded and checked against the trained module when fit starts and kept out of the callback's state.
 """
 
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
-from diffusion_pl.utils.errors import UserValueError
-from diffusion_pl.guidance import check_guidance_channels, check_guidance_interval
-from diffusion_pl.evaluation.generation import guide_mismatch
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.sampling.base import Sampler
 
@@ -25,14 +24,15 @@ __all__ = ["EveryNSteps"]
 class EveryNSteps(Callback):
     """Calls `on_every_n_steps(trainer, pl_module)` every `every_n_steps` optimizer steps; subclasses implement it."""
 
-    def __init__(self, every_n_steps: int, sampler: Sampler | list[Sampler] | None, guide_ckpt: str | None = None,
-                 guidance_interval: tuple[float, float] | None = None, trust_guide_config: bool = False,
-                 guidance_channels: int | None = None) -> None:
+    def __init__(self, every_n_steps: int, sampler: Sampler | list[Sampler] | None,
+                 guidance: Guidance | None = None) -> None:
         super().__init__()
         name = type(self).__name__
-        self.guidance_interval = check_guidance_interval(guidance_interval, f"{name}: guidance_interval")
-        self.guidance_channels = check_guidance_channels(guidance_channels, f"{name}: guidance_channels")
-        self.guide_ckpt, self.trust_guide_config = guide_ckpt, trust_guide_config
+        guidance = Guidance() if guidance is None else guidance
+        if not isinstance(guidance, Guidance):
+            raise ValueError(f"{name}: guidance {guidance!r} is a {type(guidance).__name__}: expected a "
+                             "diffusion_pl.guidance.Guidance, e.g. Guidance(weight=1.5) (in YAML: guidance: {weight: 1.5})")
+        self.guidance = guidance
         self._guide: list = []  # the guide DiffusionModule; a list keeps it out of Lightning's and deepcopy's view
         self.every_n_steps = every_n_steps
         samplers = sampler if sampler is not None else HeunODE(steps=17)
@@ -42,21 +42,24 @@ class EveryNSteps(Callback):
 
     @property
     def guide(self):
-        """The autoguidance DiffusionModule (from `guide_ckpt`, loaded at setup), or None."""
+        """The autoguidance DiffusionModule (from the guidance's checkpoint path, loaded at setup), or None."""
         return self._guide[0] if self._guide else None
 
-    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        """Load `guide_ckpt` before training and refuse, in one line, a guide that cannot guide this module."""
-        if stage != "fit" or self.guide_ckpt is None or self._guide:
-            return
-        from diffusion_pl.training.module import load_module
+    def sampling_guidance(self) -> Guidance:
+        """What `generate` gets: the guidance, with the loaded guide in place of its checkpoint path."""
+        return self.guidance.replace(guide=self.guide) if self._guide else self.guidance
 
-        guide = load_module(self.guide_ckpt, map_location="cpu", trust_config=self.trust_guide_config).eval()
-        problem = guide_mismatch(pl_module, guide)
-        if problem is not None:
-            raise UserValueError(f"{type(self).__name__}: guide_ckpt {self.guide_ckpt} "
-                                 f"{problem.replace('the model', 'the trained module')}: expected the same")
-        self._guide.append(guide.requires_grad_(False))
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Load the guide checkpoint before training and refuse, in one line, a guide that cannot guide this module."""
+        if stage != "fit" or self.guidance.guide_path is None or self._guide:
+            return
+        from diffusion_pl.evaluation.loading import load_guide
+
+        name = type(self).__name__
+        names = {"guide_ckpt": f"{name}: guidance.guide", "ckpt": "the trained module",
+                 "guidance_channels": f"{name}: guidance.channels"}
+        loaded = load_guide(pl_module, self.guidance, torch.device("cpu"), names=lambda key: names.get(key, key))
+        self._guide.append(loaded.guide.requires_grad_(False))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if self._guide:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from diffusion_pl.evaluation.every_n import EveryNSteps
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.evaluation.generation import generate, metric_prefix, rank_indices, sampler_label
@@ -46,43 +47,33 @@ class FIDCallback(EveryNSteps):
         kid, isc: also log KID (needs the reference features, cached separately) and Inception Score.
         batch_size: samples per sampler call and images per extractor call, per rank.
         seed: sample i uses seed + i.
-        guidance: classifier-free guidance weight w.
+        guidance: every guidance option in one value (diffusion_pl/guidance.py): the weight w, a guide checkpoint
+            (autoguidance, Karras et al. 2024: same process, prediction, shape and classes, a smaller or less
+            trained model; loaded and checked when fit starts), the noise-level interval (Kynkäänniemi et al.
+            2024), the guided channels (DiT's 3 of 4 latent channels) and x0 clipping (DDPM's FID protocol clips
+            at 1). Default: unguided, unclipped.
         download_timeout: seconds to wait for the weights server before failing.
-        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's FID protocol
-            clips at 1); None samples unclipped.
-        guide_ckpt: autoguidance (Karras et al. 2024) by this checkpoint (same process, prediction, shape and
-            classes; a smaller or less trained model) with weight `guidance`, loaded and checked when fit starts.
-        guidance_interval: (sigma_lo, sigma_hi): guide only at noise levels sigma/alpha in this range
-            (Kynkäänniemi et al. 2024), for classifier-free guidance and autoguidance alike.
-        guidance_channels: guide only the first K output channels (DiT samples with 3 of its 4 latent channels,
-            diffusion_pl/guidance.py); None guides all.
-        trust_guide_config: allow a guide checkpoint whose config imports from other packages (see load_module).
     """
 
     def __init__(self, every_n_steps: int = 10_000, num_samples: int = 10_000,
                  sampler: Sampler | list[Sampler] | None = None, data: str | None = None,
                  inception_weights: str | None = None, feature_extractor: nn.Module | None = None,
                  kid: bool = False, isc: bool = False, batch_size: int = 256, seed: int = 0,
-                 guidance: float = 1.0, download_timeout: float = 10.0, clip_x0: float | None = None,
-                 guide_ckpt: str | None = None, guidance_interval: tuple[float, float] | None = None,
-                 trust_guide_config: bool = False, ref_stats: str | None = None,
-                 guidance_channels: int | None = None) -> None:
+                 guidance: Guidance | None = None, download_timeout: float = 10.0,
+                 ref_stats: str | None = None) -> None:
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(f"FIDCallback: expected every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
-        if clip_x0 is not None and not clip_x0 > 0:
-            raise ValueError(f"FIDCallback: clip_x0 must be positive or None, got {clip_x0}")
         if ref_stats is not None and data is not None:
             raise UserValueError(f"FIDCallback: data {data} and ref_stats {ref_stats} are both set: expected one "
                                  "reference (image shards or a published mu / sigma npz)")
         if ref_stats is not None and kid:
             raise UserValueError("FIDCallback: kid=True with ref_stats: expected data: (KID needs the reference "
                                  "features, an npz holds only their mean and covariance)")
-        super().__init__(every_n_steps, sampler, guide_ckpt, guidance_interval, trust_guide_config, guidance_channels)
+        super().__init__(every_n_steps, sampler, guidance)
         self.num_samples, self.data, self.ref_stats = num_samples, data, ref_stats
         self.inception_weights, self.kid, self.isc = inception_weights, kid, isc
-        self.batch_size, self.seed, self.guidance, self.download_timeout = batch_size, seed, guidance, download_timeout
-        self.clip_x0 = clip_x0
+        self.batch_size, self.seed, self.download_timeout = batch_size, seed, download_timeout
         # kept in a list so Lightning / deepcopy never treat it as part of this callback's state
         self._extractor: list[nn.Module] = [feature_extractor] if feature_extractor is not None else []
         self.reference: ReferenceStats | None = None
@@ -147,10 +138,8 @@ class FIDCallback(EveryNSteps):
         for sampler in self.samplers:
             metrics = SampleMetrics(self.extractor, self.reference, kid=self.kid, isc=self.isc, seed=self.seed)
             for _, images, _, _ in generate(pl_module, sampler, indices, self.image_shape, seed=self.seed,
-                                            guidance=self.guidance, batch_size=self.batch_size, clip_x0=self.clip_x0,
-                                            device=pl_module.device, progress=trainer.is_global_zero,
-                                            guide_module=self.guide, guidance_interval=self.guidance_interval,
-                                            guidance_channels=self.guidance_channels):
+                                            guidance=self.sampling_guidance(), batch_size=self.batch_size,
+                                            device=pl_module.device, progress=trainer.is_global_zero):
                 metrics.update(images)
             out = metrics.compute()
             label = sampler_label(sampler)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion_pl.guidance import check_guidance_channels
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.sampling.api import sample
 
@@ -96,25 +96,26 @@ def guide_mismatch(module, guide) -> str | None:
 
 
 def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int], *, seed: int = 0,
-             guidance: float = 1.0, ema: bool = True, class_choices: Sequence[int] | None = None,
-             batch_size: int = 64, device: str | torch.device | None = None, clip_x0: float | None = None,
-             progress: bool = False, guide_module=None,
-             guidance_interval: tuple[float, float] | None = None,
-             guidance_channels: int | None = None) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
+             guidance: Guidance = Guidance(), ema: bool = True, class_choices: Sequence[int] | None = None,
+             batch_size: int = 64, device: str | torch.device | None = None,
+             progress: bool = False) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
     """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
 
     image_shape: what the network samples (a latent module's latent (C, h, w)); samples are yielded decoded to
     pixels by the module's codec (`module.codec.pixel_shape(image_shape)` is their shape).
-    clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every network evaluation (DDPM's sampling clips at 1).
-    guide_module: a second DiffusionModule (same process and prediction; its EMA weights when `ema`)
-    for autoguidance with weight `guidance`; guidance_interval: (sigma_lo, sigma_hi), see `Denoiser`.
-    guidance_channels: guide only the first K of image_shape[0] channels (diffusion_pl/guidance.py); None: all.
+    guidance: every guidance option (diffusion_pl/guidance.py); its null label defaults to the module's, and its
+    guide, when set, is a loaded DiffusionModule (same process and prediction; its EMA weights when `ema`;
+    `diffusion_pl.evaluation.loading.load_guide` loads a checkpoint path).
     """
-
-    check_guidance_channels(guidance_channels, available=image_shape[0])
+    guide_module = guidance.guide
+    if guidance.guide_path is not None:
+        raise ValueError(f"guidance guide {guidance.guide_path} is a checkpoint path: expected the loaded module "
+                         "(diffusion_pl.evaluation.loading.load_guide)")
+    guidance.check_channels(image_shape[0])
     indices = list(indices)
     model, net = module.model(ema=ema), module.ema if ema else module.net
     guide = guide_module.model(ema=ema) if guide_module is not None else None
+    denoising = guidance.replace(guide=guide).for_model(module.null_label)
     guide_net = (guide_module.ema if ema else guide_module.net) if guide_module is not None else None
     training, guide_training = net.training, guide_net is not None and guide_net.training
     net.eval()  # Lightning's model.train() also flips the EMA copy; sampling needs eval (no dropout)
@@ -127,9 +128,7 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
                 idx = indices[start:start + batch_size]
                 labels = class_labels_for(idx, module.num_classes, class_choices, device)
                 out = sample(model, module.process, module.prediction, sampler, (len(idx), *image_shape),
-                             class_labels=labels, guidance=guidance, null_label=module.null_label,
-                             clip_x0=clip_x0, seeds=[seed + i for i in idx], device=device, guide=guide,
-                             guidance_interval=guidance_interval, guidance_channels=guidance_channels)
+                             class_labels=labels, guidance=denoising, seeds=[seed + i for i in idx], device=device)
                 bar.update(len(idx))
                 yield idx, to_uint8(module.codec.decode(out.x)), labels, out.nfe  # latents: decoded to pixels
     finally:

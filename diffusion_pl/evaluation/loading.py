@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from diffusion_pl.guidance import check_guidance_channels, check_guidance_interval
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import MissingFileError, UserValueError
 from diffusion_pl.utils.fileio import sha256_file
 from diffusion_pl.evaluation.generation import guide_mismatch
@@ -62,36 +62,39 @@ def load_checkpoint(path: str | Path, device: torch.device, trust_config: bool =
     return load_module(str(path), map_location="cpu", trust_config=trust_config).to(device).eval()
 
 
-def load_guide(module, guide_ckpt: str | Path | None, device: torch.device, *, trust_config: bool = False,
-               guidance_interval=None, guidance_channels: int | None = None, names: Names = argument_name):
-    """The `guide_ckpt` DiffusionModule (autoguidance, Karras et al. 2024), refused in one line unless it matches
-    `module` (None without one); also checks `guidance_interval` and `guidance_channels` against `module`."""
+def load_guide(module, guidance: Guidance, device: torch.device, *, names: Names = argument_name) -> Guidance:
+    """`guidance` with its guide checkpoint loaded (autoguidance, Karras et al. 2024) and checked against `module`.
+
+    A guide given as a path is loaded (`guidance.trust_guide_config` applies to its saved config) and refused in one
+    line unless it can guide `module` (same process, prediction, shape, classes and codec); the guided channels are
+    checked against what `module` samples. A guidance without a guide path is returned as it is.
+    """
     try:
-        check_guidance_interval(guidance_interval, names("guidance_interval"))
-        check_guidance_channels(guidance_channels, names("guidance_channels"), available=image_shape(module)[0])
+        guidance.check_channels(image_shape(module)[0])
     except ValueError as err:
-        raise UserValueError(str(err)) from None
-    if guide_ckpt is None:
-        return None
-    if not Path(guide_ckpt).is_file():
-        raise MissingFileError(f"{names('guide_ckpt')} {guide_ckpt} does not exist: expected a checkpoint written by "
+        raise UserValueError(str(err).replace("guidance channels", names("guidance_channels"), 1)) from None
+    path = guidance.guide_path
+    if path is None:
+        return guidance
+    if not Path(path).is_file():
+        raise MissingFileError(f"{names('guide_ckpt')} {path} does not exist: expected a checkpoint written by "
                                "`diffusion-pl fit`")
-    guide = load_checkpoint(guide_ckpt, device, trust_config=trust_config, what=names("guide_ckpt"))
+    guide = load_checkpoint(path, device, trust_config=guidance.trust_guide_config, what=names("guide_ckpt"))
     problem = guide_mismatch(module, guide)
     if problem is not None:
-        raise UserValueError(f"{names('guide_ckpt')} {guide_ckpt} {problem.replace('the model', names('ckpt'))}: "
+        raise UserValueError(f"{names('guide_ckpt')} {path} {problem.replace('the model', names('ckpt'))}: "
                              "expected the same")
-    return guide
+    return guidance.replace(guide=guide)
 
 
-def guidance_config(guide_ckpt: str | Path | None = None, guidance_interval=None,
-                    guidance_channels: int | None = None) -> dict:
-    """The guide checkpoint's sha256, the guidance interval and channels, for run configs (empty when none is given)."""
+def guidance_config(guidance: Guidance) -> dict:
+    """What a run config records of `guidance`: the guide checkpoint's sha256, the interval and the channels (only
+    those given), so that a rerun with other guidance is another run."""
     out = {}
-    if guide_ckpt is not None:
-        out["guide_checkpoint_sha256"] = sha256_file(guide_ckpt)
-    if guidance_interval is not None:
-        out["guidance_interval"] = list(guidance_interval)
-    if guidance_channels is not None:
-        out["guidance_channels"] = guidance_channels
+    if guidance.guide_path is not None:
+        out["guide_checkpoint_sha256"] = sha256_file(guidance.guide_path)
+    if guidance.interval is not None:
+        out["guidance_interval"] = list(guidance.interval)
+    if guidance.channels is not None:
+        out["guidance_channels"] = guidance.channels
     return out

@@ -13,6 +13,7 @@ from diffusion_pl.evaluation.every_n import EveryNSteps
 from diffusion_pl.training.callbacks.run_dir import run_dir
 from diffusion_pl.utils.fileio import atomic_path
 from diffusion_pl.evaluation.generation import generate, sampler_label
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.sampling.base import Sampler
 
 __all__ = ["SampleGrid"]
@@ -24,31 +25,23 @@ class SampleGrid(EveryNSteps):
     Class-conditional models get one row per class (classes 0, 1, ...); unconditional ones a
     square-ish grid of `nrow` images per row. Written by rank 0 to
     <run folder>/samples/<sampler>_step<N>.png and logged as an image (TensorBoard, or a logger with
-    `log_image` such as WandbLogger). `clip_x0` clamps x0_hat to [-clip_x0, clip_x0] at every network
-    evaluation (DDPM's sampling clips at 1); None samples unclipped. `guide_ckpt`: autoguidance by another
-    checkpoint of the same process and prediction (a smaller or less trained model, Karras et al. 2024) with
-    weight `guidance`; `guidance_interval`: (sigma_lo, sigma_hi), guide only at noise levels sigma/alpha in
-    that range (Kynkäänniemi et al. 2024), for classifier-free guidance and autoguidance alike;
-    `guidance_channels` K: guide only the first K output channels (DiT's 3 of 4 latent channels), None all.
+    `log_image` such as WandbLogger). `guidance`: every guidance option in one value
+    (diffusion_pl/guidance.py): the weight, a guide checkpoint (autoguidance by a smaller or less trained
+    model of the same process and prediction, Karras et al. 2024), the noise-level interval, the guided
+    channels (DiT's 3 of 4 latent channels) and x0 clipping (DDPM's sampling clips at 1).
     """
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64,
-                 sampler: Sampler | list[Sampler] | None = None, seed: int = 0, guidance: float = 1.0,
-                 nrow: int | None = None, at_train_end: bool = True, batch_size: int = 256,
-                 clip_x0: float | None = None, guide_ckpt: str | None = None,
-                 guidance_interval: tuple[float, float] | None = None, trust_guide_config: bool = False,
-                 guidance_channels: int | None = None) -> None:
+                 sampler: Sampler | list[Sampler] | None = None, seed: int = 0, guidance: Guidance | None = None,
+                 nrow: int | None = None, at_train_end: bool = True, batch_size: int = 256) -> None:
         if every_n_steps < 1 or num_samples < 1 or batch_size < 1:
             raise ValueError(f"SampleGrid: every_n_steps, num_samples, batch_size must be >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
         if nrow is not None and nrow < 1:
             raise ValueError(f"SampleGrid: nrow must be >= 1 or None, got {nrow}")
-        if clip_x0 is not None and not clip_x0 > 0:
-            raise ValueError(f"SampleGrid: clip_x0 must be positive or None, got {clip_x0}")
-        super().__init__(every_n_steps, sampler, guide_ckpt, guidance_interval, trust_guide_config, guidance_channels)
-        self.num_samples, self.seed, self.guidance = num_samples, seed, guidance
+        super().__init__(every_n_steps, sampler, guidance)
+        self.num_samples, self.seed = num_samples, seed
         self.nrow, self.at_train_end, self.batch_size = nrow, at_train_end, batch_size
-        self.clip_x0 = clip_x0
         self.folder: Path | None = None
         self._last_step = -1
 
@@ -85,10 +78,8 @@ class SampleGrid(EveryNSteps):
         paths = []
         for sampler in self.samplers:
             images = [u8 for _, u8, _, _ in generate(
-                pl_module, sampler, indices, self.image_shape, seed=self.seed, guidance=self.guidance,
-                class_choices=labels, batch_size=self.batch_size, device=pl_module.device, clip_x0=self.clip_x0,
-                guide_module=self.guide, guidance_interval=self.guidance_interval,
-                guidance_channels=self.guidance_channels)]
+                pl_module, sampler, indices, self.image_shape, seed=self.seed, guidance=self.sampling_guidance(),
+                class_choices=labels, batch_size=self.batch_size, device=pl_module.device)]
             grid = make_grid(torch.cat(images).cpu(), nrow=nrow, padding=1)  # uint8 (3, H', W')
             path = folder / f"{sampler_label(sampler)}_step{step}.png"
             with atomic_path(path) as tmp:

@@ -24,12 +24,11 @@ Nothing in either file is pickled: `safetensors.torch.load_file` reads the tenso
 as LightningCLI builds them from a recipe; class paths only from diffusion_pl.utils.trust.TRUSTED_PACKAGES
 unless trust_config=True, the rule of `load_module`) and loads the weights strictly:
 
-    from diffusion_pl.interop import load_exported
-    from diffusion_pl.sampling import DDIM, sample
+    from diffusion_pl import DDIM, Guidance, load_exported, sample
 
     exported = load_exported("exported/")              # or exported/model.safetensors
     out = sample(exported.model(), exported.process, exported.prediction, DDIM(steps=50),
-                 (16, *exported.image_shape), seeds=range(16), null_label=exported.null_label)
+                 (16, *exported.image_shape), seeds=range(16), guidance=Guidance(null_label=exported.null_label))
     images = out.x                                      # (16, C, H, W) in [-1, 1]
 """
 

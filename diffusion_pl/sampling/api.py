@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.prediction import Denoiser, Model, Prediction
 from diffusion_pl.processes.base import Process
 from diffusion_pl.sampling.base import Sampler
@@ -42,24 +43,18 @@ def _device(model: Model, device: torch.device | str | None) -> torch.device:
 
 @torch.no_grad()
 def sample(model: Model, process: Process, prediction: Prediction, sampler: Sampler, shape: Sequence[int], *,
-           noise: Tensor | None = None, class_labels: Tensor | None = None, guidance: float = 1.0,
-           null_label: int | None = None, clip_x0: float | None = None, seeds: Sequence[int] | Tensor | None = None,
-           generator: torch.Generator | None = None, device: torch.device | str | None = None,
-           dtype: torch.dtype = torch.float32, progress: bool = False, guide: Model | None = None,
-           guidance_interval: tuple[float, float] | None = None, guidance_channels: int | None = None) -> SampleOutput:
+           noise: Tensor | None = None, class_labels: Tensor | None = None, guidance: Guidance = Guidance(),
+           seeds: Sequence[int] | Tensor | None = None, generator: torch.Generator | None = None,
+           device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+           progress: bool = False) -> SampleOutput:
     """Draw shape[0] samples with `sampler` from `model` in the model contract (x_t, t, class_labels) -> F.
 
     noise: standard normal (shape) for x_T = prior_std * noise; drawn from the noise source if None.
     seeds: one int per sample; all randomness of sample i then comes from its own generator
     (same seed, same sample, whatever the batch). Otherwise `generator` (or torch's global RNG).
-    guidance, null_label: classifier-free guidance weight w and the unconditional label index.
-    guide: a second model (same contract, process and prediction) for autoguidance, F = F_guide +
-    w (F_main - F_guide) (Karras et al. 2024); null_label is then not needed.
-    guidance_interval: (sigma_lo, sigma_hi) noise levels sigma/alpha outside which no guidance applies
-    (Kynkäänniemi et al. 2024). See `Denoiser`.
-    guidance_channels: guide only the first K channels of the mean output, the rest being the main model's
-    (DiT samples with 3 of its 4 latent channels; diffusion_pl/guidance.py); None guides all.
-    clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every evaluation (DDPM's clipping).
+    guidance: every guidance option in one value (diffusion_pl/guidance.py): the weight w with the null
+    label (classifier-free guidance) or a guide model (autoguidance, Karras et al. 2024), the noise-level
+    interval, the guided channels and x0 clipping. `Guidance()` samples unguided and unclipped.
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) < 2:
@@ -79,7 +74,6 @@ def sample(model: Model, process: Process, prediction: Prediction, sampler: Samp
         if class_labels.shape != (shape[0],):
             raise ValueError(f"class_labels must have shape ({shape[0]},), got {tuple(class_labels.shape)}")
     x = process.prior_std() * noise.to(device=device, dtype=dtype)
-    denoiser = Denoiser(model, process, prediction, guidance=guidance, null_label=null_label, clip_x0=clip_x0,
-                        guide=guide, guidance_interval=guidance_interval, guidance_channels=guidance_channels)
+    denoiser = Denoiser(model, process, prediction, guidance)
     x = sampler.run(denoiser, x, source, class_labels, progress=progress)
     return SampleOutput(x=x, nfe=denoiser.nfe, times=sampler.times(process))

@@ -11,11 +11,15 @@ from torchvision.utils import make_grid, save_image
 
 from diffusion_pl.evaluation.every_n import EveryNSteps
 from diffusion_pl.utils.fileio import atomic_path
-from diffusion_pl.utils.paths import run_dir
 from diffusion_pl.evaluation.generation import generate, sampler_label
 from diffusion_pl.sampling.base import Sampler
 
-__all__ = ["SampleGrid"]
+__all__ = ["SampleGrid", "run_dir"]
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run folder: the logger's versioned log_dir when there is one, else default_root_dir."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class SampleGrid(EveryNSteps):

@@ -2,7 +2,7 @@
 
     errors.py            the one user-error type and how commands print it
     fileio.py            atomic writes and hashes
-    paths.py             the user cache folder, a training run's folder
+    paths.py             the user cache folder
     seeding.py           the one seed mixer
     trust.py             which classes a saved config may import
     hub.py               the Hugging Face hub: cache folder, offline mode, reachability

@@ -42,10 +42,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from diffusion_pl.evaluation.sample_grid import run_dir
+from diffusion_pl.utils.errors import UserValueError, one_line
 from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.training.ema import EMA
-from diffusion_pl.utils.errors import UserValueError, one_line
-from diffusion_pl.utils.paths import run_dir
 from diffusion_pl.training.phema import (SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, PowerFunctionEMA, check_sigma_rel,
                                          list_snapshot_files, save_snapshot, snapshot_name)
 

@@ -34,7 +34,8 @@ def _fit(root: Path, max_steps: int, ckpt_path: str | None = None, callbacks=(),
 
 
 def _power(root: Path) -> PowerEMA:
-    return PowerEMA(sigma_rels=(0.05, 0.10), snapshot_every_n_steps=100, at_train_end=False, dirpath=str(root / "phema"))
+    return PowerEMA(sigma_rels=(0.05, 0.10), snapshot_every_n_steps=100, at_train_end=False,
+                    dirpath=str(root / "phema"))
 
 
 # -- the schedule --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 It normalises the sampler argument to a list (default HeunODE(steps=17), EDM's 35 NFE), records
 the training images' (C, H, W) from the first batch as the shape to sample, and calls
 `on_every_n_steps` after each batch that completed an optimizer step whose count is a multiple of
-`every_n_steps` (the step detection is OptimizerStepCallback's, diffusion_pl/training/callbacks/optimizer_step.py). It also holds the optional autoguidance model (`guide_ckpt`, loaded and checked
+`every_n_steps` (the step detection is OptimizerStepCallback's, training/callbacks/optimizer_step.py).
+It also holds the optional autoguidance model (`guide_ckpt`, loaded and checked
 against the trained module when fit starts, kept out of the callback's state), the guidance
 interval and the guided channel count that both sampling callbacks pass to `generate`.
 """

@@ -26,8 +26,8 @@ Timing: the update runs once per optimizer step, after it (`on_optimizer_step_en
 callbacks/optimizer_step.py: the end of the batch whose global_step moved, never a micro-batch of gradient
 accumulation). Lightning runs callbacks' batch-end hooks in list order, so a checkpoint callback listed
 before this one could save the step before its update; `state_dict` therefore applies a pending update
-first, and every checkpoint holds the averages of exactly the step it records. Under DDP every rank holds identical
-weights after the optimizer step (gradients are all-reduced), so each rank updates its own copy and no
+first, and every checkpoint holds the averages of exactly the step it records. Under DDP every rank holds
+identical weights after the optimizer step (gradients are all-reduced), so each rank updates its own copy and no
 communication is needed; rank 0 writes the snapshots, and checkpoints hold rank 0's averages.
 Sharded strategies (FSDP, DeepSpeed, model parallel) are refused: there a rank holds only part of the weights.
 """

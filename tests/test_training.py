@@ -85,12 +85,12 @@ def test_ema_tracks_net_and_is_used_for_sampling(tmp_path):
 
 def test_ema_half_life_schedule():
     module = DiffusionModule(make_net(), VPLinear(), ema_half_life_images=1000.0, ema_rampup_ratio=None)
-    assert module.ema_beta(step=10, batch_size=1000) == pytest.approx(0.5)
+    assert module.averaging.beta(step=10, images_seen=10 * 1000, images=1000) == pytest.approx(0.5)
     ramp = DiffusionModule(make_net(), VPLinear(), ema_half_life_images=1e6, ema_rampup_ratio=0.05)
     # 10 steps of 100 images: half-life = min(1e6, 0.05 * 1000) = 50 images
-    assert ramp.ema_beta(step=10, batch_size=100) == pytest.approx(0.5 ** (100 / 50))
+    assert ramp.averaging.beta(step=10, images_seen=10 * 100, images=100) == pytest.approx(0.5 ** (100 / 50))
     warm = DiffusionModule(make_net(), VPLinear(), ema_decay=0.9999, ema_warmup=True)
-    assert warm.ema_beta(step=0, batch_size=1) == pytest.approx(0.1)
+    assert warm.averaging.beta(step=0, images_seen=0, images=1) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="ema_decay"):
         DiffusionModule(make_net(), VPLinear(), ema_decay=1.5)
 

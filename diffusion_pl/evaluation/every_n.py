@@ -3,25 +3,26 @@
 It normalises the sampler argument to a list (default HeunODE(steps=17), EDM's 35 NFE), records
 the training images' (C, H, W) from the first batch as the shape to sample, and calls
 `on_every_n_steps` after each batch that completed an optimizer step whose count is a multiple of
-`every_n_steps`. It also holds the callbacks' `Guidance` (diffusion_pl/guidance.py; in YAML
-`guidance: {weight: 1.5, interval: [0.28, 2.9]}`) and, when its guide is a checkpoint path, the guide
-module, loaded and checked against the trained module when fit starts and kept out of the callback's state.
+`every_n_steps` (the step detection is OptimizerStepCallback's, training/callbacks/optimizer_step.py).
+It also holds the callbacks' `Guidance` (diffusion_pl/guidance.py; in YAML `guidance: {weight: 1.5,
+interval: [0.28, 2.9]}`) and, when its guide is a checkpoint path, the guide module, loaded and checked
+against the trained module when fit starts and kept out of the callback's state.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from diffusion_pl.guidance import Guidance
+from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.sampling.base import Sampler
 
 __all__ = ["EveryNSteps"]
 
 
-class EveryNSteps(Callback):
+class EveryNSteps(OptimizerStepCallback):
     """Calls `on_every_n_steps(trainer, pl_module)` every `every_n_steps` optimizer steps; subclasses implement it."""
 
     def __init__(self, every_n_steps: int, sampler: Sampler | list[Sampler] | None,
@@ -38,7 +39,6 @@ class EveryNSteps(Callback):
         samplers = sampler if sampler is not None else HeunODE(steps=17)
         self.samplers: list[Sampler] = list(samplers) if isinstance(samplers, (list, tuple)) else [samplers]
         self.image_shape: tuple[int, ...] | None = None  # (C, H, W) of the training images: the shape to sample
-        self._step_at_batch_start = -1
 
     @property
     def guide(self):
@@ -66,15 +66,12 @@ class EveryNSteps(Callback):
             self._guide[0] = self.guide.to(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._step_at_batch_start = trainer.global_step
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.image_shape is None:
             self.image_shape = pl_module.codec.sample_shape(batch[0].shape[1:])  # a latent module's: the latent shape
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        # only when this batch completed an optimizer step: under gradient accumulation the step count
-        # stays put for several batches (step 0 included, and the resumed step after a restart)
-        if step != self._step_at_batch_start and step % self.every_n_steps == 0:
+    def on_optimizer_step_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
             self.on_every_n_steps(trainer, pl_module)
 
     def on_every_n_steps(self, trainer: L.Trainer, pl_module) -> None:

@@ -1,6 +1,7 @@
 """The training wing: the LightningModule, its EMA, augmentation, and the callbacks of a training run.
 
     module.py            DiffusionModule: images -> codec -> t, eps -> x_t -> network -> wrapper -> loss
+    ema.py               EMA: the averaged network's update rule and the run's images-seen counter
     augment.py           EDM's non-leaking augmentation
     phema.py             power-function EMA profiles and their post-hoc reconstruction math
     callbacks/           checkpointing, the power-function EMA, the base of step callbacks

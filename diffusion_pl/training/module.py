@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from diffusion_pl.utils import lightning_compat
 from diffusion_pl.training.augment import AugmentPipe
+from diffusion_pl.training.ema import EMA, STATE_KEY as EMA_STATE_KEY
 from diffusion_pl.codecs.autoencoder import Autoencoder
 from diffusion_pl.codecs.base import Codec, Pixels
 from diffusion_pl.codecs.latent import codec_for
@@ -60,6 +61,8 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so early EMA tracks the net.
         ema_half_life_images: EMA half-life counted in training images (EDM: 500k images).
         ema_rampup_ratio: EDM's ramp-up: half-life <= ratio x images seen (EDM: 0.05); None disables.
+            The four ema_* arguments build `self.averaging`, an `EMA` (diffusion_pl/training/ema.py): the
+            update rule of `self.ema` and the run's images-seen counter.
         seed: base seed of the per-step noise; each rank and step derives its own.
         nonfinite_loss: "raise" stops with an error naming the step, "skip" skips that step.
         max_nonfinite_skips: with "skip", stop after this many consecutive skipped steps (a dead model
@@ -109,12 +112,7 @@ class DiffusionModule(L.LightningModule):
                 raise UserValueError(f"augment gives {augment.label_dim} augmentation labels but {type(net).__name__} "
                                      f"augment_dim={net_dim}: expected equal values (set model.net augment_dim: "
                                      f"{augment.label_dim})")
-        if not 0.0 <= ema_decay < 1.0:
-            raise UserValueError(f"ema_decay is {ema_decay}: expected a value in [0, 1)")
-        if ema_half_life_images is not None and ema_half_life_images <= 0:
-            raise UserValueError(f"ema_half_life_images is {ema_half_life_images}: expected a positive number")
-        if ema_rampup_ratio is not None and ema_rampup_ratio <= 0:
-            raise UserValueError(f"ema_rampup_ratio is {ema_rampup_ratio}: expected a positive number or None")
+        averaging = EMA(ema_decay, ema_warmup, ema_half_life_images, ema_rampup_ratio)
         if lr_warmup_steps < 0:
             raise UserValueError(f"lr_warmup_steps is {lr_warmup_steps}: expected an integer >= 0")
         if max_nonfinite_skips < 1:
@@ -139,8 +137,7 @@ class DiffusionModule(L.LightningModule):
         self.loss_fn = loss if loss is not None else DenoisingLoss()
         self.optimizer_fn = optimizer
         self.lr_warmup_steps = lr_warmup_steps
-        self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
-        self.ema_half_life_images, self.ema_rampup_ratio = ema_half_life_images, ema_rampup_ratio
+        self.averaging = averaging
         self.seed = seed
         self.nonfinite_loss, self.max_nonfinite_skips = nonfinite_loss, max_nonfinite_skips
         self._nonfinite_run = 0  # consecutive skipped steps
@@ -152,7 +149,7 @@ class DiffusionModule(L.LightningModule):
         self.codec: Codec = codec_for(autoencoder)
         self.codec.check_module(net, augment)
         self._train_model: Model | None = None
-        self._images_per_step = 0
+        self._pending_images = 0  # local images of the micro-batches since the last optimizer step
 
     def train(self, mode: bool = True) -> "DiffusionModule":
         super().train(mode)
@@ -177,10 +174,12 @@ class DiffusionModule(L.LightningModule):
         """The network (EMA by default) as a model `(x_t, t, class_labels) -> output` for samplers."""
         return precondition(self.ema if ema else self.net, self.process, self.prediction)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the codec's identity (a latent space's VAE)
-        self.codec.save_spec(checkpoint)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.codec.save_spec(checkpoint)  # the codec's identity (a latent space's VAE)
+        checkpoint[EMA_STATE_KEY] = self.averaging.state_dict()  # the images-seen counter
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.averaging.load_state_dict(checkpoint.get(EMA_STATE_KEY))  # absent in older checkpoints (ema.py)
         # a checkpoint a Trainer restores (resuming `fit`); load_module checks what it loads itself (it knows the
         # path; load_from_checkpoint has no trainer)
         if self._trainer is not None:
@@ -208,7 +207,7 @@ class DiffusionModule(L.LightningModule):
         self._reseed(batch_idx)
         x0, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
         x0 = self.codec.encode(x0)  # latents: one posterior draw, after the reseed
-        self._images_per_step = x0.shape[0] * self.trainer.world_size * max(1, self.trainer.accumulate_grad_batches)
+        self._pending_images += x0.shape[0]  # every rank draws batches of the same size (optimizer_step)
         model = self._train_model
         if self.augment is not None:  # drawn from the generator reseeded above, before the loss's draws
             x0, augment_labels = self.augment(x0)  # (B, C, H, W), (B, label_dim)
@@ -258,31 +257,10 @@ class DiffusionModule(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end: callbacks (ModelCheckpoint) run their batch-end hooks
-        # before the module's, so a checkpoint saved at this step would miss this EMA update.
-        self.update_ema(batch_size=self._images_per_step)
-
-    @torch.no_grad()
-    def update_ema(self, batch_size: int) -> float:
-        """ema <- beta ema + (1 - beta) net; returns beta."""
-        beta = self.ema_beta(self.global_step, batch_size)
-        ema_params = list(self.ema.parameters())
-        net_params = [p.detach() for p in self.net.parameters()]
-        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
-        for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
-            b_ema.copy_(b_net)
-        return beta
-
-    def ema_beta(self, step: int, batch_size: int) -> float:
-        """EMA decay after `step` optimizer steps of `batch_size` images (global)."""
-        if self.ema_half_life_images is None:
-            beta = self.ema_decay
-            if self.ema_warmup:
-                beta = min(beta, (1.0 + step) / (10.0 + step))
-            return beta
-        half_life = self.ema_half_life_images
-        if self.ema_rampup_ratio is not None:  # EDM: the half-life grows with the images seen
-            half_life = min(half_life, step * batch_size * self.ema_rampup_ratio)
-        return 0.5 ** (batch_size / max(half_life, 1e-8))
+        # before the module's, so a checkpoint saved at this step would miss this EMA update. global_step
+        # still counts the earlier steps here (Lightning increments it after this hook).
+        images, self._pending_images = self._pending_images * self.trainer.world_size, 0
+        self.averaging.update(self.ema, self.net, self.global_step, images)
 
     def configure_optimizers(self) -> Any:
         try:

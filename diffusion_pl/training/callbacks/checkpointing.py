@@ -31,6 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.utils import lightning_compat
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.utils.fileio import atomic_path
@@ -103,7 +104,7 @@ class FinalCheckpoint(Callback):
             lightning_compat.save_now(callback, trainer)
 
 
-class DeferredRequeue(Callback):
+class DeferredRequeue(OptimizerStepCallback):
     """SLURM auto-requeue at an optimizer-step boundary, on every rank at the same step.
 
     Lightning saves `hpc_ckpt_N.ckpt` inside its SIGUSR1 handler, wherever the signal lands: after
@@ -115,9 +116,9 @@ class DeferredRequeue(Callback):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._requeue = None
         self._requested = False
-        self._step_at_batch_start = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         found = lightning_compat.slurm_requeue(trainer)
@@ -129,14 +130,9 @@ class DeferredRequeue(Callback):
     def _record(self, signum: int, frame: Any) -> None:
         self._requested = True
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._requeue is None or trainer.global_step == self._step_at_batch_start:
-            return  # not under SLURM requeue, or mid gradient accumulation
+    def on_optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._requeue is None:
+            return  # not under SLURM requeue
         requested = torch.tensor(float(self._requested), device=pl_module.device)
         if trainer.world_size > 1:
             requested = trainer.strategy.reduce(requested, reduce_op="max")

@@ -19,12 +19,15 @@ beta per 100 steps, the solved coefficients are not normalised to sum 1, snapsho
 (a crash leaves a truncated file) and carry no step / sigma_rel, time is counted in steps rather than
 images, and it has no Lightning state for exact resume. The math here follows edm2 training/phema.py.
 
-Timing: the update runs once per optimizer step, after it (`on_train_batch_end` of the batch whose
-global_step moved: under gradient accumulation the intermediate micro-batches only count their images).
-Lightning runs callbacks' batch-end hooks in list order, so a checkpoint callback listed before this one
-could save the step before its update; `state_dict` therefore applies a pending update first, and every
-checkpoint holds the averages of exactly the step it records. Under DDP every rank holds identical
-weights after the optimizer step (gradients are all-reduced), so each rank updates its own copy and no
+Time: t and each step's t_delta come from the module's images-seen counter (`DiffusionModule.averaging`,
+diffusion_pl/training/ema.py), the one the classic EMA's ramp-up reads; the callback counts no batches.
+
+Timing: the update runs once per optimizer step, after it (`on_optimizer_step_end` of
+callbacks/optimizer_step.py: the end of the batch whose global_step moved, never a micro-batch of gradient
+accumulation). Lightning runs callbacks' batch-end hooks in list order, so a checkpoint callback listed
+before this one could save the step before its update; `state_dict` therefore applies a pending update
+first, and every checkpoint holds the averages of exactly the step it records. Under DDP every rank holds
+identical weights after the optimizer step (gradients are all-reduced), so each rank updates its own copy and no
 communication is needed; rank 0 writes the snapshots, and checkpoints hold rank 0's averages.
 Sharded strategies (FSDP, DeepSpeed, model parallel) are refused: there a rank holds only part of the weights.
 """
@@ -33,15 +36,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffusion_pl.training.callbacks.run_dir import run_dir
 from diffusion_pl.utils.errors import UserValueError, one_line
+from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
+from diffusion_pl.training.ema import EMA
 from diffusion_pl.training.phema import (SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, PowerFunctionEMA, check_sigma_rel,
                                          list_snapshot_files, save_snapshot, snapshot_name)
 
@@ -50,14 +54,7 @@ __all__ = ["PowerEMA"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _batch_size(batch: Any) -> int:
-    x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not torch.is_tensor(x0):
-        raise TypeError(f"PowerEMA counts images from the batch's first tensor, got a {type(x0).__name__}")
-    return int(x0.shape[0])
-
-
-class PowerEMA(Callback):
+class PowerEMA(OptimizerStepCallback):
     """Track power-function EMAs of `pl_module.net` and snapshot them for post-hoc reconstruction.
 
     Args:
@@ -75,6 +72,7 @@ class PowerEMA(Callback):
     def __init__(self, sigma_rels: Sequence[float] = (0.05, 0.10), snapshot_every_n_steps: int = 1000,
                  at_train_end: bool = True, dirpath: str | None = None,
                  snapshot_dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
+        super().__init__()
         try:
             self.sigma_rels = tuple(check_sigma_rel(s) for s in sigma_rels)
         except (TypeError, ValueError) as err:
@@ -96,10 +94,8 @@ class PowerEMA(Callback):
         self.ema: PowerFunctionEMA | None = None
         self._loaded: dict | None = None  # state from a checkpoint, applied once the network is on its device
         self._trainer: L.Trainer | None = None
-        self._pending_images = 0  # local images of the micro-batches since the last optimizer step
         self._step_done = -1  # global step the averages correspond to
-        self._step_at_batch_start = -1
-        self._no_history_from: int | None = None  # started mid-run without averages in the checkpoint
+        self._no_history = False  # started mid-run without averages in the checkpoint
         self._last_snapshot = -1
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -111,9 +107,10 @@ class PowerEMA(Callback):
         if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
             raise UserValueError(f"PowerEMA needs every rank to hold the full weights, but the strategy is "
                                  f"{type(trainer.strategy).__name__}: expected single-device or DDP training")
-        if not isinstance(getattr(pl_module, "net", None), torch.nn.Module):
-            raise UserValueError(f"PowerEMA averages `pl_module.net`, which {type(pl_module).__name__} lacks: "
-                                 "expected a DiffusionModule")
+        if not isinstance(getattr(pl_module, "net", None), torch.nn.Module) \
+                or not isinstance(getattr(pl_module, "averaging", None), EMA):
+            raise UserValueError(f"PowerEMA averages `pl_module.net` over the images counted by `pl_module.averaging`, "
+                                 f"which {type(pl_module).__name__} lacks: expected a DiffusionModule")
         self._trainer = trainer
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -140,10 +137,9 @@ class PowerEMA(Callback):
             rank_zero_warn(f"PowerEMA: resuming at step {step} from a checkpoint without PowerEMA averages: the "
                            "averages start from the current weights, as if they had been the weights of all earlier "
                            "steps")
-            self._no_history_from = step
+            self._no_history = True
             self.ema.step = step
         self._step_done = step
-        self._pending_images = 0
         if trainer.is_global_zero:
             self._remove_abandoned(step)
 
@@ -157,17 +153,9 @@ class PowerEMA(Callback):
                            "run that continued beyond the checkpoint this one starts from)")
 
     # -- averaging --------------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
-        self._pending_images += _batch_size(batch)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._catch_up()
-        step = trainer.global_step
-        # only when this batch completed an optimizer step (not the micro-batches of gradient accumulation)
-        if step != self._step_at_batch_start and step % self.snapshot_every_n_steps == 0:
+        if trainer.global_step % self.snapshot_every_n_steps == 0:
             self.write_snapshots(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -176,20 +164,24 @@ class PowerEMA(Callback):
             self.write_snapshots(trainer, pl_module)
 
     def _catch_up(self) -> None:
-        """Apply the update of an optimizer step that completed since the last one (at most one is pending)."""
+        """Apply the update of an optimizer step that completed since the last one (at most one is pending).
+
+        The module's EMA has already counted that step's images (DiffusionModule.optimizer_step runs before
+        any batch-end hook), so its counter is t after the step."""
         trainer = self._trainer
         if self.ema is None or trainer is None or trainer.global_step == self._step_done:
             return
-        t_delta = self._pending_images * trainer.world_size  # every rank draws batches of the same size
+        counter: EMA = trainer.lightning_module.averaging
+        if self._no_history:  # the averages stand for every step before this one
+            self.ema.nimg = counter.images_seen - counter.step_images
+            self._no_history = False
+        t_delta = counter.images_seen - self.ema.nimg
         if t_delta <= 0:
-            raise RuntimeError(f"PowerEMA: optimizer step {trainer.global_step} with no images counted")
-        if self._no_history_from is not None:  # t before the resume, assuming this step's batch size
-            self.ema.nimg = self._no_history_from * t_delta
-            self._no_history_from = None
+            raise RuntimeError(f"PowerEMA: optimizer step {trainer.global_step} at {counter.images_seen} images seen, "
+                               f"but the averages are already at {self.ema.nimg}")
         self.ema.update(list(trainer.lightning_module.net.parameters()), t_delta)
         self.ema.step = trainer.global_step
         self._step_done = trainer.global_step
-        self._pending_images = 0
 
     # -- snapshots --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -98,7 +98,8 @@ def _check_int(network: str, option: str, value, low: int, expected: str) -> Non
 def check_score_network(net: object, where: str = "net") -> ScoreNetwork:
     """`net` itself when it declares the interface (a `ScoreNetwork`); else one line saying what is expected."""
     if not isinstance(net, ScoreNetwork):
-        raise UserValueError(f"{where} is a {type(net).__name__}, which declares no network interface: expected a "
+        kind = type(net)
+        raise UserValueError(f"{where} {kind.__module__}.{kind.__qualname__} declares no network interface: expected a "
                              "diffusion_pl.networks.base.ScoreNetwork (UNet, DiT, or a subclass that calls "
                              "ScoreNetwork.__init__ with its img_resolution, in_channels, out_channels, num_classes, "
                              "augment_dim)")

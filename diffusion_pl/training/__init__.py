@@ -1,6 +1,7 @@
 """The training wing: the LightningModule, its EMA, augmentation, and the callbacks of a training run.
 
     module.py            DiffusionModule: images -> codec -> t, eps -> x_t -> network -> wrapper -> loss
+    shapes.py            the network's declared shapes against the data's and a guide's; the fit-time fill
     augment.py           EDM's non-leaking augmentation
     phema.py             power-function EMA profiles and their post-hoc reconstruction math
     callbacks/           checkpointing, the power-function EMA, the base of step callbacks

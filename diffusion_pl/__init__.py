@@ -65,6 +65,7 @@ _PUBLIC = {
                      "LikelihoodWeighting", "MinSNR", "EDMWeighting", "VelocityMSE"), "losses"),
     **dict.fromkeys(("bits_per_dim", "ode_nll"), "likelihood"),
     **dict.fromkeys(("GaussianMixture",), "oracle"),
+    **dict.fromkeys(("ScoreNetwork",), "networks.base"),
     **dict.fromkeys(("UNet",), "networks.unet"),
     **dict.fromkeys(("DiT",), "networks.dit"),
     **dict.fromkeys(("Autoencoder",), "codecs.autoencoder"),

@@ -29,7 +29,7 @@ from diffusion_pl.processes.base import AttributeRepr, Process, append_dims, che
 
 __all__ = ["Model", "Prediction", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
            "ScaledScorePrediction", "VelocityPrediction", "EDMPreconditioning", "DenoiserOutput", "Denoiser",
-           "precondition", "null_label_of", "split_variance"]
+           "precondition", "split_variance"]
 
 Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -232,12 +232,6 @@ class _Preconditioned(nn.Module):
 def precondition(net: nn.Module, process: Process, prediction: Prediction) -> nn.Module:
     """Turn a network `net(x_in, noise_label, class_labels)` into a model `(x_t, t, class_labels)`."""
     return _Preconditioned(net, process, prediction)
-
-
-def null_label_of(net: nn.Module) -> int | None:
-    """The label index of a network's unconditional embedding (classifier-free guidance): its own `null_label`
-    where it has one (None for ADM's class table without a null row), else num_classes (None: unconditional)."""
-    return getattr(net, "null_label", getattr(net, "num_classes", None))
 
 
 def split_variance(out: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:

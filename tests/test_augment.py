@@ -20,6 +20,7 @@ from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.utils.errors import TRACEBACK_ENV, UserValueError
 from diffusion_pl.training.module import DiffusionModule, load_module
 from diffusion_pl.utils.seeding import mix_seed as step_seed
+from diffusion_pl.networks.base import ScoreNetwork
 from diffusion_pl.networks.dit import DiT, dit_tiny
 from diffusion_pl.networks.unet import UNet
 from diffusion_pl.processes.variance_preserving import VPLinear
@@ -156,12 +157,11 @@ def test_dit_takes_augment_labels():
         DiT(img_resolution=8, augment_dim=-1)
 
 
-class SpyNet(nn.Module):
-    """Output weight * x; records the augment_labels of every call (None when not given)."""
+class SpyNet(ScoreNetwork):
+    """Output weight * x on SHAPES' 8x8 RGB images; records the augment_labels of every call (None when not given)."""
 
     def __init__(self, augment_dim: int = 9) -> None:
-        super().__init__()
-        self.augment_dim = augment_dim
+        super().__init__(img_resolution=8, in_channels=3, augment_dim=augment_dim)
         self.weight = nn.Parameter(torch.zeros(()))
         self.seen: list[torch.Tensor | None] = []
 
@@ -232,9 +232,9 @@ class _FixedGrad(torch.autograd.Function):
         return torch.tensor([math.nan, math.inf, -math.inf, 2.0])
 
 
-class _BadGradNet(nn.Module):
+class _BadGradNet(ScoreNetwork):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(img_resolution=8, in_channels=3)  # SHAPES' images
         self.weight = nn.Parameter(torch.zeros(4))
 
     def forward(self, x, noise_label, class_labels=None):
@@ -274,7 +274,7 @@ def test_pipe_refuses_images_it_cannot_transform():
 
 
 def test_module_refuses_a_network_without_matching_augment_dim():
-    for net, dim in ((SpyNet(augment_dim=0), 0), (dit_tiny(img_resolution=8, augment_dim=3), 3), (nn.Identity(), 0)):
+    for net, dim in ((SpyNet(augment_dim=0), 0), (dit_tiny(img_resolution=8, augment_dim=3), 3)):
         with pytest.raises(UserValueError, match=f"gives 9 augmentation labels .* augment_dim={dim}") as err:
             DiffusionModule(net, VPLinear(), augment=AugmentPipe())
         assert "\n" not in str(err.value)

@@ -66,6 +66,8 @@ PROBES = [
     Probe("8x8 data, 16x16 net", fit("--model.net.init_args.img_resolution=16"), ("img_resolution=16x16", "8x8")),
     Probe("9 classes for 5", fit("--model.net.init_args.num_classes=9"), ("num_classes=9", "5 classes")),
     Probe("3 classes for 5", fit("--model.net.init_args.num_classes=3"), ("num_classes=3", "5 classes")),
+    Probe("network without the interface", fit("--model.net=torch.nn.Identity"),
+          ("torch.nn.modules.linear.Identity", "declares no network interface", "ScoreNetwork")),
     # checkpoints
     Probe("missing ckpt_path", fit("--ckpt_path={run}/gone.ckpt"), ("gone.ckpt", "does not exist")),
     Probe("truncated ckpt_path", fit("--ckpt_path={junk}"), ("not a checkpoint",)),

@@ -14,7 +14,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import DYING_TORCH_SAVE  # noqa: E402
@@ -22,6 +21,7 @@ from _training_setup import IMAGE_SIZE, make_datamodule, make_module, make_net  
 
 from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, PreemptionCheckpoint,
                                                            find_resume_checkpoint)
+from diffusion_pl.networks.base import ScoreNetwork
 from diffusion_pl.training.module import DiffusionModule, load_module
 from diffusion_pl.prediction import EpsPrediction
 from diffusion_pl.processes.variance_preserving import VPLinear
@@ -133,12 +133,13 @@ def test_load_module_requires_a_cli_checkpoint(tmp_path):
         load_module(str(tmp_path / "checkpoints" / "last.ckpt"))
 
 
-class _NaNAfter(nn.Module):
+class _NaNAfter(ScoreNetwork):
     """A network that starts returning NaN after `k` calls."""
 
     def __init__(self, k: int) -> None:
-        super().__init__()
-        self.inner, self.k, self.calls = make_net(), k, 0
+        inner = make_net()
+        super().__init__(inner.img_resolution, inner.in_channels, inner.out_channels, inner.num_classes)
+        self.inner, self.k, self.calls = inner, k, 0
 
     def forward(self, x, noise_label, class_labels=None):
         self.calls += 1

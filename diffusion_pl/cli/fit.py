@@ -27,6 +27,7 @@ from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, D
 from diffusion_pl.utils.errors import MissingFileError, UserValueError
 from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.training.shapes import FILLED, DataShape, network_fill
 from diffusion_pl.cli.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
                                          remove_run_outputs)
 
@@ -249,23 +250,13 @@ def fill_network_shape(config) -> None:
     net, data = config.get("model.net"), config.get("data")
     if net is None or data is None or not hasattr(net, "init_args") or not hasattr(data, "class_path"):
         return
-    unset = [key for key in ("in_channels", "img_resolution") if key in net.init_args and net.init_args[key] is None]
+    unset = [key for key in FILLED if key in net.init_args and net.init_args[key] is None]
     if not unset:
         return
     # throwaway instances: ShardDataModule reads only its manifest (or one image) for these, an Autoencoder its config
     codec = codec_for(_throwaway(config.get("model.autoencoder")))
-    datamodule = codec.network_view(_throwaway(data))
-    values = {}
-    if "in_channels" in unset and getattr(datamodule, "channels", None) is not None:
-        values["in_channels"] = int(datamodule.channels)
-    # the manifest's (or the argument's) square side first: output_size may have to read an image
-    side = getattr(datamodule, "image_size", None)
-    if "img_resolution" in unset and (side is not None or getattr(datamodule, "output_size", None) is not None):
-        h, w = (side, side) if side is not None else datamodule.output_size
-        if h != w:
-            raise UserValueError(f"the data yields {h}x{w} images but model.net img_resolution is unset: expected "
-                                 "square images; set data image_size to a side to resize them to")
-        values["img_resolution"] = int(h)
+    seen = codec.network_view(_throwaway(data))  # what the network sees: images, or their latents
+    values = network_fill(unset, DataShape.of(seen, size="img_resolution" in unset))
     for key, value in values.items():
         net.init_args[key] = value
     if values:

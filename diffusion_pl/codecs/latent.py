@@ -29,10 +29,11 @@ from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion_pl.codecs.autoencoder import SPEC_IDENTITY_KEYS, Autoencoder, spec_mismatch
 from diffusion_pl.codecs.base import Codec, Pixels
+from diffusion_pl.networks.base import ScoreNetwork
 from diffusion_pl.utils.errors import UserValueError
 
 __all__ = ["LatentCodec", "codec_for", "SPEC_KEY"]
@@ -158,10 +159,10 @@ class LatentCodec(Codec):
                              "retrain)")
 
     # -- checks -------------------------------------------------------------------------------------
-    def check_module(self, net: nn.Module, augment: Any) -> None:
+    def check_module(self, net: ScoreNetwork, augment: Any) -> None:
         latent_channels = self.autoencoder.latent_channels
-        channels = getattr(net, "in_channels", None)
-        if channels is not None and channels != latent_channels:
+        channels = net.in_channels
+        if channels != latent_channels:
             raise UserValueError(f"{type(net).__name__} in_channels={channels} but the autoencoder has "
                                  f"{latent_channels} latent channels: expected equal values (set model.net "
                                  f"in_channels: {latent_channels})")
@@ -169,7 +170,7 @@ class LatentCodec(Codec):
             raise UserValueError("augment is set with an autoencoder: expected augment: null (the augmentation acts "
                                  "on pixels; latent recipes keep the data's random flip)")
 
-    def check_data(self, net: nn.Module, datamodule: Any) -> None:
+    def check_data(self, net: ScoreNetwork, datamodule: Any) -> None:
         """Latent shards (a datamodule with a `latent` block {shape: [C, h, w]} and `autoencoder_spec`) must come
         from this autoencoder (`spec_mismatch`) and have the net's latent shape; image data must encode to it."""
         ae = self.autoencoder
@@ -190,13 +191,13 @@ class LatentCodec(Codec):
             self._check_net_shape(net, shape, what)
 
     @staticmethod
-    def _check_net_shape(net: nn.Module, shape: tuple[int, ...], what: str) -> None:
+    def _check_net_shape(net: ScoreNetwork, shape: tuple[int, ...], what: str) -> None:
         net_name = type(net).__name__
-        channels, resolution = getattr(net, "in_channels", None), _size(getattr(net, "img_resolution", None))
-        if channels is not None and channels != shape[0]:
+        channels, resolution = net.in_channels, _size(net.img_resolution)
+        if channels != shape[0]:
             raise UserValueError(f"{net_name} in_channels={channels} but the {what} give {shape[0]}-channel latents: "
                                  f"expected equal values (set model.net in_channels: {shape[0]})")
-        if resolution is not None and resolution != tuple(shape[1:]):
+        if resolution != tuple(shape[1:]):
             raise UserValueError(f"{net_name} img_resolution={resolution[0]}x{resolution[1]} but the {what} give "
                                  f"{shape[1]}x{shape[2]} latents: expected equal sizes (set model.net img_resolution: "
                                  f"{shape[1]})")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.sampling.api import sample
+from diffusion_pl.training.shapes import network_mismatch
 
 __all__ = ["FULL_PROTOCOL_SAMPLES", "metric_prefix", "sampler_label", "class_labels_for", "generate",
            "rank_world", "rank_indices", "guide_mismatch"]
@@ -66,20 +67,16 @@ def _saved_component(module, name: str) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
-def _network_shape(module) -> tuple:
-    net = module.net
-    return getattr(net, "in_channels", None), getattr(net, "img_resolution", None)
-
-
 def guide_mismatch(module, guide) -> str | None:
     """Why `guide` cannot guide `module` ("has process X but the model has Y"), or None when it can.
 
-    Mixing raw network outputs equals mixing denoised images only when both models share the process
-    and the prediction, the generated shape and the classes. The process and prediction are compared by
-    their saved configs (every argument, where a repr may leave some out, e.g. VPLinear's betas) when both
-    modules have one, else by repr.
+    Mixing raw network outputs equals mixing denoised images only when both models share the generated
+    shape and the classes (the networks' declared ones, `shapes.network_mismatch`), the process and the
+    prediction. The process and prediction are compared by their saved configs (every argument, where a
+    repr may leave some out, e.g. VPLinear's betas) when both modules have one, else by repr.
     """
-    checks = [("image shape (channels, resolution)", _network_shape(module), _network_shape(guide))]
+    difference = network_mismatch(module.net, guide.net)
+    checks = [] if difference is None else [difference]
     for name in ("process", "prediction"):
         own, other = _saved_component(module, name), _saved_component(guide, name)
         if own is None or other is None:
@@ -87,7 +84,6 @@ def guide_mismatch(module, guide) -> str | None:
         else:
             own, other = (json.dumps(c, sort_keys=True, default=str) for c in (own, other))
         checks.append((name, own, other))
-    checks.append(("num_classes", module.num_classes, guide.num_classes))
     checks.append(("latent space (autoencoder, scale, shift)", module.codec.space, guide.codec.space))
     for what, own, other in checks:
         if own != other:

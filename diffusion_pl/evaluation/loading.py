@@ -43,14 +43,9 @@ def make_fabric(devices: int, accelerator: str = "auto", what: str = "devices"):
 
 
 def image_shape(module) -> tuple[int, int, int]:
-    """(C, H, W) the network generates, from its `in_channels` and `img_resolution` attributes."""
-    net = module.net
-    if not hasattr(net, "img_resolution") or not hasattr(net, "in_channels"):
-        raise UserValueError(f"network {type(net).__name__} has no img_resolution / in_channels attributes: expected "
-                             "a diffusion_pl.networks UNet or DiT (or a network that sets both)")
-    size = net.img_resolution
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(net.in_channels), int(h), int(w)
+    """(C, H, W) the network generates: its declared shape (`ScoreNetwork.image_shape`; DiffusionModule accepts
+    no other network)."""
+    return module.net.image_shape
 
 
 def load_checkpoint(path: str | Path, device: torch.device, trust_config: bool = False, what: str = "ckpt"):

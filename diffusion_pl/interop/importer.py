@@ -334,7 +334,7 @@ def import_pretrained(source: str, out: str | Path, arch: str | None = None, ima
             own_vae = (path / "vae" / "config.json").is_file()
             pipeline = (str(source) if not Path(str(source)).expanduser().exists() else str(path.resolve())) \
                 if own_vae else None  # a hub id stays a hub id: the VAE's weights come with its first use
-            extra = _autoencoder_hparams(vae, pipeline) if config.get("in_channels", 4) == 4 else {}
+            extra = _autoencoder_hparams(vae, pipeline) if net.in_channels == 4 else {}
         scheduler_file = _scheduler_file(path, folder)
         scheduler = _read_json(scheduler_file) if scheduler_file is not None else None
         process, prediction, hints = scheduler_spec(scheduler, str(scheduler_file or "scheduler_config.json"))
@@ -343,7 +343,7 @@ def import_pretrained(source: str, out: str | Path, arch: str | None = None, ima
         provenance.update(format=f"diffusers {config.get('_class_name')}", weights_file=str(file),
                           scheduler=scheduler, scheduler_file=None if scheduler_file is None else str(scheduler_file))
         weights = net.state_dict()
-    if hints["sampler"] is not None and net.out_channels == 2 * net.in_channels:  # a learned variance
+    if hints["sampler"] is not None and net.learned_variance:
         hints["sampler"]["init_args"]["variance"] = "learned"
     provenance.update(weights_sha256=sha256_file(provenance["weights_file"]), sampler=hints["sampler"],
                       clip_x0=hints["clip_x0"])

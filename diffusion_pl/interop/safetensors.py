@@ -47,7 +47,8 @@ from torch import nn
 from diffusion_pl.utils.errors import MissingFileError, UserValueError, one_line
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.interop.weights import check_state_dict
-from diffusion_pl.prediction import EpsPrediction, Prediction, null_label_of, precondition
+from diffusion_pl.networks.base import ScoreNetwork, check_score_network
+from diffusion_pl.prediction import EpsPrediction, Prediction, precondition
 from diffusion_pl.processes.base import Process
 
 __all__ = ["EXPORT_FORMAT", "WEIGHTS_FILE", "CONFIG_FILE", "Exported", "export_checkpoint", "load_exported",
@@ -70,7 +71,7 @@ class Exported:
     config: the export's metadata decoded (what config.json holds), e.g. config["weights"] is "ema" or "raw".
     """
 
-    net: nn.Module
+    net: ScoreNetwork
     process: Process
     prediction: Prediction
     config: dict[str, Any] = field(default_factory=dict)
@@ -81,15 +82,13 @@ class Exported:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) the network generates, from its in_channels / img_resolution attributes."""
-        size = self.net.img_resolution
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return int(self.net.in_channels), int(h), int(w)
+        """(C, H, W) the network generates (its declared `ScoreNetwork.image_shape`)."""
+        return self.net.image_shape
 
     @property
     def null_label(self) -> int | None:
         """The unconditional label index for classifier-free guidance (as DiffusionModule.null_label), or None."""
-        return null_label_of(self.net)
+        return self.net.null_label
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -265,7 +264,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", trust_co
                              f"({', '.join(untrusted[:3])}): its config is code; pass trust_config=True if you "
                              "trust where it came from")
     built = _build(config, file)
-    net = built["net"]
+    net = check_score_network(built["net"], f"{file} metadata net")
     tensors = load_file(str(file), device="cpu")
     check_state_dict(net, tensors, str(file), "the state_dict of the network its metadata describes")
     net.load_state_dict(tensors, strict=True)

@@ -14,7 +14,8 @@ import torch
 from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
-from diffusion_pl.networks.embeddings import ClassEmbedding, batch_noise_label, data_shape, embedding_mlp, sincos_2d
+from diffusion_pl.networks.base import ScoreNetwork
+from diffusion_pl.networks.embeddings import ClassEmbedding, batch_noise_label, embedding_mlp, sincos_2d
 
 __all__ = ["DiT", "dit_s_2", "dit_b_2", "dit_l_2", "dit_xl_2", "dit_tiny"]
 
@@ -83,7 +84,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(ScoreNetwork):
     """Diffusion Transformer (Peebles & Xie 2023); output shaped like x, with out_channels channels.
 
     Args:
@@ -123,8 +124,9 @@ class DiT(nn.Module):
         frequency_endpoint: bool = False,
         mlp_norm_eps: float = 1e-6,
     ) -> None:
-        super().__init__()
-        img_resolution, in_channels = data_shape("DiT", img_resolution, in_channels)
+        # the declared interface (networks/base.py): shapes, classes, null label, augmentation labels
+        super().__init__(img_resolution, in_channels, out_channels, num_classes, augment_dim)
+        img_resolution, in_channels = self.img_resolution, self.in_channels
         if patch_size < 1 or img_resolution < patch_size or img_resolution % patch_size:
             raise ValueError(
                 f"img_resolution must be a positive multiple of patch_size={patch_size}, got {img_resolution}."
@@ -135,14 +137,7 @@ class DiT(nn.Module):
             raise ValueError(f"depth must be at least 1, got {depth}.")
         if frequency_embedding_size < 2 or frequency_embedding_size % 2:
             raise ValueError(f"frequency_embedding_size must be positive and even, got {frequency_embedding_size}.")
-        if augment_dim < 0:
-            raise ValueError(f"augment_dim must be >= 0 (0: no augmentation labels), got {augment_dim}.")
-        self.img_resolution = img_resolution
-        self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
-        self.num_classes = num_classes
         self.patch_size = patch_size
-        self.augment_dim = augment_dim
 
         self.x_embedder = PatchEmbed(img_resolution, patch_size, in_channels, hidden_size, bias=True)
         # Timestep embedder: sinusoid of the noise label (no endpoint in DiT) then an MLP.

@@ -23,7 +23,6 @@ __all__ = [
     "noise_embedding",
     "embedding_mlp",
     "sincos_2d",
-    "data_shape",
     "batch_noise_label",
 ]
 
@@ -137,14 +136,3 @@ def sincos_2d(num_channels: int, grid_size: int) -> Tensor:
     # Width coordinate first, then height, matching DiT's get_2d_sincos_pos_embed.
     return torch.cat([axis(grid_w), axis(grid_h)], dim=1).to(torch.float32)
 
-
-def data_shape(network: str, img_resolution: int | None, in_channels: int | None) -> tuple[int, int]:
-    """(img_resolution, in_channels) of a network's constructor: in_channels None means RGB.
-
-    Both default to None so that `diffusion-pl fit` can tell "not set" from a value and fill
-    them from the data's manifest; built from Python, the resolution must be given.
-    """
-    if img_resolution is None:
-        raise UserValueError(f"{network}: img_resolution is not set: expected the side of the square images "
-                             "(`diffusion-pl fit` fills it from the data when a recipe leaves it out)")
-    return int(img_resolution), 3 if in_channels is None else int(in_channels)

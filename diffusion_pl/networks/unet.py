@@ -33,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_pl.networks.embeddings import (ClassEmbedding, batch_noise_label, data_shape, embedding_mlp,
-                                              noise_embedding)
+from diffusion_pl.networks.base import ScoreNetwork
+from diffusion_pl.networks.embeddings import ClassEmbedding, batch_noise_label, embedding_mlp, noise_embedding
 from diffusion_pl.networks.fir import ResidualInput
 from diffusion_pl.networks.unet_blocks import INIT_SCHEMES, ConvResample, ResBlock, SwapHalves, group_norm, init_unet
 
 __all__ = ["UNet"]
 
 
-class UNet(nn.Module):
+class UNet(ScoreNetwork):
     """U-Net score network with the options of DDPM, DDPM++ and ADM (see the module table).
 
     Args:
@@ -125,21 +125,15 @@ class UNet(nn.Module):
         class_null_row: bool = True,
         init: Literal["ddpm", "score_sde", "edm", "adm"] = "ddpm",
     ) -> None:
-        super().__init__()
-        img_resolution, in_channels = data_shape("UNet", img_resolution, in_channels)
+        # the declared interface (networks/base.py): shapes, classes, null label, augmentation labels
+        super().__init__(img_resolution, in_channels, out_channels, num_classes, augment_dim, class_null_row)
+        img_resolution, in_channels = self.img_resolution, self.in_channels
         _check_ncsnpp_args(noise_mult, resample_filter, progressive_input, resample)
         levels = len(channel_mult)
         resolutions = tuple(img_resolution >> level for level in range(levels))
-        _check_args(img_resolution, in_channels, model_channels, channel_mult, num_res_blocks, attn_resolutions,
-                    resolutions, dropout)
+        _check_args(img_resolution, model_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions,
+                    dropout)
         _check_reference_args(embedding_order, class_embedding, init)
-        self.img_resolution = img_resolution
-        self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
-        self.num_classes = num_classes
-        if augment_dim < 0:
-            raise ValueError(f"augment_dim must be >= 0 (0: no augmentation labels), got {augment_dim}.")
-        self.augment_dim = augment_dim
         emb_channels = model_channels * emb_mult
         skip_scale = math.sqrt(0.5) if skip_rescale else 1.0
 
@@ -173,7 +167,6 @@ class UNet(nn.Module):
         label_channels = emb_channels if self.class_after_mlp else noise_channels
         self.map_label = (ClassEmbedding(num_classes, label_channels, null_row=class_null_row)
                           if num_classes is not None else None)
-        self.null_label = self.map_label.null_label if self.map_label is not None else None
         self.map_augment = nn.Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
         self.map_emb = embedding_mlp(noise_channels, emb_channels)
 
@@ -272,7 +265,7 @@ def _check_reference_args(embedding_order, class_embedding, init) -> None:
 
 
 def _check_args(
-    img_resolution, in_channels, model_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions, dropout
+    img_resolution, model_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions, dropout
 ) -> None:
     """One-sentence ValueErrors for bad constructor input."""
     if not channel_mult or min(channel_mult) < 1:
@@ -282,8 +275,6 @@ def _check_args(
         raise ValueError(
             f"img_resolution must be a positive multiple of 2**(len(channel_mult)-1)={factor}, got {img_resolution}."
         )
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be positive, got {in_channels}.")
     if model_channels < 2 or model_channels % 2:
         raise ValueError(f"model_channels must be positive and even (it sizes the embedding), got {model_channels}.")
     if num_res_blocks < 1:

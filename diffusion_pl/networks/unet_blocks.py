@@ -215,8 +215,8 @@ def init_unet(net: nn.Module, scheme: Literal["ddpm", "score_sde", "edm", "adm"]
                     nn.init.xavier_uniform_(w, gain=gain)
             elif scheme == "edm":
                 qkv.mul_(math.sqrt(0.2))
-    table = getattr(getattr(net, "map_label", None), "table", None)
-    if table is not None:
+    if net.map_label is not None:
+        table = net.map_label.table
         if scheme == "edm":
             # Row k = sqrt(L) W[:, k] + b with W (C, L) xavier and b = 0; the null label is EDM's
             # all-zero label vector, whose embedding is the bias.
@@ -227,6 +227,5 @@ def init_unet(net: nn.Module, scheme: Literal["ddpm", "score_sde", "edm", "adm"]
             table.weight[L:].zero_()
         else:
             table.reset_parameters()  # N(0, 1), ADM's nn.Embedding (guided_diffusion/unet.py:478)
-    augment = getattr(net, "map_augment", None)
-    if augment is not None and scheme == "adm":
-        nn.init.zeros_(augment.weight)
+    if net.map_augment is not None and scheme == "adm":
+        nn.init.zeros_(net.map_augment.weight)

@@ -2,6 +2,7 @@
 
     module.py            DiffusionModule: images -> codec -> t, eps -> x_t -> network -> wrapper -> loss
     ema.py               EMA: the averaged network's update rule and the run's images-seen counter
+    shapes.py            the network's declared shapes against the data's and a guide's; the fit-time fill
     augment.py           EDM's non-leaking augmentation
     phema.py             power-function EMA profiles and their post-hoc reconstruction math
     callbacks/           checkpointing, the power-function EMA, the base of step callbacks

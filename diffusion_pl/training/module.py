@@ -12,6 +12,7 @@ and nothing depends on how many steps a previous job ran (as EDM2 seeds from ima
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
 from pathlib import Path
@@ -30,8 +31,10 @@ from diffusion_pl.codecs.base import Codec, Pixels
 from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.utils.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
-from diffusion_pl.prediction import EpsPrediction, Model, Prediction, null_label_of, precondition
+from diffusion_pl.networks.base import ScoreNetwork, check_score_network
+from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes.base import Process
+from diffusion_pl.training.shapes import DataShape, check_augment_labels, check_network_fits
 from diffusion_pl.utils.seeding import mix_seed as step_seed
 from diffusion_pl.utils.trust import TRUSTED_PACKAGES, untrusted_imports
 
@@ -51,7 +54,8 @@ class DiffusionModule(L.LightningModule):
     """Trains `net` as a diffusion model of `process` in the `prediction` parameterization, with an EMA copy.
 
     Args:
-        net: a network `net(x_in, noise_label, class_labels) -> tensor like x_in` (U-Net or DiT).
+        net: a network `net(x_in, noise_label, class_labels) -> tensor like x_in` that declares its shapes and
+            classes (a `diffusion_pl.networks.base.ScoreNetwork`: UNet, DiT or a subclass); others are refused.
         process: the forward process (alpha(t), sigma(t)).
         prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
         loss: time proposal x weighting, with label dropout for classifier-free guidance.
@@ -103,15 +107,12 @@ class DiffusionModule(L.LightningModule):
         autoencoder: Autoencoder | None = None,
     ) -> None:
         super().__init__()
+        check_score_network(net, "net")
         if augment is not None:
             if not hasattr(augment, "label_dim"):
                 raise UserValueError(f"augment is a {type(augment).__name__}: "
                                      "expected a diffusion_pl.training.augment.AugmentPipe")
-            net_dim = getattr(net, "augment_dim", 0)
-            if net_dim != augment.label_dim:
-                raise UserValueError(f"augment gives {augment.label_dim} augmentation labels but {type(net).__name__} "
-                                     f"augment_dim={net_dim}: expected equal values (set model.net augment_dim: "
-                                     f"{augment.label_dim})")
+            check_augment_labels(net, augment.label_dim)
         averaging = EMA(ema_decay, ema_warmup, ema_half_life_images, ema_rampup_ratio)
         if lr_warmup_steps < 0:
             raise UserValueError(f"lr_warmup_steps is {lr_warmup_steps}: expected an integer >= 0")
@@ -159,16 +160,13 @@ class DiffusionModule(L.LightningModule):
     # -- models in the sampler contract -------------------------------------------------------------
     @property
     def num_classes(self) -> int | None:
-        return getattr(self.net, "num_classes", None)
+        return self.net.num_classes
 
     @property
     def null_label(self) -> int | None:
-        """Label index of the unconditional embedding (classifier-free guidance), or None.
-
-        The network's own `null_label` where it has one (None for ADM's class table without a null
-        row); else num_classes, the convention of every class-conditional network here.
-        """
-        return null_label_of(self.net)
+        """Label index of the unconditional embedding (classifier-free guidance), or None: the network's
+        declared `null_label` (num_classes; None for ADM's class table without a null row)."""
+        return self.net.null_label
 
     def model(self, ema: bool = True) -> Model:
         """The network (EMA by default) as a model `(x_t, t, class_labels) -> output` for samplers."""
@@ -297,40 +295,19 @@ class DiffusionModule(L.LightningModule):
         return loss
 
 
-def check_data_fits(net: nn.Module, datamodule: Any, codec: Codec | None = None) -> None:
+def check_data_fits(net: ScoreNetwork, datamodule: Any, codec: Codec | None = None) -> None:
     """Refuse, in one line naming both values, data whose channels, size or classes the network does not take.
 
-    Reads the attributes the networks (`in_channels`, `img_resolution`, `num_classes`) and
-    ShardDataModule (`channels`, `output_size`, `num_classes`) expose; anything absent is not checked.
-    Channels and size are compared in the codec's space (default `Pixels`): what the network sees of the data.
+    The network's declared shapes against the data's (`diffusion_pl.training.shapes`), channels and size in the
+    codec's space (default `Pixels`): what the network sees of the data; classes from the datamodule itself.
     """
-    net_name, data_name = type(net).__name__, type(datamodule).__name__
     codec = codec if codec is not None else Pixels()
     codec.check_data(net, datamodule)  # the space's own rules (a latent space: the VAE's identity, latent shapes)
     seen = codec.network_view(datamodule)  # pixels as they are, images as their latents, latent shards as they are
-    channels = getattr(net, "in_channels", None)
-    data_channels = getattr(seen, "channels", None)
-    if channels is not None and data_channels is not None and channels != data_channels:
-        raise UserValueError(f"{net_name} in_channels={channels} but the data has {data_channels}-channel images: "
-                             f"expected equal values (set model.net in_channels: {data_channels}, or leave it unset)")
-    size = getattr(net, "img_resolution", None)
-    data_size = getattr(seen, "output_size", None)
-    if size is not None and data_size is not None:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if tuple(size) != tuple(data_size):
-            raise UserValueError(f"{net_name} img_resolution={size[0]}x{size[1]} but the data yields "
-                                 f"{data_size[0]}x{data_size[1]} images: expected equal sizes (set data image_size: "
-                                 f"{size[0]} to resize the data, or model.net img_resolution: {data_size[0]})")
-    classes = getattr(net, "num_classes", None)
-    if classes is not None and hasattr(datamodule, "num_classes"):
-        data_classes = datamodule.num_classes
-        if data_classes is None:
-            raise UserValueError(f"{net_name} num_classes={classes} but the data {data_name} has no class labels: "
-                                 "expected labelled data (a manifest with 'classes') or num_classes: null")
-        if data_classes != classes:
-            raise UserValueError(f"{net_name} num_classes={classes} but the data has {data_classes} classes: "
-                                 f"expected equal values (set model.net num_classes: {data_classes}, or null for an "
-                                 "unconditional model)")
+    labels = DataShape.of(datamodule, size=False)
+    size, channels = getattr(seen, "output_size", None), getattr(seen, "channels", None)
+    check_network_fits(net, dataclasses.replace(labels, channels=None if channels is None else int(channels),
+                                                size=None if size is None else (int(size[0]), int(size[1]))))
 
 
 def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",

@@ -1,6 +1,7 @@
 """diffusers' `DiTTransformer2DModel` -> `diffusion_pl.networks.dit.DiT` (same outputs, same weights).
 
-diffusers ports facebookresearch/DiT (models.py) with four differences in layout, each mapped here:
+diffusers ports facebookresearch/DiT (models.py) with four differences in layout, each mapped here (the
+weight names are the rows of `keys.DIT_KEYS`, which the export reads backwards):
 
 - q, k and v are separate layers (`attn1.to_q/to_k/to_v`); DiT and timm fuse them as one `qkv`
   layer whose rows are [q; k; v], so the three weight matrices are stacked;
@@ -26,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_pl.utils.errors import UserValueError
+from diffusion_pl.interop.diffusers.keys import DIT_KEYS
 from diffusion_pl.interop.weights import check_state_dict
 from diffusion_pl.networks.dit import DiT
+from diffusion_pl.utils.errors import UserValueError
 
 __all__ = ["dit_kwargs_from_diffusers", "convert_dit_state_dict", "dit_from_diffusers", "dit_from_diffusers_state"]
 
@@ -62,38 +64,19 @@ def dit_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def convert_dit_state_dict(state_dict: Mapping[str, Tensor], num_layers: int) -> dict[str, Tensor]:
-    """Rename and stack a DiTTransformer2DModel state dict into `DiT.state_dict()` layout."""
-    sd = dict(state_dict)
-    emb = "transformer_blocks.{}.norm1.emb."
-    shared = [name[len(emb.format(0)):] for name in sd if name.startswith(emb.format(0))]
-    for i in range(1, num_layers):
-        for name in shared:
-            if not torch.equal(sd[emb.format(i) + name], sd[emb.format(0) + name]):
-                raise UserValueError(f"diffusers DiT block {i}'s {emb.format(i) + name} differs from block 0's: "
-                                 "expected the identical per-block embedder copies of a converted DiT.")
-    e0 = emb.format(0)
-    out = {
-        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-        "t_embedder.1.0.weight": sd[e0 + "timestep_embedder.linear_1.weight"],
-        "t_embedder.1.0.bias": sd[e0 + "timestep_embedder.linear_1.bias"],
-        "t_embedder.1.2.weight": sd[e0 + "timestep_embedder.linear_2.weight"],
-        "t_embedder.1.2.bias": sd[e0 + "timestep_embedder.linear_2.bias"],
-        "y_embedder.table.weight": sd[e0 + "class_embedder.embedding_table.weight"],
-        "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
-        "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
-        "final_layer.linear.weight": sd["proj_out_2.weight"],
-        "final_layer.linear.bias": sd["proj_out_2.bias"],
-    }
-    for i in range(num_layers):
-        src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + f"attn.qkv.{kind}"] = torch.cat([sd[src + f"attn1.to_{n}.{kind}"] for n in "qkv"])  # [q; k; v]
-            out[dst + f"attn.proj.{kind}"] = sd[src + f"attn1.to_out.0.{kind}"]
-            out[dst + f"mlp.fc1.{kind}"] = sd[src + f"ff.net.0.proj.{kind}"]
-            out[dst + f"mlp.fc2.{kind}"] = sd[src + f"ff.net.2.{kind}"]
-            out[dst + f"adaLN_modulation.1.{kind}"] = sd[src + f"norm1.linear.{kind}"]
+    """Rename and stack a DiTTransformer2DModel state dict into `DiT.state_dict()` layout (`DIT_KEYS`).
+
+    The per-block embedder copies must be equal (one shared embedder here); keys no row maps are left out,
+    as are those of blocks from `num_layers` on (`dit_from_diffusers_state` refuses those first).
+    """
+    out, _ = DIT_KEYS.to_ours({k: v for k, v in state_dict.items() if _block(k) < num_layers})
     return out
+
+
+def _block(key: str) -> int:
+    """The transformer block a diffusers key belongs to (-1: none)."""
+    parts = key.split(".")
+    return int(parts[1]) if parts[0] == "transformer_blocks" and parts[1].isdigit() else -1
 
 
 def dit_from_diffusers(model: torch.nn.Module) -> DiT:
@@ -115,16 +98,17 @@ def dit_from_diffusers_state(config: Mapping[str, Any], state_dict: Mapping[str,
     if missing:
         raise UserValueError(f"{source} weights have no {', '.join(missing)}: expected a DiTTransformer2DModel "
                              "state dict")
-    try:
-        converted = convert_dit_state_dict(state_dict, kwargs["depth"])
-    except KeyError as err:  # a key of a block the config has but the weights lack
-        raise UserValueError(f"{source} weights have no {err.args[0]}: expected the {kwargs['depth']} blocks "
-                             "num_layers says") from err
-    extra = sorted(k for k in state_dict if k.startswith("transformer_blocks.")
-                   and int(k.split(".")[1]) >= kwargs["depth"])
+    extra = sorted(k for k in state_dict if _block(k) >= kwargs["depth"])
     if extra:
         raise UserValueError(f"{source} weights have {extra[0]}: expected only the {kwargs['depth']} blocks "
                              "num_layers says")
+    # the diffusers keys this config has: our network's, through the table the export writes with
+    expected, _ = DIT_KEYS.to_theirs(net.state_dict(), copies={"block": range(kwargs["depth"])})
+    absent = [k for k in expected if k not in state_dict]
+    if absent:
+        raise UserValueError(f"{source} weights have no {absent[0]}: expected the {kwargs['depth']} blocks "
+                             "num_layers says")
+    converted = convert_dit_state_dict(state_dict, kwargs["depth"])
     check_state_dict(net, converted, source, "the DiTTransformer2DModel its config.json describes")
     net.load_state_dict(converted, strict=True)
     return net.eval()

@@ -6,8 +6,8 @@
 
 `UNet2DModel.from_pretrained(OUT)` / `DiTTransformer2DModel.from_pretrained(OUT)` and
 `DDPMScheduler.from_pretrained(OUT)` load them; `diffusion-pl import OUT` reads them back. This is the
-inverse of diffusers_unet.py / diffusers_dit.py, so only what those map is written, and only where
-the outputs are the same:
+inverse of unet.py / dit.py: the weight names come from the same tables (keys.py: UNET_KEYS, DIT_KEYS),
+read backwards, so only what those map is written, and only where the outputs are the same:
 
 - UNet: DDPM's architecture (unconditional; strided-conv resampling; additive time embedding of width
   4 x model_channels; attention after every decoder block; 32 GroupNorm groups everywhere). ADM's
@@ -28,21 +28,19 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from diffusion_pl.interop.diffusers.keys import DIT_KEYS, UNET_KEYS
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.utils.fileio import atomic_path
 
 __all__ = ["MODEL_WEIGHTS", "unet_to_diffusers", "dit_to_diffusers", "scheduler_config", "export_diffusers"]
 
 MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
-_RESNET = {"norm0": "norm1", "conv0": "conv1", "affine.1": "time_emb_proj", "norm1": "norm2", "conv1": "conv2",
-           "skip": "conv_shortcut"}
 # UNet options with no UNet2DModel counterpart in the converter: name -> (required value, why)
 _UNET_FIXED = {
     "num_classes": (None, "class-conditional U-Nets are not mapped (UNet2DModel's class embedding is not converted)"),
@@ -95,34 +93,9 @@ def unet_to_diffusers(init_args: dict[str, Any], net: torch.nn.Module,
         "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
         "num_class_embeds": None,
     }
-    out: dict[str, Tensor] = {}
-    fixed = {"map_emb.0": "time_embedding.linear_1", "map_emb.2": "time_embedding.linear_2", "conv_in": "conv_in",
-             "norm_out": "conv_norm_out", "conv_out": "conv_out"}
-    for key, value in state_dict.items():
-        module, _, kind = key.rpartition(".")
-        if module in fixed:
-            out[f"{fixed[module]}.{kind}"] = value
-            continue
-        if m := re.fullmatch(r"(downsample|upsample)\.(\d+)\.conv", module):
-            side = "down" if m[1] == "downsample" else "up"
-            out[f"{side}_blocks.{m[2]}.{side}samplers.0.conv.{kind}"] = value
-            continue
-        m = re.fullmatch(r"(?:(enc|dec)\.(\d+)|mid)\.(\d+)\.(.+)", module)
-        if m is None:
-            raise UserValueError(f"UNet weight {key!r} has no UNet2DModel counterpart: expected DDPM's layers")
-        prefix = f"{'down' if m[1] == 'enc' else 'up'}_blocks.{m[2]}" if m[1] else "mid_block"
-        layer = m[4]
-        if layer in _RESNET:
-            out[f"{prefix}.resnets.{m[3]}.{_RESNET[layer]}.{kind}"] = value
-        elif layer == "attn.norm":
-            out[f"{prefix}.attentions.{m[3]}.group_norm.{kind}"] = value
-        elif layer == "attn.attn.proj":
-            out[f"{prefix}.attentions.{m[3]}.to_out.0.{kind}"] = value
-        elif layer == "attn.attn.qkv":
-            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):  # rows [q; k; v]
-                out[f"{prefix}.attentions.{m[3]}.{name}.{kind}"] = part
-        else:
-            raise UserValueError(f"UNet weight {key!r} has no UNet2DModel counterpart: expected DDPM's layers")
+    out, unmatched = UNET_KEYS.to_theirs(state_dict)
+    if unmatched:
+        raise UserValueError(f"UNet weight {unmatched[0]!r} has no UNet2DModel counterpart: expected DDPM's layers")
     return config, out
 
 
@@ -140,7 +113,7 @@ def dit_to_diffusers(init_args: dict[str, Any], net: torch.nn.Module,
                "diffusers' timestep sinusoid has 256 channels"))
     for option, ok, why in checks:
         if not ok:
-            raise _refuse("DiT", option, init_args.get(option, getattr(net, option, None)), why)
+            raise _refuse("DiT", option, init_args.get(option), why)
     depth, heads = int(init_args["depth"]), int(init_args["num_heads"])
     hidden = int(init_args["hidden_size"])
     config = {
@@ -151,24 +124,11 @@ def dit_to_diffusers(init_args: dict[str, Any], net: torch.nn.Module,
         "upcast_attention": False, "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
         "norm_eps": float(init_args.get("mlp_norm_eps", 1e-6)),
     }
-    sd = state_dict
-    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
-           "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
-           "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
-           "proj_out_2.weight": sd["final_layer.linear.weight"], "proj_out_2.bias": sd["final_layer.linear.bias"]}
-    for i in range(depth):
-        src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
-        emb = dst + "norm1.emb."  # every block holds a copy of the shared embedder (diffusers_dit.py)
-        for kind in ("weight", "bias"):
-            for name, part in zip(("to_q", "to_k", "to_v"), sd[src + f"attn.qkv.{kind}"].chunk(3, dim=0)):
-                out[dst + f"attn1.{name}.{kind}"] = part
-            out[dst + f"attn1.to_out.0.{kind}"] = sd[src + f"attn.proj.{kind}"]
-            out[dst + f"ff.net.0.proj.{kind}"] = sd[src + f"mlp.fc1.{kind}"]
-            out[dst + f"ff.net.2.{kind}"] = sd[src + f"mlp.fc2.{kind}"]
-            out[dst + f"norm1.linear.{kind}"] = sd[src + f"adaLN_modulation.1.{kind}"]
-            out[emb + f"timestep_embedder.linear_1.{kind}"] = sd[f"t_embedder.1.0.{kind}"]
-            out[emb + f"timestep_embedder.linear_2.{kind}"] = sd[f"t_embedder.1.2.{kind}"]
-        out[emb + "class_embedder.embedding_table.weight"] = sd["y_embedder.table.weight"]
+    # every block's norm1.emb holds a copy of the one embedder (dit.py)
+    out, unmatched = DIT_KEYS.to_theirs(state_dict, copies={"block": range(depth)})
+    if unmatched:
+        raise UserValueError(f"DiT weight {unmatched[0]!r} has no DiTTransformer2DModel counterpart: expected "
+                             "DiT's layers")
     return config, out
 
 
@@ -270,8 +230,7 @@ def export_diffusers(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tru
         config["_diffusers_version"] = diffusers.__version__
     except ImportError:
         pass
-    learned = net.out_channels == 2 * net.in_channels
-    scheduler, note = scheduler_config(module.process, module.prediction, learned,
+    scheduler, note = scheduler_config(module.process, module.prediction, net.learned_variance,
                                        clip=net.in_channels == 3)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}

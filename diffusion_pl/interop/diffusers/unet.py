@@ -2,7 +2,7 @@
 
 diffusers ports DDPM's TensorFlow U-Net (hojonathanho/diffusion diffusion_tf/models/unet.py) as
 `UNet2DModel`; `google/ddpm-cifar10-32` is `unet_ddpm_cifar10` here. The layouts differ in names
-and in one fused layer, each mapped here:
+and in one fused layer, each a row of `keys.UNET_KEYS` (which the export reads backwards):
 
 - q, k and v are separate layers (`to_q/to_k/to_v`); timm's Attention fuses them as one `qkv`
   layer whose rows are [q; k; v] (each split into heads the same way), so they are stacked;
@@ -26,18 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_pl.utils.errors import UserValueError
+from diffusion_pl.interop.diffusers.keys import UNET_BLOCK_LAYERS, UNET_KEYS
 from diffusion_pl.interop.weights import check_state_dict
 from diffusion_pl.networks.unet import UNet
+from diffusion_pl.utils.errors import UserValueError
 
 __all__ = ["unet_kwargs_from_diffusers", "convert_unet_state_dict", "load_diffusers_unet", "unet_from_diffusers",
            "unet_from_diffusers_state"]
 
-_RESNET = {"norm1": "norm0", "conv1": "conv0", "time_emb_proj": "affine.1", "norm2": "norm1", "conv2": "conv1",
-           "conv_shortcut": "skip"}
-# Current and pre-0.13 diffusers attention names (query/key/value/proj_attn in old checkpoints).
-_ATTN = {"group_norm": "norm", "to_out.0": "attn.proj", "proj_attn": "attn.proj"}
-_QKV = {"to_q": 0, "to_k": 1, "to_v": 2, "query": 0, "key": 1, "value": 2}
 _DOWN, _UP = ("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "AttnUpBlock2D")
 
 
@@ -97,46 +93,24 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _rename(key: str) -> tuple[str, int | None]:
-    """Our name for one diffusers key, and the q/k/v slot (0, 1, 2) for the parts of a fused qkv."""
-    fixed = {"time_embedding.linear_1": "map_emb.0", "time_embedding.linear_2": "map_emb.2", "conv_in": "conv_in",
-             "conv_norm_out": "norm_out", "conv_out": "conv_out"}
-    module, _, kind = key.rpartition(".")
-    if module in fixed:
-        return f"{fixed[module]}.{kind}", None
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(downsamplers|upsamplers)\.0\.(conv|Conv2d_0)", module):
-        return f"{'downsample' if m[1] == 'down' else 'upsample'}.{m[2]}.conv.{kind}", None
-    m = re.fullmatch(r"(?:(down|up)_blocks\.(\d+)|mid_block)\.(resnets|attentions)\.(\d+)\.(.+)", module)
+def _unmapped(key: str) -> UserValueError:
+    """Why a diffusers key has no row in UNET_KEYS: not a block layer at all, or an unknown layer of a block."""
+    module = key.rpartition(".")[0]
+    m = re.fullmatch(r"(?:(?:down|up)_blocks\.\d+|mid_block)\.(resnets|attentions)\.\d+\.(.+)", module)
     if m is None:
-        raise UserValueError(f"cannot map diffusers UNet2DModel key {key!r}: expected the keys of DownBlock2D, "
-                             "AttnDownBlock2D, UNetMidBlock2D, UpBlock2D and AttnUpBlock2D blocks.")
-    prefix = f"{'enc' if m[1] == 'down' else 'dec'}.{m[2]}.{m[4]}" if m[1] else f"mid.{m[4]}"
-    layer = m[5]
-    if m[3] == "resnets" and layer in _RESNET:
-        return f"{prefix}.{_RESNET[layer]}.{kind}", None
-    if m[3] == "attentions" and layer in _ATTN:
-        return f"{prefix}.attn.{_ATTN[layer]}.{kind}", None
-    if m[3] == "attentions" and layer in _QKV:
-        return f"{prefix}.attn.attn.qkv.{kind}", _QKV[layer]
-    known = sorted(_RESNET if m[3] == "resnets" else {**_ATTN, **_QKV})
-    raise UserValueError(f"cannot map diffusers UNet2DModel key {key!r}: unknown layer {layer!r} in a "
-                         f"{m[3][:-1]} (expected one of {known}).")
+        return UserValueError(f"cannot map diffusers UNet2DModel key {key!r}: expected the keys of DownBlock2D, "
+                              "AttnDownBlock2D, UNetMidBlock2D, UpBlock2D and AttnUpBlock2D blocks.")
+    prefix = f"{m[1]}.{{i}}."
+    known = sorted(row.theirs[len(prefix):] for row in UNET_BLOCK_LAYERS if row.theirs.startswith(prefix))
+    return UserValueError(f"cannot map diffusers UNet2DModel key {key!r}: unknown layer {m[2]!r} in a "
+                          f"{m[1][:-1]} (expected one of {known}).")
 
 
 def convert_unet_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a UNet2DModel state dict into `UNet.state_dict()` layout, stacking q, k, v into qkv."""
-    out: dict[str, Tensor] = {}
-    qkv: dict[str, dict[int, Tensor]] = {}
-    for key, value in state_dict.items():
-        name, slot = _rename(key)
-        if slot is None:
-            out[name] = value
-        else:
-            qkv.setdefault(name, {})[slot] = value
-    for name, parts in qkv.items():
-        if sorted(parts) != [0, 1, 2]:
-            raise UserValueError(f"diffusers UNet2DModel attention {name!r} lacks some of to_q, to_k, to_v.")
-        out[name] = torch.cat([parts[0], parts[1], parts[2]], dim=0)  # [q; k; v], (3C, C) or (3C,)
+    """Rename a UNet2DModel state dict into `UNet.state_dict()` layout, stacking q, k, v into qkv (`UNET_KEYS`)."""
+    out, unmatched = UNET_KEYS.to_ours(state_dict)
+    if unmatched:
+        raise _unmapped(unmatched[0])
     return out
 
 

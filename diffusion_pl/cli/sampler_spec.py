@@ -8,10 +8,8 @@ path in it must lie in diffusion_pl or torch, so a spec given on the command lin
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
-import pkgutil
 import re
 import sys
 import warnings
@@ -23,21 +21,17 @@ from diffusion_pl import sampling
 from diffusion_pl.cli.common import CommandError
 from diffusion_pl.utils.errors import one_line
 from diffusion_pl.sampling.base import Sampler
+from diffusion_pl.utils.classes import import_submodules, public_subclasses
 
 __all__ = ["sampler_classes", "resolve_sampler", "make_sampler", "sampler_help", "SAMPLER_STEPS_HELP"]
 
 
 def sampler_classes() -> dict[str, type[Sampler]]:
-    """CLI name (lower-case class name) -> sampler class, for every Sampler subclass the modules of
-    diffusion_pl.sampling define (the package's __init__ names none: every class lives in its own module)."""
-    classes = {}
-    for info in pkgutil.iter_modules(sampling.__path__):
-        module = importlib.import_module(f"{sampling.__name__}.{info.name}")
-        for cls in vars(module).values():
-            if (inspect.isclass(cls) and issubclass(cls, Sampler) and cls is not Sampler
-                    and cls.__module__ == module.__name__):
-                classes[cls.__name__.lower()] = cls
-    return classes
+    """CLI name (lower-case class name) -> sampler class, for every public Sampler subclass of diffusion_pl.sampling
+    (its modules imported first, so a new sampler file is found by itself)."""
+    import_submodules(sampling)
+    return {cls.__name__.lower(): cls for cls in public_subclasses(Sampler)
+            if cls.__module__.startswith(f"{sampling.__name__}.")}
 
 
 def _class_path(cls: type) -> str:

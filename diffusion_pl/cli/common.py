@@ -57,8 +57,6 @@ def load_checkpoint(path: str, device: torch.device, trust_config: bool = False)
     """DiffusionModule from a `diffusion-pl fit` checkpoint, on `device`, in eval mode (UserErrors in one line)."""
     from diffusion_pl.training.module import load_module
 
-    if not Path(path).is_file():
-        raise CommandError(f"--ckpt {path} does not exist: expected a checkpoint written by `diffusion-pl fit`")
     return load_module(path, map_location="cpu", trust_config=trust_config).to(device).eval()
 
 

@@ -34,7 +34,8 @@ import torch
 
 from diffusion_pl.training.callbacks.checkpointing import find_resume_checkpoint
 from diffusion_pl.cli.common import CommandError
-from diffusion_pl.utils.errors import MissingFileError, run_command
+from diffusion_pl.utils.checkpoint import read_checkpoint, read_snapshot
+from diffusion_pl.utils.errors import MissingFileError, UserError, run_command
 from diffusion_pl.utils.fileio import atomic_path
 from diffusion_pl.training.phema import (SIGMA_REL_MAX, SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, check_sigma_rel,
                                          list_snapshot_files, profile_residual, sigma_rel_to_gamma,
@@ -59,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint to copy (config, net.*); None: the run's newest by stored step")
     p.add_argument("--snapshots", default=None, help=f"snapshot folder; None: RUN/{SNAPSHOT_FOLDER}")
     p.add_argument("--batch", type=int, default=8, help="outputs summed per pass over the snapshots (memory)")
+    p.add_argument("--trust-config", action="store_true",
+                   help="allow a checkpoint whose saved config imports from packages other than diffusion_pl, torch, "
+                        "lightning, timm, diffusers (a config is code: only for checkpoints you trust)")
     p.add_argument("--fid-data", default=None, metavar="SHARDS",
                    help="also score each reconstruction against these reference shards with `diffusion-pl evaluate` "
                         "(its options after `--`) and write the sweep OUT/phema-sweep-<step>.csv / .png")
@@ -75,15 +79,7 @@ class Snapshot:
 
 
 def _load(path: Path) -> dict:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a foreign or damaged file: torch's message talks of zip archives
-        raise CommandError(f"snapshot {path} is not readable (torch.load failed: {type(err).__name__}): expected a "
-                           "file written by the PowerEMA callback; delete it") from err
-    if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
-        raise CommandError(f"snapshot {path} is not a PowerEMA snapshot (format {data.get('format')!r} if a dict): "
-                           f"expected format {SNAPSHOT_FORMAT!r}")
-    return data
+    return read_snapshot(path, SNAPSHOT_FORMAT)
 
 
 def read_snapshots(folder: Path) -> list[Snapshot]:
@@ -156,20 +152,14 @@ def _base_checkpoint(args: argparse.Namespace) -> tuple[Path, dict]:
     run_folder = Path(args.run)
     if args.ckpt is not None:
         path = Path(args.ckpt)
-        if not path.is_file():
-            raise MissingFileError(f"--ckpt {path} does not exist: expected a checkpoint written by `diffusion-pl fit`")
     else:
         found = find_resume_checkpoint(run_folder, run_folder / "checkpoints", recursive=False)
         if found is None:
             raise CommandError(f"run folder {run_folder} holds no checkpoint (in it or in checkpoints/): expected a "
                                "run of `diffusion-pl fit`, or --ckpt")
         path = Path(found)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CommandError(f"{path} is not a checkpoint (torch.load failed: {type(err).__name__}): expected a .ckpt "
-                           "written by `diffusion-pl fit`") from err
-    if not isinstance(ckpt, dict) or not any(k.startswith("ema.") for k in ckpt.get("state_dict", {})):
+    ckpt = read_checkpoint(path, trust_config=args.trust_config).raw  # written on with its config: trust-checked
+    if not any(k.startswith("ema.") for k in ckpt.get("state_dict", {})):
         raise CommandError(f"{path} has no ema.* weights: expected a checkpoint of a DiffusionModule")
     return path, ckpt
 
@@ -195,11 +185,11 @@ def _output_paths(args: argparse.Namespace, step: int, sigma_rels: list[float]) 
             raise CommandError(f"--out {args.out} writes into {path.resolve().parent}, where `--ckpt_path last` looks "
                                "for checkpoints to resume: expected another folder (e.g. RUN/phema-ckpt)")
         if path.exists():
-            try:
-                old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:
+            try:  # trust_config: only its keys are looked at
+                old = read_checkpoint(path, trust_config=True).raw
+            except UserError:
                 old = None
-            if not isinstance(old, dict) or "phema" not in old:
+            if old is None or "phema" not in old:
                 raise CommandError(f"--out {path} exists and is not a reconstruction of reconstruct-ema: expected a "
                                    "new path (an earlier reconstruction is replaced)")
     return paths

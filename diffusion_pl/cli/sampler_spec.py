@@ -17,18 +17,31 @@ from pathlib import Path
 
 import yaml
 
-from diffusion_pl import sampling
 from diffusion_pl.cli.common import CommandError
 from diffusion_pl.utils.errors import one_line
+from diffusion_pl.sampling import base, dpm_solver, edm, grids, noise, ode, posterior, sde
 from diffusion_pl.sampling.base import Sampler
 
 __all__ = ["sampler_classes", "resolve_sampler", "make_sampler", "sampler_help", "SAMPLER_STEPS_HELP"]
 
 
+# the modules of diffusion_pl/sampling/ that define the samplers and their parts (grids, noise); the package's
+# __init__ re-exports nothing, so each name is found in (and written with) its defining module
+SAMPLING_MODULES = (posterior, sde, ode, edm, dpm_solver, grids, noise, base)
+
+
+def _exported() -> list[object]:
+    """Every object the sampling modules list in their __all__."""
+    return [getattr(module, name) for module in SAMPLING_MODULES for name in module.__all__]
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def sampler_classes() -> dict[str, type[Sampler]]:
-    """CLI name (lower-case class name) -> sampler class, for every sampler diffusion_pl.sampling exports."""
-    classes = (getattr(sampling, name) for name in sampling.__all__)
-    return {cls.__name__.lower(): cls for cls in classes
+    """CLI name (lower-case class name) -> sampler class, for every sampler the diffusion_pl.sampling modules export."""
+    return {cls.__name__.lower(): cls for cls in _exported()
             if inspect.isclass(cls) and issubclass(cls, Sampler) and cls is not Sampler}
 
 
@@ -71,7 +84,7 @@ def _load_spec(text: str) -> object:
     name = text.strip()
     if name.lower() in classes:
         cls = classes[name.lower()]
-        return {"class_path": f"{sampling.__name__}.{cls.__name__}"}
+        return {"class_path": _class_path(cls)}
     is_file = False
     if "\n" not in name and len(name) < 4096:
         try:
@@ -168,8 +181,9 @@ def _canonical_class_paths(value: object, text: str) -> object:
                               "class paths under diffusion_pl or torch")
         module_name, _, name = path.rpartition(".")
         module = sys.modules.get(module_name)  # imported by jsonargparse while it resolved the spec
-        if module is not None and name in sampling.__all__ and getattr(module, name, None) is getattr(sampling, name):
-            value["class_path"] = f"{sampling.__name__}.{name}"
+        cls = getattr(module, name, None) if module is not None else None
+        if inspect.isclass(cls) and any(cls is exported for exported in _exported()):
+            value["class_path"] = _class_path(cls)
     return value
 
 
@@ -210,7 +224,7 @@ def resolve_sampler(text: str, steps: int | None = None) -> tuple[Sampler, dict]
     classes = sampler_classes()
     class_path = spec["class_path"].strip()
     if "." not in class_path and class_path.lower() in classes:  # `class_path: ddim` as the short name
-        class_path = f"{sampling.__name__}.{classes[class_path.lower()].__name__}"
+        class_path = _class_path(classes[class_path.lower()])
     spec = {"class_path": class_path, "init_args": dict(init_args)}
     if steps is not None:
         if "steps" in spec["init_args"]:
@@ -229,7 +243,7 @@ def resolve_sampler(text: str, steps: int | None = None) -> tuple[Sampler, dict]
             raise _spec_error(text, _jsonargparse_problem(err), expected) from err
         resolved = _json_data(cfg.sampler.as_dict() if hasattr(cfg.sampler, "as_dict") else dict(cfg.sampler))
         resolved = _canonical_class_paths(resolved, text)
-        if resolved["class_path"] == f"{sampling.__name__}.{Sampler.__name__}":
+        if resolved["class_path"] == _class_path(Sampler):
             raise _spec_error(text, f"{resolved['class_path']} is the abstract base class", expected)
         instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
         try:

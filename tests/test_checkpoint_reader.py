@@ -168,10 +168,16 @@ def test_a_forged_config_is_refused_before_its_module_is_imported(path, trained,
 
 
 def test_trusting_a_forged_config_imports_it(trained, evil, tmp_path):
-    """The positive control of the test above: the marker is written once the module is imported."""
-    forged = forge(trained["ckpt"], tmp_path / "forged.ckpt")
+    """The positive control of the test above: the marker is written once the module is imported, here by a
+    fine-tune with --trust_config; load_module(trust_config=True) then builds the class."""
+    forged = forge(trained["ckpt"], tmp_path / "forged.ckpt", callbacks=False)
+    assert main(["fit", "--config", no_model_section(trained, tmp_path), "--ckpt_path", str(forged), "--trust_config",
+                 "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path / 'ft'}"]) == 0
+    assert evil.read_text() == "imported"
+    tuned = read_checkpoint(next((tmp_path / "ft" / "checkpoints").glob("*step=3.ckpt")), trust_config=True)
+    assert tuned.config["net"]["class_path"] == EVIL
     module = load_module(str(forged), trust_config=True)
-    assert type(module.net).__module__ == "evil_pkg" and evil.read_text() == "imported"
+    assert type(module.net).__module__ == "evil_pkg"
 
 
 def test_a_recipe_may_name_its_own_classes(trained, evil, tmp_path, capsys):

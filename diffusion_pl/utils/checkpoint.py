@@ -148,8 +148,8 @@ class Checkpoint:
     """A `.ckpt` file as read: the parts the project uses, and the whole dict for Lightning.
 
     `config` is the saved `hyper_parameters` with old class paths rewritten ({} when the file has none);
-    `raw` is everything torch.load returned, holding that same rewritten config. Nothing is copied: the
-    tensors are the memory-mapped ones of the file.
+    `raw` is everything torch.load returned, holding that same rewritten config. Nothing is copied: with the
+    default map_location the tensors are the memory-mapped ones of the file.
     """
 
     path: str

@@ -53,3 +53,26 @@ def test_module_and_data_internals(tmp_path, monkeypatch):
     assert isinstance(module, DiffusionModule) and "_instantiator" in module.hparams  # the CLI path was taken
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     assert lightning_compat.batches_processed(trainer) == 0
+
+
+def test_module_from_checkpoint_rebuilds_what_load_from_checkpoint_does(tmp_path, monkeypatch):
+    """module_from_checkpoint runs the rest of Lightning's load_from_checkpoint (`_pl_migrate_checkpoint`, then
+    `core.saving._load_state`) on a dict already read: the same module as load_from_checkpoint on the file."""
+    import torch
+
+    from _helpers import tiny_fit_config
+    from diffusion_pl.cli.fit import DiffusionCLI
+    from diffusion_pl.training.module import DiffusionModule
+
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+    config = tiny_fit_config(default_root_dir=str(tmp_path))
+    config["model"]["net"]["init_args"].update(in_channels=3, img_resolution=8)
+    module = DiffusionCLI(args=config, run=False).model
+    path = tmp_path / "module.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0,
+                "pytorch-lightning_version": L.__version__}, path)
+    rebuilt = lightning_compat.module_from_checkpoint(DiffusionModule, torch.load(path, weights_only=True))
+    reference = DiffusionModule.load_from_checkpoint(path, weights_only=True)
+    assert type(rebuilt.net) is type(reference.net) and type(rebuilt.process) is type(reference.process)
+    assert rebuilt.state_dict().keys() == reference.state_dict().keys() == module.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in rebuilt.state_dict().items())

@@ -7,13 +7,13 @@ argparse front ends and are dispatched before LightningCLI sees the arguments.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ActionYesNo, Namespace
 from jsonargparse._actions import _ActionPrintConfig  # skip_print_config: the first of two parses prints nothing
 from jsonargparse.typing import import_object
@@ -24,8 +24,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, DeferredRequeue, FinalCheckpoint,
                                                            PreemptionCheckpoint, checkpoint_step,
                                                            find_resume_checkpoint)
-from diffusion_pl.utils.errors import MissingFileError, UserValueError
 from diffusion_pl.codecs.latent import codec_for
+from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
+from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.training.module import DiffusionModule
 from diffusion_pl.training.shapes import FILLED, DataShape, network_fill
 from diffusion_pl.cli.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
@@ -48,12 +49,15 @@ class DiffusionCLI(LightningCLI):
     diffusion_pl.cli.run_folder); network shape options left unset (`in_channels`, `img_resolution`) are
     filled from the data; `--ckpt_path last` resumes from the newest checkpoint by stored step; the
     network (net / process / prediction) a recipe leaves out comes from the --ckpt_path checkpoint's saved
-    config (fine-tuning an import: `parse_arguments`); every fit saves its final step and saves on SIGTERM.
+    config (fine-tuning an import: `parse_arguments`), read by diffusion_pl.utils.checkpoint (older class paths
+    rewritten; classes outside the trusted packages and the recipe's own refused unless `--trust_config`);
+    every fit saves its final step and saves on SIGTERM.
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         self._lock_fd: int | None = None
+        self._checkpoint: Checkpoint | None = None  # the --ckpt_path file as read while parsing
         super().__init__(
             DiffusionModule,
             None,
@@ -102,8 +106,14 @@ class DiffusionCLI(LightningCLI):
         source, root = ckpt_path, Path(first[subcommand].get("trainer.default_root_dir") or os.getcwd())
         if ckpt_path == "last" and missing:  # resuming a run whose recipe names no network: its newest checkpoint
             source = find_resume_checkpoint(root, root / "checkpoints", recursive=False)
-        is_file = source is not None and _is_local_file_protocol(str(source)) and Path(source).is_file()
-        saved = _saved_model_config(source) if is_file else {}
+        # every local file is read here, before anything its config names is imported: missing, foreign and
+        # untrusted files end in one line
+        is_file = source is not None and source not in RESUME_KEYWORDS and _is_local_file_protocol(str(source))
+        if is_file:
+            config = first[subcommand]
+            saved = _saved_model_config(self._read_checkpoint(source, config.get("trust_config"), _class_paths(config)))
+        else:
+            saved = {}
         unset = " and ".join(f"model.{key}" for key in missing if key not in saved)
         if unset:  # the second parse would fail on them: say why in one line
             where = ckpt_path if source == ckpt_path else f"{ckpt_path} ({source})"
@@ -114,17 +124,50 @@ class DiffusionCLI(LightningCLI):
                 raise UserValueError(f"--ckpt_path {where} holds no saved {unset} (hyper_parameters) and the recipe "
                                      f"sets none: expected a recipe (--config) that names {unset}, or a checkpoint "
                                      "written by `diffusion-pl fit` or `diffusion-pl import`")
-            if source not in RESUME_KEYWORDS and _is_local_file_protocol(str(source)):
-                raise MissingFileError(f"--ckpt_path {source} does not exist: expected a checkpoint written by "
-                                       "`diffusion-pl fit` or `diffusion-pl import`")
         if saved:
             self._subcommand_parsers[subcommand].set_defaults({f"model.{key}": v for key, v in saved.items()})
         return ckpt_path, saved
+
+    def _read_checkpoint(self, path: str | os.PathLike, trust_config: bool, trusted: set[str]) -> Checkpoint:
+        """`path` through the one checkpoint reader, kept for _parse_ckpt_path. Its config may import from the
+        trusted packages, from `trusted` (the classes the recipe names itself: the user's own choice), or, with
+        --trust_config, from anywhere."""
+        if self._checkpoint is None or self._checkpoint.path != os.fspath(path):
+            self._checkpoint = read_checkpoint(path, trust_config=bool(trust_config), trusted=trusted,
+                                               trust_option="--trust_config")
+        return self._checkpoint
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's `_parse_ckpt_path` (lightning/pytorch/cli.py) on the checkpoint as `_read_checkpoint` read
+        it: the saved hyper-parameters, class paths of older checkpoints rewritten, over the parsed model section.
+        (LightningCLI's own reads the file again and parses its config as it was saved.)"""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        # read while parsing (the same path); else checked against the trusted packages alone, as the parsed model
+        # section holds the defaults taken from this very checkpoint
+        checkpoint = self._read_checkpoint(ckpt_path, self.config[subcommand].get("trust_config"), set())
+        hparams = copy.deepcopy(checkpoint.config)
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--overwrite", action=ActionYesNo, default=False,
                             help="fit: start over in a run folder that holds a previous run, deleting its "
                                  "checkpoints, samples, logs and config.yaml (other files stay)")
+        parser.add_argument("--trust_config", action=ActionYesNo, default=False,
+                            help="allow a --ckpt_path checkpoint whose saved config imports from packages other than "
+                                 "diffusion_pl, torch, lightning, timm, diffusers and the recipe's own classes (a "
+                                 "config is code: only for checkpoints you trust)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
@@ -168,10 +211,7 @@ class DiffusionCLI(LightningCLI):
         root = Path(trainer.default_root_dir)
         ckpt_cb = trainer.checkpoint_callback
         ckpt_dir = getattr(ckpt_cb, "dirpath", None) or root / "checkpoints"
-        if ckpt_path not in (None, *RESUME_KEYWORDS) and _is_local_file_protocol(str(ckpt_path)) \
-                and not Path(ckpt_path).is_file():  # (an existing one was read in _checkpoint_model_defaults)
-            raise MissingFileError(f"--ckpt_path {ckpt_path} does not exist: expected a checkpoint written by "
-                                   "`diffusion-pl fit`, or `last` for the newest one in the run folder")
+        # (a missing --ckpt_path file was refused by _checkpoint_model_defaults, which reads every local one)
         if trainer.global_rank == 0:
             self._lock_fd = lock_run_folder(root)  # held until this process exits
             previous = previous_run_outputs(root, ckpt_dir)
@@ -209,13 +249,20 @@ class DiffusionCLI(LightningCLI):
         self.config_init["fit"]["ckpt_path"] = path
 
 
-def _saved_model_config(path: str | os.PathLike) -> dict[str, Any]:
+def _saved_model_config(checkpoint: Checkpoint) -> dict[str, Any]:
     """A checkpoint's saved net / process / prediction (class_path + init_args), those it holds (not None)."""
-    # before LightningCLI's _parse_ckpt_path loads it: a truncated or foreign file says "not a checkpoint"
-    # here, not torch's zip-archive error
-    checkpoint_step(path)
-    hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-    return {key: hparams[key] for key in CHECKPOINT_MODEL_KEYS if hparams.get(key) is not None}
+    return {key: checkpoint.config[key] for key in CHECKPOINT_MODEL_KEYS if checkpoint.config.get(key) is not None}
+
+
+def _class_paths(config: Any) -> set[str]:
+    """Every `class_path` value in a parsed (sub)command config: the classes the recipe itself imports."""
+    config = config.as_dict() if isinstance(config, Namespace) else config
+    if isinstance(config, dict):
+        found = {config["class_path"]} if isinstance(config.get("class_path"), str) else set()
+        return found.union(*(_class_paths(value) for value in config.values()))
+    if isinstance(config, (list, tuple)):
+        return set().union(*(_class_paths(value) for value in config))
+    return set()
 
 
 def _differs(recipe: Any, saved: Any) -> bool:

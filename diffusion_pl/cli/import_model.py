@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from diffusion_pl.utils.checkpoint import read_checkpoint
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.interop.dit_reference import ARCHS
 from diffusion_pl.interop.importer import SD_VAE, import_pretrained
@@ -45,13 +46,11 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace):
     """Write the checkpoint; returns its path."""
-    import torch
-
     out = import_pretrained(args.source, args.out, arch=args.arch, image_size=args.image_size,
                             vae=None if args.vae.lower() == "none" else args.vae, overwrite=args.overwrite,
                             download_timeout=args.download_timeout)
-    info = torch.load(out, map_location="cpu", weights_only=True, mmap=True)
-    hparams, imported = info["hyper_parameters"], info["diffusion_pl_import"]
+    written = read_checkpoint(out)
+    hparams, imported = written.config, written.raw["diffusion_pl_import"]
     net = hparams["net"]
     print(f"wrote {out}: {imported['format']} as {net['class_path'].rsplit('.', 1)[-1]}, process "
           f"{json.dumps(hparams['process']['init_args'])}, {hparams['prediction']['class_path'].rsplit('.', 1)[-1]}",

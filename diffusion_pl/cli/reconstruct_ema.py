@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint to copy (config, net.*); None: the run's newest by stored step")
     p.add_argument("--snapshots", default=None, help=f"snapshot folder; None: RUN/{SNAPSHOT_FOLDER}")
     p.add_argument("--batch", type=int, default=8, help="outputs summed per pass over the snapshots (memory)")
+    p.add_argument("--trust-config", action="store_true",
+                   help="allow a checkpoint whose saved config imports from packages other than diffusion_pl, torch, "
+                        "lightning, timm, diffusers (a config is code: only for checkpoints you trust)")
     p.add_argument("--fid-data", default=None, metavar="SHARDS",
                    help="also score each reconstruction against these reference shards with `diffusion-pl evaluate` "
                         "(its options after `--`) and write the sweep OUT/phema-sweep-<step>.csv / .png")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace):
                            "expected --fid-data SHARDS")
     options = sweep_options(args.fid_data, evaluate_argv) if args.fid_data is not None else None
     report = reconstruct(args.run, args.sigma_rel, args.out, step=args.step, ckpt=args.ckpt,
-                         snapshots=args.snapshots, batch=args.batch, names=flag)
+                         snapshots=args.snapshots, batch=args.batch, trust_config=args.trust_config, names=flag)
     _print_written(report)
     if options is not None:
         _sweep(options, report)

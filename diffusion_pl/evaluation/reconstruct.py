@@ -29,7 +29,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from diffusion_pl.utils.errors import MissingFileError, UserValueError
+from diffusion_pl.utils.checkpoint import read_checkpoint, read_snapshot
+from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError
 from diffusion_pl.utils.fileio import atomic_path
 from diffusion_pl.training.callbacks.checkpointing import find_resume_checkpoint
 from diffusion_pl.training.phema import (SIGMA_REL_MAX, SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, check_sigma_rel,
@@ -83,15 +84,7 @@ class ReconstructReport:
 
 
 def _load(path: Path) -> dict:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a foreign or damaged file: torch's message talks of zip archives
-        raise UserValueError(f"snapshot {path} is not readable (torch.load failed: {type(err).__name__}): expected a "
-                             "file written by the PowerEMA callback; delete it") from err
-    if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
-        raise UserValueError(f"snapshot {path} is not a PowerEMA snapshot (format {data.get('format')!r} if a dict): "
-                             f"expected format {SNAPSHOT_FORMAT!r}")
-    return data
+    return read_snapshot(path, SNAPSHOT_FORMAT)
 
 
 def read_snapshots(folder: Path) -> list[Snapshot]:
@@ -156,24 +149,20 @@ def _inputs(folder: Path, step: int | None, names: Names) -> tuple[list[Snapshot
     return used, target, nimg
 
 
-def _base_checkpoint(run_folder: Path, ckpt: Path | None, names: Names) -> tuple[Path, dict]:
+def _base_checkpoint(run_folder: Path, ckpt: Path | None, names: Names,
+                     trust_config: bool = False) -> tuple[Path, dict]:
     if ckpt is not None:
         path = Path(ckpt)
-        if not path.is_file():
-            raise MissingFileError(f"{names('ckpt')} {path} does not exist: expected a checkpoint written by "
-                                   "`diffusion-pl fit`")
     else:
         found = find_resume_checkpoint(run_folder, run_folder / "checkpoints", recursive=False)
         if found is None:
             raise UserValueError(f"run folder {run_folder} holds no checkpoint (in it or in checkpoints/): expected a "
                                  f"run of `diffusion-pl fit`, or {names('ckpt')}")
         path = Path(found)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise UserValueError(f"{path} is not a checkpoint (torch.load failed: {type(err).__name__}): expected a .ckpt "
-                             "written by `diffusion-pl fit`") from err
-    if not isinstance(ckpt, dict) or not any(k.startswith("ema.") for k in ckpt.get("state_dict", {})):
+    # the copies carry its config, so it is trust-checked as a loaded checkpoint would be
+    option = f"trust_config=True ({names('trust_config')})"
+    ckpt = read_checkpoint(path, trust_config=trust_config, trust_option=option).raw
+    if not any(k.startswith("ema.") for k in ckpt.get("state_dict", {})):
         raise UserValueError(f"{path} has no ema.* weights: expected a checkpoint of a DiffusionModule")
     return path, ckpt
 
@@ -199,11 +188,11 @@ def _output_paths(run: Path, out: Path, step: int, sigma_rels: list[float], name
             raise UserValueError(f"{names('out')} {out} writes into {path.resolve().parent}, where `--ckpt_path "
                                  "last` looks for checkpoints to resume: expected another folder (e.g. RUN/phema-ckpt)")
         if path.exists():
-            try:
-                old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:
+            try:  # trust_config: only its keys are looked at, nothing is built from it
+                old = read_checkpoint(path, trust_config=True).raw
+            except UserError:
                 old = None
-            if not isinstance(old, dict) or "phema" not in old:
+            if old is None or "phema" not in old:
                 raise UserValueError(f"{names('out')} {path} exists and is not a reconstruction of reconstruct-ema: "
                                      "expected a new path (an earlier reconstruction is replaced)")
     return paths
@@ -211,7 +200,7 @@ def _output_paths(run: Path, out: Path, step: int, sigma_rels: list[float], name
 
 def reconstruct(run: str | Path, sigma_rels: Sequence[float], out: str | Path, *, step: int | None = None,
                 ckpt: str | Path | None = None, snapshots: str | Path | None = None, batch: int = 8,
-                progress: bool = True, names: Names = argument_name) -> ReconstructReport:
+                progress: bool = True, trust_config: bool = False, names: Names = argument_name) -> ReconstructReport:
     """Write a checkpoint of every EMA length in `sigma_rels` (each in (0, 1/sqrt(12)]; sorted, repeats dropped).
 
     Args:
@@ -224,6 +213,7 @@ def reconstruct(run: str | Path, sigma_rels: Sequence[float], out: str | Path, *
         snapshots: the snapshot folder; None: RUN/phema.
         batch: outputs summed per pass over the snapshots (memory: `batch` float32 copies of the EMA weights).
         progress: a progress bar on stderr (when it is a terminal).
+        trust_config: allow a base checkpoint whose saved config names classes outside the trusted packages.
         names: how one-line errors name an argument (`diffusion-pl reconstruct-ema` names its flags).
     """
     from tqdm import tqdm
@@ -231,7 +221,7 @@ def reconstruct(run: str | Path, sigma_rels: Sequence[float], out: str | Path, *
     run, out = Path(run), Path(out)
     sigma_rels = _check_args(run, sigma_rels, out, batch, names)
     used, step, nimg = _inputs(Path(snapshots) if snapshots else run / SNAPSHOT_FOLDER, step, names)
-    ckpt_path, base = _base_checkpoint(run, Path(ckpt) if ckpt is not None else None, names)
+    ckpt_path, base = _base_checkpoint(run, Path(ckpt) if ckpt is not None else None, names, trust_config)
     ema_state = {k[len("ema."):]: v for k, v in base["state_dict"].items() if k.startswith("ema.")}
     last = _load(used[-1].path)  # a snapshot of the target step: its buffers are the network's at that step
     _check_layout(ckpt_path, ema_state, used[-1].path, last)

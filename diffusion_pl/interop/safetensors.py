@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_pl.utils.checkpoint import read_checkpoint
 from diffusion_pl.utils.errors import MissingFileError, UserValueError, one_line
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.interop.weights import check_state_dict
@@ -148,26 +149,27 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tr
                       overwrite: bool = False) -> Path:
     """Write OUT/model.safetensors and OUT/config.json from a `diffusion-pl fit` checkpoint; returns the weights file.
 
-    The network is rebuilt and its weights loaded through `load_module` (same trust rule, same errors),
-    so a checkpoint whose config does not build, or whose weights do not fit it, is refused here rather
-    than at load time. A rerun into the same folder with the same checkpoint and weights rewrites both
-    files; another export there is refused unless `overwrite`. Each file is written atomically.
+    The checkpoint is read by diffusion_pl.utils.checkpoint.read_checkpoint and rebuilt as `load_module` does
+    (same trust rule, same errors), so a checkpoint whose config does not build, or whose weights do not fit
+    it, is refused here rather than at load time. A rerun into the same folder with the same checkpoint and
+    weights rewrites both files; another export there is refused unless `overwrite`. Each file is written
+    atomically.
     """
     from diffusion_pl import __version__
-    from diffusion_pl.training.module import load_module
+    from diffusion_pl.training.module import module_from_checkpoint
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():  # before reading a possibly large checkpoint
         raise UserValueError(f"--out {out} is a file: expected a folder (created if missing)")
-    module = load_module(str(ckpt_path), map_location="cpu", trust_config=trust_config)
-    # load_module has checked it is a checkpoint with a saved config; the config as saved, not re-resolved
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    hparams = checkpoint["hyper_parameters"]
+    checkpoint = read_checkpoint(ckpt_path, trust_config=trust_config,
+                                 trust_option="trust_config=True (--trust-config)")
+    module = module_from_checkpoint(checkpoint)  # refuses a checkpoint without a saved config
+    hparams = checkpoint.config  # as saved (older class paths rewritten), not re-resolved
     config: dict[str, Any] = {"export_format": EXPORT_FORMAT,
                               **{key: _component_spec(hparams.get(key), key) for key in COMPONENTS},
                               "weights": "ema" if ema else "raw", "diffusion_pl_version": __version__,
                               "source_checkpoint_sha256": sha256_file(ckpt_path),
-                              "global_step": int(checkpoint.get("global_step", 0))}
+                              "global_step": checkpoint.global_step}
     _check_out(out, config, overwrite)
     net = module.ema if ema else module.net
     # own contiguous copies: safetensors refuses tensors that share storage (tied weights) or are strided

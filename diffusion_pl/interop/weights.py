@@ -46,6 +46,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
 
             return load_file(str(path), device="cpu")
         with torch.serialization.safe_globals([argparse.Namespace]):
+            # another project's weight file (a DiT .pt, a diffusers .bin), not a diffusion_pl checkpoint
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's / safetensors' messages for foreign, pickled or truncated files
         raise UserValueError(f"{path} cannot be read as weights ({one_line(err, 120)}): expected a safetensors "

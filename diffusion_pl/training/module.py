@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import functools
 import warnings
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -29,16 +28,16 @@ from diffusion_pl.training.ema import EMA, STATE_KEY as EMA_STATE_KEY
 from diffusion_pl.codecs.autoencoder import Autoencoder
 from diffusion_pl.codecs.base import Codec, Pixels
 from diffusion_pl.codecs.latent import codec_for
-from diffusion_pl.utils.errors import MissingFileError, NonFiniteLossError, UserValueError, one_line
+from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
+from diffusion_pl.utils.errors import NonFiniteLossError, UserValueError, one_line
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.networks.base import ScoreNetwork, check_score_network
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes.base import Process
 from diffusion_pl.training.shapes import DataShape, check_augment_labels, check_network_fits
 from diffusion_pl.utils.seeding import mix_seed as step_seed
-from diffusion_pl.utils.trust import TRUSTED_PACKAGES, untrusted_imports
 
-__all__ = ["DiffusionModule", "check_data_fits", "load_module"]
+__all__ = ["DiffusionModule", "check_data_fits", "load_module", "module_from_checkpoint"]
 
 # Lightning warns about submodules in eval mode at the start of fit; the EMA copy is one on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -314,27 +313,26 @@ def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
                 trust_config: bool = False) -> DiffusionModule:
     """Rebuild a DiffusionModule (net, EMA, process, prediction) from a checkpoint written by `diffusion-pl fit`.
 
-    Tensors load with weights_only=True; the saved config, though, names classes to import. Unless
-    `trust_config`, those must come from TRUSTED_PACKAGES (a checkpoint from elsewhere could otherwise
-    import and run any installed module).
+    The file is read by diffusion_pl.utils.checkpoint.read_checkpoint: tensors with weights_only=True, class
+    paths of older checkpoints rewritten, and the saved config refused unless every class it names comes
+    from TRUSTED_PACKAGES or `trust_config` (a checkpoint from elsewhere could otherwise import and run any
+    installed module).
     """
-    if not Path(ckpt_path).is_file():
-        raise MissingFileError(f"checkpoint {ckpt_path} does not exist: expected a .ckpt written by `diffusion-pl fit`")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch's message for a truncated or foreign file talks of zip serialization
-        raise UserValueError(f"{ckpt_path} is not a checkpoint (torch.load failed: {type(err).__name__}): "
-                             "expected a .ckpt written by `diffusion-pl fit`") from err
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if "_instantiator" not in hparams:
-        raise UserValueError(f"checkpoint {ckpt_path} has no saved config (it was not written by `diffusion-pl fit`): "
-                             "build the DiffusionModule yourself and call load_state_dict(checkpoint['state_dict'])")
-    untrusted = untrusted_imports(hparams)
-    if untrusted and not trust_config:
-        raise UserValueError(f"checkpoint {ckpt_path} names classes outside {', '.join(TRUSTED_PACKAGES)} "
-                             f"({', '.join(untrusted[:3])}): its config is code; pass trust_config=True "
-                             "(--trust-config) if you trust where it came from")
-    module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)
-    module.codec.check_checkpoint(checkpoint, ckpt_path)  # a latent module: the VAE it was trained with
-    module.saved_config = hparams  # the config as saved (hparams hold only what the rebuilt module saves)
+    checkpoint = read_checkpoint(ckpt_path, trust_config=trust_config,
+                                 trust_option="trust_config=True (--trust-config)")
+    return module_from_checkpoint(checkpoint, map_location)
+
+
+def module_from_checkpoint(checkpoint: Checkpoint, map_location: str | torch.device = "cpu") -> DiffusionModule:
+    """`load_module` on a checkpoint already read (and trust-checked) by read_checkpoint."""
+    if "_instantiator" not in checkpoint.config:
+        raise UserValueError(f"checkpoint {checkpoint.path} has no saved config (it was not written by `diffusion-pl "
+                             "fit`): build the DiffusionModule yourself and call "
+                             "load_state_dict(checkpoint['state_dict'])")
+    if not checkpoint.state_dict:
+        raise UserValueError(f"checkpoint {checkpoint.path} holds no weights (its state_dict is empty): expected a "
+                             "checkpoint written by `diffusion-pl fit` or `diffusion-pl import`")
+    module = lightning_compat.module_from_checkpoint(DiffusionModule, checkpoint.raw).to(map_location)
+    module.codec.check_checkpoint(checkpoint.raw, checkpoint.path)  # a latent module: the VAE it was trained with
+    module.saved_config = checkpoint.config  # as saved (hparams hold only what the rebuilt module saves)
     return module

@@ -6,14 +6,17 @@ when a Lightning upgrade renames or removes one of them.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.core.saving import _load_state
+from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 
-__all__ = ["batches_processed", "built_by_cli", "last_step_saved", "save_now", "slurm_requeue"]
+__all__ = ["batches_processed", "built_by_cli", "last_step_saved", "module_from_checkpoint", "save_now",
+           "slurm_requeue"]
 
 
 def last_step_saved(callback: ModelCheckpoint) -> int:
@@ -66,3 +69,16 @@ def batches_processed(trainer: L.Trainer) -> int:
     a checkpoint is written there, at validation end or after fit.
     """
     return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+
+
+def module_from_checkpoint(cls: type[L.LightningModule], checkpoint: dict[str, Any]) -> L.LightningModule:
+    """`cls.load_from_checkpoint` on a checkpoint dict already read (diffusion_pl.utils.checkpoint), on the CPU.
+
+    Lightning's `_load_from_checkpoint` reads the file itself; this runs the rest of it on the dict:
+    `_pl_migrate_checkpoint` (older Lightning layouts), then `core.saving._load_state` (the saved
+    `_instantiator` builds `cls` from `hyper_parameters`, then on_load_checkpoint and a strict load_state_dict).
+    A dict without a Lightning version (not written by a Trainer) has nothing to migrate.
+    """
+    if "pytorch-lightning_version" in checkpoint:
+        checkpoint = _pl_migrate_checkpoint(checkpoint)
+    return _load_state(cls, checkpoint)

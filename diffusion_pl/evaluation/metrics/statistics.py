@@ -146,6 +146,7 @@ def reference_stats(images: Iterable[Tensor], data_key: str, extractor: nn.Modul
             torch.save({"n": stats.n, "feature_sum": stats.feature_sum, "outer_sum": stats.outer_sum,
                         "features": stats.features}, tmp)
     _barrier()  # on every rank, hit or miss, so the collective calls always pair up
+    # the reference-statistics cache file written above (feature sums), not a checkpoint
     return ReferenceStats(**torch.load(file, map_location="cpu", weights_only=True))
 
 

@@ -33,7 +33,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.utils import lightning_compat
-from diffusion_pl.utils.errors import UserValueError
+from diffusion_pl.utils.checkpoint import read_checkpoint
+from diffusion_pl.utils.errors import UserError
 from diffusion_pl.utils.fileio import atomic_path
 
 __all__ = ["AtomicCheckpointIO", "DeferredRequeue", "FinalCheckpoint", "PreemptionCheckpoint", "checkpoint_step", "find_resume_checkpoint",
@@ -142,20 +143,16 @@ class DeferredRequeue(OptimizerStepCallback):
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
-    """The global step stored in a checkpoint; a UserValueError when the file is not a loadable checkpoint."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(ckpt["global_step"])
-    except Exception as err:  # truncated, foreign or corrupt: torch's own message hints at zip serialization
-        raise UserValueError(f"{path} is not a checkpoint (torch.load failed: {type(err).__name__}): expected a "
-                             ".ckpt file written by `diffusion-pl fit`") from err
+    """The global step stored in a checkpoint; a one-line UserError when the file is not a loadable checkpoint."""
+    # trust_config: only the step is read here, nothing the saved config names is imported
+    return read_checkpoint(path, trust_config=True).global_step
 
 
 def read_global_step(path: str | os.PathLike) -> int | None:
     """The global step stored in a checkpoint, or None (with a warning) if it is not a loadable checkpoint."""
     try:
         return checkpoint_step(path)
-    except UserValueError as err:  # truncated, foreign or corrupt files are not resume candidates
+    except UserError as err:  # truncated, foreign or corrupt files (or one gone meanwhile) are not resume candidates
         warnings.warn(f"skipping {err}", stacklevel=2)
         return None
 

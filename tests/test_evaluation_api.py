@@ -15,6 +15,7 @@ from diffusion_pl.cli.main import main
 from diffusion_pl.evaluation.evaluate import EvalOptions, evaluate, evaluate_checkpoints
 from diffusion_pl.evaluation.reconstruct import reconstruct
 from diffusion_pl.evaluation.report import EvalReport
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.sampling.posterior import DDIM
 from diffusion_pl.training.module import load_module
 from diffusion_pl.utils.errors import UserError
@@ -85,8 +86,7 @@ def test_evaluate_checkpoints_share_one_launch_extractor_and_reference(run, tmp_
     ({"ref_stats": "ref.npz", "data": None, "kid": True}, "kid with ref_stats: expected data"),
     ({"samplers": ["ddim"]}, "samplers holds a str: expected diffusion_pl.sampling Sampler instances"),
     ({"sampler_specs": [{}]}, "sampler_specs holds 1 specs for 2 samplers"),
-    ({"guidance_interval": (-1.0, 2.0)}, "guidance_interval -1 2 is invalid"),
-    ({"clip_x0": 0.0}, "clip_x0 0.0 is invalid"),
+    ({"guidance": 1.5}, "guidance is a float: expected a diffusion_pl.guidance.Guidance"),
 ])
 def test_eval_options_refuse_bad_values_in_one_line(kwargs, message):
     with pytest.raises(UserError) as err:
@@ -94,12 +94,24 @@ def test_eval_options_refuse_bad_values_in_one_line(kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"interval": (-1.0, 2.0)}, "guidance interval -1 2 is invalid"),
+    ({"interval": (2.0, 1.0)}, "guidance interval 2 1 is invalid: sigma_lo > sigma_hi never guides; expected 1 2"),
+    ({"clip_x0": 0.0}, "clip_x0 0.0 is invalid"),
+])
+def test_eval_options_guidance_refuses_bad_values_in_one_line(kwargs, message):
+    """The guidance options are validated by Guidance itself, before EvalOptions sees them."""
+    with pytest.raises(ValueError) as err:
+        _options(guidance=Guidance(**kwargs))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_evaluate_refuses_a_bad_source_before_any_work(tmp_path):
     for call, message in [(lambda: evaluate(_options()), "give one source: expected ckpt or samples"),
                           (lambda: evaluate(_options(), samples=tmp_path / "none.npz"), "samples "),
                           (lambda: evaluate(_options(bpd=True), samples=tmp_path), "bpd needs ckpt"),
-                          (lambda: evaluate(_options(guidance_channels=1), samples=tmp_path),
-                           "guide_ckpt / guidance_interval / guidance_channels need ckpt"),
+                          (lambda: evaluate(_options(guidance=Guidance(channels=1)), samples=tmp_path),
+                           "guidance.guide / guidance.interval / guidance.channels need ckpt"),
                           (lambda: evaluate_checkpoints(_options(), [3]), "ckpt 3 is a int")]:
         with pytest.raises(UserError) as err:
             call()

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import MissingFileError, UserValueError
 from diffusion_pl.utils.fileio import sha256_file
 from diffusion_pl.interop.safetensors import load_exported, read_export_config
@@ -48,7 +49,7 @@ def export(ckpt: str, out: Path, *args: str) -> int:
 def draw(model, process, prediction, null_label) -> torch.Tensor:
     """4 guided, stochastic (DDIM eta=1) samples with per-sample seeds: the same numbers for the same model."""
     out = sample(model, process, prediction, DDIM(steps=3, eta=1.0), (4, 3, 8, 8), seeds=[10, 11, 12, 13],
-                 class_labels=torch.tensor([0, 1, 2, 4]), guidance=2.0, null_label=null_label)
+                 class_labels=torch.tensor([0, 1, 2, 4]), guidance=Guidance(weight=2.0, null_label=null_label))
     return out.x
 
 

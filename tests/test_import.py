@@ -22,6 +22,7 @@ import yaml
 
 from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import UserError
 from diffusion_pl.interop.dit_reference import dit_from_reference
 from diffusion_pl.interop.importer import import_pretrained, scheduler_spec
@@ -144,7 +145,7 @@ def test_ddpm_sampling_of_an_import_equals_ddpm_pipeline(tmp_path, steps):
     grid = None if steps == 1000 else TimestepGrid("leading")  # None: every timestep 999..0
     sampler = DDPM(steps, grid, variance="fixedlarge")
     out = sample(module.model(), module.process, module.prediction, sampler, (2, 3, 4, 4), noise=x_T, generator=g,
-                 clip_x0=1.0)
+                 guidance=Guidance(clip_x0=1.0))
     ours = (out.x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert out.nfe == steps
     diff = float(abs(ours - images).max())

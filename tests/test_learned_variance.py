@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.losses import DenoisingLoss, EpsMSE
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import Denoiser, EpsPrediction, VelocityPrediction, split_variance
@@ -74,7 +75,7 @@ def test_guidance_mixes_the_mean_and_keeps_the_conditional_variance():
         return torch.cat([scale * x_t, 0.1 * scale * x_t], dim=1)
 
     x, t, y = torch.randn(4, 2), torch.full((4,), 0.5), torch.zeros(4, dtype=torch.long)
-    guided = Denoiser(conditional, process, pred, guidance=3.0, null_label=1)(x, t, y)
+    guided = Denoiser(conditional, process, pred, Guidance(weight=3.0, null_label=1))(x, t, y)
     out_c, out_u = conditional(x, t, y), conditional(x, t, torch.ones_like(y))
     mean = out_u[:, :2] + 3.0 * (out_c[:, :2] - out_u[:, :2])
     expected = Denoiser(lambda x_t, t, y=None: torch.cat([mean, out_c[:, 2:]], 1), process, pred)(x, t)
@@ -308,16 +309,22 @@ def test_callbacks_pass_clip_x0_to_generation(tmp_path, monkeypatch):
     seen = []
     for module in (fid_module, grid_module):
         def recording(*args, _original=module.generate, **kwargs):
-            seen.append(kwargs.get("clip_x0"))
+            seen.append(kwargs["guidance"].clip_x0)
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, "generate", recording)
     fid = FIDCallback(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1), feature_extractor=StandInFeatures(),
-                      batch_size=4, clip_x0=1.0)
-    grid = SampleGrid(every_n_steps=1, num_samples=2, sampler=DDIM(steps=1), at_train_end=False, clip_x0=0.5)
+                      batch_size=4, guidance=Guidance(clip_x0=1.0))
+    grid = SampleGrid(every_n_steps=1, num_samples=2, sampler=DDIM(steps=1), at_train_end=False,
+                      guidance=Guidance(clip_x0=0.5))
     fit(tmp_path, [fid, grid], max_steps=1)
     assert sorted(seen) == [0.5, 1.0]
-    with pytest.raises(ValueError, match="clip_x0 must be positive"):
-        SampleGrid(clip_x0=0.0)
-    with pytest.raises(ValueError, match="clip_x0 must be positive"):
-        FIDCallback(clip_x0=-1.0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"clip_x0 {bad} is invalid: expected a positive number") as err:
+            Guidance(clip_x0=bad)
+        assert "\n" not in str(err.value)
+    for cls in (SampleGrid, FIDCallback):  # a bare bound instead of a Guidance: refused in one line
+        with pytest.raises(ValueError, match=f"{cls.__name__}: guidance 0.5 is a float: expected a "
+                                             r"diffusion_pl.guidance.Guidance") as err:
+            cls(guidance=0.5)
+        assert "\n" not in str(err.value)

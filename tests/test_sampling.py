@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import Denoiser, EpsPrediction, Prediction, VelocityPrediction, precondition
 from diffusion_pl.processes.exploding import EDM
@@ -275,7 +276,7 @@ def test_classifier_free_guidance_is_one_batched_call():
     def draw(guidance, class_labels, null_label=2):
         model = CountingModel(process, pred)
         out = sample(model, process, pred, sampler, (n, 2), noise=noise, class_labels=class_labels,
-                     guidance=guidance, null_label=null_label)
+                     guidance=Guidance(weight=guidance, null_label=null_label))
         return out, model.batch_sizes
 
     cond, sizes = draw(1.0, labels)

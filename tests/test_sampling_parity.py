@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffusion_pl.guidance import Guidance
 from diffusion_pl.prediction import EpsPrediction
 from diffusion_pl.processes.variance_preserving import DDPMDiscrete
 from diffusion_pl.sampling.posterior import DDIM, DDPM
@@ -76,7 +77,8 @@ def _stochastic_pair(setup, scheduler, sampler, seed, clip_x0=None, **step_kwarg
     theirs = _diffusers_loop(scheduler, net, torch.randn(SHAPE, generator=g), g, **step_kwargs)
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(SHAPE, generator=g)
-    ours = sample(model, process, EpsPrediction(), sampler, SHAPE, noise=x_T, generator=g, clip_x0=clip_x0)
+    ours = sample(model, process, EpsPrediction(), sampler, SHAPE, noise=x_T, generator=g,
+                  guidance=Guidance(clip_x0=clip_x0))
     return ours, theirs
 
 

@@ -26,9 +26,14 @@ __all__ = ["Names", "argument_name", "make_fabric", "image_shape", "load_checkpo
 Names = Callable[[str], str]
 
 
+# the guidance options are fields of the one `guidance` argument (a Guidance) from Python
+_GUIDANCE_FIELDS = {"guide_ckpt": "guidance.guide", "guidance_interval": "guidance.interval",
+                    "guidance_channels": "guidance.channels"}
+
+
 def argument_name(name: str) -> str:
-    """The default `names`: an argument is named as the Python argument it is."""
-    return name
+    """The default `names`: an argument is named as the Python argument (or `guidance` field) it is."""
+    return _GUIDANCE_FIELDS.get(name, name)
 
 
 def make_fabric(devices: int, accelerator: str = "auto", what: str = "devices"):

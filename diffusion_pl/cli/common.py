@@ -11,7 +11,7 @@ from __future__ import annotations
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import UserValueError
 
-__all__ = ["CommandError", "flag", "add_model_options", "guidance_from_args"]
+__all__ = ["CommandError", "flag", "add_trust_option", "add_model_options", "guidance_from_args"]
 
 # library argument -> flag, where the flag is not "--" + the argument with dashes
 _FLAGS = {"samplers": "--sampler", "ema": "--no-ema", "sigma_rels": "--sigma-rel"}
@@ -26,15 +26,20 @@ def flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+def add_trust_option(p) -> None:
+    """`--trust-config`, the same for every command that reads a checkpoint (diffusion_pl/utils/trust.py)."""
+    p.add_argument("--trust-config", action="store_true",
+                   help="allow a checkpoint whose saved config imports from packages other than diffusion_pl, torch, "
+                        "lightning, timm, diffusers (a config is code: only for checkpoints you trust)")
+
+
 def add_model_options(p) -> None:
     """The options `sample` and `evaluate` share for how a checkpoint is loaded and sampled (`guidance_from_args`
     turns the guidance ones into one Guidance)."""
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
     p.add_argument("--clip-x0", type=float, default=None,
                    help="clamp the predicted x0 to [-v, v] at every step (DDPM samples with 1); default: no clipping")
-    p.add_argument("--trust-config", action="store_true",
-                   help="allow a checkpoint whose saved config imports from packages other than diffusion_pl, torch, "
-                        "lightning, timm, diffusers (a config is code: only for checkpoints you trust)")
+    add_trust_option(p)
     p.add_argument("--guide-ckpt", default=None, metavar="PATH",
                    help="autoguidance (Karras et al. 2024): a weaker checkpoint of the same process, prediction and "
                         "image shape (a smaller or less trained model); --guidance w then mixes D_guide + w (D - D_guide)")

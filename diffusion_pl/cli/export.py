@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffusion_pl.cli.common import add_trust_option
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.interop.safetensors import CONFIG_FILE, WEIGHTS_FILE, export_checkpoint
 
@@ -41,9 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw network instead of the EMA weights")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an export of another checkpoint (or of the other weights) in --out")
-    p.add_argument("--trust-config", action="store_true",
-                   help="allow a checkpoint whose saved config imports from packages other than diffusion_pl, torch, "
-                        "lightning, timm, diffusers (a config is code: only for checkpoints you trust)")
+    add_trust_option(p)
     return p
 
 

@@ -26,6 +26,7 @@ from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, D
                                                            find_resume_checkpoint)
 from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
+from diffusion_pl.utils.classes import canonical_class_path
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.training.module import DiffusionModule
 from diffusion_pl.training.shapes import FILLED, DataShape, network_fill
@@ -270,8 +271,9 @@ def _differs(recipe: Any, saved: Any) -> bool:
     the data, or not given) says nothing. Compared as YAML data: namespaces as dicts, tuples as lists."""
     def plain(value: Any) -> Any:
         value = value.as_dict() if isinstance(value, Namespace) else value
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items() if not str(k).startswith("__")}  # __path__: a file's
+        if isinstance(value, dict):  # __path__: a file's; a class by any of its paths is the same class
+            return {k: canonical_class_path(v) if k == "class_path" else plain(v) for k, v in value.items()
+                    if not str(k).startswith("__")}
         return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
     recipe, saved = plain(recipe), plain(saved)

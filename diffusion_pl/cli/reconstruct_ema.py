@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusion_pl.cli.common import CommandError, flag
+from diffusion_pl.cli.common import CommandError, add_trust_option, flag
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.training.phema import SIGMA_REL_MAX, SNAPSHOT_FOLDER
 
@@ -46,9 +46,7 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint to copy (config, net.*); None: the run's newest by stored step")
     p.add_argument("--snapshots", default=None, help=f"snapshot folder; None: RUN/{SNAPSHOT_FOLDER}")
     p.add_argument("--batch", type=int, default=8, help="outputs summed per pass over the snapshots (memory)")
-    p.add_argument("--trust-config", action="store_true",
-                   help="allow a checkpoint whose saved config imports from packages other than diffusion_pl, torch, "
-                        "lightning, timm, diffusers (a config is code: only for checkpoints you trust)")
+    add_trust_option(p)
     p.add_argument("--fid-data", default=None, metavar="SHARDS",
                    help="also score each reconstruction against these reference shards with `diffusion-pl evaluate` "
                         "(its options after `--`) and write the sweep OUT/phema-sweep-<step>.csv / .png")

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> Path:
     guidance = guidance_from_args(args)
     fabric = make_fabric(args.devices, args.accelerator, what="--devices")
     rank, world = fabric.global_rank, fabric.world_size
-    module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config, what="--ckpt")
+    module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
     loaded = load_guide(module, guidance, fabric.device, names=flag)  # the guide checkpoint checked and loaded
     config, out, shape = _config(args, module, spec, guidance), Path(args.out), image_shape(module)
     guidance = loaded

@@ -245,7 +245,7 @@ def _open_source(options: EvalOptions, fabric, ckpt, samples) -> tuple[object, t
     if isinstance(ckpt, nn.Module):
         module = ckpt.to(fabric.device).eval()
     else:
-        module = load_checkpoint(ckpt, fabric.device, trust_config=options.trust_config, what=name("ckpt"))
+        module = load_checkpoint(ckpt, fabric.device, trust_config=options.trust_config)
     if options.bpd:
         module.codec.check_pixel_likelihood(f"{name('bpd')} with {name('ckpt')} {_label(ckpt)}")
     _, height, width = module.codec.pixel_shape(image_shape(module))  # FID in pixel space, at the decoded size

@@ -53,12 +53,11 @@ def image_shape(module) -> tuple[int, int, int]:
     return module.net.image_shape
 
 
-def load_checkpoint(path: str | Path, device: torch.device, trust_config: bool = False, what: str = "ckpt"):
-    """DiffusionModule from a `diffusion-pl fit` checkpoint, on `device`, in eval mode (UserErrors in one line)."""
+def load_checkpoint(path: str | Path, device: torch.device, trust_config: bool = False):
+    """DiffusionModule from a `diffusion-pl fit` checkpoint, on `device`, in eval mode (UserErrors in one line, the
+    checkpoint reader's: diffusion_pl/utils/checkpoint.py)."""
     from diffusion_pl.training.module import load_module
 
-    if not Path(path).is_file():
-        raise MissingFileError(f"{what} {path} does not exist: expected a checkpoint written by `diffusion-pl fit`")
     return load_module(str(path), map_location="cpu", trust_config=trust_config).to(device).eval()
 
 
@@ -79,7 +78,7 @@ def load_guide(module, guidance: Guidance, device: torch.device, *, names: Names
     if not Path(path).is_file():
         raise MissingFileError(f"{names('guide_ckpt')} {path} does not exist: expected a checkpoint written by "
                                "`diffusion-pl fit`")
-    guide = load_checkpoint(path, device, trust_config=guidance.trust_guide_config, what=names("guide_ckpt"))
+    guide = load_checkpoint(path, device, trust_config=guidance.trust_guide_config)
     problem = guide_mismatch(module, guide)
     if problem is not None:
         raise UserValueError(f"{names('guide_ckpt')} {path} {problem.replace('the model', names('ckpt'))}: "

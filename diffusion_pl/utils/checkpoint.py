@@ -58,7 +58,7 @@ ALIASES: dict[str, str] = {
     # modules that moved
     **_moved({old: f"utils.{old}" for old in ("errors", "fileio", "hub", "lightning_compat", "paths", "seeding",
                                                "trust")}),
-    **_moved({old: f"training.{old}" for old in ("module", "augment", "latent", "phema")}),
+    **_moved({old: f"training.{old}" for old in ("module", "augment", "phema")}),
     **_moved({"autoencoder": "codecs.autoencoder", "run_folder": "cli.run_folder",
               "generation": "evaluation.generation", "callbacks.checkpointing": "training.callbacks.checkpointing",
               "callbacks.phema": "training.callbacks.power_ema", "callbacks.sample_grid": "evaluation.sample_grid",
@@ -78,7 +78,9 @@ ALIASES: dict[str, str] = {
     **_names("callbacks", "evaluation.sample_grid", "SampleGrid"),
     **_names("callbacks", "evaluation.fid_callback", "FIDCallback"),
     **_names("data", "data.datamodule", "ShardDataModule"),
-    **_names("data", "data.stream", "ShardStream to_signed_unit"),
+    **_names("data", "data.stream", "ShardStream"),
+    **_names("data", "data.pixels", "to_signed_unit"),
+    **_names("generation", "data.pixels", "to_uint8"),
     **_names("data", "data.shards", "load_manifest resolve_shards"),
     **_names("data", "data.builtin", "SHAPES ensure_shapes render_shapes"),
     **_names("data", "data.writer", "PrepareError Sample prepare write_shards"),
@@ -92,7 +94,8 @@ ALIASES: dict[str, str] = {
     **_names("data.prepare", "cli.prepare", "main"),
     **_names("interop", "interop.safetensors", "Exported export_checkpoint load_exported read_export_config"),
     **_names("metrics", "evaluation.generation", "FULL_PROTOCOL_SAMPLES class_labels_for generate metric_prefix "
-                                                 "rank_indices rank_world sampler_label to_uint8"),
+                                                 "rank_indices rank_world sampler_label"),
+    **_names("metrics", "data.pixels", "to_uint8"),
     **_names("metrics", "evaluation.metrics.inception", "INCEPTION_URL InceptionFeatures InceptionWeightsError "
                                                         "WEIGHTS_ENV inception_weights_file load_inception "
                                                         "random_inception_weights"),

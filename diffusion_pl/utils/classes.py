@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-__all__ = ["public_subclasses", "import_submodules"]
+__all__ = ["public_subclasses", "import_submodules", "import_path", "canonical_class_path"]
 
 
 def import_submodules(package: ModuleType) -> None:
@@ -28,3 +28,28 @@ def public_subclasses(cls: type) -> list[type]:
         if not sub.__name__.startswith("_"):
             found[f"{sub.__module__}.{sub.__qualname__}"] = sub
     return sorted(found.values(), key=lambda c: (c.__name__, c.__module__))
+
+
+def import_path(cls: type) -> str:
+    """The path a saved config names `cls` by: its public name at the package root when it has one (what
+    LightningCLI writes, the shortest import path; it stays valid when modules move), else its defining module."""
+    import diffusion_pl
+
+    name = cls.__qualname__
+    if cls.__module__.startswith("diffusion_pl.") and getattr(diffusion_pl, "_PUBLIC", {}).get(name) is not None \
+            and getattr(diffusion_pl, name) is cls:
+        return f"diffusion_pl.{name}"
+    return f"{cls.__module__}.{name}"
+
+
+def canonical_class_path(path: str) -> str:
+    """`import_path` of the class a diffusion_pl class path names (`diffusion_pl.networks.unet.UNet` ->
+    `diffusion_pl.UNet`); any other path, or one that does not resolve, as it is."""
+    if not isinstance(path, str) or not path.startswith("diffusion_pl."):
+        return path
+    module, _, name = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+    return import_path(obj) if isinstance(obj, type) else path

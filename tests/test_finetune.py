@@ -14,6 +14,7 @@ import yaml
 
 from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
+from diffusion_pl.utils.classes import canonical_class_path
 from diffusion_pl.interop.importer import import_pretrained
 
 diffusers = pytest.importorskip("diffusers")
@@ -48,6 +49,13 @@ def newest(root):
     return torch.load(max(root.glob("checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime), weights_only=True)
 
 
+def same(a: dict, b: dict) -> bool:
+    """The same component: the same class (named by any of its import paths: LightningCLI's printed and saved
+    configs name it by the package root, `diffusion_pl.UNet`, where a recipe may name its module) and arguments."""
+    return ({**a, "class_path": canonical_class_path(a["class_path"])}
+            == {**b, "class_path": canonical_class_path(b["class_path"])})
+
+
 def test_fine_tune_an_import_with_no_model_section(tmp_path, imported, capsys):
     root = tmp_path / "ft"
     config = recipe(tmp_path, root, with_net=False)
@@ -55,19 +63,19 @@ def test_fine_tune_an_import_with_no_model_section(tmp_path, imported, capsys):
     with pytest.raises(SystemExit):  # --print_config shows the network the run will train
         main(["fit", "--config", config, "--ckpt_path", str(imported), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["net"] == saved["hyper_parameters"]["net"]
+    assert same(printed["model"]["net"], saved["hyper_parameters"]["net"])
     assert main(["fit", "--config", config, "--ckpt_path", str(imported)]) == 0
     assert WINS not in capsys.readouterr().err  # the recipe named nothing: nothing to overrule
     tuned = newest(root)
     assert tuned["global_step"] == 2  # from 0: the import has no loops
-    assert tuned["hyper_parameters"]["net"] == saved["hyper_parameters"]["net"]
+    assert same(tuned["hyper_parameters"]["net"], saved["hyper_parameters"]["net"])
     assert tuned["hyper_parameters"]["optimizer"]["init_args"]["lr"] == 0.0 and tuned["optimizer_states"][0]["state"]
     weights = saved["state_dict"]
     assert {k for k in weights if k.startswith("ema.")} and tuned["state_dict"].keys() == weights.keys()
     assert all(torch.equal(tuned["state_dict"][k], v) for k, v in weights.items())  # net.* and ema.*, bit for bit
     run_config = yaml.safe_load((root / "config.yaml").read_text())
-    assert run_config["model"]["net"] == saved["hyper_parameters"]["net"]
-    assert run_config["model"]["process"] == saved["hyper_parameters"]["process"]
+    assert same(run_config["model"]["net"], saved["hyper_parameters"]["net"])
+    assert same(run_config["model"]["process"], saved["hyper_parameters"]["process"])
     assert run_config["ckpt_path"] == str(imported)
     # resuming it with no recipe at all: --ckpt_path last takes the network from the run's newest checkpoint
     assert main(["fit", "--ckpt_path", "last", "--data", "diffusion_pl.data.datamodule.ShardDataModule", "--data.shards", SHAPES,
@@ -76,7 +84,7 @@ def test_fine_tune_an_import_with_no_model_section(tmp_path, imported, capsys):
                  "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]) == 0
     assert "resuming from" in capsys.readouterr().err
     resumed = newest(root)
-    assert resumed["global_step"] == 3 and resumed["hyper_parameters"]["net"] == saved["hyper_parameters"]["net"]
+    assert resumed["global_step"] == 3 and same(resumed["hyper_parameters"]["net"], saved["hyper_parameters"]["net"])
 
 
 def test_a_recipe_naming_another_network_is_overruled(tmp_path, imported, capsys):

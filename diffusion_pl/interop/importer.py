@@ -53,7 +53,6 @@ from typing import Any
 
 import torch
 
-from diffusion_pl.utils.classes import canonical_class_path
 from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError, one_line
 from diffusion_pl.utils.hub import hub_cache, unreachable
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
@@ -263,22 +262,13 @@ def write_imported_checkpoint(out: str | Path, net_spec: dict, process_spec: dic
     module.ema.load_state_dict(weights, strict=True)
     checkpoint = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__,
                   "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
-                  "hyper_parameters": {**_canonical({**hparams, **(extra_hparams or {})}),
-                                       "_instantiator": _INSTANTIATOR},
+                  "hyper_parameters": {**hparams, **(extra_hparams or {}), "_instantiator": _INSTANTIATOR},
                   "hparams_name": "kwargs", "optimizer_states": [], "lr_schedulers": [],
                   "diffusion_pl_import": provenance}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         torch.save(checkpoint, tmp)
     return out
-
-
-def _canonical(config: Any) -> Any:
-    """Every class path as LightningCLI itself saves it (`diffusion_pl.UNet`, utils/classes.py `import_path`), so an
-    imported checkpoint's config compares equal to one that `fit` saves for the same network."""
-    if isinstance(config, dict):
-        return {k: canonical_class_path(v) if k == "class_path" else _canonical(v) for k, v in config.items()}
-    return [_canonical(v) for v in config] if isinstance(config, list) else config
 
 
 def _autoencoder_hparams(vae: str | None, pipeline: str | None = None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def public_subclasses(cls: type) -> list[type]:
 def import_path(cls: type) -> str:
     """The path a saved config names `cls` by: its public name at the package root when it has one (what
     LightningCLI writes, the shortest import path; it stays valid when modules move), else its defining module."""
-    import diffusion_pl
+    import diffusion_pl  # the package root: loaded before any of its modules, so this imports nothing new
 
     name = cls.__qualname__
     if cls.__module__.startswith("diffusion_pl.") and getattr(diffusion_pl, "_PUBLIC", {}).get(name) is not None \

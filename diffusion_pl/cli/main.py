@@ -34,7 +34,7 @@ LIGHTNING_COMMANDS = {
 
 
 def _print_help() -> None:
-    print("usage: diffusion-pl <command> [options]\n")
+    print("usage: diffusion-pl <command> [options]    (diffusion-pl --version)\n")
     print("Train and evaluate image diffusion models with PyTorch Lightning.\n")
     print("training (LightningCLI; `diffusion-pl fit --help`, `--config FILE`, `--print_config`):")
     for name, text in LIGHTNING_COMMANDS.items():
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         _print_help()
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from diffusion_pl import __version__
+
+        print(f"diffusion-pl {__version__}")
+        return 0
     if argv[0] in PROJECT_COMMANDS:  # each prints its UserErrors in one line itself (run_command)
         module_name = PROJECT_COMMANDS[argv[0]][0]
         return int(importlib.import_module(module_name).main(argv[1:]) or 0)

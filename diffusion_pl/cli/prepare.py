@@ -107,7 +107,8 @@ def _run(args: argparse.Namespace) -> None:
                 mixed_sizes=getattr(args, "mixed_sizes", False), on_skip=skipped.append, **extra)
     what = "images" if encoder is None else "latents " + "x".join(map(str, m["latent"]["shape"])) + \
         (" (+ flipped)" if encoder.flips else "")
-    print(f"wrote {m['count']} {what} ({m['num_classes']} classes) in {len(m['shards'])} shards to {args.out}")
+    labels = f"{m['num_classes']} classes" if m['num_classes'] else "unlabelled"
+    print(f"wrote {m['count']} {what} ({labels}) in {len(m['shards'])} shards to {args.out}")
     if skipped:
         shown = "; ".join(f"{u.origin} ({u.reason})" for u in skipped[:SKIPPED_SHOWN])
         more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""

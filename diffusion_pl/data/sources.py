@@ -79,17 +79,22 @@ def cifar10_torchvision(root: str | Path | None = None, split: str = "train") ->
     return cifar10_batches(root / "cifar-10-batches-py", split)
 
 
-def _pick(paths: Iterable[str], split: str | None) -> list[tuple[str, str]]:
-    """(path, class) for image files laid out as [.../<split>]/<class>/<image>, sorted by path."""
+def _pick(paths: Iterable[str], split: str | None) -> list[tuple[str, str | None]]:
+    """(path, class) for image files laid out as [.../<split>]/<class>/<image>, sorted by path; class None for an
+    image directly in the root (or in the split folder): a flat folder of unlabelled images."""
     items = []
     for path in paths:
         parts = path.split("/")
         ext = os.path.splitext(path)[1].lower()
-        if ext not in IMAGE_EXTS or len(parts) < 2 or any(p.startswith((".", "__MACOSX")) for p in parts):
+        if ext not in IMAGE_EXTS or any(p.startswith((".", "__MACOSX")) for p in parts):
             continue
-        if split is None or (len(parts) >= 3 and parts[-3] == split):
+        if split is None:
+            items.append((path, parts[-2] if len(parts) >= 2 else None))
+        elif len(parts) >= 3 and parts[-3] == split:
             items.append((path, parts[-2]))
-    return sorted(items)
+        elif len(parts) >= 2 and parts[-2] == split:
+            items.append((path, None))
+    return sorted(items, key=lambda item: item[0])
 
 
 # PIL format -> (stored extension, the bytes a complete file ends with); MPO is a multi-frame JPEG
@@ -152,7 +157,8 @@ def _tar_files(path: Path, split: str | None) -> tuple[list[str], Callable[[str]
 
 
 def image_folder(path: str | Path, split: str | None = None) -> Source:
-    """An image-folder tree, or a .tar/.tar.gz of one: class = parent folder, classes sorted."""
+    """An image-folder tree, or a .tar/.tar.gz of one: class = parent folder, classes sorted; or a flat folder of
+    images (no class folders): unlabelled data, for unconditional models (the manifest lists no classes)."""
     path = Path(path)
     if path.is_dir():
         names = [Path(d, f).relative_to(path).as_posix() for d, _, fs in os.walk(path) for f in fs]
@@ -172,12 +178,19 @@ def image_folder(path: str | Path, split: str | None = None) -> Source:
     else:
         raise PrepareError(f"image folder {path} does not exist: expected a directory or a .tar/.tar.gz")
     items = _pick(names, split)
+    where = f"{path} (split {split!r})" if split else str(path)
+    root = f"<root>/{split}" if split else "<root>"
     if not items:
-        where = f"{path} (split {split!r})" if split else str(path)
-        layout = f"<root>/{split}/<class>/<image>" if split else "<root>/<class>/<image>"
-        raise PrepareError(f"no images found in {where}: expected the layout {layout}")
-    classes = sorted({c for _, c in items})
+        raise PrepareError(f"no images found in {where}: expected the layout {root}/<class>/<image> (labelled) or "
+                           f"{root}/<image> (unlabelled)")
+    flat = {c is None for _, c in items}
+    if len(flat) > 1:
+        loose = next(name for name, c in items if c is None)
+        raise PrepareError(f"{where} mixes images in class folders with images outside them ({loose}): expected one "
+                           f"layout, {root}/<class>/<image> (labelled) or {root}/<image> (unlabelled)")
+    classes = [] if True in flat else sorted({c for _, c in items})
     index = {c: i for i, c in enumerate(classes)}
+    index[None] = 0  # unlabelled images: label 0, which no conditional recipe sees (the manifest has no classes)
 
     def load(indices: Sequence[int]) -> Iterator[tuple | Unreadable]:
         for i in indices:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 
 from diffusion_pl.codecs.autoencoder import (Autoencoder, AutoencoderWeightsError, latent_stats_of, save_latent_stats,
                                              spec_mismatch)
 from diffusion_pl.utils.errors import UserError
+from tests.support.latent import TINY_VAE_CONFIG
 
 pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def ae():
+def ae(tiny_autoencoder):
     return tiny_autoencoder()
 
 
@@ -40,7 +40,7 @@ def test_encode_decode_shapes_and_dtypes(ae):
         ae.decode(torch.zeros(1, 8, 4, 4))
 
 
-def test_scale_shift_in_one_place_and_round_trip():
+def test_scale_shift_in_one_place_and_round_trip(tiny_autoencoder):
     ae = tiny_autoencoder(scale=[0.5, 1.0, 2.0, 4.0], shift=0.25)
     z_raw = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
     z = ae.normalize(z_raw)
@@ -59,7 +59,7 @@ def test_scale_shift_in_one_place_and_round_trip():
         tiny_autoencoder(scale=[1.0, 2.0])
 
 
-def test_latent_stats_standardize_and_round_trip(ae, tmp_path):
+def test_latent_stats_standardize_and_round_trip(ae, tmp_path, tiny_autoencoder):
     mean, std = ae.encode(_images(4))
     mean_c, std_c = latent_stats_of(ae.normalize(mean))
     path = save_latent_stats(tmp_path / "stats.npz", mean_c, std_c)
@@ -77,7 +77,7 @@ def test_latent_stats_standardize_and_round_trip(ae, tmp_path):
         tiny_autoencoder(latent_stats=str(tmp_path / "none.npz"))
 
 
-def test_bfloat16_on_cpu(ae):
+def test_bfloat16_on_cpu(ae, tiny_autoencoder):
     bf = tiny_autoencoder(dtype="bfloat16")
     assert next(bf.vae.parameters()).dtype == torch.bfloat16
     mean, std = bf.encode(_images())
@@ -95,7 +95,7 @@ def test_autocast_does_not_change_what_it_computes(ae):
     assert torch.equal(mean, ae.encode(x)[0])
 
 
-def test_identity_spec_and_mismatch(ae, tmp_path):
+def test_identity_spec_and_mismatch(ae, tmp_path, tiny_autoencoder):
     spec = ae.spec()
     assert spec == tiny_autoencoder().spec()  # seeded: rebuilt from a saved config, the same weights
     other = tiny_autoencoder(seed=1).spec()
@@ -133,7 +133,7 @@ def test_missing_weights_fail_in_one_line(tmp_path, monkeypatch):
     assert "huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR" in message
 
 
-def test_bad_arguments_are_one_line_errors():
+def test_bad_arguments_are_one_line_errors(tiny_autoencoder):
     with pytest.raises(UserError, match="expected exactly one"):
         Autoencoder()
     with pytest.raises(UserError, match="expected exactly one"):

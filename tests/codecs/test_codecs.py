@@ -4,12 +4,10 @@ autoencoder's config, so building one, a module, or parsing `fit` loads and hash
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from _latent_setup import TINY_VAE_CONFIG
 
 from diffusion_pl.cli.main import main
 from diffusion_pl.codecs import autoencoder as autoencoder_module
@@ -20,8 +18,9 @@ from diffusion_pl.networks.unet import UNet
 from diffusion_pl.processes.variance_preserving import VPLinear
 from diffusion_pl.training.module import DiffusionModule
 from diffusion_pl.utils.errors import UserError
+from tests.support.latent import TINY_VAE_CONFIG
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGES = "builtin:shapes?size=16&count=16"
 
 
@@ -101,9 +100,8 @@ def test_latent_shapes_come_from_the_config_without_weights(config_only_vae):
     assert len(config_only_vae.loads) == 1
 
 
-def test_latent_codec_spec_is_saved_and_checked():
+def test_latent_codec_spec_is_saved_and_checked(tiny_autoencoder):
     pytest.importorskip("diffusers")
-    from _latent_setup import tiny_autoencoder
 
     codec = LatentCodec(tiny_autoencoder())
     checkpoint: dict = {}
@@ -121,7 +119,7 @@ def test_fit_parses_without_loading_the_vae(tmp_path, capsys, config_only_vae):
     """`fit` fills the network's latent shape from the VAE's config.json: the weights (absent here) load only when
     training first encodes; `--print_config` of a recipe whose VAE folder does not exist prints."""
     pytest.importorskip("diffusers")
-    recipe = ["fit", "--config", str(ROOT / "configs" / "cpu_latent_tiny.yaml"), "--trainer.max_steps=1",
+    recipe = ["fit", "--config", str(REPO / "configs" / "cpu_latent_tiny.yaml"), "--trainer.max_steps=1",
               f"--trainer.default_root_dir={tmp_path / 'run'}", f"--data.init_args.shards={IMAGES}",
               "--data.init_args.batch_size=4", "--trainer.callbacks=[]", "--model.autoencoder.init_args.config=null",
               "--model.net.init_args.in_channels=null", "--model.net.init_args.img_resolution=null"]

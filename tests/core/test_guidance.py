@@ -24,30 +24,9 @@ from diffusion_pl.processes.variance_preserving import VPLinear
 from diffusion_pl.sampling.posterior import DDIM
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.sampling.api import sample
-from test_commands import run  # noqa: F401  (the 2-step `diffusion-pl fit` fixture)
+from tests.support.guidance import MIX, NULL, ConditionalOracle, guidance_module, mixture_noise
 
-MIX = GaussianMixture(torch.tensor([0.2, 0.3, 0.5]), torch.tensor([[-1.5, -0.5], [1.2, -1.0], [0.0, 1.5]]),
-                      torch.tensor([0.15, 0.25, 0.2]))
 BAD = GaussianMixture(MIX.weights, MIX.means, 1.5 * MIX.stds)  # the "bad version": every std broadened x1.5
-NULL = 3  # labels 0..2 select one component, label 3 is the whole mixture
-
-
-class ConditionalOracle:
-    """Class-conditional oracle of a mixture: label k is component k alone, label NULL the whole mixture."""
-
-    def __init__(self, mix: GaussianMixture, process, prediction) -> None:
-        parts = [GaussianMixture(torch.ones(1), mix.means[k:k + 1], mix.stds[k:k + 1]) for k in range(3)]
-        self.models = [m.model(process, prediction) for m in [*parts, mix]]
-        self.batch_sizes: list[int] = []
-
-    def __call__(self, x_t, t, class_labels):
-        self.batch_sizes.append(len(x_t))
-        outs = torch.stack([m(x_t, t, None) for m in self.models])  # (4, B, D)
-        return outs[class_labels, torch.arange(len(x_t))]
-
-
-def _noise(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
 
 
 def _mode_distance(x: torch.Tensor) -> float:
@@ -106,7 +85,8 @@ def test_default_guidance_leaves_sampling_unchanged():
 
     def draw(**kw):
         main = ConditionalOracle(MIX, process, pred)
-        out = sample(main, process, pred, HeunODE(steps=4), (n, 2), noise=_noise(n, 4), class_labels=labels, **kw)
+        out = sample(main, process, pred, HeunODE(steps=4), (n, 2), noise=mixture_noise(n, 4), class_labels=labels,
+                     **kw)
         return out.x, main.batch_sizes
 
     plain, sizes = draw()
@@ -115,18 +95,17 @@ def test_default_guidance_leaves_sampling_unchanged():
                      Guidance(weight=1.0, guide=ConditionalOracle(BAD, process, pred))):
         x, sizes = draw(guidance=guidance)
         assert torch.equal(x, plain) and sizes == [n] * len(sizes), guidance
-    x_t, t = _noise(n, 5), torch.full((n,), 0.5)
+    x_t, t = mixture_noise(n, 5), torch.full((n,), 0.5)
     model = ConditionalOracle(MIX, process, pred)
     assert torch.equal(Denoiser(model, process, pred)(x_t, t, labels).x0,
                        Denoiser(model, process, pred, Guidance())(x_t, t, labels).x0)
 
 
-def test_yaml_guidance_parses_through_lightning_cli(tmp_path):
+def test_yaml_guidance_parses_through_lightning_cli(tmp_path, tiny_fit_config):
     """A callback's `guidance:` mapping in a recipe becomes one Guidance (as configs/imagenet256_dit_xl2.yaml
     writes it); a bad one is refused with Guidance's own message."""
     import yaml
 
-    from _helpers import tiny_fit_config
     from diffusion_pl.cli.fit import DiffusionCLI
     from diffusion_pl.evaluation.fid_callback import FIDCallback
     from diffusion_pl.evaluation.sample_grid import SampleGrid
@@ -160,7 +139,7 @@ def test_yaml_guidance_parses_through_lightning_cli(tmp_path):
 
 @pytest.mark.parametrize("process", [EDM(), VPLinear()], ids=["EDM", "VPLinear"])
 def test_guide_equal_to_main_model_changes_nothing(process):
-    pred, noise = EpsPrediction(), _noise(300)
+    pred, noise = EpsPrediction(), mixture_noise(300)
     model = MIX.model(process, pred)
     plain_out = sample(model, process, pred, HeunODE(steps=8), (300, 2), noise=noise)
     plain = plain_out.x
@@ -177,7 +156,7 @@ def test_autoguidance_calls_main_and_guide_with_the_same_labels():
     seen = []
     guide_fn = lambda x, t, y: (seen.append(y.clone()), guide(x, t, y))[1]  # noqa: E731
     labels = torch.arange(n) % 3
-    sample(main, process, pred, DDIM(steps=4), (n, 2), noise=_noise(n), class_labels=labels,
+    sample(main, process, pred, DDIM(steps=4), (n, 2), noise=mixture_noise(n), class_labels=labels,
            guidance=Guidance(weight=2.0, guide=guide_fn))
     assert main.batch_sizes == [n] * 4 and guide.batch_sizes == [n] * 4  # two calls of B, no null batch
     assert all(torch.equal(y, labels) for y in seen)
@@ -191,7 +170,7 @@ def test_interval_outside_every_level_is_unguided_and_full_is_plain_guidance(aut
     def draw(w, interval):
         main = ConditionalOracle(MIX, process, pred)
         guide = ConditionalOracle(BAD, process, pred) if autoguide else None
-        out = sample(main, process, pred, HeunODE(steps=6), (n, 2), noise=_noise(n, 1), class_labels=labels,
+        out = sample(main, process, pred, HeunODE(steps=6), (n, 2), noise=mixture_noise(n, 1), class_labels=labels,
                      guidance=Guidance(weight=w, null_label=NULL, guide=guide, interval=interval))
         return out.x, main.batch_sizes
 
@@ -218,7 +197,7 @@ def test_interval_is_per_sample_in_noise_level():
     t = torch.tensor([0.05, 0.3, 0.6, 0.9])
     levels = process.noise_level(t.double())
     lo, hi = float(levels[1]) * 0.99, float(levels[2]) * 1.01  # samples 1 and 2 inside
-    x_t, labels = _noise(4, 2), torch.tensor([0, 1, 2, 0])
+    x_t, labels = mixture_noise(4, 2), torch.tensor([0, 1, 2, 0])
     main, guide = MIX.model(process, pred), BAD.model(process, pred)
 
     def eps(**kw):
@@ -248,14 +227,14 @@ def test_autoguidance_with_a_bad_guide_sharpens_the_modes():
     for process in (EDM(), VPLinear()):
         pred = EpsPrediction()
         model, guide = MIX.model(process, pred), BAD.model(process, pred)
-        d = {w: _mode_distance(sample(model, process, pred, HeunODE(steps=20), (n, 2), noise=_noise(n),
+        d = {w: _mode_distance(sample(model, process, pred, HeunODE(steps=20), (n, 2), noise=mixture_noise(n),
                                       guidance=Guidance(weight=w, guide=guide)).x) for w in (1.0, 2.0)}
         assert abs(d[1.0] / exact - 1) < 0.10
         assert d[2.0] / d[1.0] < 0.75
 
 
 def test_learned_variance_mixes_only_the_mean_channels():
-    x_t, t = _noise(4, 3)[:, :, None, None], torch.full((4,), 0.5)  # (B, C=2, 1, 1)
+    x_t, t = mixture_noise(4, 3)[:, :, None, None], torch.full((4,), 0.5)  # (B, C=2, 1, 1)
     main_out = torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(4))  # mean | variance channels
     guide_out = torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(5))
     process, pred = VPLinear(), EpsPrediction()
@@ -284,30 +263,17 @@ def test_errors_are_one_line():
     assert "\n" not in str(e.value)
     wrong = lambda x, t, y: torch.zeros(len(x), 3)  # noqa: E731
     with pytest.raises(ValueError, match=r"output has shape \(5, 3\)") as e:
-        Denoiser(model, process, pred, Guidance(weight=2.0, guide=wrong))(_noise(5), torch.full((5,), 0.5))
+        Denoiser(model, process, pred, Guidance(weight=2.0, guide=wrong))(mixture_noise(5), torch.full((5,), 0.5))
     assert "\n" not in str(e.value)
 
 
 # -- generate() and the CLI's guide loading ----------------------------------------------------------------------
 
 
-def _module(process=None, seed=0, resolution=8):
-    from diffusion_pl.training.module import DiffusionModule
-    from diffusion_pl.networks.unet import UNet
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        net = UNet(img_resolution=resolution, in_channels=3, num_classes=2, model_channels=8, channel_mult=(1,),
-                   num_res_blocks=1, attn_resolutions=(), dropout=0.0)
-        with torch.no_grad():  # the output layer starts at zero: make the seeds' networks differ
-            net.conv_out.weight.normal_(0.0, 0.05)
-        return DiffusionModule(net, process or VPLinear()).eval()
-
-
 def test_generate_with_the_module_as_its_own_guide_is_unguided():
     from diffusion_pl.evaluation.generation import generate
 
-    module, other = _module(), _module(seed=1)
+    module, other = guidance_module(), guidance_module(seed=1)
     draw = lambda **kw: torch.cat([im for _, im, _, _ in generate(module, DDIM(steps=3), range(4), (3, 8, 8),  # noqa: E731
                                                                   batch_size=4, **kw)])
     plain = draw()
@@ -331,12 +297,13 @@ def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkey
     add_model_options(p)
     path = tmp_path / "guide.ckpt"
     path.write_bytes(b"")
-    main = _module()
+    main = guidance_module()
     cpu = torch.device("cpu")
     guidance = guidance_from_args(p.parse_args(["--guide-ckpt", str(path), "--guidance-interval", "0.1", "inf",
                                                 "--guidance", "2"]))
     assert guidance == Guidance(weight=2.0, guide=str(path), interval=(0.1, math.inf))
-    for guide, what in ((_module(seed=1), None), (_module(EDM()), "process"), (_module(resolution=16), "image shape")):
+    for guide, what in ((guidance_module(seed=1), None), (guidance_module(EDM()), "process"),
+                        (guidance_module(resolution=16), "image shape")):
         monkeypatch.setattr(loading, "load_checkpoint", lambda *a, g=guide, **k: g)
         if what is None:
             loaded = loading.load_guide(main, guidance, cpu, names=flag)
@@ -407,19 +374,19 @@ def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "beta_max" in err[0], err
 
 
-def test_sample_grid_and_fid_callbacks_guide_with_a_checkpoint(tmp_path, monkeypatch):
+def test_sample_grid_and_fid_callbacks_guide_with_a_checkpoint(tmp_path, monkeypatch, stand_in_features, frozen_fit,
+                                                               eval_module, recording):
     """SampleGrid / FIDCallback `guidance=Guidance(guide=<checkpoint path>)`: the guide reaches the sampler (the
     grid and the FID change), and a guidance interval outside every noise level gives the unguided grid and values
     exactly; a guide of other classes is refused when fit starts, in one line."""
     from PIL import Image
 
     import diffusion_pl.training.module as module_lib
-    from _eval_setup import StandInFeatures, fit, make_module, recording
     from diffusion_pl.evaluation.fid_callback import FIDCallback
     from diffusion_pl.evaluation.sample_grid import SampleGrid
     from diffusion_pl.utils.errors import UserValueError
 
-    guide = make_module(num_classes=5)
+    guide = eval_module(num_classes=5)
     with torch.no_grad():  # a guide that differs from the (frozen) trained model
         for p in guide.ema.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -432,8 +399,8 @@ def test_sample_grid_and_fid_callbacks_guide_with_a_checkpoint(tmp_path, monkeyp
                            "outside": Guidance(weight=3.0, guide=str(path), interval=(1e5, 1e6))}.items():
         grid = recording(SampleGrid)(every_n_steps=2, num_samples=10, sampler=DDIM(steps=2), guidance=guidance)
         fid = recording(FIDCallback)(every_n_steps=2, num_samples=12, sampler=DDIM(steps=2), batch_size=6,
-                                     feature_extractor=StandInFeatures(), guidance=guidance)
-        fit(tmp_path / name, [grid, fid])
+                                     feature_extractor=stand_in_features(), guidance=guidance)
+        frozen_fit(tmp_path / name, [grid, fid])
         with Image.open(grid.written[-1]) as im:
             grids[name] = np.array(im)
         fids[name] = fid.last
@@ -441,11 +408,12 @@ def test_sample_grid_and_fid_callbacks_guide_with_a_checkpoint(tmp_path, monkeyp
     assert loaded == [str(path)] * 4  # once per callback that has a guide
     assert np.array_equal(grids["plain"], grids["outside"]) and fids["plain"] == fids["outside"]
     assert not np.array_equal(grids["plain"], grids["guided"]) and fids["plain"] != fids["guided"]
-    other = make_module(num_classes=None)
+    other = eval_module(num_classes=None)
     monkeypatch.setattr(module_lib, "load_module", lambda path, **kw: other)
     with pytest.raises(UserValueError, match=rf"SampleGrid: guidance.guide {re.escape(str(path))} has num_classes "
                                              r"None but the trained module has 5: expected the same") as e:
-        fit(tmp_path / "refused", [SampleGrid(every_n_steps=2, num_samples=4, guidance=Guidance(guide=str(path)))])
+        frozen_fit(tmp_path / "refused",
+                   [SampleGrid(every_n_steps=2, num_samples=4, guidance=Guidance(guide=str(path)))])
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"guidance interval 1 -2 is invalid"):
         FIDCallback(guidance=Guidance(interval=(1, -2)))

@@ -9,9 +9,6 @@ import re
 
 import pytest
 import torch
-from _eval_setup import DATA
-from test_commands import run  # noqa: F401  (the 2-step `diffusion-pl fit` fixture)
-from test_guidance import MIX, NULL, ConditionalOracle, _module, _noise
 
 from diffusion_pl.cli.main import main
 from diffusion_pl.evaluation.generation import generate
@@ -22,6 +19,8 @@ from diffusion_pl.processes.variance_preserving import VPLinear
 from diffusion_pl.sampling.posterior import DDIM
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.sampling.api import sample
+from tests.support.evaluation import DATA
+from tests.support.guidance import MIX, NULL
 
 W = 1.5
 
@@ -69,10 +68,10 @@ def test_only_the_first_k_channels_are_guided(k, learned_variance):
     assert torch.equal(interval[inside], k_guided[inside]) and torch.equal(interval[~inside], cond[~inside])
 
 
-def test_sampling_the_mixture_oracle():
+def test_sampling_the_mixture_oracle(conditional_oracle, mixture_noise):
     """2-D mixture data (n, D=2): K = D samples as None bitwise; K = 1 guides only the first coordinate."""
     process, pred, n = EDM(), EpsPrediction(), 200
-    oracle, labels, noise = ConditionalOracle(MIX, process, pred), torch.arange(n) % 3, _noise(n)
+    oracle, labels, noise = conditional_oracle(MIX, process, pred), torch.arange(n) % 3, mixture_noise(n)
     draw = lambda **kw: sample(oracle, process, pred, HeunODE(steps=6), (n, 2), noise=noise,  # noqa: E731
                                class_labels=labels, guidance=Guidance(null_label=NULL, **kw)).x
     unguided, guided = draw(), draw(weight=3.0)
@@ -89,9 +88,8 @@ def test_sampling_the_mixture_oracle():
         assert "\n" not in str(err.value)
 
 
-def test_generate_and_the_sampling_callbacks_pass_it_on(tmp_path, monkeypatch):
-    from _eval_setup import StandInFeatures, fit, recording
-
+def test_generate_and_the_sampling_callbacks_pass_it_on(tmp_path, monkeypatch, guidance_module, stand_in_features,
+                                                        frozen_fit, recording):
     from diffusion_pl.evaluation.fid_callback import FIDCallback
     from diffusion_pl.evaluation.sample_grid import SampleGrid
 
@@ -102,7 +100,7 @@ def test_generate_and_the_sampling_callbacks_pass_it_on(tmp_path, monkeypatch):
     calls = []
     real_sample = generation.sample
     monkeypatch.setattr(generation, "sample", lambda *a, **kw: (calls.append(kw), real_sample(*a, **kw))[1])
-    module = _module()
+    module = guidance_module()
     for k in (None, 2):
         list(generate(module, DDIM(steps=1), range(2), (3, 8, 8), guidance=Guidance(weight=4.0, channels=k)))
         assert calls[-1]["guidance"].channels == k and calls[-1]["guidance"].weight == 4.0
@@ -119,10 +117,10 @@ def test_generate_and_the_sampling_callbacks_pass_it_on(tmp_path, monkeypatch):
     monkeypatch.setattr(grid_module, "generate", spy)
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     fid = recording(FIDCallback)(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1),
-                                 guidance=Guidance(weight=2.0, channels=2), feature_extractor=StandInFeatures())
+                                 guidance=Guidance(weight=2.0, channels=2), feature_extractor=stand_in_features())
     grid = SampleGrid(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1), guidance=Guidance(weight=2.0, channels=1),
                       at_train_end=False)
-    fit(tmp_path, [fid, grid], max_steps=1)
+    frozen_fit(tmp_path, [fid, grid], max_steps=1)
     assert sorted(seen) == [1, 2]
     with pytest.raises(ValueError, match="guidance channels 0 is invalid") as err:
         Guidance(channels=0)
@@ -134,7 +132,7 @@ def test_generate_and_the_sampling_callbacks_pass_it_on(tmp_path, monkeypatch):
         assert "\n" not in str(err.value)
 
 
-def test_sample_and_evaluate_cli(run, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_sample_and_evaluate_cli(run, tmp_path, capsys, monkeypatch):
     import diffusion_pl.evaluation.generation as generation
 
     calls = []
@@ -149,7 +147,7 @@ def test_sample_and_evaluate_cli(run, tmp_path, capsys, monkeypatch):  # noqa: F
     calls.clear()
     report = tmp_path / "report.json"
     assert main(["evaluate", "--ckpt", run["ckpt"], *common, "--guidance-channels", "2", "--data", DATA,
-                 "--feature-extractor", "_eval_setup.StandInFeatures", "--report", str(report)]) == 0
+                 "--feature-extractor", "tests.support.evaluation.StandInFeatures", "--report", str(report)]) == 0
     assert calls and all(kw["guidance"].channels == 2 for kw in calls)
     assert json.loads(report.read_text())["guidance_channels"] == 2
     assert main(["sample", "--ckpt", run["ckpt"], *common, "--out", str(tmp_path / "all")]) == 0

@@ -29,7 +29,7 @@ from diffusion_pl.sampling.base import point_at, posterior_step, step_variances
 from diffusion_pl.sampling.noise import GeneratorNoise
 from diffusion_pl.vlb import discretized_gaussian_log_likelihood
 
-from _helpers import subclasses
+from diffusion_pl.utils.classes import public_subclasses
 
 MIX = GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), torch.tensor([0.2, 0.3]))
 
@@ -85,7 +85,7 @@ def test_guidance_mixes_the_mean_and_keeps_the_conditional_variance():
 # -- samplers ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler_cls", subclasses(Sampler), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("sampler_cls", public_subclasses(Sampler), ids=lambda c: c.__name__)
 def test_samplers_other_than_learned_ddpm_ignore_the_variance_channels(sampler_cls):
     process, pred = VPLinear(), VelocityPrediction()
     model = MIX.model(process, pred)
@@ -297,9 +297,7 @@ def test_training_with_the_hybrid_loss_runs(tmp_path):
 # -- callbacks -----------------------------------------------------------------------------------------------
 
 
-def test_callbacks_pass_clip_x0_to_generation(tmp_path, monkeypatch):
-    from _eval_setup import StandInFeatures, fit
-
+def test_callbacks_pass_clip_x0_to_generation(tmp_path, monkeypatch, stand_in_features, frozen_fit):
     from diffusion_pl.evaluation import fid_callback as fid_module
     from diffusion_pl.evaluation import sample_grid as grid_module
     from diffusion_pl.evaluation.fid_callback import FIDCallback
@@ -313,11 +311,11 @@ def test_callbacks_pass_clip_x0_to_generation(tmp_path, monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, "generate", recording)
-    fid = FIDCallback(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1), feature_extractor=StandInFeatures(),
+    fid = FIDCallback(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1), feature_extractor=stand_in_features(),
                       batch_size=4, guidance=Guidance(clip_x0=1.0))
     grid = SampleGrid(every_n_steps=1, num_samples=2, sampler=DDIM(steps=1), at_train_end=False,
                       guidance=Guidance(clip_x0=0.5))
-    fit(tmp_path, [fid, grid], max_steps=1)
+    frozen_fit(tmp_path, [fid, grid], max_steps=1)
     assert sorted(seen) == [0.5, 1.0]
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"clip_x0 {bad} is invalid: expected a positive number") as err:

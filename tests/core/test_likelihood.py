@@ -25,11 +25,11 @@ from diffusion_pl.processes.base import Process
 from diffusion_pl.processes.interpolants import RectifiedFlow
 from diffusion_pl.processes.variance_preserving import VPLinear
 
-from _helpers import subclasses
+from diffusion_pl.utils.classes import public_subclasses
 
 
-PROCESSES = [cls() for cls in subclasses(Process)]
-PREDICTIONS = [cls() for cls in subclasses(Prediction)]
+PROCESSES = [cls() for cls in public_subclasses(Process)]
+PREDICTIONS = [cls() for cls in public_subclasses(Prediction)]
 MIXTURE = GaussianMixture.random(3, 2, seed=0)
 F64 = torch.float64
 TOL_NATS = 2e-3

@@ -18,13 +18,13 @@ from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EDMPreconditioning, EpsPrediction, Prediction, VelocityPrediction, X0Prediction
 from diffusion_pl.processes.base import Process
 
-from _helpers import subclasses
+from diffusion_pl.utils.classes import public_subclasses
 
 
-PROCESSES = [cls() for cls in subclasses(Process)]
-PREDICTIONS = [cls() for cls in subclasses(Prediction)]
-WEIGHTINGS = [cls() for cls in subclasses(Weighting)]
-PROPOSALS = [cls() for cls in subclasses(TimeProposal)]
+PROCESSES = [cls() for cls in public_subclasses(Process)]
+PREDICTIONS = [cls() for cls in public_subclasses(Prediction)]
+WEIGHTINGS = [cls() for cls in public_subclasses(Weighting)]
+PROPOSALS = [cls() for cls in public_subclasses(TimeProposal)]
 X0_DEFINED = [w for w in WEIGHTINGS if type(w).__call__ is Weighting.__call__]  # all but OutputMSE
 MIXTURE = GaussianMixture.random(3, 2, seed=0)
 F64 = torch.float64

@@ -206,7 +206,7 @@ def test_network_mismatch_names_the_first_difference():
 
 def test_the_unet_table_writes_diffusers_own_names_and_reads_them_back():
     diffusers = pytest.importorskip("diffusers")
-    from test_interop_unet import DDPM_CIFAR10
+    from tests.support.interop import DDPM_CIFAR10
 
     with torch.device("meta"):
         ours, theirs = unet_ddpm_cifar10().state_dict(), diffusers.UNet2DModel(**DDPM_CIFAR10).state_dict()
@@ -216,11 +216,10 @@ def test_the_unet_table_writes_diffusers_own_names_and_reads_them_back():
     assert not unmatched and {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in ours.items()}
 
 
-def test_the_dit_table_round_trips_every_tensor():
+def test_the_dit_table_round_trips_every_tensor(dit_reference):
     pytest.importorskip("diffusers")
-    from test_interop_dit import reference
 
-    theirs = reference().state_dict()
+    theirs = dit_reference().state_dict()
     ours, unmatched = DIT_KEYS.to_ours(theirs)
     assert not unmatched and len(ours) < len(theirs)  # q, k, v fused; the per-block embedder copies kept once
     back, unmatched = DIT_KEYS.to_theirs(ours, copies={"block": range(2)})

@@ -16,11 +16,11 @@ from diffusion_pl.prediction import Denoiser, Prediction
 from diffusion_pl.processes.variance_preserving import DDPMDiscrete
 from diffusion_pl.processes.base import Process
 
-from _helpers import subclasses
+from diffusion_pl.utils.classes import public_subclasses
 
 
-PROCESSES = [cls() for cls in subclasses(Process)]
-PREDICTIONS = [cls() for cls in subclasses(Prediction)]
+PROCESSES = [cls() for cls in public_subclasses(Process)]
+PREDICTIONS = [cls() for cls in public_subclasses(Prediction)]
 F64 = torch.float64
 
 

@@ -37,13 +37,13 @@ from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.sampling.noise import SeededNoise
 from diffusion_pl.sampling.api import sample
 
-from _helpers import subclasses
+from diffusion_pl.utils.classes import public_subclasses
 
 
-PROCESSES = subclasses(Process)
-SAMPLERS = subclasses(Sampler)
-PREDICTIONS = subclasses(Prediction)
-GRIDS = [g for g in subclasses(TimeGrid) if g is not ExplicitGrid]
+PROCESSES = public_subclasses(Process)
+SAMPLERS = public_subclasses(Sampler)
+PREDICTIONS = public_subclasses(Prediction)
+GRIDS = [g for g in public_subclasses(TimeGrid) if g is not ExplicitGrid]
 
 # Steps per sampler for the distribution tests: each family at a budget where it has converged
 # on every process (first-order Euler in t is slow on VE's exponential sigma(t); annealed

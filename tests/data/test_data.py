@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import signal
 import subprocess
@@ -34,11 +35,10 @@ from diffusion_pl.data.shards import count_samples, shard_counts, tar_samples
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.cli.prepare import main as prepare_main
 from diffusion_pl.utils.errors import DataError, MissingFileError, UserValueError, one_line
+from tests.support.data import Recorder, sample_ids
+from tests.support.paths import REPO, WORKERS, repo_pythonpath
 
-HERE = Path(__file__).resolve().parent
-CIFAR_TAR = HERE.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"
-sys.path.insert(0, str(HERE))
-from _data_ddp_worker import Recorder, sample_ids  # noqa: E402
+CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # torchvision >= 0.29 warns on every image decode that it prefers TorchCodec; the decoder works
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -629,8 +629,9 @@ def test_ddp_ranks_see_disjoint_samples(tmp_path):
     # 2 ranks x 2 workers = 4 readers of 32 positions each of a 128-sample pass; 12 samples per
     # reader are consumed, all within the first pass, so no sample can repeat at all
     shards = make_id_shards(tmp_path / "s", n=128, shard_size=16)
-    cmd = [sys.executable, str(HERE / "_data_ddp_worker.py"), str(shards), str(tmp_path), "2"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    cmd = [sys.executable, str(WORKERS / "data_ddp.py"), str(shards), str(tmp_path), "2"]
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import tarfile
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 from PIL import Image
 
 from diffusion_pl.data.writer import Sample, write_shards
@@ -28,15 +28,16 @@ from diffusion_pl.data.latents import LatentEncoder, npy_bytes
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.cli.prepare import main as prepare_main
 from diffusion_pl.utils.errors import UserValueError
+from tests.support.latent import TINY_VAE_CONFIG
+from tests.support.paths import WORKERS, repo_pythonpath
 
 pytest.importorskip("diffusers")
-HERE = Path(__file__).resolve().parent
 ENCODE = json.dumps({"config": TINY_VAE_CONFIG, "seed": 0})
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def ae():
+def ae(tiny_autoencoder):
     return tiny_autoencoder()
 
 
@@ -255,8 +256,9 @@ def test_corrupt_latent_sample_is_skipped_and_counted(tmp_path, ae, caplog):
 def test_ddp_ranks_see_disjoint_latent_samples(tmp_path, ae):
     # 2 ranks x 2 workers = 4 readers of 16 positions each of a 64-sample pass; 12 samples per reader are used
     shards = latent_shards(tmp_path / "s", ae, n=64, shard_size=8, ids_as_labels=True, batch_size=16)
-    cmd = [sys.executable, str(HERE / "_data_ddp_worker.py"), str(shards), str(tmp_path), "2", "labels"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    cmd = [sys.executable, str(WORKERS / "data_ddp.py"), str(shards), str(tmp_path), "2", "labels"]
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]

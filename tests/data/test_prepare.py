@@ -22,10 +22,10 @@ from PIL import Image
 from diffusion_pl.data.writer import MANIFEST, PrepareError, Sample, write_shards
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.cli.prepare import main
+from tests.support.paths import REPO
 
 prep = importlib.import_module("diffusion_pl.data.writer")
 prepare_cli = importlib.import_module("diffusion_pl.cli.prepare")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tree(root: Path, classes=("cat", "dog"), n=4, ext="jpg", size=(8, 8)) -> Path:

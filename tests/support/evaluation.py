@@ -1,4 +1,5 @@
-"""Tiny evaluation setup shared by the metric / callback / command tests and their subprocess workers."""
+"""Tiny evaluation setup shared by the metric / callback / command tests and their subprocess worker
+(tests/workers/eval_ddp.py); the commands and recipes name the stand-in extractor by STAND_IN."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from diffusion_pl.processes.variance_preserving import VPLinear
 
 IMAGE_SIZE = 8
 DATA = f"builtin:shapes?size={IMAGE_SIZE}&count=48"
+STAND_IN = "tests.support.evaluation.StandInFeatures"  # its class path, for --feature-extractor and YAML
 
 
 class StandInFeatures(nn.Module):

@@ -1,16 +1,7 @@
-"""Helpers shared by the tests (imported as `_helpers`: pytest puts tests/ on sys.path)."""
+"""The tiny `diffusion-pl fit` recipe and the crash-in-a-write script lines shared by the fit tests (the
+`tiny_fit_config` fixture hands the recipe to test bodies)."""
 
 from __future__ import annotations
-
-
-def subclasses(cls: type) -> list[type]:
-    """Every public subclass of `cls`, recursively, sorted by name: a new process / sampler / loss is tested by itself."""
-    out = []
-    for sub in cls.__subclasses__():
-        if not sub.__name__.startswith("_"):
-            out.append(sub)
-        out.extend(subclasses(sub))
-    return sorted(set(out), key=lambda c: c.__name__)
 
 
 def tiny_fit_config(**trainer: object) -> dict:

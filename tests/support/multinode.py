@@ -1,4 +1,5 @@
-"""Instrumentation for tests/test_multinode.py, loaded by `diffusion-pl fit` through `class_path`.
+"""Instrumentation for tests/training/test_multinode.py, loaded by `diffusion-pl fit` through `class_path`
+(`tests.support.multinode.BatchProbe`).
 
 The fits under test run in subprocesses (torchrun node processes, a SLURM stand-in job), so
 what each rank trained on and ended with is written to files the test reads afterwards:

@@ -1,4 +1,4 @@
-"""Tiny training setup shared by the training tests and their subprocess workers."""
+"""Tiny training setup shared by the training tests and their subprocess workers (tests/workers/train.py)."""
 
 from __future__ import annotations
 

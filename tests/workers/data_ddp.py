@@ -1,10 +1,10 @@
-"""DDP helper for tests/test_data.py (run as a script, never collected by pytest).
+"""DDP worker for tests/data/test_data.py and tests/data/test_latent_data.py (run as a script, never collected).
 
-    python tests/_data_ddp_worker.py SHARDS OUT_DIR NUM_WORKERS [pixels|labels]
+    PYTHONPATH=<repository root> python tests/workers/data_ddp.py SHARDS OUT_DIR NUM_WORKERS [pixels|labels]
 
 Trains a trivial module for a few steps with strategy="ddp" on 2 CPU processes (gloo);
 each rank writes OUT_DIR/rank<R>.json with the ids of the samples it saw: read from the pixels
-(test_data.make_id_shards) or, for latent shards, the labels (one class per sample), with the
+(tests/data/test_data.py make_id_shards) or, for latent shards, the labels (one class per sample), with the
 shapes of the batches. It must be a
 separate script: Lightning's DDP launcher re-runs sys.argv in the child process, which
 inside pytest would re-run the whole test session.
@@ -20,31 +20,7 @@ import lightning as L
 import torch
 
 from diffusion_pl.data.datamodule import ShardDataModule
-
-
-def sample_ids(images: torch.Tensor) -> list[int]:
-    """Ids of constant-colour test images: id = 256 * red + green (see test_data.make_id_shards)."""
-    pixels = ((images[:, :2, 0, 0] + 1) * 127.5).round().long()  # (B, 2) uint8 values of R, G
-    return (pixels[:, 0] * 256 + pixels[:, 1]).tolist()
-
-
-class Recorder(L.LightningModule):
-    """Records the ids of every training sample; one parameter so DDP has something to sync."""
-
-    def __init__(self, ids: str = "pixels"):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.ids: list[int] = []
-        self.by, self.shapes = ids, set()
-
-    def training_step(self, batch, batch_idx):
-        images, labels = batch
-        self.ids += sample_ids(images) if self.by == "pixels" else labels.tolist()
-        self.shapes.add((tuple(images.shape[1:]), str(images.dtype), str(labels.dtype)))
-        return (self.w * images.mean()).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+from tests.support.data import Recorder
 
 
 def main(shards: str, out: str, num_workers: int, ids: str = "pixels") -> None:

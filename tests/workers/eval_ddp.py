@@ -1,20 +1,18 @@
-"""Subprocess entry for tests/test_eval_callbacks.py: the FID + grid callbacks in a short CPU DDP fit.
+"""Subprocess entry for tests/evaluation/test_eval_callbacks.py: the FID + grid callbacks in a short CPU DDP fit.
 
 Running strategy="ddp" inside pytest would re-launch the whole test session in the child
 processes, so multi-process runs go through this script.
 
-usage: python tests/_eval_ddp_worker.py OUT_DIR --devices N
+usage: PYTHONPATH=<repository root> python tests/workers/eval_ddp.py OUT_DIR --devices N
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _eval_setup import StandInFeatures, fit, make_callbacks  # noqa: E402
+from tests.support.evaluation import StandInFeatures, fit, make_callbacks
 
 
 def main() -> None:

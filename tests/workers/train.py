@@ -1,22 +1,20 @@
-"""Subprocess entry for tests/test_training.py: a tiny fit, optionally under CPU DDP.
+"""Subprocess entry for tests/training/test_training.py: a tiny fit, optionally under CPU DDP.
 
 Running strategy="ddp" inside pytest would re-launch the whole test session in the child
 processes, so multi-process runs go through this script.
 
-usage: python tests/_train_worker.py OUT_DIR --devices N --max-steps K
+usage: PYTHONPATH=<repository root> python tests/workers/train.py OUT_DIR --devices N --max-steps K
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_setup import make_datamodule, make_module  # noqa: E402
+from tests.support.training import make_datamodule, make_module
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from diffusion_pl.processes.variance_preserving import VPLinear
 from diffusion_pl.sampling.posterior import DDIM
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.sampling.api import sample
-from tests.support.guidance import MIX, NULL, ConditionalOracle, guidance_module, mixture_noise
+from tests.support.guidance import MIX, NULL
 
 BAD = GaussianMixture(MIX.weights, MIX.means, 1.5 * MIX.stds)  # the "bad version": every std broadened x1.5
 
@@ -77,14 +77,14 @@ def test_guidance_values():
     json.dumps(Guidance(interval=(0.1, math.inf)).describe())
 
 
-def test_default_guidance_leaves_sampling_unchanged():
+def test_default_guidance_leaves_sampling_unchanged(conditional_oracle, mixture_noise):
     """`Guidance()` (and w = 1 with any other option) is plain conditional sampling: the same samples bitwise, one
     network call of B per evaluation, no clipping."""
     process, pred, n = EDM(), VPrediction(), 60
     labels = torch.arange(n) % 3
 
     def draw(**kw):
-        main = ConditionalOracle(MIX, process, pred)
+        main = conditional_oracle(MIX, process, pred)
         out = sample(main, process, pred, HeunODE(steps=4), (n, 2), noise=mixture_noise(n, 4), class_labels=labels,
                      **kw)
         return out.x, main.batch_sizes
@@ -92,11 +92,11 @@ def test_default_guidance_leaves_sampling_unchanged():
     plain, sizes = draw()
     assert sizes == [n] * len(sizes)
     for guidance in (Guidance(), Guidance(weight=1.0, null_label=NULL, interval=(0.0, math.inf), channels=1),
-                     Guidance(weight=1.0, guide=ConditionalOracle(BAD, process, pred))):
+                     Guidance(weight=1.0, guide=conditional_oracle(BAD, process, pred))):
         x, sizes = draw(guidance=guidance)
         assert torch.equal(x, plain) and sizes == [n] * len(sizes), guidance
     x_t, t = mixture_noise(n, 5), torch.full((n,), 0.5)
-    model = ConditionalOracle(MIX, process, pred)
+    model = conditional_oracle(MIX, process, pred)
     assert torch.equal(Denoiser(model, process, pred)(x_t, t, labels).x0,
                        Denoiser(model, process, pred, Guidance())(x_t, t, labels).x0)
 
@@ -138,7 +138,7 @@ def test_yaml_guidance_parses_through_lightning_cli(tmp_path, tiny_fit_config):
 
 
 @pytest.mark.parametrize("process", [EDM(), VPLinear()], ids=["EDM", "VPLinear"])
-def test_guide_equal_to_main_model_changes_nothing(process):
+def test_guide_equal_to_main_model_changes_nothing(process, mixture_noise):
     pred, noise = EpsPrediction(), mixture_noise(300)
     model = MIX.model(process, pred)
     plain_out = sample(model, process, pred, HeunODE(steps=8), (300, 2), noise=noise)
@@ -150,9 +150,9 @@ def test_guide_equal_to_main_model_changes_nothing(process):
         assert guided.nfe == plain_out.nfe  # a guided evaluation counts once
 
 
-def test_autoguidance_calls_main_and_guide_with_the_same_labels():
+def test_autoguidance_calls_main_and_guide_with_the_same_labels(conditional_oracle, mixture_noise):
     process, pred, n = VPLinear(), EpsPrediction(), 50
-    main, guide = ConditionalOracle(MIX, process, pred), ConditionalOracle(BAD, process, pred)
+    main, guide = conditional_oracle(MIX, process, pred), conditional_oracle(BAD, process, pred)
     seen = []
     guide_fn = lambda x, t, y: (seen.append(y.clone()), guide(x, t, y))[1]  # noqa: E731
     labels = torch.arange(n) % 3
@@ -163,13 +163,14 @@ def test_autoguidance_calls_main_and_guide_with_the_same_labels():
 
 
 @pytest.mark.parametrize("autoguide", [False, True], ids=["cfg", "autoguidance"])
-def test_interval_outside_every_level_is_unguided_and_full_is_plain_guidance(autoguide):
+def test_interval_outside_every_level_is_unguided_and_full_is_plain_guidance(autoguide, conditional_oracle,
+                                                                             mixture_noise):
     process, pred, n = EDM(), VPrediction(), 200
     labels = torch.arange(n) % 3
 
     def draw(w, interval):
-        main = ConditionalOracle(MIX, process, pred)
-        guide = ConditionalOracle(BAD, process, pred) if autoguide else None
+        main = conditional_oracle(MIX, process, pred)
+        guide = conditional_oracle(BAD, process, pred) if autoguide else None
         out = sample(main, process, pred, HeunODE(steps=6), (n, 2), noise=mixture_noise(n, 1), class_labels=labels,
                      guidance=Guidance(weight=w, null_label=NULL, guide=guide, interval=interval))
         return out.x, main.batch_sizes
@@ -191,7 +192,7 @@ def test_interval_outside_every_level_is_unguided_and_full_is_plain_guidance(aut
     assert not torch.allclose(partial, guided, atol=1e-3) and not torch.allclose(partial, unguided, atol=1e-3)
 
 
-def test_interval_is_per_sample_in_noise_level():
+def test_interval_is_per_sample_in_noise_level(conditional_oracle, mixture_noise):
     """A batch at mixed times: samples whose sigma/alpha lies in the interval are guided, the others not."""
     process, pred = VPLinear(), EpsPrediction()
     t = torch.tensor([0.05, 0.3, 0.6, 0.9])
@@ -201,10 +202,10 @@ def test_interval_is_per_sample_in_noise_level():
     main, guide = MIX.model(process, pred), BAD.model(process, pred)
 
     def eps(**kw):
-        return Denoiser(ConditionalOracle(MIX, process, pred), process, pred, Guidance(null_label=NULL, **kw))(
+        return Denoiser(conditional_oracle(MIX, process, pred), process, pred, Guidance(null_label=NULL, **kw))(
             x_t, t, labels).eps
 
-    for kw in ({}, {"guide": ConditionalOracle(BAD, process, pred)}):
+    for kw in ({}, {"guide": conditional_oracle(BAD, process, pred)}):
         plain, guided = eps(**kw), eps(weight=2.0, **kw)
         mixed = eps(weight=2.0, interval=(lo, hi), **kw)
         inside = torch.tensor([False, True, True, False])
@@ -213,7 +214,7 @@ def test_interval_is_per_sample_in_noise_level():
     del main, guide
 
 
-def test_autoguidance_with_a_bad_guide_sharpens_the_modes():
+def test_autoguidance_with_a_bad_guide_sharpens_the_modes(mixture_noise):
     """w = 2 with the x1.5-broadened oracle as guide pulls samples towards the component means.
 
     Measured (N = 1000, HeunODE(steps=20), noise seed 0): mean distance to the nearest mean at w = 1
@@ -233,7 +234,7 @@ def test_autoguidance_with_a_bad_guide_sharpens_the_modes():
         assert d[2.0] / d[1.0] < 0.75
 
 
-def test_learned_variance_mixes_only_the_mean_channels():
+def test_learned_variance_mixes_only_the_mean_channels(mixture_noise):
     x_t, t = mixture_noise(4, 3)[:, :, None, None], torch.full((4,), 0.5)  # (B, C=2, 1, 1)
     main_out = torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(4))  # mean | variance channels
     guide_out = torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(5))
@@ -245,7 +246,7 @@ def test_learned_variance_mixes_only_the_mean_channels():
     den(x_t, t)  # split_variance still accepts the guided output
 
 
-def test_errors_are_one_line():
+def test_errors_are_one_line(mixture_noise):
     process, pred = VPLinear(), EpsPrediction()
     model = MIX.model(process, pred)
     with pytest.raises(ValueError, match="null_label") as e:
@@ -270,7 +271,7 @@ def test_errors_are_one_line():
 # -- generate() and the CLI's guide loading ----------------------------------------------------------------------
 
 
-def test_generate_with_the_module_as_its_own_guide_is_unguided():
+def test_generate_with_the_module_as_its_own_guide_is_unguided(guidance_module):
     from diffusion_pl.evaluation.generation import generate
 
     module, other = guidance_module(), guidance_module(seed=1)
@@ -285,7 +286,7 @@ def test_generate_with_the_module_as_its_own_guide_is_unguided():
     assert "\n" not in str(e.value)
 
 
-def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkeypatch):
+def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkeypatch, guidance_module):
     """evaluation.loading.load_guide, as the commands call it (errors naming their flags through cli.common.flag)."""
     import argparse
 

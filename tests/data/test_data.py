@@ -35,7 +35,7 @@ from diffusion_pl.data.shards import count_samples, shard_counts, tar_samples
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.cli.prepare import main as prepare_main
 from diffusion_pl.utils.errors import DataError, MissingFileError, UserValueError, one_line
-from tests.support.data import Recorder, sample_ids
+from tests.support.data import Recorder
 from tests.support.paths import REPO, WORKERS, repo_pythonpath
 
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -387,7 +387,7 @@ def test_mixed_sizes_need_an_explicit_image_size(tmp_path):
 
 
 @pytest.mark.parametrize("n_shards", [8, 1])  # more shards than readers, or fewer (readers share a shard)
-def test_ranks_and_workers_see_disjoint_samples(tmp_path, n_shards):
+def test_ranks_and_workers_see_disjoint_samples(tmp_path, n_shards, sample_ids):
     urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=64, shard_size=64 // n_shards)))[0]
     seen = []
     for rank in (0, 1):
@@ -410,7 +410,7 @@ def test_stream_fast_forward_matches(tmp_path, workers, start, shuffle, world):
     assert resumed == full[start:]
 
 
-def test_stream_follows_the_order_function(tmp_path):
+def test_stream_follows_the_order_function(tmp_path, sample_ids):
     # the stream reads exactly what SampleOrder says, so the draw-count tests below hold for it
     urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=37, shard_size=5)))[0]
     stream = ShardStream(urls, 5, shuffle_buffer=4, seed=3)
@@ -458,7 +458,7 @@ def test_every_sample_is_drawn_equally_often_in_expectation(counts, readers, pas
     assert per_shard.max() / per_shard.min() < 1.05  # the old split drew some shards 2x as often
 
 
-def test_real_shards_are_drawn_equally(tmp_path):
+def test_real_shards_are_drawn_equally(tmp_path, sample_ids):
     # 5 shards of 8 on 4 readers (2 ranks x 2 workers), 3 passes = 30 slots per reader
     urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=40, shard_size=8)))[0]
     ids = [i for rank in (0, 1) for b in stream_batches(urls, 12, workers=2, rank=rank, world_size=2, batch_size=5)
@@ -467,7 +467,7 @@ def test_real_shards_are_drawn_equally(tmp_path):
 
 
 @pytest.mark.parametrize("shuffle", [16, 0])
-def test_resume_work_does_not_grow_with_the_consumed_count(tmp_path, shuffle):
+def test_resume_work_does_not_grow_with_the_consumed_count(tmp_path, shuffle, sample_ids):
     urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=64, shard_size=8)))[0]
     order = SampleOrder([8] * 8, 1, shuffle_buffer=shuffle)
     work = []
@@ -493,7 +493,7 @@ def test_counts_without_a_manifest_match_it(tmp_path):
     assert [batch_hash(b) for b in with_counts] == [batch_hash(b) for b in counted]
 
 
-def test_truncated_shard_leaves_slots_empty_not_shifted(tmp_path):
+def test_truncated_shard_leaves_slots_empty_not_shifted(tmp_path, sample_ids):
     urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=16, shard_size=8)))[0]
     full = [sample_ids(b[0]) for b in stream_batches(urls, 4, shuffle_buffer=0, random_flip=False)]
     data = Path(urls[0]).read_bytes()
@@ -504,7 +504,7 @@ def test_truncated_shard_leaves_slots_empty_not_shifted(tmp_path):
     assert cut == [[i for i in b if i in survivors] for b in full]  # the lost slots stay empty: nothing shifts
 
 
-def test_validation_is_finite_ordered_unflipped(tmp_path):
+def test_validation_is_finite_ordered_unflipped(tmp_path, sample_ids):
     shards = str(make_id_shards(tmp_path / "s", n=20, shard_size=6))
     dm = ShardDataModule(shards, batch_size=8, num_workers=0, val_shards=shards)
     dm.setup("fit")
@@ -513,7 +513,7 @@ def test_validation_is_finite_ordered_unflipped(tmp_path):
 
 
 @pytest.mark.parametrize("n,world,workers", [(23, 6, 0), (23, 3, 2), (5, 3, 2)])  # 5 < 6 readers: one reads none
-def test_validation_reads_every_sample_once_across_readers(tmp_path, n, world, workers):
+def test_validation_reads_every_sample_once_across_readers(tmp_path, n, world, workers, sample_ids):
     urls = resolve_shards(str(make_id_shards(tmp_path / "s", n=n, shard_size=5)))[0]
     per_rank = []
     for rank in range(world):
@@ -526,7 +526,7 @@ def test_validation_reads_every_sample_once_across_readers(tmp_path, n, world, w
         assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
 
 
-def test_pipe_and_http_urls(tmp_path):
+def test_pipe_and_http_urls(tmp_path, sample_ids):
     import functools
     import http.server
     import shutil

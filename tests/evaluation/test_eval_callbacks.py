@@ -16,30 +16,30 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 
-from _eval_setup import DATA, IMAGE_SIZE, StandInFeatures, fit, make_callbacks, recording
 from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.evaluation.metrics.inception import WEIGHTS_ENV, InceptionWeightsError
 from diffusion_pl.evaluation.fid_callback import FIDCallback
 from diffusion_pl.evaluation.sample_grid import SampleGrid
 from diffusion_pl.data.datamodule import ShardDataModule
 from diffusion_pl.sampling.posterior import DDIM
+from tests.support.evaluation import DATA, IMAGE_SIZE, recording
+from tests.support.paths import WORKERS, repo_pythonpath
 
 RecordingGrid = recording(SampleGrid)  # keeps the paths of the grids it wrote
 
-TESTS = Path(__file__).parent
 REFERENCE_IMAGES = int(DATA.rsplit("count=", 1)[1])
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(tmp_path_factory, stand_in_features, eval_callbacks, frozen_fit):
     """One in-process fit with both callbacks and TensorBoard; its FID values are the 1-process baseline."""
     root = tmp_path_factory.mktemp("single")
     env = {"DIFFUSION_PL_CACHE": str(root / "cache")}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIFFUSION_PL_CACHE", env["DIFFUSION_PL_CACHE"])
-        extractor = StandInFeatures()
-        fid, grid = make_callbacks(extractor)
-        trainer = fit(root, [fid, grid], logger=TensorBoardLogger(root, name="tb"))
+        extractor = stand_in_features()
+        fid, grid = eval_callbacks(extractor)
+        trainer = frozen_fit(root, [fid, grid], logger=TensorBoardLogger(root, name="tb"))
         yield {"root": root, "fid": fid, "grid": grid, "trainer": trainer, "extractor": extractor, "env": env}
 
 
@@ -86,29 +86,31 @@ class _ImageLogger(Logger):
         self.images.append((key, images, step))
 
 
-def test_sample_grid_goes_to_a_log_image_logger(tmp_path, monkeypatch):
+def test_sample_grid_goes_to_a_log_image_logger(tmp_path, monkeypatch, frozen_fit):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     logger, grid = _ImageLogger(), RecordingGrid(every_n_steps=2, num_samples=10, sampler=DDIM(steps=2))
-    fit(tmp_path, [grid], logger=logger)
+    frozen_fit(tmp_path, [grid], logger=logger)
     assert [(key, step) for key, _, step in logger.images] == [("samples/ddim_2", 2)]
     (image,) = logger.images[0][1]
     with Image.open(grid.written[0]) as png:  # the logged grid is the PNG written to disk, as HWC uint8
         assert image.dtype == np.uint8 and np.array_equal(image, np.asarray(png.convert("RGB")))
 
 
-def test_reference_cache_is_hit_on_the_second_run(single, tmp_path, monkeypatch):
+def test_reference_cache_is_hit_on_the_second_run(single, tmp_path, monkeypatch, stand_in_features, eval_callbacks,
+                                                    frozen_fit):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", single["env"]["DIFFUSION_PL_CACHE"])
-    extractor = StandInFeatures()  # a new instance with the same weights: the same cache key
-    fid, _ = make_callbacks(extractor)
-    fit(tmp_path, [fid])
+    extractor = stand_in_features()  # a new instance with the same weights: the same cache key
+    fid, _ = eval_callbacks(extractor)
+    frozen_fit(tmp_path, [fid])
     assert extractor.images_seen == 2 * 12  # generated images only: no real image went through it
     assert fid.last == pytest.approx(single["fid"].last, rel=1e-12)
 
 
 def test_ddp_two_ranks_give_the_one_rank_fid(single, tmp_path):
     # a fresh cache: rank 0 computes the reference under DDP while rank 1 waits
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_PL_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, str(TESTS / "_eval_ddp_worker.py"), str(tmp_path), "--devices", "2"],
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_PL_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": repo_pythonpath()}
+    proc = subprocess.run([sys.executable, str(WORKERS / "eval_ddp.py"), str(tmp_path), "--devices", "2"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -121,13 +123,14 @@ def test_ddp_two_ranks_give_the_one_rank_fid(single, tmp_path):
     assert ranks[0]["images_seen"] == REFERENCE_IMAGES + 2 * 6 and ranks[1]["images_seen"] == 2 * 6
 
 
-def test_explicit_reference_data_is_resized_to_the_training_size(tmp_path, monkeypatch):
+def test_explicit_reference_data_is_resized_to_the_training_size(tmp_path, monkeypatch, stand_in_features,
+                                                                   frozen_fit):
     """`data:` stored at 2x the training size: its images are scored as the training pipeline resizes them."""
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     big = f"builtin:shapes?size={2 * IMAGE_SIZE}&count=20"
-    extractor = StandInFeatures()
+    extractor = stand_in_features()
     fid = FIDCallback(every_n_steps=100, num_samples=4, data=big, feature_extractor=extractor)
-    fit(tmp_path, [fid], max_steps=1)
+    frozen_fit(tmp_path, [fid], max_steps=1)
     dm = ShardDataModule(shards=big, val_shards=big, batch_size=8, num_workers=0, image_size=IMAGE_SIZE,
                          random_flip=False)
     dm.setup("validate")
@@ -136,7 +139,7 @@ def test_explicit_reference_data_is_resized_to_the_training_size(tmp_path, monke
     torch.testing.assert_close(fid.reference.feature_sum, features.sum(0))
 
 
-def test_preflight_stops_fit_before_training(tmp_path, monkeypatch):
+def test_preflight_stops_fit_before_training(tmp_path, monkeypatch, frozen_fit):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
 
@@ -146,7 +149,7 @@ def test_preflight_stops_fit_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     grid = RecordingGrid(every_n_steps=1, sampler=DDIM(steps=1))
     with pytest.raises(InceptionWeightsError, match="--inception-weights PATH"):
-        fit(tmp_path, [FIDCallback(every_n_steps=1, num_samples=4), grid])
+        frozen_fit(tmp_path, [FIDCallback(every_n_steps=1, num_samples=4), grid])
     assert grid.written == [] and grid.image_shape is None  # no training batch was run
 
 
@@ -172,24 +175,23 @@ class _CountingFID(FIDCallback):
         return super().evaluate(trainer, pl_module)
 
 
-def test_callbacks_fire_once_per_reached_step_under_accumulation(tmp_path, monkeypatch):
+def test_callbacks_fire_once_per_reached_step_under_accumulation(tmp_path, monkeypatch, stand_in_features,
+                                                                   eval_module):
     """accumulate_grad_batches=2: step 0 (untrained) never fires, and a resumed run does not repeat its step."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from _eval_setup import make_module
-
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
 
     def run(max_steps: int, ckpt_path=None):
-        fid = _CountingFID(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1), feature_extractor=StandInFeatures(),
+        fid = _CountingFID(every_n_steps=1, num_samples=4, sampler=DDIM(steps=1), feature_extractor=stand_in_features(),
                            batch_size=4)
         grid = RecordingGrid(every_n_steps=1, num_samples=2, sampler=DDIM(steps=1), at_train_end=False)
         ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=2,
                             logger=False, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path, limit_val_batches=0, callbacks=[fid, grid, ckpt])
-        trainer.fit(make_module(num_classes=5), ShardDataModule(shards=DATA, batch_size=4, num_workers=0),
+        trainer.fit(eval_module(num_classes=5), ShardDataModule(shards=DATA, batch_size=4, num_workers=0),
                     ckpt_path=ckpt_path)
         return fid, grid
 

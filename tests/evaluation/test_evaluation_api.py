@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from _eval_setup import DATA, StandInFeatures
 from diffusion_pl.cli.main import main
 from diffusion_pl.evaluation.evaluate import EvalOptions, evaluate, evaluate_checkpoints
 from diffusion_pl.evaluation.reconstruct import reconstruct
@@ -19,8 +18,8 @@ from diffusion_pl.guidance import Guidance
 from diffusion_pl.sampling.posterior import DDIM
 from diffusion_pl.training.module import load_module
 from diffusion_pl.utils.errors import UserError
-from test_commands import DDIM_ETA1, STAND_IN, ddim_spec, run  # noqa: F401  (`run`: the 2-step fit fixture)
-from test_phema import tiny_run  # noqa: F401  (a 6-step fit with PowerEMA snapshots)
+from tests.support.commands import DDIM_ETA1, ddim_spec
+from tests.support.evaluation import DATA, STAND_IN, StandInFeatures
 
 
 def _without_seconds(report: dict) -> dict:
@@ -35,7 +34,7 @@ def _options(**kwargs) -> EvalOptions:
                           "batch_size": 4, "isc": True, "feature_extractor": StandInFeatures(), **kwargs})
 
 
-def test_evaluate_from_python_equals_the_command(run, tmp_path, monkeypatch):  # noqa: F811
+def test_evaluate_from_python_equals_the_command(run, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     written = tmp_path / "cli.json"
     assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "6", "--sampler", "ddim",
@@ -59,7 +58,7 @@ def test_evaluate_from_python_equals_the_command(run, tmp_path, monkeypatch):  #
     assert from_module.results[1]["sampler"] == repr(DDIM(steps=2, eta=1.0))
 
 
-def test_evaluate_checkpoints_share_one_launch_extractor_and_reference(run, tmp_path, monkeypatch):  # noqa: F811
+def test_evaluate_checkpoints_share_one_launch_extractor_and_reference(run, tmp_path, monkeypatch):
     """Two checkpoints, one launch and one reference: the reference images are read once, and the extractor sees
     them once, then each checkpoint's samples."""
     from diffusion_pl.evaluation import evaluate as evaluate_module
@@ -118,7 +117,7 @@ def test_evaluate_refuses_a_bad_source_before_any_work(tmp_path):
         assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_reconstruct_from_python_equals_the_command(tiny_run, tmp_path, capsys):  # noqa: F811
+def test_reconstruct_from_python_equals_the_command(tiny_run, tmp_path, capsys):
     assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.07", "0.05", "--step", "4",
                  "--out", str(tmp_path / "cli")]) == 0
     assert "ema.* is the reconstruction at step 4" in capsys.readouterr().err  # the newest checkpoint is step 6
@@ -144,7 +143,7 @@ def test_reconstruct_from_python_equals_the_command(tiny_run, tmp_path, capsys):
     ({"batch": 0}, "batch 0 is invalid"),
     ({"out": "{run}/checkpoints"}, "out {run}/checkpoints writes into"),
 ])
-def test_reconstruct_refuses_bad_arguments_in_one_line(tiny_run, tmp_path, kwargs, message):  # noqa: F811
+def test_reconstruct_refuses_bad_arguments_in_one_line(tiny_run, tmp_path, kwargs, message):
     arguments = {"sigma_rels": [0.07], "out": str(tmp_path / "out"), **kwargs}
     arguments["out"] = arguments["out"].format(run=tiny_run)
     with pytest.raises(UserError) as err:

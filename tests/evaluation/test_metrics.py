@@ -16,7 +16,6 @@ from torch import nn
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torchmetrics.image import FrechetInceptionDistance
 
-from _eval_setup import StandInFeatures
 import diffusion_pl
 from diffusion_pl.evaluation.metrics.inception import INCEPTION_URL, WEIGHTS_ENV, inception_weights_file
 from diffusion_pl.evaluation.metrics import inception
@@ -135,8 +134,8 @@ def test_metric_prefix_names_the_sample_count():
     assert metric_prefix("kid", 500) == "kid500"
 
 
-def test_reference_cache_is_reused(tmp_path):
-    extractor = StandInFeatures()
+def test_reference_cache_is_reused(tmp_path, stand_in_features):
+    extractor = stand_in_features()
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     first = reference_stats(iter(images.split(16)), "data-a", extractor, progress=False)
     seen = extractor.images_seen
@@ -146,13 +145,13 @@ def test_reference_cache_is_reused(tmp_path):
         raise AssertionError("the cached reference was recomputed")
         yield
 
-    again = reference_stats(never(), "data-a", StandInFeatures(), progress=False)  # same weights: same key
+    again = reference_stats(never(), "data-a", stand_in_features(), progress=False)  # same weights: same key
     torch.testing.assert_close(again.outer_sum, first.outer_sum, rtol=0, atol=0)
     mu, sigma = gaussian_stats(extractor(images)[0])
     torch.testing.assert_close(first.mu, mu)
     torch.testing.assert_close(first.sigma, sigma)
     # another extractor (other weights) or other data is another key
-    reference_stats(iter(images.split(16)), "data-a", StandInFeatures(seed=1), progress=False)
+    reference_stats(iter(images.split(16)), "data-a", stand_in_features(seed=1), progress=False)
     reference_stats(iter(images.split(16)), "data-b", extractor, progress=False)
     assert len(list((tmp_path / "cache" / "fid_refs").glob("*.pt"))) == 3
 

@@ -16,7 +16,6 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import MissingFileError, UserValueError
@@ -30,7 +29,7 @@ NUM_CLASSES = 5
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
+def ckpt(tmp_path_factory, tiny_fit_config) -> str:
     """A 3-step class-conditional fit with a non-default parameterization; EMA (decay 0.5) differs from the net."""
     root = tmp_path_factory.mktemp("export_fit")
     config = tiny_fit_config(max_steps=3, logger=False, default_root_dir=str(root / "run"))

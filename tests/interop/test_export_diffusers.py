@@ -2,10 +2,10 @@
 
 Round trips: a `fit` checkpoint of a DDPM-style U-Net -> export -> `UNet2DModel.from_pretrained` gives
 our outputs (float32 <= 1e-5, float64 <= 1e-10 with one shared float32 sinusoid, as in
-tests/test_interop_unet.py) and `DDPMScheduler.from_pretrained` our betas; a diffusers DiT -> import ->
+tests/interop/test_interop_unet.py) and `DDPMScheduler.from_pretrained` our betas; a diffusers DiT -> import ->
 export -> `DiTTransformer2DModel.from_pretrained` is the original, tensor for tensor. Networks and
 processes diffusers cannot represent are refused, or written without a scheduler, in one line.
-The safetensors round trip (fit -> export -> load_exported -> sample) is tests/test_export.py.
+The safetensors round trip (fit -> export -> load_exported -> sample) is tests/interop/test_export.py.
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ import pytest
 import torch
 import yaml
 
-from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
 from diffusion_pl.interop.diffusers.export import constructor_arguments
 from diffusion_pl.interop.importer import import_pretrained, write_imported_checkpoint
 from diffusion_pl.training.module import load_module
 from diffusion_pl.networks.dit import DiT
 from diffusion_pl.networks.unet import UNet
+from tests.support.interop import DIT, LABELS, TIMESTEPS
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
-
-from test_import import DIT, LABELS, TIMESTEPS, OurSinusoid, dit_reference_model, one_line_error  # noqa: E402
 
 DDPM_NET = {"class_path": "diffusion_pl.networks.unet.UNet",
             "init_args": {"model_channels": 128, "channel_mult": [1, 1], "num_res_blocks": 1, "attn_resolutions": [8],
@@ -37,7 +35,7 @@ PROCESS = {"class_path": "diffusion_pl.processes.variance_preserving.DDPMDiscret
 
 
 @pytest.fixture(scope="module")
-def fit_ckpt(tmp_path_factory) -> str:
+def fit_ckpt(tmp_path_factory, tiny_fit_config) -> str:
     """One step of a DDPM-style U-Net (128 channels, 8x8, attention at 8) on the built-in shapes, then every
     weight of the checkpoint re-randomised (DDPM's zero-initialised layers would hide a wrong mapping), the
     EMA's differently from the raw network's."""
@@ -57,7 +55,7 @@ def fit_ckpt(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_fit_checkpoint_exports_to_diffusers(fit_ckpt, tmp_path, capsys):
+def test_fit_checkpoint_exports_to_diffusers(fit_ckpt, tmp_path, capsys, our_sinusoid):
     assert main(["export", "--ckpt", fit_ckpt, "--out", str(tmp_path / "d"), "--format", "diffusers"]) == 0
     assert "UNet as diffusers UNet2DModel (EMA weights)" in capsys.readouterr().err
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "d").eval()
@@ -66,7 +64,7 @@ def test_fit_checkpoint_exports_to_diffusers(fit_ckpt, tmp_path, capsys):
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
         ours, model = module.ema.to(dtype), theirs.to(dtype)
         if dtype == torch.float64:
-            model.time_proj = OurSinusoid(ours)
+            model.time_proj = our_sinusoid(ours)
         with torch.no_grad():
             expected = model(x.to(dtype), TIMESTEPS).sample
             diff = float((ours(x.to(dtype), TIMESTEPS) - expected).abs().max())
@@ -84,7 +82,7 @@ def test_fit_checkpoint_exports_to_diffusers(fit_ckpt, tmp_path, capsys):
     assert all(torch.equal(back["state_dict"][k], v) for k, v in ema.items())
 
 
-def test_raw_weights_and_overwrite(fit_ckpt, tmp_path, capsys):
+def test_raw_weights_and_overwrite(fit_ckpt, tmp_path, capsys, one_line_error):
     out = str(tmp_path / "d")
     assert main(["export", "--ckpt", fit_ckpt, "--out", out, "--format", "diffusers", "--no-ema"]) == 0
     theirs = diffusers.UNet2DModel.from_pretrained(out)
@@ -97,7 +95,7 @@ def test_raw_weights_and_overwrite(fit_ckpt, tmp_path, capsys):
     assert main(["export", "--ckpt", fit_ckpt, "--out", out, "--format", "diffusers", "--overwrite"]) == 0
 
 
-def test_dit_round_trip_is_the_original(tmp_path):
+def test_dit_round_trip_is_the_original(tmp_path, dit_reference_model):
     reference = dit_reference_model()
     reference.save_pretrained(tmp_path / "dit")
     import_pretrained(str(tmp_path / "dit"), tmp_path / "dit.ckpt", vae=None)
@@ -159,7 +157,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("name, net, words", REFUSED, ids=[r[0] for r in REFUSED])
-def test_unrepresentable_networks_are_refused(tmp_path, capsys, name, net, words):
+def test_unrepresentable_networks_are_refused(tmp_path, capsys, name, net, words, one_line_error):
     ckpt = checkpoint(tmp_path, name, net)
     one_line_error(capsys, ["export", "--ckpt", ckpt, "--out", str(tmp_path / "out"), "--format", "diffusers"],
                    "cannot be exported as diffusers", *words)

@@ -20,7 +20,6 @@ import pytest
 import torch
 import yaml
 
-from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import UserError
@@ -31,47 +30,10 @@ from diffusion_pl.processes.variance_preserving import DDPMDiscrete
 from diffusion_pl.sampling.posterior import DDPM
 from diffusion_pl.sampling.grids import TimestepGrid
 from diffusion_pl.sampling.api import sample
+from tests.support.interop import DDPM_CIFAR10, LABELS, SMALL, TIMESTEPS, TINY, dit_reference_model
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
-
-from test_interop_dit import reference as dit_reference  # noqa: E402  (diffusers needed)
-from test_interop_unet import DDPM_CIFAR10, SMALL, randomise  # noqa: E402
-
-TINY = {**DDPM_CIFAR10, "sample_size": 8, "block_out_channels": (128,), "layers_per_block": 1,
-        "down_block_types": ("AttnDownBlock2D",), "up_block_types": ("AttnUpBlock2D",)}
-TIMESTEPS = torch.tensor([0, 1, 250, 999])  # several noise levels (diffusers timesteps = our noise labels)
-LABELS = torch.tensor([0, 7, 999, 1000])  # 1000: the null label
-DIT = dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, sample_size=8, patch_size=2,
-           num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
-
-
-def save_unet(folder, config, seed=0, scheduler=None, layout="pipeline", weights="safetensors"):
-    """A randomised UNet2DModel saved as a pipeline (unet/ + scheduler/) or flat (hub google/ddpm-*) folder."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = randomise(diffusers.UNet2DModel(**config), seed).eval()
-    model.save_pretrained(folder / "unet" if layout == "pipeline" else folder,
-                          safe_serialization=weights == "safetensors")
-    if scheduler is not None:
-        scheduler.save_pretrained(folder / "scheduler" if layout == "pipeline" else folder)
-    return model
-
-
-def dit_reference_model(num_layers=2, norm_eps=1e-5):
-    """A randomised DiTTransformer2DModel (the DIT config) whose per-block embedder copies are identical."""
-    return dit_reference(num_layers=num_layers, norm_eps=norm_eps)
-
-
-class OurSinusoid(torch.nn.Module):
-    """Our UNet's timestep sinusoid in diffusers' `time_proj` slot."""
-
-    def __init__(self, unet) -> None:
-        super().__init__()
-        self.map_noise, self.noise_order = unet.map_noise, unet.noise_order
-
-    def forward(self, timesteps):
-        return self.noise_order(self.map_noise(timesteps.to(torch.float32)))
 
 
 def assert_dit_parity(module, reference) -> None:
@@ -86,19 +48,10 @@ def assert_dit_parity(module, reference) -> None:
         assert expected.shape == (4, 8, 8, 8) and expected.abs().max() > 0.5 and diff <= tol, (dtype, diff)
 
 
-def one_line_error(capsys, argv, *words):
-    """Run a command expected to fail on its input: exit 2, one `diffusion-pl import: error:` line naming `words`."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and err.count("\n") == 0 and err.startswith(f"diffusion-pl {argv[0]}: error:"), err
-    assert all(word in err for word in words), err
-    return err
-
-
 # -- diffusers UNet2DModel ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout, weights", [("pipeline", "safetensors"), ("flat", "bin")])
-def test_unet_folder_import_matches_diffusers(tmp_path, capsys, layout, weights):
+def test_unet_folder_import_matches_diffusers(tmp_path, capsys, layout, weights, save_unet, our_sinusoid):
     scheduler = diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=True)
     reference = save_unet(tmp_path / "ddpm", SMALL, scheduler=scheduler, layout=layout, weights=weights)
     assert main(["import", str(tmp_path / "ddpm"), "--out", str(tmp_path / "ddpm.ckpt")]) == 0
@@ -115,7 +68,7 @@ def test_unet_folder_import_matches_diffusers(tmp_path, capsys, layout, weights)
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
         ours, theirs = module.ema.to(dtype).eval(), reference.to(dtype)
         if dtype == torch.float64:  # both sinusoids are float32 (compared in test_interop_unet.py): share ours
-            theirs.time_proj = OurSinusoid(ours)
+            theirs.time_proj = our_sinusoid(ours)
         with torch.no_grad():
             expected = theirs(x.to(dtype), TIMESTEPS).sample
             diff = float((ours(x.to(dtype), TIMESTEPS) - expected).abs().max())
@@ -189,7 +142,7 @@ def test_dit_folder_import_matches_diffusers(tmp_path, class_name):
 
 def test_latent_dit_import_records_the_vae(tmp_path, capsys):
     """A 4-channel DiT imports as a latent model: its config names the pipeline's VAE (here a random one) or --vae."""
-    from _latent_setup import TINY_VAE_CONFIG
+    from tests.support.latent import TINY_VAE_CONFIG
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -287,7 +240,7 @@ def test_dit_pt_sizes_are_checked(models_py):
 
 # -- hub ids, published names, and bad input --------------------------------------------------------------------
 
-def test_hub_id_imports_offline_from_the_cache(tmp_path, monkeypatch, capsys):
+def test_hub_id_imports_offline_from_the_cache(tmp_path, monkeypatch, capsys, save_unet, one_line_error):
     import huggingface_hub.constants as hf
 
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -306,7 +259,7 @@ def test_hub_id_imports_offline_from_the_cache(tmp_path, monkeypatch, capsys):
                    "google/ddpm-cifar10-32", "not in the Hugging Face cache", "huggingface-cli download", str(tmp_path))
 
 
-def test_published_dit_names(tmp_path, monkeypatch, models_py, capsys):
+def test_published_dit_names(tmp_path, monkeypatch, models_py, capsys, one_line_error):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     monkeypatch.chdir(tmp_path)
     one_line_error(capsys, ["import", "DiT-XL-2-256x256.pt", "--out", "x.ckpt", "--download-timeout", "0.5"],
@@ -317,7 +270,7 @@ def test_published_dit_names(tmp_path, monkeypatch, models_py, capsys):
         import_pretrained("DiT-XL-2-256x256.pt", tmp_path / "y.ckpt", vae=None)
 
 
-def test_bad_inputs_are_one_line(tmp_path, capsys):
+def test_bad_inputs_are_one_line(tmp_path, capsys, save_unet, one_line_error):
     save_unet(tmp_path / "ok", SMALL)
     out = str(tmp_path / "x.ckpt")
     # an unsupported architecture: Stable Diffusion's text-conditional U-Net
@@ -352,7 +305,8 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
 
 # -- the checkpoint in the other commands: sample, fine-tuning with fit --ckpt_path ------------------------------
 
-def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys, monkeypatch):
+def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys, monkeypatch, save_unet,
+                                                               tiny_fit_config):
     save_unet(tmp_path / "tiny", TINY, scheduler=diffusers.DDPMScheduler())
     ckpt = tmp_path / "tiny.ckpt"
     import_pretrained(str(tmp_path / "tiny"), ckpt)
@@ -362,7 +316,7 @@ def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys, 
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))  # the reference statistics
     ddpm = '{"class_path": "diffusion_pl.sampling.posterior.DDPM", "init_args": {"steps": 3, "variance": "fixedlarge"}}'
     assert main(["evaluate", "--ckpt", str(ckpt), "--data", "builtin:shapes?size=8&count=16", "--num-samples", "4",
-                 "--sampler", ddpm, "--clip-x0", "1", "--feature-extractor", "_eval_setup.StandInFeatures",
+                 "--sampler", ddpm, "--clip-x0", "1", "--feature-extractor", "tests.support.evaluation.StandInFeatures",
                  "--report", str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["results"][0]["nfe"] == 3 and report["results"][0]["fid"] >= 0
@@ -391,7 +345,7 @@ DDPM_256_FAMILY = {**DDPM_CIFAR10, "sample_size": 64, "block_out_channels": (128
                    "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4}
 
 
-def test_the_256_family_structure_imports_with_parity(tmp_path):
+def test_the_256_family_structure_imports_with_parity(tmp_path, save_unet):
     reference = save_unet(tmp_path / "ddpm256", DDPM_256_FAMILY, scheduler=diffusers.DDPMScheduler(), layout="flat")
     import_pretrained(str(tmp_path / "ddpm256"), tmp_path / "ddpm256.ckpt")
     module = load_module(str(tmp_path / "ddpm256.ckpt"))

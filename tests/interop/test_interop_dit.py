@@ -19,28 +19,9 @@ TIMESTEPS = torch.tensor([0.0, 1.0, 250.5, 999.0])
 LABELS = torch.tensor([0, 7, 999, 1000])  # 1000 is the null (classifier-free guidance) label
 
 
-def reference(out_channels: int = 8, num_layers: int = 2, **config) -> torch.nn.Module:
-    """A randomised DiTTransformer2DModel whose per-block embedder copies equal block 0's, as in converted DiTs."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = diffusers.DiTTransformer2DModel(
-            num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=out_channels, num_layers=num_layers,
-            sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", **config,
-        ).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-        block0 = dict(model.transformer_blocks[0].norm1.emb.named_parameters())
-        for block in model.transformer_blocks[1:]:
-            for name, p in block.norm1.emb.named_parameters():
-                p.copy_(block0[name])
-    return model
-
-
 @pytest.fixture(scope="module")
-def pair():
-    model = reference()
+def pair(dit_reference):
+    model = dit_reference()
     return model, dit_from_diffusers(model)
 
 
@@ -62,13 +43,13 @@ def test_converted_dit_matches_diffusers(pair, dtype, tol):
     assert (out - expected).abs().max() <= tol
 
 
-def test_converter_maps_config():
-    kwargs = dit_kwargs_from_diffusers(reference().config)
+def test_converter_maps_config(dit_reference):
+    kwargs = dit_kwargs_from_diffusers(dit_reference().config)
     assert kwargs == dict(img_resolution=8, in_channels=4, out_channels=8, num_classes=1000, patch_size=2,
                           hidden_size=384, depth=2, num_heads=6, mlp_ratio=4.0, frequency_embedding_size=256,
                           frequency_endpoint=True, mlp_norm_eps=1e-5)
     # The parameters here: diffusers' minus the duplicated embedder of every block after the first.
-    model, net = reference(), dit_from_diffusers(reference())
+    model, net = dit_reference(), dit_from_diffusers(dit_reference())
     per_block = sum(p.numel() for p in model.transformer_blocks[1].norm1.emb.parameters())
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in model.parameters()) - per_block
 
@@ -87,8 +68,8 @@ def test_diffusers_options_are_needed(pair):
         assert (out - expected).abs().max() > 1e-6, option
 
 
-def test_learned_sigma_off_and_unshared_embedders():
-    model = reference(out_channels=None)  # out_channels = in_channels
+def test_learned_sigma_off_and_unshared_embedders(dit_reference):
+    model = dit_reference(out_channels=None)  # out_channels = in_channels
     net = dit_from_diffusers(model)
     assert net.out_channels == 4
     expected, out = outputs(model, net, torch.float32)

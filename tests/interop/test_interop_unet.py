@@ -1,15 +1,13 @@
 """`unet_ddpm_cifar10` is diffusers' UNet2DModel of google/ddpm-cifar10-32, weight for weight.
 
 diffusers ports DDPM's TensorFlow U-Net (hojonathanho/diffusion diffusion_tf/models/unet.py); the
-config below is google/ddpm-cifar10-32's config.json. Every weight, including the zero-initialised
-ones, is re-randomised so that no layer hides behind a zero. The network part is compared in
-float64 (small config of the same structure) and float32 (full config); diffusers' timestep
+config (DDPM_CIFAR10 in tests/support/interop.py) is google/ddpm-cifar10-32's config.json. Every weight,
+including the zero-initialised ones, is re-randomised so that no layer hides behind a zero. The network part
+is compared in float64 (small config of the same structure) and float32 (full config); diffusers' timestep
 sinusoid is compared on its own, in float32, which is the precision both compute it in.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -20,38 +18,12 @@ from diffusion_pl.interop.diffusers.unet import (convert_unet_state_dict, load_d
 from diffusion_pl.networks.unet import UNet
 from diffusion_pl.networks.unet_presets import unet_ddpm_cifar10
 from diffusion_pl.processes.variance_preserving import DDPMDiscrete
+from tests.support.interop import DDPM_CIFAR10, SMALL, randomise
 
 diffusers = pytest.importorskip("diffusers")
 
-# google/ddpm-cifar10-32 config.json (diffusers UNet2DModel); Ho et al. 2020 App. B.
-DDPM_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-    norm_eps=1e-6, norm_num_groups=32, attention_head_dim=None, resnet_time_scale_shift="default",
-    act_fn="silu", center_input_sample=False, mid_block_scale_factor=1, dropout=0.1,
-)
-# The same structure at 16x16 with two levels (attention at the first, 8x8 middle).
-SMALL = {**DDPM_CIFAR10, "sample_size": 16, "block_out_channels": (128, 128), "layers_per_block": 1,
-         "down_block_types": ("AttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "AttnUpBlock2D")}
 # DDPMDiscrete's noise label is the step index 0..999, diffusers' timestep the same.
 TIMESTEPS = torch.tensor([0, 1, 250, 999])
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random (zero-initialised layers too), scaled to keep activations O(1)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
-            if p.ndim > 1:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return model
 
 
 def pair(config: dict, dtype: torch.dtype):

@@ -12,7 +12,6 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from _helpers import tiny_fit_config
 from diffusion_pl.training.augment import AugmentPipe
 from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
 from diffusion_pl.cli.main import main
@@ -24,6 +23,7 @@ from diffusion_pl.networks.base import ScoreNetwork
 from diffusion_pl.networks.dit import DiT, dit_tiny
 from diffusion_pl.networks.unet import UNet
 from diffusion_pl.processes.variance_preserving import VPLinear
+from tests.support.fit import tiny_fit_config
 
 ALL_OFF = dict(xflip=0, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
 EVERYTHING = dict(xflip=1, yflip=1, rotate_int=1, translate_int=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1,

@@ -11,12 +11,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from _training_setup import make_datamodule, make_module
 from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
 from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.training.callbacks.power_ema import PowerEMA
 from diffusion_pl.training.ema import EMA, STATE_KEY
 from diffusion_pl.utils.errors import UserValueError
+from tests.support.training import make_datamodule, make_module
 
 BATCH = 8  # make_datamodule's batch size
 

@@ -3,7 +3,8 @@
 The imported checkpoint's saved config (net / process / prediction) is the network: a recipe (or a command line)
 without a model section trains it, a recipe that names another network is overruled with one stderr line, and a
 checkpoint without a saved config is a one-line error. Training starts at step 0 (an import has no loops) from
-the imported weights, EMA included. The tiny UNet2DModel is tests/test_import.py's, built without a download.
+the imported weights, EMA included. The tiny UNet2DModel is tests/interop/test_import.py's (TINY in
+tests/support/interop.py), built without a download.
 """
 
 from __future__ import annotations
@@ -12,21 +13,20 @@ import pytest
 import torch
 import yaml
 
-from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
 from diffusion_pl.interop.importer import import_pretrained
+from tests.support.fit import tiny_fit_config
+from tests.support.interop import TINY
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
-
-from test_import import TINY, one_line_error, save_unet  # noqa: E402  (diffusers needed)
 
 WINS = "diffusion-pl: model.net, model.process, model.prediction come from the checkpoint"
 SHAPES = "builtin:shapes?size=8&count=64"
 
 
 @pytest.fixture
-def imported(tmp_path):
+def imported(tmp_path, save_unet):
     """A tiny diffusers DDPM (UNet2DModel + DDPMScheduler) imported as tmp_path/tiny.ckpt."""
     save_unet(tmp_path / "tiny", TINY, scheduler=diffusers.DDPMScheduler())
     import_pretrained(str(tmp_path / "tiny"), tmp_path / "tiny.ckpt")
@@ -107,7 +107,7 @@ def test_a_recipe_naming_another_network_is_overruled(tmp_path, imported, capsys
     assert moved > 10
 
 
-def test_checkpoints_without_a_saved_config_are_one_line_errors(tmp_path, capsys):
+def test_checkpoints_without_a_saved_config_are_one_line_errors(tmp_path, capsys, one_line_error):
     root = tmp_path / "bare"
     config = recipe(tmp_path, root, with_net=False)
     torch.save({"global_step": 0, "state_dict": {}}, tmp_path / "weights_only.ckpt")  # no hyper_parameters

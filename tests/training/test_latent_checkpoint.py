@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 
 from diffusion_pl.cli.main import main
 from diffusion_pl.data.datamodule import ShardDataModule
@@ -15,10 +14,11 @@ from diffusion_pl.utils.errors import UserError
 from diffusion_pl.codecs.base import Pixels
 from diffusion_pl.codecs.latent import SPEC_KEY, LatentCodec
 from diffusion_pl.training.module import load_module
+from tests.support.latent import TINY_VAE_CONFIG, tiny_autoencoder
+from tests.support.paths import REPO
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
-ROOT = Path(__file__).resolve().parents[1]
 IMAGES = "builtin:shapes?size=16&count=16"
 # model.autoencoder as configs/cpu_latent_tiny.yaml's checkpoints saved it before codecs existed (hyper_parameters)
 SAVED_BEFORE_CODECS = {"class_path": "diffusion_pl.codecs.autoencoder.Autoencoder", "init_args": {
@@ -33,7 +33,7 @@ def _vae_folder(path: Path, seed: int) -> Path:
 
 
 def _fit(root: Path, *overrides: str) -> Path:
-    assert main(["fit", "--config", str(ROOT / "configs" / "cpu_latent_tiny.yaml"), "--trainer.max_steps=1",
+    assert main(["fit", "--config", str(REPO / "configs" / "cpu_latent_tiny.yaml"), "--trainer.max_steps=1",
                  f"--trainer.default_root_dir={root}", f"--data.init_args.shards={IMAGES}",
                  "--data.init_args.batch_size=4", "--trainer.callbacks=[]", *overrides]) == 0
     return next(root.rglob("*.ckpt"))

@@ -15,17 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _latent_setup import TINY_VAE_CONFIG, tiny_autoencoder
 from PIL import Image
 
 from diffusion_pl.cli.main import main
 from diffusion_pl.cli.prepare import main as prepare_main
+from tests.support.latent import TINY_VAE_CONFIG
+from tests.support.paths import REPO, repo_pythonpath
 
 pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")]
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 CLASSES = 5  # configs/cpu_latent_tiny.yaml's num_classes
 
 
@@ -47,7 +46,7 @@ def _env(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
         env.pop(key, None)
-    env.update({"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p),
+    env.update({"PYTHONPATH": repo_pythonpath(),
                 "DIFFUSION_PL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
                 "PYTHONUNBUFFERED": "1"})
     return env
@@ -55,7 +54,7 @@ def _env(tmp_path: Path) -> dict:
 
 def _run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str]:
     """Run `cmd` in its own session; on timeout kill it with the ranks it started."""
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         out = proc.communicate(timeout=timeout)[0]
@@ -66,12 +65,12 @@ def _run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
-def test_two_rank_ddp_fit_on_latent_shards(tmp_path, monkeypatch):
+def test_two_rank_ddp_fit_on_latent_shards(tmp_path, monkeypatch, tiny_autoencoder):
     shards = _encoded_shards(tmp_path)
     run = tmp_path / "run"
     started = time.monotonic()
     code, out = _run([sys.executable, "-m", "diffusion_pl", "fit", "--config",
-                      str(ROOT / "configs" / "cpu_latent_tiny.yaml"), "--trainer.accelerator=cpu",
+                      str(REPO / "configs" / "cpu_latent_tiny.yaml"), "--trainer.accelerator=cpu",
                       "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=3",
                       f"--trainer.default_root_dir={run}", f"--data.init_args.shards={shards}",
                       "--data.init_args.batch_size=4"], _env(tmp_path), timeout=120)

@@ -7,8 +7,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from _eval_setup import StandInFeatures, recording
-from _latent_setup import tiny_autoencoder
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
@@ -24,6 +22,7 @@ from diffusion_pl.training.module import DiffusionModule, check_data_fits
 from diffusion_pl.networks.unet import UNet
 from diffusion_pl.processes.variance_preserving import VPLinear
 from diffusion_pl.sampling.posterior import DDIM
+from tests.support.latent import tiny_autoencoder
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -159,12 +158,12 @@ def test_data_that_does_not_fit_is_refused_in_one_line(tmp_path):
         _fit(tmp_path / "run", make_module(tiny_autoencoder(seed=1)), data, 1)
 
 
-def test_fid_callback_scores_decoded_images(tmp_path, monkeypatch):
+def test_fid_callback_scores_decoded_images(tmp_path, monkeypatch, stand_in_features, recording):
     """Latent shards train the module; FID reference images are pixels at the decoded size (16), the stand-in
     extractor sees decoded uint8 images."""
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))  # the reference is computed, not cached
     shards = latent_shards(tmp_path / "latents", tiny_autoencoder(), n=8)
-    extractor = StandInFeatures()
+    extractor = stand_in_features()
     fid = recording(FIDCallback)(every_n_steps=1, num_samples=4, data=IMAGES, sampler=DDIM(steps=2),
                                  feature_extractor=extractor, batch_size=4)
     _fit(tmp_path / "run", make_module(), ShardDataModule(shards=shards, batch_size=4, num_workers=0), 1,

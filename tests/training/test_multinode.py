@@ -11,7 +11,7 @@
 - A SIGUSR1 that lands inside an optimizer step still gives an hpc checkpoint of one step
   boundary (DeferredRequeue moves Lightning's save to the end of the step).
 
-What each rank trained on and ended with is recorded by tests/_multinode_probe.py (a callback
+What each rank trained on and ended with is recorded by tests/support/multinode.py (a callback
 given by class_path in the config), so these tests check the training's own inputs and outputs.
 """
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-TESTS = Path(__file__).parent
-ROOT = TESTS.parent
+from tests.support.paths import repo_pythonpath
+
 JOB_ID = "4242"
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def _config(path: Path, probe: Path, max_steps: int, **probe_args: int) -> Path:
           limit_val_batches: 0
           log_every_n_steps: 1
           callbacks:
-            - class_path: _multinode_probe.BatchProbe
+            - class_path: tests.support.multinode.BatchProbe
               init_args: {{{probe_init}}}
         model:
           net:
@@ -71,7 +71,7 @@ def _env(tmp_path: Path, **extra: str) -> dict:
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
         env.pop(key, None)
     env.update({
-        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": repo_pythonpath(),
         "DIFFUSION_PL_CACHE": str(tmp_path / "cache"),  # shared by the "nodes", as on a shared file system
         "OMP_NUM_THREADS": "1",
         "GLOO_SOCKET_IFNAME": "lo",

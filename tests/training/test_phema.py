@@ -15,12 +15,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy.integrate import quad
 
-from _helpers import DYING_TORCH_SAVE, tiny_fit_config
-from _training_setup import make_datamodule, make_module
 from diffusion_pl.training.callbacks.checkpointing import AtomicCheckpointIO
 from diffusion_pl.training.callbacks.power_ema import PowerEMA
 from diffusion_pl.cli.main import main
@@ -30,6 +27,8 @@ from diffusion_pl.training.phema import (SIGMA_REL_MAX, PowerFunctionEMA, gamma_
                                          power_ema_beta, profile_inner_products, profile_residual, sigma_rel_to_gamma,
                                          solve_posthoc_coefficients)
 from diffusion_pl.cli.run_folder import previous_run_outputs
+from tests.support.fit import DYING_TORCH_SAVE
+from tests.support.training import make_datamodule, make_module
 
 SIGMA_RELS = (0.01, 0.05, 0.07, 0.10, 0.2, 0.28, SIGMA_REL_MAX)
 
@@ -300,21 +299,6 @@ def test_a_killed_snapshot_write_leaves_no_partial_snapshot(tmp_path):
 
 # -- the command -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`diffusion-pl fit` of the tiny recipe for 6 steps with PowerEMA (snapshots every 2 steps)."""
-    root = tmp_path_factory.mktemp("phema_run")
-    power = {"class_path": "diffusion_pl.training.callbacks.power_ema.PowerEMA",
-             "init_args": {"sigma_rels": [0.05, 0.10], "snapshot_every_n_steps": 2}}
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_fit_config(max_steps=6, logger=False, callbacks=[power])))
-    run = root / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFUSION_PL_CACHE", str(root / "cache"))
-        assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={run}"]) == 0
-    return run
-
-
 def test_reconstruct_ema_end_to_end(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.05", "0.07", "--out", str(out)]) == 0
@@ -375,7 +359,7 @@ def test_reconstruct_ema_fid_sweep_writes_table_plot_and_reports(tiny_run, tmp_p
     out = tmp_path / "out"
     data = "builtin:shapes?size=8&count=64"
     metric_args = ["--num-samples", "8", "--sampler", "ddim", "heunode", "--steps", "2", "1", "--batch-size", "8",
-                   "--feature-extractor", "_eval_setup.StandInFeatures"]
+                   "--feature-extractor", "tests.support.evaluation.StandInFeatures"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
         assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.05", "0.07", "0.1", "--out", str(out),
@@ -390,7 +374,7 @@ def test_reconstruct_ema_fid_sweep_writes_table_plot_and_reports(tiny_run, tmp_p
             assert {f"fid/{p['name']}": p["fid"] for p in report["results"]} == \
                 {k: float(v) for k, v in row.items() if k.startswith("fid/")}
         assert len({r["fid/ddim_2"] for r in rows}) == 3  # different EMA lengths score differently
-        assert "post-hoc EMA sweep (Frechet distance (_eval_setup.StandInFeatures), 8 samples)" in printed
+        assert "post-hoc EMA sweep (Frechet distance (tests.support.evaluation.StandInFeatures), 8 samples)" in printed
         assert "best ddim_2: sigma_rel" in printed
         with Image.open(out / "phema-sweep-000000006.png") as im:
             assert im.format == "PNG" and im.size[0] > 300

@@ -15,19 +15,15 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _helpers import DYING_TORCH_SAVE  # noqa: E402
-from _training_setup import IMAGE_SIZE, make_datamodule, make_module, make_net  # noqa: E402
-
 from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, PreemptionCheckpoint,
                                                            find_resume_checkpoint)
 from diffusion_pl.networks.base import ScoreNetwork
 from diffusion_pl.training.module import DiffusionModule, load_module
 from diffusion_pl.prediction import EpsPrediction
 from diffusion_pl.processes.variance_preserving import VPLinear
-
-TESTS = Path(__file__).parent
-ROOT = TESTS.parent
+from tests.support.fit import DYING_TORCH_SAVE
+from tests.support.paths import REPO, WORKERS, repo_pythonpath
+from tests.support.training import IMAGE_SIZE, make_datamodule, make_module, make_net
 
 
 def _trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
@@ -213,7 +209,7 @@ def _cli_config(tmp_path: Path, max_steps: int) -> Path:
           callbacks:
             - class_path: lightning.pytorch.callbacks.ModelCheckpoint
               init_args: {{dirpath: {root}/checkpoints, every_n_train_steps: 1000, save_last: true}}
-            - class_path: _training_setup.StepMarker
+            - class_path: tests.support.training.StepMarker
               init_args: {{path: {tmp_path}/steps.txt}}
         model:
           net:
@@ -230,7 +226,7 @@ def _cli_config(tmp_path: Path, max_steps: int) -> Path:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return {**os.environ, "PYTHONPATH": repo_pythonpath()}
 
 
 def _steps(path: Path) -> list[int]:
@@ -265,8 +261,8 @@ def test_sigterm_saves_and_exits_nonzero_then_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_ranks_identical_weights_different_noise(tmp_path):
-    proc = subprocess.run([sys.executable, str(TESTS / "_train_worker.py"), str(tmp_path), "--devices", "2",
-                           "--max-steps", "3"], capture_output=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(WORKERS / "train.py"), str(tmp_path), "--devices", "2",
+                           "--max-steps", "3"], capture_output=True, timeout=300, cwd=REPO, env=_env())
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["step"] == r1["step"] == 3

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import yaml
 
-from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
 from diffusion_pl.data.writer import Sample, write_shards
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.utils.errors import TRACEBACK_ENV
+from tests.support.fit import tiny_fit_config
+from tests.support.paths import REPO
 
 SHAPES = "builtin:shapes?size=8&count=64"  # RGB 8x8, 5 classes
 
@@ -75,7 +76,7 @@ PROBES = [
           ("not a checkpoint",)),
     Probe("evaluate: random file as ckpt",
           ("evaluate", "--ckpt", "{junk}", "--data", SHAPES, "--num-samples", "2",
-           "--feature-extractor", "_eval_setup.StandInFeatures"), ("not a checkpoint",)),
+           "--feature-extractor", "tests.support.evaluation.StandInFeatures"), ("not a checkpoint",)),
     Probe("reconstruct-ema: run without snapshots",
           ("reconstruct-ema", "--run", "{userdir}", "--sigma-rel", "0.07", "--out", "{run}/ema"),
           ("no post-hoc EMA snapshots", "PowerEMA")),
@@ -138,7 +139,7 @@ def files(tmp_path_factory) -> dict[str, str]:
 def test_bad_input_ends_in_one_line(probe, files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # _eval_setup's stand-in feature extractor
+    monkeypatch.syspath_prepend(str(REPO))  # tests.support.evaluation's stand-in feature extractor
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     values = {**files, "config": str(config), "run": str(tmp_path / "run")}

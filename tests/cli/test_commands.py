@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from _eval_setup import DATA, IMAGE_SIZE
 from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.evaluation.generation import generate
 from diffusion_pl.evaluation.metrics.inception import WEIGHTS_ENV
@@ -29,73 +28,11 @@ from diffusion_pl.processes.variance_preserving import VPLinear
 from diffusion_pl.sampling.posterior import DDIM
 from diffusion_pl.sampling.edm import EDMStochastic
 from diffusion_pl.sampling.grids import KarrasGrid
-
-TESTS = Path(__file__).parent
-STAND_IN = "_eval_setup.StandInFeatures"
-
-FIT_CONFIG = f"""
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_steps: 2
-  enable_progress_bar: false
-  enable_model_summary: false
-  limit_val_batches: 0
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: ROOT, name: csv}}
-  callbacks:
-    - class_path: diffusion_pl.evaluation.sample_grid.SampleGrid
-      init_args:
-        every_n_steps: 2
-        num_samples: 5
-        sampler: [{{class_path: diffusion_pl.sampling.posterior.DDIM, init_args: {{steps: 2}}}}]
-    - class_path: diffusion_pl.evaluation.fid_callback.FIDCallback
-      init_args:
-        every_n_steps: 2
-        num_samples: 6
-        sampler: {{class_path: diffusion_pl.sampling.ode.HeunODE, init_args: {{steps: 1}}}}
-        feature_extractor: {{class_path: {STAND_IN}}}
-model:
-  net:
-    class_path: diffusion_pl.networks.unet.UNet
-    init_args: {{img_resolution: {IMAGE_SIZE}, model_channels: 8, channel_mult: [1, 2], num_res_blocks: 1,
-                attn_resolutions: [], dropout: 0.0, num_classes: 5}}
-  process: {{class_path: diffusion_pl.processes.variance_preserving.VPLinear}}
-  ema_decay: 0.5
-data:
-  class_path: diffusion_pl.data.datamodule.ShardDataModule
-  init_args: {{shards: "{DATA}", batch_size: 8, num_workers: 0}}
-"""
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 2-step `diffusion-pl fit` (callbacks from YAML by class_path); yields its folder and checkpoint."""
-    root = tmp_path_factory.mktemp("fit")
-    env = {"DIFFUSION_PL_CACHE": str(root / "cache"), "TORCH_HOME": str(root / "torch")}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv(WEIGHTS_ENV, raising=False)
-        config = root / "fit.yaml"
-        config.write_text(FIT_CONFIG.replace("ROOT", str(root)))
-        assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}"]) == 0
-        yield {"root": root, "ckpt": str(next(root.rglob("*.ckpt"))), "env": env}
-
+from tests.support.commands import DDIM_ETA1
+from tests.support.evaluation import DATA, IMAGE_SIZE, STAND_IN
 
 def sample(run, out, *args, sampler: tuple[str, ...] = ("ddim", "--steps", "2")) -> int:
     return main(["sample", "--ckpt", run["ckpt"], "--sampler", *sampler, "--out", str(out), *args])
-
-
-DDIM_ETA1 = '{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"eta": 1.0}}'
-
-
-def ddim_spec(steps: int = 2, eta: float = 0.0, grid: dict | None = None) -> dict:
-    """The resolved spec of DDIM as sample_config.json and the evaluate report record it (defaults included)."""
-    return {"class_path": "diffusion_pl.sampling.posterior.DDIM",
-            "init_args": {"steps": steps, "grid": grid, "final_denoise": True, "eta": eta}}
 
 
 def read_npz(path: Path) -> dict:
@@ -153,7 +90,7 @@ def test_sample_refuses_to_overwrite_another_run(run, tmp_path, capsys):
     assert "expected one of" in capsys.readouterr().err
 
 
-def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys):
+def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys, ddim_spec):
     npz = f"samples_3x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz"
     assert sample(run, tmp_path / "short", "--num-samples", "3") == 0  # the short-name form: DDIM, eta = 0
     config = json.loads((tmp_path / "short" / "sample_config.json").read_text())
@@ -186,7 +123,7 @@ def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys
     assert sample(run, tmp_path / "short", "--num-samples", "3") == 2
 
 
-def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch):
+def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch, ddim_spec):
     used = []
     original = generate
 
@@ -268,7 +205,7 @@ def test_sample_two_processes_match_one(run, tmp_path):
     np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
 
 
-def test_evaluate_checkpoint_and_its_samples_agree(run, tmp_path, capsys):
+def test_evaluate_checkpoint_and_its_samples_agree(run, tmp_path, capsys, ddim_spec):
     report = tmp_path / "report.json"
     # a short name and a full spec (its steps from --steps), scored side by side
     assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "6", "--sampler", "ddim",

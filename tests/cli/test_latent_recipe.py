@@ -10,19 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _eval_setup import StandInFeatures
 from PIL import Image
 
 from diffusion_pl.cli.main import main
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.evaluation.metrics.statistics import extract
+from tests.support.evaluation import STAND_IN, StandInFeatures
+from tests.support.paths import REPO
 
 pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")]
-ROOT = Path(__file__).resolve().parents[1]
 IMAGES = "builtin:shapes?size=16&count=48"
-STAND_IN = "_eval_setup.StandInFeatures"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent_fit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIFFUSION_PL_CACHE", str(root / "cache"))
-        assert main(["fit", "--config", str(ROOT / "configs" / "cpu_latent_tiny.yaml"), "--trainer.max_steps=3",
+        assert main(["fit", "--config", str(REPO / "configs" / "cpu_latent_tiny.yaml"), "--trainer.max_steps=3",
                      f"--trainer.default_root_dir={root}", f"--data.init_args.shards={IMAGES}",
                      "--data.init_args.batch_size=8"]) == 0
         yield {"root": root, "ckpt": str(next(root.rglob("*.ckpt")))}
@@ -96,7 +95,7 @@ def test_evaluate_scores_decoded_samples_against_data_or_ref_stats(run, tmp_path
 
 def test_fit_fills_the_latent_shape_of_image_data(tmp_path, capsys):
     """With model.autoencoder and image data, unset in_channels / img_resolution come from the latents (4, 8)."""
-    assert main(["fit", "--config", str(ROOT / "configs" / "cpu_latent_tiny.yaml"), "--trainer.max_steps=1",
+    assert main(["fit", "--config", str(REPO / "configs" / "cpu_latent_tiny.yaml"), "--trainer.max_steps=1",
                  f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.shards={IMAGES}",
                  "--data.init_args.batch_size=4", "--model.net.init_args.in_channels=null",
                  "--model.net.init_args.img_resolution=null", "--trainer.callbacks=[]"]) == 0

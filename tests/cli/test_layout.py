@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_pl"
+from tests.support.paths import REPO
+
+PACKAGE = REPO / "diffusion_pl"
 WINGS = ("utils", None, "codecs", "data", "training", "evaluation", "interop", "cli")  # None: the core
 
 

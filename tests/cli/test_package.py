@@ -6,16 +6,15 @@ import importlib
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 import diffusion_pl
 from diffusion_pl.cli.main import LIGHTNING_COMMANDS, PROJECT_COMMANDS, main
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_package_imports_and_has_version():
@@ -90,17 +89,17 @@ def test_config_cites_its_source(config):
 
 
 def test_ci_runs_the_readme_test_command():
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```(?:bash|sh)?\n(.*?)```", quick, re.S)
     lines = [line for block in commands for line in block.strip().splitlines() if line.strip()]
     assert len(lines) == 2, f"Quick start must hold exactly two commands, found {lines}"
     test_line = next(line for line in lines if "pytest" in line)
     pytest_cmd = test_line.split("&&")[-1].strip()
-    assert pytest_cmd in (ROOT / ".ci" / "run").read_text(), f"{pytest_cmd!r} missing from .ci/run"
+    assert pytest_cmd in (REPO / ".ci" / "run").read_text(), f"{pytest_cmd!r} missing from .ci/run"
 
 
 def test_gitignore_keeps_outputs_out():
-    ignored = (ROOT / ".gitignore").read_text()
+    ignored = (REPO / ".gitignore").read_text()
     for pattern in ("runs/", "*.ckpt", "__pycache__/", "venv/"):
         assert pattern in ignored

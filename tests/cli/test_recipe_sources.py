@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from diffusion_pl.networks.presets import PRESETS
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("recipe_tables", ROOT / "configs" / "sources" / "tables.py")
+_spec = importlib.util.spec_from_file_location("recipe_tables", REPO / "configs" / "sources" / "tables.py")
 recipe_tables = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(recipe_tables)
 
 SOURCES = recipe_tables.load_sources()
-RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.stem.startswith(("cifar10_", "imagenet")))
+RECIPES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml") if p.stem.startswith(("cifar10_", "imagenet")))
 
 
 def test_every_reproduction_recipe_has_a_table_and_every_table_a_recipe():
@@ -47,7 +46,7 @@ def test_a_drifted_recipe_is_caught():
 
 
 def test_readme_shows_the_tables():
-    section = recipe_tables.readme_section((ROOT / "README.md").read_text())
+    section = recipe_tables.readme_section((REPO / "README.md").read_text())
     assert section is not None, "README.md has no recipe-tables section"
     assert section == recipe_tables.render(), "README recipe tables are stale: python configs/sources/tables.py --write README.md"
 

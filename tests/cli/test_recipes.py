@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from diffusion_pl.cli.main import main
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CIFAR_RECIPES = sorted((ROOT / "configs").glob("cifar10_*.yaml"))
+CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR_RECIPES = sorted((REPO / "configs").glob("cifar10_*.yaml"))
 
 
 def _localise(config: dict, root: Path, max_steps: int) -> dict:
@@ -35,7 +35,7 @@ def _run(config: dict, path: Path) -> None:
 
 
 def test_quickstart_recipe_writes_a_sample_grid(tmp_path):
-    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     grid = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("SampleGrid"))
     _localise(config, tmp_path, max_steps=3)
     grid["init_args"].update(every_n_steps=3, num_samples=8)
@@ -81,7 +81,7 @@ def test_cifar_recipe_trains_on_prepared_shards(recipe, cifar_shards, tmp_path):
 
 def test_full_size_ddpm_recipe_takes_a_step(cifar_shards, tmp_path):
     """The published 35.7M DDPM U-Net, unchanged, on 300 real CIFAR-10 images."""
-    config = _localise(yaml.safe_load((ROOT / "configs" / "cifar10_ddpm.yaml").read_text()), tmp_path, max_steps=1)
+    config = _localise(yaml.safe_load((REPO / "configs" / "cifar10_ddpm.yaml").read_text()), tmp_path, max_steps=1)
     config["data"]["init_args"].update(shards=str(cifar_shards), batch_size=2, num_workers=0)
     _run(config, tmp_path / "ddpm.yaml")
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
 from diffusion_pl.cli.run_folder import LOCK_NAME
+from tests.support.fit import tiny_fit_config
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY = tiny_fit_config(callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                     "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "save_last": True}}])
@@ -130,7 +130,7 @@ def test_one_option_moves_the_whole_run(tmp_path, monkeypatch):
     """The quickstart recipe with --trainer.default_root_dir elsewhere: nothing lands in its own runs/ folder."""
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     config["trainer"]["max_steps"] = 2
     config["model"]["net"]["init_args"].update(model_channels=8, channel_mult=[1, 2])
     config["data"]["init_args"].update(batch_size=4, num_workers=0)

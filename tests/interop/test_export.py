@@ -1,7 +1,7 @@
 """`diffusion-pl export` and `diffusion_pl.interop.safetensors.load_exported`: a real `fit` checkpoint out as safetensors and back.
 
 Bad command lines of `export` (missing checkpoint, a non-checkpoint file, --out a file) are probes in
-tests/test_bad_inputs.py.
+tests/cli/test_bad_inputs.py.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ fine-tuning runs on the CPU; 128 channels keep every GroupNorm at 32 groups, as 
 and LayerNorm eps (1e-6) put back, the two places where diffusers' port differs in its computation (README
 "DiT: parity with DiT's models.py and diffusers"), its weights written under models.py's key names
 (facebookresearch/DiT models.py:27-180). The float64 U-Net comparisons share one float32 timestep
-sinusoid, which both libraries compute in float32 (compared on its own in tests/test_interop_unet.py).
+sinusoid, which both libraries compute in float32 (compared on its own in tests/interop/test_interop_unet.py).
 """
 
 from __future__ import annotations

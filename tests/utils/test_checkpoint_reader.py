@@ -21,15 +21,14 @@ import pytest
 import torch
 import yaml
 
-from _helpers import tiny_fit_config
 from diffusion_pl.cli.main import main
 from diffusion_pl.processes.variance_preserving import VPLinear
 from diffusion_pl.training.module import load_module
 from diffusion_pl.training.phema import SNAPSHOT_FORMAT
 from diffusion_pl.utils.checkpoint import ALIASES, EXPECTED, read_checkpoint, read_snapshot, upgrade_path
 from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError
+from tests.support.paths import REPO
 
-TESTS = Path(__file__).parent
 SHAPES = "builtin:shapes?size=8&count=64"
 EVIL = "evil_pkg.Net"
 POWER_EMA = {"class_path": "diffusion_pl.training.callbacks.power_ema.PowerEMA",
@@ -43,11 +42,11 @@ OLD = {"diffusion_pl.networks.unet.UNet": "diffusion_pl.networks.UNet",
 @pytest.fixture(autouse=True)
 def environment(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.syspath_prepend(str(TESTS))  # _eval_setup's stand-in feature extractor
+    monkeypatch.syspath_prepend(str(REPO))  # tests.support.evaluation's stand-in feature extractor
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_fit_config):
     """A 2-step fit of the tiny recipe with PowerEMA snapshots at every step: its folder and checkpoint, and the
     recipe without the callback (for fitting on)."""
     root = tmp_path_factory.mktemp("trained")
@@ -119,7 +118,7 @@ PATHS = {
                                                    str(ckpt), f"--trainer.default_root_dir={tmp / 'ft'}"],
     "sample": lambda t, ckpt, tmp: ["sample", "--ckpt", str(ckpt), "--num-samples", "1", "--out", str(tmp / "s")],
     "evaluate": lambda t, ckpt, tmp: ["evaluate", "--ckpt", str(ckpt), "--data", SHAPES, "--num-samples", "2",
-                                      "--feature-extractor", "_eval_setup.StandInFeatures"],
+                                      "--feature-extractor", "tests.support.evaluation.StandInFeatures"],
     "export": lambda t, ckpt, tmp: ["export", "--ckpt", str(ckpt), "--out", str(tmp / "e")],
     "reconstruct-ema": lambda t, ckpt, tmp: ["reconstruct-ema", "--run", str(t["run"]), "--ckpt", str(ckpt),
                                              "--sigma-rel", "0.07", "--out", str(tmp / "ema.ckpt")],
@@ -283,7 +282,7 @@ def test_an_old_checkpoint_loads_samples_and_exports_as_today(trained, tmp_path,
         assert main(["sample", "--ckpt", str(ckpt), "--num-samples", "3", "--sampler", "ddim", "--steps", "2", "--npz",
                      "--out", str(tmp_path / f"s_{name}")]) == 0
         assert main(["evaluate", "--ckpt", str(ckpt), "--data", SHAPES, "--num-samples", "4", "--sampler", "ddim",
-                     "--steps", "2", "--feature-extractor", "_eval_setup.StandInFeatures",
+                     "--steps", "2", "--feature-extractor", "tests.support.evaluation.StandInFeatures",
                      "--report", str(tmp_path / f"r_{name}.json")]) == 0
         assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / f"e_{name}")]) == 0
     np.testing.assert_array_equal(npz(tmp_path / "s_old"), npz(tmp_path / "s_new"))

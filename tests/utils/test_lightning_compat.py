@@ -41,9 +41,8 @@ def test_lightning_cli_internals_overridden_by_diffusion_cli():
     assert callable(getattr(_ActionPrintConfig, "skip_print_config", None))
 
 
-def test_module_and_data_internals(tmp_path, monkeypatch):
+def test_module_and_data_internals(tmp_path, monkeypatch, tiny_fit_config):
     """built_by_cli is True only inside LightningCLI's instantiation; batches_processed counts batches."""
-    from _helpers import tiny_fit_config
     from diffusion_pl.cli.fit import DiffusionCLI
     from diffusion_pl.training.module import DiffusionModule
 
@@ -55,12 +54,11 @@ def test_module_and_data_internals(tmp_path, monkeypatch):
     assert lightning_compat.batches_processed(trainer) == 0
 
 
-def test_module_from_checkpoint_rebuilds_what_load_from_checkpoint_does(tmp_path, monkeypatch):
+def test_module_from_checkpoint_rebuilds_what_load_from_checkpoint_does(tmp_path, monkeypatch, tiny_fit_config):
     """module_from_checkpoint runs the rest of Lightning's load_from_checkpoint (`_pl_migrate_checkpoint`, then
     `core.saving._load_state`) on a dict already read: the same module as load_from_checkpoint on the file."""
     import torch
 
-    from _helpers import tiny_fit_config
     from diffusion_pl.cli.fit import DiffusionCLI
     from diffusion_pl.training.module import DiffusionModule
 

@@ -1,5 +1,5 @@
-"""Fixtures of the core tests: the guidance oracle's pieces (tests/support/guidance.py) for test bodies outside
-tests/core/test_guidance.py."""
+"""Fixtures of the core tests: the guidance oracle's pieces (tests/support/guidance.py) for the bodies of
+tests/core/test_guidance.py and test_guidance_channels.py (MIX and NULL, constants, are imported)."""
 
 from __future__ import annotations
 

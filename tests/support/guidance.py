@@ -1,6 +1,6 @@
 """The guidance tests' oracle: a 2-D Gaussian mixture whose labels select one component or, with NULL, the whole
-mixture, seeded noise for it, and a tiny class-conditional module (tests/core/test_guidance.py builds on them;
-tests/core/conftest.py hands them to other test bodies)."""
+mixture, seeded noise for it, and a tiny class-conditional module (tests/core/conftest.py hands them to the bodies
+of tests/core/test_guidance.py and test_guidance_channels.py)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     python configs/sources/tables.py                    # print the tables (Markdown)
     python configs/sources/tables.py --write README.md  # replace the README's recipe-tables section
 
-tests/test_recipe_sources.py imports `check` and `render` from here, so the README, the recipes and
+tests/cli/test_recipe_sources.py imports `check` and `render` from here, so the README, the recipes and
 the table cannot drift apart.
 """
 

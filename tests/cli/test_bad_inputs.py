@@ -1,0 +1,162 @@
+"""Bad input meets one line: every probe runs a real command line and expects exit status 2, a last stderr
+line `diffusion-pl <command>: error: ...` containing the given words, and no traceback.
+
+A new bad input joins in one line: add a `Probe(...)` to PROBES (the placeholders {config}, {run}, {grey},
+{corrupt}, {nomanifest}, {badmanifest}, {junk}, {goodimages}, {badimages}, {userdir} name the fixture files).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from diffusion_pl.cli.main import main
+from diffusion_pl.data.writer import Sample, write_shards
+from diffusion_pl.data.png import encode_png
+from diffusion_pl.utils.errors import TRACEBACK_ENV
+from tests.support.fit import tiny_fit_config
+from tests.support.paths import REPO
+
+SHAPES = "builtin:shapes?size=8&count=64"  # RGB 8x8, 5 classes
+
+CONFIG = tiny_fit_config(max_steps=2, logger=False, enable_checkpointing=False)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A command line (placeholders filled from the fixtures) and words its one-line error must contain."""
+
+    name: str
+    argv: tuple[str, ...]
+    expect: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def fit(*args: str) -> tuple[str, ...]:
+    return ("fit", "--config", "{config}", "--trainer.default_root_dir={run}", *args)
+
+
+PROBES = [
+    # data the run cannot read
+    Probe("missing shards", fit("--data.init_args.shards={run}/nowhere.tar"), ("nowhere.tar", "does not exist")),
+    Probe("folder without manifest", fit("--data.init_args.shards={nomanifest}"), ("manifest.json",)),
+    Probe("corrupt manifest", fit("--data.init_args.shards={badmanifest}"), ("manifest", "JSON")),
+    Probe("mistyped builtin", fit("--data.init_args.shards=builtin:shapez"), ("builtin:shapez", "expected")),
+    Probe("missing val_shards", fit("--data.init_args.val_shards={run}/val.tar"), ("val.tar", "does not exist")),
+    Probe("all samples undecodable", fit("--data.init_args.shards={corrupt}"), ("decod",)),
+    Probe("all samples undecodable, workers", fit("--data.init_args.shards={corrupt}", "--data.init_args.num_workers=1"),
+          ("decod",)),
+    # numeric options
+    Probe("batch size 0", fit("--data.init_args.batch_size=0"), ("batch_size", "0")),
+    Probe("batch size -4", fit("--data.init_args.batch_size=-4"), ("batch_size", "-4")),
+    Probe("negative learning rate", fit("--model.optimizer=torch.optim.Adam", "--model.optimizer.lr=-0.1"),
+          ("optimizer", "-0.1")),
+    Probe("ema decay above 1", fit("--model.ema_decay=1.5"), ("ema_decay", "1.5")),
+    Probe("nonfinite skips 0", fit("--model.max_nonfinite_skips=0"), ("max_nonfinite_skips",)),
+    # data and network disagree
+    Probe("grey data, RGB net", fit("--data.init_args.shards={grey}", "--model.net.init_args.in_channels=3"),
+          ("in_channels=3", "1-channel")),
+    Probe("8x8 data, 16x16 net", fit("--model.net.init_args.img_resolution=16"), ("img_resolution=16x16", "8x8")),
+    Probe("9 classes for 5", fit("--model.net.init_args.num_classes=9"), ("num_classes=9", "5 classes")),
+    Probe("3 classes for 5", fit("--model.net.init_args.num_classes=3"), ("num_classes=3", "5 classes")),
+    Probe("network without the interface", fit("--model.net=torch.nn.Identity"),
+          ("torch.nn.modules.linear.Identity", "declares no network interface", "ScoreNetwork")),
+    # checkpoints
+    Probe("missing ckpt_path", fit("--ckpt_path={run}/gone.ckpt"), ("gone.ckpt", "does not exist")),
+    Probe("truncated ckpt_path", fit("--ckpt_path={junk}"), ("not a checkpoint",)),
+    Probe("sample: random file as ckpt", ("sample", "--ckpt", "{junk}", "--num-samples", "1", "--out", "{run}/s"),
+          ("not a checkpoint",)),
+    Probe("evaluate: random file as ckpt",
+          ("evaluate", "--ckpt", "{junk}", "--data", SHAPES, "--num-samples", "2",
+           "--feature-extractor", "tests.support.evaluation.StandInFeatures"), ("not a checkpoint",)),
+    Probe("reconstruct-ema: run without snapshots",
+          ("reconstruct-ema", "--run", "{userdir}", "--sigma-rel", "0.07", "--out", "{run}/ema"),
+          ("no post-hoc EMA snapshots", "PowerEMA")),
+    Probe("reconstruct-ema: sigma_rel out of range",
+          ("reconstruct-ema", "--run", "{userdir}", "--sigma-rel", "0.5", "--out", "{run}/ema"),
+          ("--sigma-rel 0.5", "out of range")),
+    Probe("export: missing ckpt", ("export", "--ckpt", "{run}/gone.ckpt", "--out", "{run}/e"),
+          ("gone.ckpt", "does not exist")),
+    Probe("export: random file as ckpt", ("export", "--ckpt", "{junk}", "--out", "{run}/e"), ("not a checkpoint",)),
+    Probe("export: --out is a file", ("export", "--ckpt", "{junk}", "--out", "{junk}"), ("--out", "is a file")),
+    # prepare
+    Probe("prepare: zero-byte image", ("prepare", "folder", "{badimages}", "--out", "{run}/shards"), ("0001.jpg",)),
+    Probe("prepare: --overwrite of a folder it did not write",
+          ("prepare", "folder", "{goodimages}", "--out", "{userdir}", "--overwrite"), ("not",)),
+    # a diverging run
+    Probe("nonfinite loss", fit("--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30"),
+          ("non-finite training loss",)),
+    Probe("nonfinite loss, skip forever",
+          fit("--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30", "--model.nonfinite_loss=skip",
+              "--model.max_nonfinite_skips=3", "--trainer.max_steps=50"), ("3 consecutive steps",)),
+]
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    grey = np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8)
+    write_shards((Sample(f"{i:04d}", encode_png(g), "png", i % 5, (8, 8, 1)) for i, g in enumerate(grey)),
+                 root / "grey", classes=[str(c) for c in range(5)], shard_size=8)
+    (root / "corrupt").mkdir()
+    _tar(root / "corrupt" / "shard-000000.tar",
+         {f"{i:04d}.{ext}": data for i in range(8) for ext, data in (("jpg", b"not an image"), ("cls", b"0"))})
+    (root / "nomanifest").mkdir()
+    _tar(root / "nomanifest" / "shard-000000.tar", {"0000.cls": b"0"})
+    (root / "badmanifest").mkdir()
+    (root / "badmanifest" / "manifest.json").write_text("{not json")
+    (root / "junk.ckpt").write_bytes(b"PK\x03\x04 truncated" + bytes(200))
+    for folder, broken in (("goodimages", False), ("badimages", True)):
+        (root / folder / "cat").mkdir(parents=True)
+        for i in range(2):
+            data = b"" if broken and i == 1 else encode_png(np.zeros((8, 8, 3), np.uint8))
+            (root / folder / "cat" / f"{i:04d}.jpg").write_bytes(data)
+    (root / "userdir").mkdir()
+    (root / "userdir" / "notes.txt").write_text("mine")
+    return {"grey": str(root / "grey"), "corrupt": str(root / "corrupt" / "shard-000000.tar"),
+            "nomanifest": str(root / "nomanifest"), "badmanifest": str(root / "badmanifest"),
+            "junk": str(root / "junk.ckpt"), "goodimages": str(root / "goodimages"),
+            "badimages": str(root / "badimages"), "userdir": str(root / "userdir")}
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=str)
+def test_bad_input_ends_in_one_line(probe, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(REPO))  # tests.support.evaluation's stand-in feature extractor
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    values = {**files, "config": str(config), "run": str(tmp_path / "run")}
+    argv = [arg.format(**values) for arg in probe.argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"diffusion-pl {argv[0]}: error: "), err[-2000:]
+    for word in probe.expect:
+        assert word in last, last
+    assert "Traceback" not in err, err[-2000:]
+
+
+def test_traceback_env_shows_the_traceback(files, tmp_path, monkeypatch):
+    """DIFFUSION_PL_TRACEBACK=1: the same user error is raised with its traceback instead of one line."""
+    from diffusion_pl.utils.errors import UserError
+
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(UserError, match="not a checkpoint"):
+        main(["sample", "--ckpt", files["junk"], "--num-samples", "1", "--out", str(tmp_path / "s")])

@@ -1,0 +1,1 @@
+"""Tests of the core: processes, prediction, guidance, sampling, losses, likelihood, oracle, networks."""

@@ -1,0 +1,1 @@
+"""Tests of diffusion_pl/data: preparing shards, streaming them, latent shards."""

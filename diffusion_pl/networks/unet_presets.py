@@ -1,7 +1,7 @@
 """U-Net presets: the reference networks of the papers, weight for weight (see each docstring).
 
 Each preset is a function returning a configured `UNet`; `diffusion_pl.networks.PRESETS` lists them
-all, and tests/test_recipe_sources.py checks that every recipe's network equals its preset.
+all, and tests/cli/test_recipe_sources.py checks that every recipe's network equals its preset.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def unet_ddpm_cifar10(
     # hojonathanho/diffusion diffusion_tf/models/unet.py (ch=128, ch_mult=(1,2,2,2), 2 blocks, attention
     # at 16, dropout 0.1: scripts/run_cifar.py) with its 'SAME'-padded strided conv (nn.py:76) and
     # [sin, cos] embedding (nn.py:90-104); equal to diffusers' UNet2DModel of google/ddpm-cifar10-32
-    # (tests/test_interop_unet.py).
+    # (tests/interop/test_interop_unet.py).
     config = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                   dropout=0.1, resample="conv", downsample_padding="same", embedding_order="sin_cos",
                   embedding_endpoint=True, norm_eps=1e-6, init="ddpm")

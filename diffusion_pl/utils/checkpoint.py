@@ -21,7 +21,7 @@ names that the old subpackage __init__ files re-exported (`diffusion_pl.processe
 diffusion_pl.processes.variance_preserving; today's __init__ files re-export nothing). `ALIASES` maps each
 old dotted path to the new one: a key that was a module rewrites every path under it, a key that was a
 re-exported name rewrites that name; the longest matching key wins. No key resolves today, so a current
-path is never rewritten (tests/test_checkpoint_reader.py resolves both sides of every entry).
+path is never rewritten (tests/utils/test_checkpoint_reader.py resolves both sides of every entry).
 `read_checkpoint` applies the table to the saved config (and the snapshot format) as it reads a file; the
 file itself is left as it is, and what is written from the read config (reconstruct-ema's copies, exports)
 carries the new paths.

@@ -1,6 +1,6 @@
 """The places where diffusion_pl relies on Lightning internals, in one file.
 
-Each function names the private attribute it reads; tests/test_lightning_compat.py fails loudly
+Each function names the private attribute it reads; tests/utils/test_lightning_compat.py fails loudly
 when a Lightning upgrade renames or removes one of them.
 """
 

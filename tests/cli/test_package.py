@@ -40,6 +40,11 @@ def test_help_lists_every_subcommand(capsys):
         assert re.search(rf"^\s+{name}\s", out, re.M), f"{name} missing from --help"
 
 
+def test_version_is_printed(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"diffusion-pl {diffusion_pl.__version__}"
+
+
 def test_console_script_help_runs():
     proc = subprocess.run([sys.executable, "-m", "diffusion_pl", "--help"], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()

@@ -302,3 +302,33 @@ def test_help_describes_the_new_flags(capsys):
     assert "--skip-bad" in text and "'skipped' in manifest.json" in text
     assert "--mixed-sizes" in text and '"mixed_sizes": true' in text and "explicit image_size" in text
     assert "earlier prepare output" in text and "refused, even with this flag" in text
+
+
+def test_a_flat_folder_is_unlabelled_data_and_trains_the_quick_start(tmp_path, capsys):
+    """`prepare folder` takes images with no class folders (the manifest lists no classes), and the quick-start
+    recipe trains on them, its network's channels and size taken from the data (8x8 here)."""
+    src = tmp_path / "flat"
+    src.mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 20, 200)).save(src / f"{i:03d}.png")
+    assert main(["folder", str(src), "--out", str(tmp_path / "shards")]) == 0
+    assert "wrote 6 images (unlabelled)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "shards" / MANIFEST).read_text())
+    assert manifest["count"] == 6 and manifest["classes"] == [] and manifest["num_classes"] == 0
+    from diffusion_pl.cli.main import main as cli
+
+    root = tmp_path / "run"
+    assert cli(["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--data.shards", str(tmp_path / "shards"),
+                "--data.batch_size", "2", "--trainer.max_steps", "1", "--trainer.default_root_dir", str(root),
+                "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]"]) == 0
+    assert "img_resolution=8 (from the data)" in capsys.readouterr().err
+    assert list((root / "checkpoints").glob("*.ckpt"))
+
+
+def test_a_flat_folder_mixed_with_class_folders_is_refused_in_one_line(tmp_path, capsys):
+    src = make_tree(tmp_path / "mixed", n=2)
+    Image.new("RGB", (8, 8)).save(src / "loose.png")
+    assert main(["folder", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mixes images in class folders with images outside them (loose.png)" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -1,9 +1,9 @@
-"""Render configs/sources/*.yaml (cifar10, imagenet) as the README's recipe tables, and check recipes against them.
+"""Render configs/sources/*.yaml (cifar10, imagenet) as the recipe tables of docs/recipes.md, and check recipes against them.
 
     python configs/sources/tables.py                    # print the tables (Markdown)
-    python configs/sources/tables.py --write README.md  # replace the README's recipe-tables section
+    python configs/sources/tables.py --write docs/recipes.md  # replace its recipe-tables section
 
-tests/cli/test_recipe_sources.py imports `check` and `render` from here, so the README, the recipes and
+tests/cli/test_recipe_sources.py imports `check` and `render` from here, so the docs, the recipes and
 the table cannot drift apart.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 CONFIGS = Path(__file__).resolve().parents[1]
-SOURCE_FILES = ("cifar10.yaml", "imagenet.yaml")  # in README order; each maps recipe names to tables
+SOURCE_FILES = ("cifar10.yaml", "imagenet.yaml")  # in the docs' order; each maps recipe names to tables
 SOURCES = Path(__file__).resolve().parent / SOURCE_FILES[0]
 BEGIN, END = "<!-- recipe-tables:begin -->", "<!-- recipe-tables:end -->"
 _SEGMENT = re.compile(r"^(\w+)(?:\[([^\]]+)\])?$")
@@ -148,7 +148,7 @@ def render(sources: dict[str, dict] | None = None) -> str:
 
 
 def readme_section(text: str) -> str | None:
-    """The text between the README's markers, or None without them."""
+    """The text between a Markdown file's markers, or None without them."""
     if BEGIN not in text or END not in text:
         return None
     return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"

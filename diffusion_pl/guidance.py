@@ -92,12 +92,6 @@ class Guidance:
                              f"expected at most {available} (or None for all)")
         return self.channels
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-ready summary for reports and logs (the guide by path or class name)."""
-        guide = self.guide_path or (type(self.guide).__name__ if self.guide is not None else None)
-        return {"weight": self.weight, "guide": guide, "interval": list(self.interval) if self.interval else None,
-                "channels": self.channels, "clip_x0": self.clip_x0, "null_label": self.null_label}
-
 
 def _check_interval(interval: Any) -> tuple[float, float] | None:
     if interval is None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ class Guidance:
     @property
     def guide_path(self) -> str | None:
         """The guide's checkpoint path when the guide is still one (CLI, YAML), else None."""
-        return str(self.guide) if isinstance(self.guide, (str, bytes)) or hasattr(self.guide, "__fspath__") else None
+        return os.fsdecode(self.guide) if isinstance(self.guide, (str, bytes, os.PathLike)) else None
 
     def replace(self, **changes: Any) -> "Guidance":
         """A copy with some fields changed (validated again)."""

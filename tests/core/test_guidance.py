@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,8 @@ def test_guidance_values():
         Guidance(channels=5).check_channels(4)
     assert "\n" not in str(err.value)
     assert Guidance(guide="a/guide.ckpt").guide_path == "a/guide.ckpt" and Guidance(guide=MIX).guide_path is None
+    for path in (b"a/guide.ckpt", Path("a/guide.ckpt")):
+        assert Guidance(guide=path).guide_path == "a/guide.ckpt"
 
 
 def test_default_guidance_leaves_sampling_unchanged(conditional_oracle, mixture_noise):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ class Guidance:
     @property
     def guide_path(self) -> str | None:
         """The guide's checkpoint path when the guide is still one (CLI, YAML), else None."""
-        return str(self.guide) if isinstance(self.guide, (str, bytes)) or hasattr(self.guide, "__fspath__") else None
+        return os.fsdecode(self.guide) if isinstance(self.guide, (str, bytes, os.PathLike)) else None
 
     def replace(self, **changes: Any) -> "Guidance":
         """A copy with some fields changed (validated again)."""
@@ -91,12 +92,6 @@ class Guidance:
             raise ValueError(f"guidance channels {self.channels} exceeds the {available} channels the model samples: "
                              f"expected at most {available} (or None for all)")
         return self.channels
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-ready summary for reports and logs (the guide by path or class name)."""
-        guide = self.guide_path or (type(self.guide).__name__ if self.guide is not None else None)
-        return {"weight": self.weight, "guide": guide, "interval": list(self.interval) if self.interval else None,
-                "channels": self.channels, "clip_x0": self.clip_x0, "null_label": self.null_label}
 
 
 def _check_interval(interval: Any) -> tuple[float, float] | None:

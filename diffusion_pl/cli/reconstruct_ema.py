@@ -93,9 +93,10 @@ def _print_written(report) -> None:
     if report.base_step != report.step:
         print(f"reconstruct-ema: net.* and the config come from {report.base_checkpoint} (step {report.base_step}); "
               f"ema.* is the reconstruction at step {report.step}", file=sys.stderr)
-    for path, sigma_rel, error in zip(report.paths, report.sigma_rels, report.profile_errors):
+    for path, sigma_rel, error, poor_fit in zip(report.paths, report.sigma_rels, report.profile_errors,
+                                                report.poor_fits):
         poor = (f"; poor fit (above {POOR_FIT:.0%}): sigma_rel {sigma_rel} lies outside what the tracked profiles "
-                "span") if error > POOR_FIT else ""
+                "span") if poor_fit else ""
         print(f"wrote {path} (sigma_rel {sigma_rel}, step {report.step}, {len(report.snapshots)} snapshots, profile "
               f"error {error:.2%}{poor})", file=sys.stderr)
 

@@ -35,7 +35,7 @@ from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, s
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.evaluation.generation import class_labels_for, generate, rank_indices
-from diffusion_pl.evaluation.loading import guidance_config, image_shape, load_checkpoint, load_guide, make_fabric
+from diffusion_pl.evaluation.loading import guidance_config, load_checkpoint, load_guide, make_fabric
 from diffusion_pl.evaluation.samples import read_rgb
 from diffusion_pl.guidance import Guidance
 
@@ -97,7 +97,7 @@ def _config(args: argparse.Namespace, module, sampler_spec: dict, guidance: Guid
         raise CommandError(f"--class-labels {labels} is invalid: expected labels in 0..{module.num_classes - 1}")
     return {"checkpoint_sha256": sha256_file(args.ckpt), "sampler": sampler_spec, "guidance": guidance.weight,
             "class_labels": labels or ("balanced" if module.num_classes else None), "seed": args.seed,
-            "ema": not args.no_ema, "image_shape": list(image_shape(module)),
+            "ema": not args.no_ema, "image_shape": list(module.net.image_shape),
             **({"clip_x0": guidance.clip_x0} if guidance.clip_x0 is not None else {}),  # absent: as before it
             **guidance_config(guidance)}
 
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> Path:
     rank, world = fabric.global_rank, fabric.world_size
     module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
     loaded = load_guide(module, guidance, fabric.device, names=flag)  # the guide checkpoint checked and loaded
-    config, out, shape = _config(args, module, spec, guidance), Path(args.out), image_shape(module)
+    config, out, shape = _config(args, module, spec, guidance), Path(args.out), module.net.image_shape
     guidance = loaded
     pixels = module.codec.pixel_shape(shape)  # what the images are: decoded pixels of a latent module
     labels = config["class_labels"] if isinstance(config["class_labels"], list) else None

@@ -23,6 +23,7 @@ from PIL import Image
 from diffusion_pl.data.png import encode_png
 from diffusion_pl.data.tario import tar_members
 from diffusion_pl.data.writer import PrepareError, Source, Unreadable, _reason
+from diffusion_pl.utils.errors import one_line
 from diffusion_pl.utils.paths import cache_dir
 
 # Extensions taken from image folders; JPEG and PNG bytes are stored as-is, others re-encoded to PNG.
@@ -72,7 +73,7 @@ def cifar10_torchvision(root: str | Path | None = None, split: str = "train") ->
 
         CIFAR10(str(root), train=split == "train", download=True)
     except Exception as err:  # network errors come in many types; all mean the same to the user
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = one_line(err, 160)
         raise PrepareError(
             f"could not download CIFAR-10 through torchvision into {root} ({reason}): on a machine without "
             "internet use the local options `prepare cifar10-batches DIR` or `prepare folder PATH`") from err

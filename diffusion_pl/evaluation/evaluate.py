@@ -40,8 +40,8 @@ from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.evaluation.bits_per_dim import dataset_bits_per_dim, first_images
 from diffusion_pl.evaluation.generation import generate, rank_indices, sampler_label
-from diffusion_pl.evaluation.loading import (Names, argument_name, guidance_config, image_shape, load_checkpoint,
-                                             load_guide, make_fabric)
+from diffusion_pl.evaluation.loading import (Names, argument_name, guidance_config, load_checkpoint, load_guide,
+                                             make_fabric)
 from diffusion_pl.evaluation.metrics.inception import InceptionFeatures, load_inception
 from diffusion_pl.evaluation.metrics.statistics import SampleMetrics, extract, reference_stats
 from diffusion_pl.evaluation.report import EvalReport, protocol_of
@@ -248,7 +248,7 @@ def _open_source(options: EvalOptions, fabric, ckpt, samples) -> tuple[object, t
         module = load_checkpoint(ckpt, fabric.device, trust_config=options.trust_config)
     if options.bpd:
         module.codec.check_pixel_likelihood(f"{name('bpd')} with {name('ckpt')} {_label(ckpt)}")
-    _, height, width = module.codec.pixel_shape(image_shape(module))  # FID in pixel space, at the decoded size
+    _, height, width = module.codec.pixel_shape(module.net.image_shape)  # FID in pixel space, at the decoded size
     return module, (None, height, width)
 
 
@@ -296,7 +296,7 @@ def _score_samples(options: EvalOptions, fabric, samples, n: int, extractor, ref
 
 def _score_checkpoint(options: EvalOptions, fabric, module, ckpt, extractor, reference,
                       guidance: Guidance) -> tuple[list[dict], dict]:
-    shape, rank, world = image_shape(module), fabric.global_rank, fabric.world_size
+    shape, rank, world = module.net.image_shape, fabric.global_rank, fabric.world_size
     points = []
     for j, sampler in enumerate(options.samplers):
         metrics = SampleMetrics(extractor, reference, kid=options.kid, isc=options.isc, seed=options.seed)

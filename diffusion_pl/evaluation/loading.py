@@ -1,8 +1,9 @@
-"""What generating from a checkpoint needs: the device launch, the checkpoint's module, its guide, its shape.
+"""What generating from a checkpoint needs: the device launch, the checkpoint's module and its guide.
 
 `evaluate` (diffusion_pl/evaluation/evaluate.py) and the `sample` command load a `diffusion-pl fit`
-checkpoint (`load_checkpoint`), read the shape it generates (`image_shape`), split work over devices
-with Lightning Fabric (`make_fabric`) and load the optional autoguidance checkpoint (`load_guide`).
+checkpoint (`load_checkpoint`), split work over devices with Lightning Fabric (`make_fabric`) and load the
+optional autoguidance checkpoint (`load_guide`); the shape generated is the network's declared
+`module.net.image_shape`.
 
 One-line errors name each input through `names`, a function from an argument name (`guide_ckpt`) to
 the name the caller gave it: the argument itself from Python, the flag (`--guide-ckpt`) from a command.
@@ -20,7 +21,7 @@ from diffusion_pl.utils.errors import MissingFileError, UserValueError
 from diffusion_pl.utils.fileio import sha256_file
 from diffusion_pl.evaluation.generation import guide_mismatch
 
-__all__ = ["Names", "argument_name", "make_fabric", "image_shape", "load_checkpoint", "load_guide",
+__all__ = ["Names", "argument_name", "make_fabric", "load_checkpoint", "load_guide",
            "guidance_config"]
 
 Names = Callable[[str], str]
@@ -47,12 +48,6 @@ def make_fabric(devices: int, accelerator: str = "auto", what: str = "devices"):
     return fabric
 
 
-def image_shape(module) -> tuple[int, int, int]:
-    """(C, H, W) the network generates: its declared shape (`ScoreNetwork.image_shape`; DiffusionModule accepts
-    no other network)."""
-    return module.net.image_shape
-
-
 def load_checkpoint(path: str | Path, device: torch.device, trust_config: bool = False):
     """DiffusionModule from a `diffusion-pl fit` checkpoint, on `device`, in eval mode (UserErrors in one line, the
     checkpoint reader's: diffusion_pl/utils/checkpoint.py)."""
@@ -69,7 +64,7 @@ def load_guide(module, guidance: Guidance, device: torch.device, *, names: Names
     checked against what `module` samples. A guidance without a guide path is returned as it is.
     """
     try:
-        guidance.check_channels(image_shape(module)[0])
+        guidance.check_channels(module.net.image_shape[0])
     except ValueError as err:
         raise UserValueError(str(err).replace("guidance channels", names("guidance_channels"), 1)) from None
     path = guidance.guide_path

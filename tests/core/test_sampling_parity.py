@@ -86,6 +86,14 @@ def _times(scheduler) -> list[float]:
     return ((scheduler.timesteps.to(torch.float64) + 1) / 1000).tolist()
 
 
+def _assert_parity(ours, theirs, nfe: int, label: str) -> None:
+    """Our sampler used `nfe` network evaluations and lands within 1e-4 of diffusers' sample."""
+    assert ours.nfe == nfe
+    diff = float((ours.x - theirs).abs().max())
+    print(f"{label}: max |ours - diffusers| = {diff:.2e}, sample std {float(theirs.std()):.2f}")
+    assert diff <= 1e-4
+
+
 @pytest.mark.parametrize("clip", [False, True])
 def test_ddpm_ancestral_matches_diffusers(setup, clip):
     scheduler = diffusers.DDPMScheduler(**BETAS, clip_sample=clip, clip_sample_range=1.0, variance_type="fixed_small")
@@ -93,10 +101,7 @@ def test_ddpm_ancestral_matches_diffusers(setup, clip):
     # all 1000 steps: t = 1, 0.999, ..., 0.001 (999 posterior steps), then diffusers' last step to x0
     ours, theirs = _stochastic_pair(setup, scheduler, DDPM(steps=1000, grid=UniformGrid()), seed=0,
                                     clip_x0=1.0 if clip else None)
-    assert ours.nfe == 1000
-    diff = float((ours.x - theirs).abs().max())
-    print(f"DDPM 1000 steps, clip={clip}: max |ours - diffusers| = {diff:.2e}, sample std {float(theirs.std()):.2f}")
-    assert diff <= 1e-4
+    _assert_parity(ours, theirs, 1000, f"DDPM 1000 steps, clip={clip}")
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
@@ -107,10 +112,7 @@ def test_ddim_matches_diffusers(setup, eta):
     # set_alpha_to_one: the last step goes from timestep 0 to alpha = 1, i.e. our final denoise
     sampler = DDIM(steps=50, grid=ExplicitGrid(_times(scheduler)), eta=eta)
     ours, theirs = _stochastic_pair(setup, scheduler, sampler, seed=1, eta=eta)
-    assert ours.nfe == 50
-    diff = float((ours.x - theirs).abs().max())
-    print(f"DDIM 50 steps, eta={eta}: max |ours - diffusers| = {diff:.2e}")
-    assert diff <= 1e-4
+    _assert_parity(ours, theirs, 50, f"DDIM 50 steps, eta={eta}")
 
 
 @pytest.mark.parametrize("steps", [10, 20])
@@ -125,10 +127,7 @@ def test_dpm_solver_pp_2m_matches_diffusers(setup, steps):
     # diffusers' last step to sigma = 0 is first order from x0_hat: our final denoise
     sampler = DPMSolverPP(steps=steps - 1, grid=ExplicitGrid(_times(scheduler)))
     ours = sample(model, process, EpsPrediction(), sampler, SHAPE, noise=x_T)
-    assert ours.nfe == steps
-    diff = float((ours.x - theirs).abs().max())
-    print(f"DPM-Solver++(2M) {steps} steps: max |ours - diffusers| = {diff:.2e}")
-    assert diff <= 1e-4
+    _assert_parity(ours, theirs, steps, f"DPM-Solver++(2M) {steps} steps")
 
 
 # -- DDPM's reverse variances, learned variance, and diffusers' timestep spacings ------------------------------
@@ -178,10 +177,7 @@ def test_ddpm_variances_match_diffusers(setup, learned_setup, variance, variance
     pair = learned_setup if variance == "learned" else setup
     assert sampler.times(pair[1]).tolist() == _times(scheduler)
     ours, theirs = _stochastic_pair(pair, scheduler, sampler, seed=3, clip_x0=1.0)
-    assert ours.nfe == steps
-    diff = float((ours.x - theirs).abs().max())
-    print(f"DDPM {variance} {steps} steps ({spacing}): max |ours - diffusers| = {diff:.2e}")
-    assert diff <= 1e-4
+    _assert_parity(ours, theirs, steps, f"DDPM {variance} {steps} steps ({spacing})")
 
 
 @pytest.mark.parametrize("spacing, offset, eta", [("leading", 0, 0.0), ("leading", 1, 0.5), ("trailing", 0, 0.0),
@@ -193,10 +189,7 @@ def test_ddim_timestep_spacings_match_diffusers(setup, spacing, offset, eta):
     sampler = DDIM(steps=50, grid=TimestepGrid(spacing, steps_offset=offset), eta=eta)
     assert sampler.times(setup[1]).tolist() == _times(scheduler)
     ours, theirs = _stochastic_pair(setup, scheduler, sampler, seed=4, eta=eta)
-    assert ours.nfe == 50
-    diff = float((ours.x - theirs).abs().max())
-    print(f"DDIM 50 steps, {spacing} (offset {offset}), eta={eta}: max |ours - diffusers| = {diff:.2e}")
-    assert diff <= 1e-4
+    _assert_parity(ours, theirs, 50, f"DDIM 50 steps, {spacing} (offset {offset}), eta={eta}")
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])

@@ -133,7 +133,10 @@ def test_reconstruct_from_python_equals_the_command(tiny_run, tmp_path, capsys):
         assert ours["phema"]["profile_error"] == error and ours["phema"]["base_checkpoint"] == str(report.base_checkpoint)
         assert ours["state_dict"].keys() == theirs["state_dict"].keys()
         assert all(torch.equal(value, theirs["state_dict"][key]) for key, value in ours["state_dict"].items())
-    assert report.poor_fits == [e > 0.10 for e in report.profile_errors]
+    # 0.05 is a tracked profile (exact), 0.07 lies between the tracked ones; 0.25 lies far outside them
+    assert report.profile_errors[0] < 1e-6 and report.poor_fits == [False, False]
+    far = reconstruct(tiny_run, [0.25], tmp_path / "far", step=4)
+    assert far.poor_fits == [True]
     assert json.loads(json.dumps(report.to_dict()))["paths"] == [str(p) for p in report.paths]
 
 

@@ -78,6 +78,20 @@ def test_update_counts_images_and_an_unknown_counter_starts_at_step_times_images
     assert resumed.images_seen == 6 * 8 and beta == 0.5 ** (8 / 20)  # half-life 0.5 x 40 images before the step
 
 
+def test_update_moves_the_average_by_the_returned_beta_and_copies_buffers():
+    """ema <- beta ema + (1 - beta) net on the parameters (checked against the formula), buffers copied."""
+    torch.manual_seed(0)
+    averaged, net = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for p in (*averaged.parameters(), *net.parameters(), net.running_mean):
+        p.data.normal_()
+    before = [p.detach().clone() for p in averaged.parameters()]
+    beta = EMA(decay=0.9).update(averaged, net, step=0, images=4)
+    assert beta == 0.9
+    for avg, old, new in zip(averaged.parameters(), before, net.parameters()):
+        torch.testing.assert_close(avg, 0.9 * old + 0.1 * new)
+    assert torch.equal(averaged.running_mean, net.running_mean)
+
+
 # -- one counter for both EMAs, saved and resumed ------------------------------------------------------------
 
 def test_both_emas_count_the_same_images_under_gradient_accumulation(tmp_path):

@@ -26,6 +26,10 @@ class Another(Base):
     pass
 
 
+class Fresh:  # the base of the class a fresh package defines (kept apart from Base's listing)
+    pass
+
+
 def test_public_subclasses_are_recursive_sorted_and_skip_private_ones():
     assert public_subclasses(Base) == [Another, Listed]
     from diffusion_pl import processes
@@ -33,6 +37,26 @@ def test_public_subclasses_are_recursive_sorted_and_skip_private_ones():
     import_submodules(processes)  # the process classes are known once their modules are imported
     names = [c.__name__ for c in public_subclasses(Process)]
     assert names == sorted(names) and {"VPLinear", "DDPMDiscrete", "EDM", "RectifiedFlow"} <= set(names)
+
+
+def test_import_submodules_imports_a_module_nothing_imported_yet(tmp_path, monkeypatch):
+    """The sampler modules below are imported by the tests already, so they cannot show that import_submodules
+    imports anything: a fresh package whose module defines a subclass can."""
+    import importlib
+    import sys
+
+    (tmp_path / "fresh_pkg").mkdir()
+    (tmp_path / "fresh_pkg" / "__init__.py").write_text("")
+    (tmp_path / "fresh_pkg" / "late.py").write_text(f"from {__name__} import Fresh\n\n\nclass Late(Fresh):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        package = importlib.import_module("fresh_pkg")
+        assert "Late" not in [c.__name__ for c in public_subclasses(Fresh)]
+        import_submodules(package)
+        assert [c.__name__ for c in public_subclasses(Fresh)] == ["Late"]
+    finally:
+        for name in ("fresh_pkg.late", "fresh_pkg"):
+            sys.modules.pop(name, None)
 
 
 def test_import_submodules_finds_every_sampler_module():

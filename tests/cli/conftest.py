@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import lightning.pytorch  # noqa: F401
 import pytest
+
+# Lightning's loggers get their stream handler when Lightning is first imported. `diffusion-pl --help` no longer
+# imports it, so without this the first command test to run `fit` would import it inside pytest's output capture,
+# and later tests would log into that closed capture stream ("--- Logging error ---").
 
 
 @pytest.fixture(scope="session")

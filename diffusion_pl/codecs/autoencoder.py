@@ -49,6 +49,7 @@ from torch import Tensor
 from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError, one_line
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
 from diffusion_pl.utils.hub import hub_cache, looks_like_path, unreachable
+from diffusion_pl.utils.recorded import RecordsInit
 
 __all__ = ["Autoencoder", "AutoencoderWeightsError", "SPEC_IDENTITY_KEYS", "spec_mismatch", "latent_stats_of",
            "save_latent_stats"]
@@ -185,7 +186,7 @@ def _channel_values(value: float | Sequence[float], channels: int, name: str) ->
     return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
 
 
-class Autoencoder:
+class Autoencoder(RecordsInit):
     """A frozen AutoencoderKL with its latent normalisation; plain-value arguments (LightningCLI, saved configs).
 
     Args:

@@ -71,7 +71,6 @@ VARIANCES = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall", "fixe
              "fixed_large_log": "fixedlarge", "learned_range": "learned"}
 SD_VAE = "stabilityai/sd-vae-ft-ema"  # DiT sample_ddp.py:152 (its FID sampling) --vae ema; scale 0.18215 (:131)
 SD_VAE_SCALE = 0.18215
-_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 
 class PretrainedWeightsError(UserError, RuntimeError):
@@ -246,6 +245,7 @@ def write_imported_checkpoint(out: str | Path, net_spec: dict, process_spec: dic
     from lightning.pytorch.cli import instantiate_module
 
     from diffusion_pl.interop.weights import check_state_dict
+    from diffusion_pl.utils.lightning_compat import INSTANTIATOR
     from diffusion_pl.training.module import DiffusionModule
 
     out = Path(out)
@@ -262,7 +262,7 @@ def write_imported_checkpoint(out: str | Path, net_spec: dict, process_spec: dic
     module.ema.load_state_dict(weights, strict=True)
     checkpoint = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__,
                   "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
-                  "hyper_parameters": {**hparams, **(extra_hparams or {}), "_instantiator": _INSTANTIATOR},
+                  "hyper_parameters": {**hparams, **(extra_hparams or {}), "_instantiator": INSTANTIATOR},
                   "hparams_name": "kwargs", "optimizer_states": [], "lr_schedulers": [],
                   "diffusion_pl_import": provenance}
     out.parent.mkdir(parents=True, exist_ok=True)

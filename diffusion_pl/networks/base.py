@@ -32,11 +32,12 @@ from numbers import Integral
 from torch import nn
 
 from diffusion_pl.utils.errors import UserValueError
+from diffusion_pl.utils.recorded import RecordsInit
 
 __all__ = ["ScoreNetwork", "check_score_network"]
 
 
-class ScoreNetwork(nn.Module):
+class ScoreNetwork(RecordsInit, nn.Module):
     """Base of the score networks: declares their shapes, classes and augmentation labels (see the module docstring).
 
     Args:

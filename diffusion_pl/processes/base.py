@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from diffusion_pl.utils.recorded import RecordsInit
+
 __all__ = ["Process", "append_dims", "AttributeRepr", "check_positive", "check_nonnegative"]
 
 
@@ -38,19 +40,20 @@ def check_nonnegative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-class AttributeRepr:
+class AttributeRepr(RecordsInit):
     """`__repr__` as the constructor call `Name(attr=value, ...)` from the instance's attributes.
 
     For the small configuration objects (samplers, time grids, proposals, weightings) whose
     attributes are exactly their constructor arguments, so the repr reads as the call that built them.
+    They record that call (`RecordsInit`), so a module built in Python saves them in its config.
     """
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "_init_call")
         return f"{type(self).__name__}({args})"
 
 
-class Process:
+class Process(RecordsInit):
     """A forward process with Gaussian marginals N(alpha(t) x_0, sigma(t)^2 I).
 
     Subclasses implement `_alpha(t)` and `_sigma(t)` on float64 tensors; closed-form

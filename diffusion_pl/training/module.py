@@ -20,6 +20,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from diffusion_pl.utils import lightning_compat
@@ -30,6 +31,7 @@ from diffusion_pl.codecs.base import Codec, Pixels
 from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
 from diffusion_pl.utils.errors import NonFiniteLossError, UserValueError, one_line
+from diffusion_pl.utils.recorded import NotRecordable, init_spec
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.networks.base import ScoreNetwork, check_score_network
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
@@ -125,8 +127,14 @@ class DiffusionModule(L.LightningModule):
         if lightning_compat.built_by_cli():
             self.save_hyperparameters()
         else:
-            self.save_hyperparameters(ignore=["net", "process", "prediction", "loss", "optimizer", "augment",
-                                              "autoencoder"])
+            components = {"net": net, "process": process, "prediction": prediction, "loss": loss, "augment": augment,
+                          "autoencoder": autoencoder}
+            self.save_hyperparameters(ignore=[*components, "optimizer"])
+            # the components' constructor calls as the CLI's config, so that sample / evaluate / export read the
+            # checkpoints of a module fitted with a plain Trainer (the optimizer, a callable, is left out)
+            specs = _component_specs(components)
+            if specs is not None:
+                self.hparams.update(specs, _instantiator=lightning_compat.INSTANTIATOR)
         self.net = net
         # The EMA lives in the module, not in Lightning's EMAWeightAveraging callback: sampling and FID
         # callbacks need the averaged network at arbitrary steps (not only inside validation, where the
@@ -294,6 +302,17 @@ class DiffusionModule(L.LightningModule):
         return loss
 
 
+def _component_specs(components: dict[str, Any]) -> dict[str, Any] | None:
+    """The `{class_path, init_args}` config of each component built in Python, or None (with a warning saying
+    which one cannot be written and why) when one cannot."""
+    try:
+        return {name: None if obj is None else init_spec(obj, name) for name, obj in components.items()}
+    except NotRecordable as err:
+        rank_zero_warn(f"this DiffusionModule's checkpoints will hold no config, so `diffusion-pl sample`, "
+                       f"`evaluate` and `export` will not read them: {err}")
+        return None
+
+
 def check_data_fits(net: ScoreNetwork, datamodule: Any, codec: Codec | None = None) -> None:
     """Refuse, in one line naming both values, data whose channels, size or classes the network does not take.
 
@@ -326,8 +345,9 @@ def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
 def module_from_checkpoint(checkpoint: Checkpoint, map_location: str | torch.device = "cpu") -> DiffusionModule:
     """`load_module` on a checkpoint already read (and trust-checked) by read_checkpoint."""
     if "_instantiator" not in checkpoint.config:
-        raise UserValueError(f"checkpoint {checkpoint.path} has no saved config (it was not written by `diffusion-pl "
-                             "fit`): build the DiffusionModule yourself and call "
+        raise UserValueError(f"checkpoint {checkpoint.path} has no saved config (a module built in Python saves one "
+                             "only when its components' classes are importable and their arguments plain values; "
+                             "its construction warned why not): build the DiffusionModule yourself and call "
                              "load_state_dict(checkpoint['state_dict'])")
     if not checkpoint.state_dict:
         raise UserValueError(f"checkpoint {checkpoint.path} holds no weights (its state_dict is empty): expected a "

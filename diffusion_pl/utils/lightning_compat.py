@@ -15,8 +15,13 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.core.saving import _load_state
 from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 
-__all__ = ["batches_processed", "built_by_cli", "last_step_saved", "module_from_checkpoint", "save_now",
-           "slurm_requeue"]
+__all__ = ["INSTANTIATOR", "batches_processed", "built_by_cli", "last_step_saved", "module_from_checkpoint",
+           "save_now", "slurm_requeue"]
+
+
+# what LightningCLI stores as `_instantiator` in a saved config: Lightning rebuilds the module from the config with it
+# (it is on Lightning's allowlist, lightning.pytorch.core.saving._ALLOWED_INSTANTIATORS)
+INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 
 def last_step_saved(callback: ModelCheckpoint) -> int:

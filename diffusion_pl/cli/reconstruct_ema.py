@@ -112,7 +112,10 @@ def _sweep(options, report) -> None:
 
     sweep = run_sweep(options, report, on_report=published)
     print(sweep.table())
-    print(f"sweep: {sweep.csv} and {sweep.png}", file=sys.stderr)
+    if sweep.png is None:
+        print(f"sweep: {sweep.csv} (no plot: matplotlib is not installed; pip install matplotlib)", file=sys.stderr)
+    else:
+        print(f"sweep: {sweep.csv} and {sweep.png}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ class Sweep:
     rows: list[dict]
     metric: str
     csv: Path
-    png: Path
+    png: Path | None  # None without matplotlib (an optional dependency: the `plot` extra)
     reports: list[EvalReport]
 
     def table(self) -> str:
@@ -73,7 +73,8 @@ def run_sweep(options: EvalOptions, reconstruction: ReconstructReport, stem: str
     stem = Path(stem) if stem is not None else sweep_stem(reconstruction)
     csv_path, png_path = stem.with_suffix(".csv"), stem.with_suffix(".png")
     write_csv(csv_path, rows)
-    write_plot(png_path, rows, metric, step_note=stem.name)
+    if not write_plot(png_path, rows, metric, step_note=stem.name):
+        png_path = None
     return Sweep(rows, metric, csv_path, png_path, reports)
 
 
@@ -121,9 +122,13 @@ def format_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def write_plot(path: Path, rows: list[dict], metric: str, step_note: str = "") -> None:
-    """The metric against sigma_rel (EDM2 Fig. 5), one line per sampler, its minimum marked."""
-    import matplotlib
+def write_plot(path: Path, rows: list[dict], metric: str, step_note: str = "") -> bool:
+    """The metric against sigma_rel (EDM2 Fig. 5), one line per sampler, its minimum marked; False (and nothing
+    written) without matplotlib, an optional dependency (`pip install diffusion-pl[plot]`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")  # files only: no display is needed or assumed
     import matplotlib.pyplot as plt
@@ -148,3 +153,4 @@ def write_plot(path: Path, rows: list[dict], metric: str, step_note: str = "") -
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+    return True

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
+import warnings
 
 import lightning as L
 import torch
@@ -27,6 +28,9 @@ from diffusion_pl.data.shards import (SHARDS_HELP, _names, _reason, load_manifes
                                       tar_samples)
 from diffusion_pl.data.stream import IMAGE_KEYS, MAX_BAD_SAMPLES, ResumableLoader, ShardStream, _check_int
 from diffusion_pl.utils.errors import DataError, UserValueError
+
+# Without val_shards, val_dataloader returns no loaders ([]) on purpose; Lightning warns that the list is empty
+warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
 __all__ = ["ShardDataModule"]
 

@@ -72,6 +72,7 @@ _PUBLIC = {
     **dict.fromkeys(("ShardDataModule",), "data.datamodule"),
     **dict.fromkeys(("DiffusionModule", "load_module"), "training.module"),
     **dict.fromkeys(("AugmentPipe",), "training.augment"),
+    **dict.fromkeys(("Schedule", "Constant", "Cosine", "InverseSqrt"), "training.schedules"),
     **dict.fromkeys(("PowerEMA",), "training.callbacks.power_ema"),
     **dict.fromkeys(("PreemptionCheckpoint",), "training.callbacks.checkpointing"),
     **dict.fromkeys(("SampleGrid",), "evaluation.sample_grid"),

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion_pl.utils.recorded import RecordsInit
+from diffusion_pl.utils.recorded import RecordsInit, attributes
 
 __all__ = ["Process", "append_dims", "AttributeRepr", "check_positive", "check_nonnegative"]
 
@@ -49,7 +49,7 @@ class AttributeRepr(RecordsInit):
     """
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "_init_call")
+        args = ", ".join(f"{k}={v!r}" for k, v in attributes(self).items())
         return f"{type(self).__name__}({args})"
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from diffusion_pl.utils import lightning_compat
 from diffusion_pl.training.augment import AugmentPipe
 from diffusion_pl.training.ema import EMA, STATE_KEY as EMA_STATE_KEY
+from diffusion_pl.training.schedules import Constant, Schedule
 from diffusion_pl.codecs.autoencoder import Autoencoder
 from diffusion_pl.codecs.base import Codec, Pixels
 from diffusion_pl.codecs.latent import codec_for
@@ -61,7 +62,10 @@ class DiffusionModule(L.LightningModule):
         prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
         loss: time proposal x weighting, with label dropout for classifier-free guidance.
         optimizer: a callable params -> optimizer (LightningCLI fills it from `optimizer:`).
-        lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000).
+        lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000); the same as
+            `lr_schedule=Constant(lr_warmup_steps)`, kept for the recipes and saved configs that set it.
+        lr_schedule: the learning rate's multiplier per optimizer step (`Constant`, `Cosine`, `InverseSqrt`;
+            diffusion_pl/training/schedules.py); None: the optimizer's lr (after `lr_warmup_steps`).
         ema_decay: per-step EMA decay, used when `ema_half_life_images` is None (DDPM: 0.9999).
         ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so early EMA tracks the net.
         ema_half_life_images: EMA half-life counted in training images (EDM: 500k images).
@@ -93,6 +97,7 @@ class DiffusionModule(L.LightningModule):
         loss: DenoisingLoss | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_warmup_steps: int = 0,
+        lr_schedule: Schedule | None = None,
         ema_decay: float = 0.9999,
         ema_warmup: bool = False,
         ema_half_life_images: float | None = None,
@@ -117,6 +122,12 @@ class DiffusionModule(L.LightningModule):
         averaging = EMA(ema_decay, ema_warmup, ema_half_life_images, ema_rampup_ratio)
         if lr_warmup_steps < 0:
             raise UserValueError(f"lr_warmup_steps is {lr_warmup_steps}: expected an integer >= 0")
+        if lr_schedule is not None and not isinstance(lr_schedule, Schedule):
+            raise UserValueError(f"lr_schedule is a {type(lr_schedule).__name__}: expected a "
+                                 "diffusion_pl.training.schedules.Schedule (Constant, Cosine, InverseSqrt) or None")
+        if lr_schedule is not None and lr_warmup_steps:
+            raise UserValueError(f"lr_warmup_steps is {lr_warmup_steps} and lr_schedule is {lr_schedule!r}: expected "
+                                 "one of them (lr_warmup_steps: 0, the warm-up as the schedule's warmup_steps)")
         if max_nonfinite_skips < 1:
             raise UserValueError(f"max_nonfinite_skips is {max_nonfinite_skips}: expected an integer >= 1")
         if val_num_times < 1:
@@ -127,8 +138,8 @@ class DiffusionModule(L.LightningModule):
         if lightning_compat.built_by_cli():
             self.save_hyperparameters()
         else:
-            components = {"net": net, "process": process, "prediction": prediction, "loss": loss, "augment": augment,
-                          "autoencoder": autoencoder}
+            components = {"net": net, "process": process, "prediction": prediction, "loss": loss,
+                          "lr_schedule": lr_schedule, "augment": augment, "autoencoder": autoencoder}
             self.save_hyperparameters(ignore=[*components, "optimizer"])
             # the components' constructor calls as the CLI's config, so that sample / evaluate / export read the
             # checkpoints of a module fitted with a plain Trainer (the optimizer, a callable, is left out)
@@ -145,6 +156,9 @@ class DiffusionModule(L.LightningModule):
         self.loss_fn = loss if loss is not None else DenoisingLoss()
         self.optimizer_fn = optimizer
         self.lr_warmup_steps = lr_warmup_steps
+        if lr_schedule is None and lr_warmup_steps:  # the warm-up it always was
+            lr_schedule = Constant(lr_warmup_steps)
+        self.lr_schedule = lr_schedule
         self.averaging = averaging
         self.seed = seed
         self.nonfinite_loss, self.max_nonfinite_skips = nonfinite_loss, max_nonfinite_skips
@@ -272,12 +286,13 @@ class DiffusionModule(L.LightningModule):
             optimizer = self.optimizer_fn(self.net.parameters())
         except ValueError as err:  # torch.optim checks its values (lr, betas, eps, weight_decay) this way
             raise UserValueError(f"optimizer: {one_line(err)}: expected the optimizer's valid range") from err
-        if self.lr_warmup_steps == 0:
+        if self.lr_schedule is None:
             return optimizer
-        warmup = self.lr_warmup_steps
-        # lr x min(step / warmup, 1) with step counted from 0, as DDPM (utils.get_warmed_up_lr), score_sde
-        # (losses.optimization_manager) and EDM (training_loop.py:136) ramp it: the first step has lr 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
+        schedule = self.lr_schedule.bind(self.trainer)  # a total or a batch it left to the run
+        # LambdaLR counts the optimizer steps (interval "step") and Lightning checkpoints that count, so the
+        # multiplier is a function of the step alone on resume. A plain function, not the schedule object: LambdaLR
+        # would save a callable object's attributes and restore them over the recipe's on resume.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation: a deterministic denoising loss with EMA weights ----------------------------------

@@ -20,7 +20,7 @@ import importlib
 import inspect
 from typing import Any
 
-__all__ = ["RecordsInit", "init_spec", "NotRecordable"]
+__all__ = ["RecordsInit", "attributes", "init_spec", "NotRecordable"]
 
 _PLAIN = (type(None), bool, int, float, str)
 
@@ -37,6 +37,11 @@ class RecordsInit:
         # object.__setattr__: an nn.Module's own __setattr__ needs its __init__ to have run
         object.__setattr__(obj, "_init_call", (args, kwargs))
         return obj
+
+
+def attributes(obj: object) -> dict[str, Any]:
+    """The instance's own attributes without the record (`vars(obj)` for reprs and equality)."""
+    return {key: value for key, value in vars(obj).items() if key != "_init_call"}
 
 
 def _importable(cls: type) -> str | None:

@@ -61,6 +61,13 @@ PROBES = [
           ("optimizer", "-0.1")),
     Probe("ema decay above 1", fit("--model.ema_decay=1.5"), ("ema_decay", "1.5")),
     Probe("nonfinite skips 0", fit("--model.max_nonfinite_skips=0"), ("max_nonfinite_skips",)),
+    Probe("lr warm-up and lr schedule", fit("--model.lr_warmup_steps=5", "--model.lr_schedule=Cosine"),
+          ("lr_warmup_steps is 5 and lr_schedule is Cosine", "expected one of them")),
+    Probe("cosine floor above 1", fit("--model.lr_schedule=Cosine", "--model.lr_schedule.min_ratio=2"),
+          ("Cosine min_ratio is 2", "[0, 1]")),
+    Probe("cosine of an endless run",
+          fit("--model.lr_schedule=Cosine", "--trainer.max_steps=-1", "--trainer.max_epochs=-1"),
+          ("Cosine has no total_steps", "--trainer.max_steps")),
     # data and network disagree
     Probe("grey data, RGB net", fit("--data.init_args.shards={grey}", "--model.net.init_args.in_channels=3"),
           ("in_channels=3", "1-channel")),

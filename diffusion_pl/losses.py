@@ -20,6 +20,7 @@ variational term (Nichol & Dhariwal 2021, Sec. 3.1, L_hybrid = L_simple + lambda
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ __all__ = [
     "UniformTime",
     "LogNormalNoise",
     "LogitNormalTime",
+    "ModeTime",
+    "ShiftedTime",
     "Weighting",
     "OutputMSE",
     "EpsMSE",
@@ -100,6 +103,45 @@ class LogitNormalTime(TimeProposal):
     def sample(self, n, process, generator=None, device=None):
         u = torch.sigmoid(self.mean + self.std * _draw(torch.randn, (n,), generator, device))
         return (process.t_min + (process.t_max - process.t_min) * u).float()
+
+
+class ModeTime(TimeProposal):
+    """t = t_min + (t_max - t_min) f(u), f(u) = 1 - u - scale (cos^2(pi u / 2) - 1 + u), u ~ U[0, 1]: SD3's "mode
+    sampling with heavy tails" (Esser et al. 2024, Sec. 3.1, eq. 20; diffusers training_utils.py
+    `compute_density_for_timestep_sampling`, weighting_scheme "mode"). scale = 0 is uniform; scale in
+    [-1, 2/(pi - 2)] keeps f monotone (the paper's bound); 1.29 is the value diffusers' SD3 scripts default to."""
+
+    def __init__(self, scale: float = 1.29) -> None:
+        if not -1.0 <= scale <= 2.0 / (math.pi - 2.0):
+            raise ValueError(f"scale must lie in [-1, 2/(pi - 2)] = [-1, {2.0 / (math.pi - 2.0):.4f}] for a monotone "
+                             f"map (Esser et al. 2024, eq. 20), got {scale}")
+        self.scale = scale
+
+    def sample(self, n, process, generator=None, device=None):
+        u = _draw(torch.rand, (n,), generator, device)
+        f = 1.0 - u - self.scale * (torch.cos(0.5 * math.pi * u) ** 2 - 1.0 + u)
+        # SD3 draws t with t = 1 pure noise, like this package; f maps [0, 1] onto itself
+        return (process.t_min + (process.t_max - process.t_min) * f.clamp(0.0, 1.0)).float()
+
+
+class ShiftedTime(TimeProposal):
+    """Another proposal's times moved towards noise: the noise level sigma/alpha times `shift` (log-SNR minus
+    2 log shift), mapped back to t and clamped to the process's range.
+
+    On the rectified flow (sigma/alpha = t / (1 - t)) this is SD3's resolution-dependent shift
+    t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024, Sec. 5.3.2, eq. 23, with shift = sqrt(m/n) for m pixels
+    against n of the resolution the proposal was tuned at; diffusers FlowMatchEulerDiscreteScheduler `shift`); on
+    any other process the same move in log-SNR. SD3 trains at 1024^2 with shift 3 over logit-normal times.
+    """
+
+    def __init__(self, proposal: TimeProposal | None = None, shift: float = 3.0) -> None:
+        check_positive("shift", shift)
+        self.proposal = proposal if proposal is not None else LogitNormalTime()
+        self.shift = shift
+
+    def sample(self, n, process, generator=None, device=None):
+        t = self.proposal.sample(n, process, generator, device).to(torch.float64)
+        return process.t_from_log_snr(process.log_snr(t) - 2.0 * math.log(self.shift)).float()
 
 
 # -- weightings ----------------------------------------------------------------------------------

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+import diffusion_pl.processes
+import diffusion_pl.sampling
+from diffusion_pl.utils.classes import import_submodules
+
+# The core tests parametrize over every public subclass (Process, Sampler, TimeGrid, ...), and a class is known only
+# once its module is imported: import them all before the test files are collected, so a file run alone sees them.
+for _package in (diffusion_pl.processes, diffusion_pl.sampling):
+    import_submodules(_package)
+
 
 @pytest.fixture(scope="session")
 def conditional_oracle():

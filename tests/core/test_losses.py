@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
-from scipy import stats
+from scipy import optimize, stats
 
 from diffusion_pl.losses import (DenoisingLoss, EDMWeighting, EpsMSE, LikelihoodWeighting, LogitNormalTime,
-                                 LogNormalNoise, MinSNR, OutputMSE, TimeProposal, UniformTime, VelocityMSE, Weighting,
+                                 LogNormalNoise, MinSNR, ModeTime, ShiftedTime, OutputMSE, TimeProposal, UniformTime, VelocityMSE, Weighting,
                                  bucket_losses, log_snr_grid)
 from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EDMPreconditioning, EpsPrediction, Prediction, VelocityPrediction, X0Prediction
@@ -102,6 +103,48 @@ def test_logit_normal_time(process):
     z = torch.log(u) - torch.log1p(-u)
     assert abs(z.mean().item() - 0.3) < 5 * 0.8 / math.sqrt(n)
     assert abs(z.std().item() / 0.8 - 1) < 0.03
+
+
+def test_mode_time_follows_sd3s_density():
+    """t = f(u) with f decreasing from 1 to 0, so P(t <= x) = 1 - f^-1(x) (Esser et al. 2024, eq. 20); KS test."""
+    from diffusion_pl.processes.interpolants import RectifiedFlow
+
+    scale = 1.29
+    f = lambda u: 1 - u - scale * (math.cos(math.pi * u / 2) ** 2 - 1 + u)  # noqa: E731
+    cdf = np.vectorize(lambda x: 1.0 - optimize.brentq(lambda u: f(u) - x, 0.0, 1.0) if 0 < x < 1 else float(x >= 1))
+    t = ModeTime(scale).sample(20000, RectifiedFlow(), generator=torch.Generator().manual_seed(5)).to(F64)
+    assert stats.kstest(t.numpy(), cdf).pvalue > 1e-3
+    assert stats.kstest(t.numpy(), "uniform").pvalue < 1e-6  # the heavy middle is not uniform
+    with pytest.raises(ValueError, match=r"scale must lie in \[-1, 2/\(pi - 2\)\]"):
+        ModeTime(scale=2.0)
+
+
+def test_shifted_time_is_sd3s_shift_on_the_rectified_flow():
+    """t' = shift t / (1 + (shift - 1) t) on the same draws (Esser et al. 2024, eq. 23)."""
+    from diffusion_pl.processes.interpolants import RectifiedFlow
+
+    process, shift = RectifiedFlow(), 3.0
+    t = LogitNormalTime().sample(4000, process, generator=torch.Generator().manual_seed(6)).to(F64)
+    shifted = ShiftedTime(LogitNormalTime(), shift).sample(4000, process,
+                                                           generator=torch.Generator().manual_seed(6)).to(F64)
+    torch.testing.assert_close(shifted, (shift * t / (1 + (shift - 1) * t)).clamp(process.t_min, process.t_max),
+                               rtol=1e-5, atol=1e-6)
+    assert shifted.mean() > t.mean() + 0.1  # towards noise
+    with pytest.raises(ValueError, match="shift must be positive"):
+        ShiftedTime(shift=0.0)
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=repr)
+def test_shifted_time_moves_log_snr_by_two_log_shift(process):
+    """On every process: the shifted draw's log-SNR is the base draw's minus 2 log(shift) wherever neither is
+    clamped to the process's range."""
+    base = UniformTime().sample(2000, process, generator=torch.Generator().manual_seed(7)).to(F64)
+    shifted = ShiftedTime(UniformTime(), 2.0).sample(2000, process, generator=torch.Generator().manual_seed(7)).to(F64)
+    target = process.log_snr(base) - 2 * math.log(2.0)
+    lo, hi = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=F64)).tolist()
+    inside = (target > lo + 0.05) & (target < hi - 0.05) & torch.isfinite(target)
+    assert inside.sum() > 500
+    torch.testing.assert_close(process.log_snr(shifted)[inside], target[inside], rtol=1e-4, atol=1e-3)
 
 
 # -- weightings ----------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ _PUBLIC = {
     **dict.fromkeys(("DiffusionModule", "load_module"), "training.module"),
     **dict.fromkeys(("AugmentPipe",), "training.augment"),
     **dict.fromkeys(("PowerEMA",), "training.callbacks.power_ema"),
+    **dict.fromkeys(("TrainingMonitor",), "training.callbacks.monitor"),
     **dict.fromkeys(("PreemptionCheckpoint",), "training.callbacks.checkpointing"),
     **dict.fromkeys(("SampleGrid",), "evaluation.sample_grid"),
     **dict.fromkeys(("FIDCallback",), "evaluation.fid_callback"),

@@ -11,8 +11,8 @@ At every optimizer step k that the Trainer logs (k a multiple of `log_every_n_st
     train/ema_decay          the EMA decay of step k's update (diffusion_pl/training/ema.py: fixed, warm-up or
                              half-life schedule)
     train/peak_memory_gib    peak accelerator memory allocated on this rank since the previous logged step, GiB
-                             (CUDA only: absent on CPU; torch.cuda.max_memory_allocated, then reset as EDM's
-                             training_loop.py does per tick)
+                             (CUDA only: absent on CPU; torch.cuda.max_memory_allocated, then reset, as
+                             NVlabs/edm2 training/training_loop.py:166-172 does per status line)
 
 Throughput is computed by Lightning's `Throughput` (lightning.fabric.utilities.throughput) over the interval since
 the previous logged step (`window`: how many logged steps the rate spans, counting back from the current one).
@@ -20,7 +20,8 @@ Lightning's `ThroughputMonitor` callback is not used: it logs at the step index 
 losses here), warns unless the module defines `flops_per_batch`, and names its rate `device/samples_per_sec` on
 one device. Images per optimizer step are the global batch: the batch of every micro-batch x the world size. The
 clock stops during validation and while the project's sampling callbacks (SampleGrid, FIDCallback: any callback
-with a `busy_seconds` total) evaluate, as EDM's sec/kimg leaves out its maintenance time; data loading and
+with a `busy_seconds` total) evaluate, as EDM2's sec/kimg leaves out its maintenance time (NVlabs/edm2
+training/training_loop.py:163-164); data loading and
 checkpoint saving count. The learning rate, EMA decay and memory are read on each rank; the loggers write rank 0's.
 """
 

@@ -74,6 +74,7 @@ _PUBLIC = {
     **dict.fromkeys(("AugmentPipe",), "training.augment"),
     **dict.fromkeys(("Schedule", "Constant", "Cosine", "InverseSqrt"), "training.schedules"),
     **dict.fromkeys(("PowerEMA",), "training.callbacks.power_ema"),
+    **dict.fromkeys(("TrainingMonitor",), "training.callbacks.monitor"),
     **dict.fromkeys(("PreemptionCheckpoint",), "training.callbacks.checkpointing"),
     **dict.fromkeys(("SampleGrid",), "evaluation.sample_grid"),
     **dict.fromkeys(("FIDCallback",), "evaluation.fid_callback"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, DeferredRequeue, FinalCheckpoint,
                                                            PreemptionCheckpoint, checkpoint_step,
                                                            find_resume_checkpoint)
+from diffusion_pl.training.callbacks.monitor import TrainingMonitor
 from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
 from diffusion_pl.utils.classes import canonical_class_path
@@ -33,7 +35,7 @@ from diffusion_pl.training.shapes import FILLED, DataShape, network_fill
 from diffusion_pl.cli.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
                                          remove_run_outputs)
 
-__all__ = ["DiffusionCLI", "fill_network_shape"]
+__all__ = ["DiffusionCLI", "default_log_every_n_steps", "fill_network_shape", "missing_package"]
 
 # the module arguments that make a checkpoint's network: an explicit --ckpt_path's saved ones are used
 CHECKPOINT_MODEL_KEYS = ("net", "process", "prediction")
@@ -170,6 +172,15 @@ class DiffusionCLI(LightningCLI):
                                  "diffusion_pl, torch, lightning, timm, diffusers and the recipe's own classes (a "
                                  "config is code: only for checkpoints you trust)")
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, ModuleNotFoundError) as err:
+            missing = missing_package(err)
+            if missing is None:
+                raise
+            raise UserValueError(missing) from err
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         fill_network_shape(config)
@@ -181,20 +192,23 @@ class DiffusionCLI(LightningCLI):
         if config.get("logger") in (None, True):
             from lightning.pytorch.loggers import TensorBoardLogger
 
+            # default_hp_metric=False: no placeholder `hp_metric` -1 beside the hyper-parameters
             config["logger"] = TensorBoardLogger(save_dir=config.get("default_root_dir") or os.getcwd(), name="",
-                                                 version="")
+                                                 version="", default_hp_metric=False)
+        if config.get("log_every_n_steps") is None:  # Lightning's 50 would log nothing in a 30-step run
+            config["log_every_n_steps"] = default_log_every_n_steps(config.get("max_steps"))
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
-        # Always checkpoint atomically, save the final step, save on SIGTERM and requeue SLURM jobs at a
-        # step boundary, whatever the recipe lists.
+        # Always checkpoint atomically, save the final step, save on SIGTERM, requeue SLURM jobs at a step
+        # boundary and log the learning rate, throughput, memory and EMA decay, whatever the recipe lists.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
             # first, so that its train-end save comes before ModelCheckpoint's own (last.ckpt only) one
             trainer.callbacks.insert(0, FinalCheckpoint())
-        for cls in (PreemptionCheckpoint, DeferredRequeue):
+        for cls in (PreemptionCheckpoint, DeferredRequeue, TrainingMonitor):
             if not any(isinstance(cb, cls) for cb in trainer.callbacks):
                 trainer.callbacks.append(cls())
         return trainer
@@ -248,6 +262,38 @@ class DiffusionCLI(LightningCLI):
         # what config.yaml records. Both must say which checkpoint was loaded.
         self.config["fit"]["ckpt_path"] = path
         self.config_init["fit"]["ckpt_path"] = path
+
+
+def default_log_every_n_steps(max_steps: int | None) -> int:
+    """The Trainer's log_every_n_steps when the recipe sets none: 10, or a tenth of a run shorter than 100 steps."""
+    if max_steps is None or max_steps < 0 or max_steps >= 100:
+        return 10
+    return max(1, max_steps // 10)
+
+
+def missing_package(err: BaseException) -> str | None:
+    """One line for a configured class (a logger) whose package is not installed, found in the chain of errors
+    jsonargparse raises around it; None when no ModuleNotFoundError is in the chain.
+
+    Lightning's loggers raise ModuleNotFoundError("Requirement 'wandb>=0.12.10' not met. HINT: ...") from
+    __init__; a plain import failure names the module (`err.name`)."""
+    seen, stack, missing, class_path = set(), [err], None, None
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ModuleNotFoundError) and missing is None:
+            missing = current
+        found = re.search(r"class_path '([^']+)'", str(current))
+        class_path = class_path or (found.group(1) if found else None)
+        stack += [current.__cause__, current.__context__]
+    if missing is None:
+        return None
+    requirement = re.search(r"Requirement '([^']+)'", str(missing))
+    package = requirement.group(1) if requirement else (missing.name or str(missing))
+    what = f"{class_path} needs" if class_path else "the configuration needs"
+    return f"{what} the package {package}, which is not installed: expected `pip install '{package}'`"
 
 
 def _saved_model_config(checkpoint: Checkpoint) -> dict[str, Any]:

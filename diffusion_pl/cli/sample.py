@@ -3,6 +3,7 @@
     OUT/000000.png ...                 sample i, drawn with seed + i (class i % num_classes, or --class-labels)
     OUT/samples_<N>x<H>x<W>x3.npz      arr_0 uint8 (N, H, W, 3); arr_1 int64 (N,) labels (class-conditional)
     OUT/sample_config.json             what the samples depend on (checkpoint sha256, sampler spec, seed, ...)
+    --grid PATH                        also one PNG of samples 0..N-1 side by side (--grid_nrow per row)
 
 `--sampler` is a short name (`ddim`, with `--steps 20`) or a class_path / init_args spec as the
 recipes write it, in JSON or YAML or as a .yaml / .json file, nested objects (a grid) included:
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.utils import make_grid, save_image
 
 from diffusion_pl.cli.common import CommandError, add_model_options, flag, guidance_from_args
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
@@ -60,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--png", action="store_true", help="keep PNGs (default: PNGs and npz)")
     p.add_argument("--npz", action="store_true", help="write the npz (default: PNGs and npz)")
+    p.add_argument("--grid", default=None, metavar="PATH",
+                   help="also write the N samples as one grid PNG at PATH (torchvision make_grid; for small N)")
+    p.add_argument("--grid_nrow", type=int, default=None, metavar="K",
+                   help="images per row of --grid (default: ceil(sqrt(N)))")
     p.add_argument("--overwrite", action="store_true", help="replace samples of a different run in --out")
     p.add_argument("--no-ema", action="store_true", help="use the raw network instead of the EMA weights")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) to split over")
@@ -74,7 +81,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
     if args.seed < 0:
         raise CommandError(f"--seed {args.seed} is invalid: expected an integer >= 0")
+    if args.grid_nrow is not None and args.grid_nrow < 1:
+        raise CommandError(f"--grid_nrow {args.grid_nrow} is invalid: expected a positive integer")
+    if args.grid_nrow is not None and args.grid is None:
+        raise CommandError("--grid_nrow given without --grid: expected --grid PATH as well")
+    if args.grid is not None and (Path(args.grid).suffix.lower() != ".png" or Path(args.grid).is_dir()):
+        raise CommandError(f"--grid {args.grid} is invalid: expected a path ending in .png")
     out = Path(args.out)
+    if args.grid is not None and Path(args.grid).resolve().parent == out.resolve():
+        raise CommandError(f"--grid {args.grid} is in --out {out}: expected a path outside it (its PNGs are the "
+                           "samples, which `evaluate` reads)")
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file: expected a folder")
 
@@ -155,6 +171,21 @@ def assemble_npz(out: Path, n: int, shape: tuple[int, int, int], num_classes: in
     return path
 
 
+def write_grid(out: Path, n: int, shape: tuple[int, int, int], path: Path, nrow: int | None = None) -> Path:
+    """Samples 0..n-1 (their PNGs, else the npz of a finished run) as one grid PNG at `path`, written atomically."""
+    if all(png_path(out, i).is_file() for i in range(n)):
+        images = np.stack([read_rgb(png_path(out, i)) for i in range(n)])
+    else:
+        with np.load(npz_path(out, n, shape)) as data:
+            images = data["arr_0"][:n]
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W)
+    grid = make_grid(tensor, nrow=nrow or max(1, math.ceil(math.sqrt(n))), padding=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_image(grid.float() / 255.0, tmp, format="png")
+    return path
+
+
 def run(args: argparse.Namespace) -> Path:
     """Generate (resuming) the samples; returns the output folder."""
     _check_args(args)
@@ -193,6 +224,9 @@ def run(args: argparse.Namespace) -> Path:
     if rank == 0 and want_npz and not done:
         path = assemble_npz(out, args.num_samples, pixels, module.num_classes, labels)
         print(f"wrote {path}", file=sys.stderr)
+    if rank == 0 and args.grid is not None:
+        write_grid(out, args.num_samples, pixels, Path(args.grid), args.grid_nrow)
+        print(f"wrote {args.grid}", file=sys.stderr)
     if rank == 0 and not keep_png and npz_path(out, args.num_samples, pixels).is_file():
         for i in range(args.num_samples):
             png_path(out, i).unlink(missing_ok=True)

@@ -10,6 +10,7 @@
     reconstruct.py       reconstruct: post-hoc EMA checkpoints from PowerEMA snapshots (ReconstructReport)
     ema_sweep.py         the FID sweep of post-hoc EMA lengths, as a table and a plot
     sample_grid.py       SampleGrid: a fixed-seed grid of EMA samples every N steps
+    image_logging.py     log_image: a grid to every logger that takes images (TensorBoard, W&B, MLflow, Comet)
     fid_callback.py      FIDCallback: FID of EMA samples during training
     every_n.py           EveryNSteps: the base of both (samplers, guide, the shape to sample)
 """

@@ -7,14 +7,25 @@ the training images' (C, H, W) from the first batch as the shape to sample, and 
 It also holds the callbacks' `Guidance` (diffusion_pl/guidance.py; in YAML `guidance: {weight: 1.5,
 interval: [0.28, 2.9]}`) and, when its guide is a checkpoint path, the guide module, loaded and checked
 against the trained module when fit starts and kept out of the callback's state.
+
+Names: each sampler's results are filed under a label, `sampler_label(sampler)` (e.g. `heunode_17`), or
+`<name>_<sampler label>` when the callback has a `name`. When fit starts, labels that an earlier callback of the
+same class in `trainer.callbacks` already uses get `_2`, `_3`, ... appended, so two SampleGrids with the same
+sampler write different files and logger tags (FIDCallback likewise for its metric names).
+
+Time: `busy_seconds` totals the seconds spent in `on_every_n_steps`; TrainingMonitor
+(diffusion_pl/training/callbacks/monitor.py) leaves it out of the training throughput.
 """
 
 from __future__ import annotations
+
+import time
 
 import lightning as L
 import torch
 
 from diffusion_pl.guidance import Guidance
+from diffusion_pl.evaluation.generation import sampler_label
 from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.sampling.base import Sampler
@@ -26,8 +37,13 @@ class EveryNSteps(OptimizerStepCallback):
     """Calls `on_every_n_steps(trainer, pl_module)` every `every_n_steps` optimizer steps; subclasses implement it."""
 
     def __init__(self, every_n_steps: int, sampler: Sampler | list[Sampler] | None,
-                 guidance: Guidance | None = None) -> None:
+                 guidance: Guidance | None = None, name: str | None = None) -> None:
         super().__init__()
+        if name is not None and (not isinstance(name, str) or not name or any(c in name for c in "/\\ ")):
+            raise ValueError(f"{type(self).__name__}: name {name!r} is invalid: expected a non-empty string without "
+                             "slashes or spaces (it names files and logger tags)")
+        self.name = name
+        self.busy_seconds = 0.0  # time spent evaluating (on_every_n_steps), for TrainingMonitor
         name = type(self).__name__
         guidance = Guidance() if guidance is None else guidance
         if not isinstance(guidance, Guidance):
@@ -39,6 +55,30 @@ class EveryNSteps(OptimizerStepCallback):
         samplers = sampler if sampler is not None else HeunODE(steps=17)
         self.samplers: list[Sampler] = list(samplers) if isinstance(samplers, (list, tuple)) else [samplers]
         self.image_shape: tuple[int, ...] | None = None  # (C, H, W) of the training images: the shape to sample
+        self.labels: list[str] = self.base_labels()  # one per sampler; made unique among the run's callbacks at setup
+
+    def base_labels(self) -> list[str]:
+        """Each sampler's label before deduplication: `sampler_label`, prefixed by `name` when there is one."""
+        return [sampler_label(s) if self.name is None else f"{self.name}_{sampler_label(s)}" for s in self.samplers]
+
+    def unique_labels(self, trainer: L.Trainer) -> list[str]:
+        """`base_labels`, with `_2`, `_3`, ... appended to those that a callback of the same class listed earlier in
+        `trainer.callbacks` uses already (every rank computes the same, from the same list)."""
+        taken: set[str] = set()
+        for callback in trainer.callbacks:
+            if type(callback) is not type(self):
+                continue
+            labels = []
+            for label in callback.base_labels():
+                unique, n = label, 1
+                while unique in taken:
+                    n += 1
+                    unique = f"{label}_{n}"
+                taken.add(unique)
+                labels.append(unique)
+            if callback is self:
+                return labels
+        return self.base_labels()  # not in the trainer's list (called directly)
 
     @property
     def guide(self):
@@ -50,7 +90,9 @@ class EveryNSteps(OptimizerStepCallback):
         return self.guidance.replace(guide=self.guide) if self._guide else self.guidance
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        """Load the guide checkpoint before training and refuse, in one line, a guide that cannot guide this module."""
+        """Make the labels unique; load the guide checkpoint before training and refuse, in one line, a guide that
+        cannot guide this module."""
+        self.labels = self.unique_labels(trainer)
         if stage != "fit" or self.guidance.guide_path is None or self._guide:
             return
         from diffusion_pl.evaluation.loading import load_guide
@@ -72,7 +114,11 @@ class EveryNSteps(OptimizerStepCallback):
 
     def on_optimizer_step_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            self.on_every_n_steps(trainer, pl_module)
+            start = time.perf_counter()
+            try:
+                self.on_every_n_steps(trainer, pl_module)
+            finally:
+                self.busy_seconds += time.perf_counter() - start
 
     def on_every_n_steps(self, trainer: L.Trainer, pl_module) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement on_every_n_steps")

@@ -19,10 +19,11 @@ from diffusion_pl.evaluation.every_n import EveryNSteps
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.data.reference import reference_images
-from diffusion_pl.evaluation.generation import generate, metric_prefix, rank_indices, sampler_label
+from diffusion_pl.evaluation.generation import generate, metric_prefix, rank_indices
 from diffusion_pl.evaluation.metrics.inception import load_inception
 from diffusion_pl.evaluation.metrics.statistics import ReferenceStats, SampleMetrics, _device, extract, reference_stats
 from diffusion_pl.sampling.base import Sampler
+from diffusion_pl.training.log_step import log_step
 
 __all__ = ["FIDCallback"]
 
@@ -53,6 +54,8 @@ class FIDCallback(EveryNSteps):
             2024), the guided channels (DiT's 3 of 4 latent channels) and x0 clipping (DDPM's FID protocol clips
             at 1). Default: unguided, unclipped.
         download_timeout: seconds to wait for the weights server before failing.
+        name: metrics are named `fid10k/<name>_<sampler>` instead of `fid10k/<sampler>`; labels another
+            FIDCallback of the run already uses get `_2`, `_3`, ... (diffusion_pl/evaluation/every_n.py).
     """
 
     def __init__(self, every_n_steps: int = 10_000, num_samples: int = 10_000,
@@ -60,7 +63,7 @@ class FIDCallback(EveryNSteps):
                  inception_weights: str | None = None, feature_extractor: nn.Module | None = None,
                  kid: bool = False, isc: bool = False, batch_size: int = 256, seed: int = 0,
                  guidance: Guidance | None = None, download_timeout: float = 10.0,
-                 ref_stats: str | None = None) -> None:
+                 ref_stats: str | None = None, name: str | None = None) -> None:
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(f"FIDCallback: expected every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
@@ -70,7 +73,7 @@ class FIDCallback(EveryNSteps):
         if ref_stats is not None and kid:
             raise UserValueError("FIDCallback: kid=True with ref_stats: expected data: (KID needs the reference "
                                  "features, an npz holds only their mean and covariance)")
-        super().__init__(every_n_steps, sampler, guidance)
+        super().__init__(every_n_steps, sampler, guidance, name)
         self.num_samples, self.data, self.ref_stats = num_samples, data, ref_stats
         self.inception_weights, self.kid, self.isc = inception_weights, kid, isc
         self.batch_size, self.seed, self.download_timeout = batch_size, seed, download_timeout
@@ -127,7 +130,7 @@ class FIDCallback(EveryNSteps):
         # multiples of log_every_n_steps. callback_metrics lets ModelCheckpoint monitor the value.
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
+                logger.log_metrics(values, step=log_step(trainer))  # the losses' index (training/log_step.py)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})  # equal on all ranks
 
     @torch.no_grad()
@@ -135,14 +138,13 @@ class FIDCallback(EveryNSteps):
         """{'fid10k/heunode_17': value, ...} for every sampler; every rank must call it (collective)."""
         indices = rank_indices(self.num_samples, trainer.global_rank, trainer.world_size)
         values = {}
-        for sampler in self.samplers:
+        for sampler, label in zip(self.samplers, self.labels):
             metrics = SampleMetrics(self.extractor, self.reference, kid=self.kid, isc=self.isc, seed=self.seed)
             for _, images, _, _ in generate(pl_module, sampler, indices, self.image_shape, seed=self.seed,
                                             guidance=self.sampling_guidance(), batch_size=self.batch_size,
                                             device=pl_module.device, progress=trainer.is_global_zero):
                 metrics.update(images)
             out = metrics.compute()
-            label = sampler_label(sampler)
             for key in ("fid", "kid", "is"):
                 if key in out:
                     values[f"{metric_prefix(key, self.num_samples)}/{label}"] = out[key]

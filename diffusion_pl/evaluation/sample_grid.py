@@ -12,7 +12,9 @@ from torchvision.utils import make_grid, save_image
 from diffusion_pl.evaluation.every_n import EveryNSteps
 from diffusion_pl.training.callbacks.run_dir import run_dir
 from diffusion_pl.utils.fileio import atomic_path
-from diffusion_pl.evaluation.generation import generate, sampler_label
+from diffusion_pl.evaluation.generation import generate
+from diffusion_pl.evaluation.image_logging import log_image
+from diffusion_pl.training.log_step import log_step
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.sampling.base import Sampler
 
@@ -24,8 +26,10 @@ class SampleGrid(EveryNSteps):
 
     Class-conditional models get one row per class (classes 0, 1, ...); unconditional ones a
     square-ish grid of `nrow` images per row. Written by rank 0 to
-    <run folder>/samples/<sampler>_step<N>.png and logged as an image (TensorBoard, or a logger with
-    `log_image` such as WandbLogger). `guidance`: every guidance option in one value
+    <run folder>/samples/<label>_step<N>.png and logged as the image `samples/<label>` at step N to every logger
+    that takes images (TensorBoard, W&B, MLflow, Comet: diffusion_pl/evaluation/image_logging.py). The label is
+    the sampler's (`heunode_17`), `<name>_<sampler>` with a `name`, made unique among the run's SampleGrids
+    (every_n.py). `guidance`: every guidance option in one value
     (diffusion_pl/guidance.py): the weight, a guide checkpoint (autoguidance by a smaller or less trained
     model of the same process and prediction, Karras et al. 2024), the noise-level interval, the guided
     channels (DiT's 3 of 4 latent channels) and x0 clipping (DDPM's sampling clips at 1).
@@ -33,13 +37,14 @@ class SampleGrid(EveryNSteps):
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64,
                  sampler: Sampler | list[Sampler] | None = None, seed: int = 0, guidance: Guidance | None = None,
-                 nrow: int | None = None, at_train_end: bool = True, batch_size: int = 256) -> None:
+                 nrow: int | None = None, at_train_end: bool = True, batch_size: int = 256,
+                 name: str | None = None) -> None:
         if every_n_steps < 1 or num_samples < 1 or batch_size < 1:
             raise ValueError(f"SampleGrid: every_n_steps, num_samples, batch_size must be >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
         if nrow is not None and nrow < 1:
             raise ValueError(f"SampleGrid: nrow must be >= 1 or None, got {nrow}")
-        super().__init__(every_n_steps, sampler, guidance)
+        super().__init__(every_n_steps, sampler, guidance, name)
         self.num_samples, self.seed = num_samples, seed
         self.nrow, self.at_train_end, self.batch_size = nrow, at_train_end, batch_size
         self.folder: Path | None = None
@@ -68,7 +73,7 @@ class SampleGrid(EveryNSteps):
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module) -> list[Path]:
         """Sample and save one grid per sampler (rank 0 only; other ranks return at once)."""
-        step = trainer.global_step
+        step = log_step(trainer)
         if trainer.global_rank != 0 or step == self._last_step or self.image_shape is None:
             return []
         self._last_step = step
@@ -76,20 +81,14 @@ class SampleGrid(EveryNSteps):
         folder = self.folder or run_dir(trainer) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        for sampler in self.samplers:
+        for sampler, label in zip(self.samplers, self.labels):
             images = [u8 for _, u8, _, _ in generate(
                 pl_module, sampler, indices, self.image_shape, seed=self.seed, guidance=self.sampling_guidance(),
                 class_choices=labels, batch_size=self.batch_size, device=pl_module.device)]
             grid = make_grid(torch.cat(images).cpu(), nrow=nrow, padding=1)  # uint8 (3, H', W')
-            path = folder / f"{sampler_label(sampler)}_step{step}.png"
+            path = folder / f"{label}_step{step}.png"
             with atomic_path(path) as tmp:
                 save_image(grid.float() / 255.0, tmp)
-            for logger in trainer.loggers:
-                experiment = getattr(logger, "experiment", None)
-                if hasattr(experiment, "add_image"):  # TensorBoard (SummaryWriter)
-                    experiment.add_image(f"samples/{sampler_label(sampler)}", grid, global_step=step)
-                elif hasattr(logger, "log_image"):  # Weights & Biases (WandbLogger.log_image)
-                    logger.log_image(key=f"samples/{sampler_label(sampler)}", images=[grid.permute(1, 2, 0).numpy()],
-                                     step=step)
+            log_image(trainer.loggers, f"samples/{label}", grid, step)
             paths.append(path)
         return paths

@@ -63,6 +63,7 @@ class EMA:
         self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
         self.images_seen: int | None = 0  # None: resumed from a checkpoint without the counter (module docstring)
         self.step_images = 0  # images of the latest update (not saved: read right after an update)
+        self.last_beta: float | None = None  # the decay of the latest update (logged as train/ema_decay)
 
     def beta(self, step: int, images_seen: int, images: int) -> float:
         """The decay of an optimizer step of `images` images taken after `step` steps and `images_seen` images."""
@@ -90,7 +91,7 @@ class EMA:
         for b_avg, b_net in zip(averaged.buffers(), net.buffers()):
             b_avg.copy_(b_net)
         self.images_seen += images
-        self.step_images = images
+        self.step_images, self.last_beta = images, beta
         return beta
 
     def state_dict(self) -> dict[str, Any]:

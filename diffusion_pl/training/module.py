@@ -27,6 +27,7 @@ from diffusion_pl.utils import lightning_compat
 from diffusion_pl.training.augment import AugmentPipe
 from diffusion_pl.training.ema import EMA, STATE_KEY as EMA_STATE_KEY
 from diffusion_pl.training.schedules import Constant, Schedule
+from diffusion_pl.training.log_step import STEP_KEY, log_step, step_in_progress
 from diffusion_pl.codecs.autoencoder import Autoencoder
 from diffusion_pl.codecs.base import Codec, Pixels
 from diffusion_pl.codecs.latent import codec_for
@@ -224,6 +225,7 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         self._reseed(batch_idx)
+        self.log(STEP_KEY, float(step_in_progress(self.trainer)))  # this batch's metrics' index (log_step.py)
         x0, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
         x0 = self.codec.encode(x0)  # latents: one posterior draw, after the reseed
         self._pending_images += x0.shape[0]  # every rank draws batches of the same size (optimizer_step)
@@ -312,6 +314,7 @@ class DiffusionModule(L.LightningModule):
                            generator=g, t=t, eps=eps)
         loss = out.loss.mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(STEP_KEY, float(log_step(self.trainer)))  # after step k: logged at k, as training's (log_step.py)
         for name, value in bucket_losses(out.loss, out.t, self.process).items():
             self.log(f"val/{name}", value, sync_dist=True)
         return loss

@@ -47,6 +47,30 @@ def test_fit_cli_builds_the_callbacks_from_yaml(run):
     assert len(list(run["root"].rglob("samples/ddim_2_step2.png"))) == 1
 
 
+def test_fit_logs_losses_and_evaluations_at_the_same_step(run):
+    """The 2-step fit logs every step (the CLI's log_every_n_steps for short runs); the loss of step 2, the FID
+    after it and its grid file all carry step 2, with the TrainingMonitor's scalars beside the loss."""
+    rows = list(csv.DictReader(next(run["root"].rglob("metrics.csv")).open()))
+    steps = lambda key: sorted(int(r["step"]) for r in rows if r.get(key))  # noqa: E731
+    assert steps("train/loss") == [1, 2] and steps("fid6/heunode_1") == [2]
+    for key in ("train/lr", "train/grad_norm", "train/images_per_sec", "train/sec_per_kimg", "train/ema_decay"):
+        assert steps(key) == [1, 2], key
+    assert list(run["root"].rglob("samples/ddim_2_step2.png"))
+
+
+def test_sample_writes_a_grid_png(run, tmp_path, capsys):
+    grid = tmp_path / "grids" / "g.png"
+    assert sample(run, tmp_path / "s", "--num-samples", "5", "--npz", "--grid", str(grid), "--grid_nrow", "2") == 0
+    with Image.open(grid) as image:  # 2 per row, 3 rows, 1-pixel padding
+        assert image.size == (2 * (IMAGE_SIZE + 1) + 1, 3 * (IMAGE_SIZE + 1) + 1)
+        first = np.asarray(image.convert("RGB"))[1:1 + IMAGE_SIZE, 1:1 + IMAGE_SIZE]
+    samples = read_npz(tmp_path / "s" / f"samples_5x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")["arr_0"]
+    np.testing.assert_array_equal(first, samples[0])  # the top-left cell is sample 0
+    assert not list((tmp_path / "s").glob("*.png"))  # --npz: the grid was made before the PNGs were removed
+    assert sample(run, tmp_path / "t", "--num-samples", "2", "--grid", str(tmp_path / "t" / "g.png")) == 2
+    assert "expected a path outside it" in capsys.readouterr().err
+
+
 def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "a"
     assert sample(run, out, "--num-samples", "6", "--batch-size", "4") == 0

@@ -201,3 +201,49 @@ def test_callbacks_fire_once_per_reached_step_under_accumulation(tmp_path, monke
     fid, grid = run(3, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
     assert fid.steps == [3]
     assert [p.name for p in grid.written] == ["ddim_1_step3.png"]
+
+
+def test_two_grids_with_the_same_sampler_keep_their_own_files_and_tags(tmp_path, monkeypatch, frozen_fit):
+    monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
+    grids = [RecordingGrid(every_n_steps=2, num_samples=5, sampler=DDIM(steps=2), seed=seed)
+             for seed in (0, 1)]
+    named = RecordingGrid(every_n_steps=2, num_samples=5, sampler=DDIM(steps=2), name="cfg")
+    logger = _ImageLogger()
+    frozen_fit(tmp_path, [*grids, named], logger=logger)
+    assert [p.name for g in (*grids, named) for p in g.written] == ["ddim_2_step2.png", "ddim_2_2_step2.png",
+                                                                    "cfg_ddim_2_step2.png"]
+    assert [key for key, _, _ in logger.images] == ["samples/ddim_2", "samples/ddim_2_2", "samples/cfg_ddim_2"]
+    first, second = (np.asarray(Image.open(g.written[0])) for g in grids)
+    assert not np.array_equal(first, second)  # seed 1's grid did not overwrite seed 0's
+
+
+def test_sample_grid_name_is_checked():
+    with pytest.raises(ValueError, match="name 'a/b' is invalid"):
+        SampleGrid(name="a/b")
+
+
+def test_log_image_reaches_each_logger_through_its_own_api(tmp_path):
+    from unittest import mock
+
+    from lightning.pytorch.loggers import CometLogger, CSVLogger, MLFlowLogger, WandbLogger
+
+    from diffusion_pl.evaluation.image_logging import log_image
+
+    grid = torch.randint(0, 256, (3, 4, 6), dtype=torch.uint8)
+    hwc = grid.permute(1, 2, 0).numpy()
+    tensorboard, wandb = mock.MagicMock(spec=TensorBoardLogger), mock.MagicMock(spec=WandbLogger)
+    mlflow, comet = mock.MagicMock(spec=MLFlowLogger), mock.MagicMock(spec=CometLogger)
+    csv_logger = CSVLogger(tmp_path)
+    loggers = [tensorboard, wandb, mlflow, comet, csv_logger]
+    assert log_image(loggers, "samples/ddim_2", grid, 7) == loggers[:4]
+    (tag, image), kwargs = tensorboard.experiment.add_image.call_args
+    assert tag == "samples/ddim_2" and torch.equal(image, grid) and kwargs == {"global_step": 7}
+    kwargs = wandb.log_image.call_args.kwargs
+    assert kwargs["key"] == "samples/ddim_2" and kwargs["step"] == 7 and np.array_equal(kwargs["images"][0], hwc)
+    (run_id, image), kwargs = mlflow.experiment.log_image.call_args
+    assert run_id is mlflow.run_id and np.array_equal(image, hwc)
+    assert kwargs == {"artifact_file": "samples/ddim_2/step_000000007.png"}
+    (image,), kwargs = comet.experiment.log_image.call_args
+    assert np.array_equal(image, hwc) and kwargs == {"name": "samples/ddim_2", "step": 7}
+    with pytest.raises(ValueError, match=r"expected uint8 \(3, H, W\)"):
+        log_image(loggers, "x", grid.float(), 7)

@@ -1,10 +1,10 @@
 """`diffusion-pl evaluate`: FID (+ KID, IS) against cached reference statistics, and bits/dim.
 
-    diffusion-pl evaluate --ckpt last.ckpt --data shards/cifar10-train [--sampler heunode --steps 17] [--bpd]
-    diffusion-pl evaluate --ckpt last.ckpt --data shards/cifar10-train \
+    diffusion-pl evaluate --ckpt_path last.ckpt --data shards/cifar10-train [--sampler heunode --steps 17] [--bpd]
+    diffusion-pl evaluate --ckpt_path last.ckpt --data shards/cifar10-train \
         --sampler ddim '{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"steps": 50, "eta": 1.0}}'
     diffusion-pl evaluate --samples OUT_or_samples.npz --data shards/cifar10-train
-    diffusion-pl evaluate --ckpt last.ckpt --ref-stats VIRTUAL_imagenet256_labeled.npz  # published mu / sigma
+    diffusion-pl evaluate --ckpt_path last.ckpt --ref_stats VIRTUAL_imagenet256_labeled.npz  # published mu / sigma
 
 Each --sampler is a short name or a class_path / init_args spec (JSON, YAML or a .yaml / .json
 file; see `diffusion-pl sample`); all are checked before any slow work. Prints a table and writes
@@ -23,7 +23,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from diffusion_pl.cli.common import CommandError, add_model_options, flag, guidance_from_args
+from diffusion_pl.cli.common import CommandError, CommandParser, add_model_options, flag, guidance_from_args
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.evaluation.evaluate import EvalOptions, evaluate
@@ -33,43 +33,43 @@ __all__ = ["main", "parser", "run", "options_from_args", "print_report"]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffusion-pl evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CommandParser(prog="diffusion-pl evaluate", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, flag_aliases={"--ckpt": "--ckpt_path"})
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="checkpoint written by `diffusion-pl fit`: generate and score its samples")
+    src.add_argument("--ckpt_path", dest="ckpt", metavar="PATH", help="checkpoint written by `diffusion-pl fit`: generate and score its samples")
     src.add_argument("--samples", help="score existing samples: a folder of PNGs or an .npz (arr_0 uint8 NHWC)")
     p.add_argument("--data", default=None,
-                   help="reference shard set (e.g. the CIFAR-10 training shards); or give --ref-stats")
-    p.add_argument("--ref-stats", default=None, metavar="NPZ",
+                   help="reference shard set (e.g. the CIFAR-10 training shards); or give --ref_stats")
+    p.add_argument("--ref_stats", default=None, metavar="NPZ",
                    help="published reference statistics instead of --data: an npz with mu (D,) and sigma (D, D) of "
                         "the extractor's features (ADM's reference batches, e.g. VIRTUAL_imagenet256_labeled.npz)")
-    p.add_argument("--num-samples", type=int, default=50_000, help="generated samples per sampler")
+    p.add_argument("--num_samples", type=int, default=50_000, help="generated samples per sampler")
     p.add_argument("--sampler", nargs="+", default=["heunode"],
-                   help="one or more samplers (with --ckpt), each " + sampler_help())
+                   help="one or more samplers (with --ckpt_path), each " + sampler_help())
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="one value for every sampler or one each: " + SAMPLER_STEPS_HELP)
     add_model_options(p)
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    p.add_argument("--no-ema", action="store_true", help="use the raw network instead of the EMA weights")
+    p.add_argument("--no_ema", action="store_true", help="use the raw network instead of the EMA weights")
     p.add_argument("--kid", action="store_true", help="also report KID (caches the reference features)")
     p.add_argument("--isc", action="store_true", help="also report the Inception Score")
     p.add_argument("--bpd", action="store_true", help="also report bits/dim by the probability-flow ODE")
-    p.add_argument("--bpd-samples", type=int, default=1000, help="images of --bpd-data for bits/dim")
-    p.add_argument("--bpd-data", default=None, help="shard set for bits/dim (default: --data)")
-    p.add_argument("--batch-size", type=int, default=250, help="images per batch, per device")
+    p.add_argument("--bpd_samples", type=int, default=1000, help="images of --bpd_data for bits/dim")
+    p.add_argument("--bpd_data", default=None, help="shard set for bits/dim (default: --data)")
+    p.add_argument("--batch_size", type=int, default=250, help="images per batch, per device")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) to split over")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu, ...)")
-    p.add_argument("--inception-weights", default=None,
+    p.add_argument("--inception_weights", default=None,
                    help="local InceptionV3 weights (else $DIFFUSION_PL_INCEPTION_WEIGHTS, else torch hub's cache)")
-    p.add_argument("--feature-extractor", default=None,
+    p.add_argument("--feature_extractor", default=None,
                    help="import path of an nn.Module class (no arguments) to use instead of InceptionV3")
-    p.add_argument("--report", default=None, help="JSON report path (default: beside --ckpt / --samples)")
+    p.add_argument("--report", default=None, help="JSON report path (default: beside --ckpt_path / --samples)")
     return p
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
     """The library options of parsed arguments, refused in one line naming the flag before any slow work; each
-    --sampler (with --ckpt) resolved with its --steps (one value for all, or one each)."""
+    --sampler (with --ckpt_path) resolved with its --steps (one value for all, or one each)."""
     if args.steps is not None and len(args.steps) not in (1, len(args.sampler)):
         raise CommandError(f"--steps {args.steps} does not match --sampler {args.sampler}: expected one value "
                            "or one per sampler")

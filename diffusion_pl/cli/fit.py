@@ -17,9 +17,10 @@ from typing import Any
 
 from jsonargparse import ActionYesNo, Namespace
 from jsonargparse._actions import _ActionPrintConfig  # skip_print_config: the first of two parses prints nothing
+from jsonargparse._common import debug_mode_active  # JSONARGPARSE_DEBUG: jsonargparse raises instead of printing
 from jsonargparse.typing import import_object
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol  # as AtomicCheckpointIO uses it
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, DeferredRequeue, FinalCheckpoint,
@@ -32,10 +33,12 @@ from diffusion_pl.utils.classes import canonical_class_path
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.training.module import DiffusionModule
 from diffusion_pl.training.shapes import FILLED, DataShape, network_fill
+from diffusion_pl.cli.common import close_option
 from diffusion_pl.cli.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
                                          remove_run_outputs)
 
-__all__ = ["DiffusionCLI", "default_log_every_n_steps", "fill_network_shape", "missing_package"]
+__all__ = ["DiffusionArgumentParser", "DiffusionCLI", "default_log_every_n_steps", "fill_network_shape",
+           "missing_package"]
 
 # the module arguments that make a checkpoint's network: an explicit --ckpt_path's saved ones are used
 CHECKPOINT_MODEL_KEYS = ("net", "process", "prediction")
@@ -44,6 +47,35 @@ RESUME_KEYWORDS = ("last", "hpc", "best", "registry")  # --ckpt_path values that
 # Resuming writes into a checkpoint folder that holds the run's earlier checkpoints, on purpose; folders
 # of other runs are refused before training (diffusion_pl.cli.run_folder), so Lightning's warning says nothing.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+class DiffusionArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser without prefix abbreviations and with short errors.
+
+    argparse takes an unambiguous prefix for an option (`--trainer.max_step 30` set max_steps); here a prefix is an
+    unknown option. An error prints `diffusion-pl fit: error: <message>` and a tip, without jsonargparse's usage
+    (some 70 lines); an unknown option is named with the closest option of the command (jsonargparse suggests none).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)  # raises
+        self._logger.error(message)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        words = parser.prog.replace(" [options]", "").split()
+        command = "diffusion-pl" + (f" {words[-1]}" if len(words) > 1 else "")
+        if message.startswith("unrecognized arguments: "):
+            unknown = [a for a in message.split(": ", 1)[1].split() if a.startswith("-")]
+            if unknown:
+                name = unknown[0].split("=", 1)[0]
+                close = close_option(name, parser._option_string_actions)
+                hint = f"; did you mean {close}?" if close else f": expected an option that `{command} --help` lists"
+                self.exit(2, f"{command}: error: unrecognized option {name}{hint}\n")
+        self.exit(2, f"{command}: error: {message.rstrip()}\ntip: `{command} --help` lists the options\n")
+
 
 class DiffusionCLI(LightningCLI):
     """LightningCLI for DiffusionModule and any LightningDataModule, with crash-safe checkpointing.
@@ -59,6 +91,7 @@ class DiffusionCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", DiffusionArgumentParser)
         self._lock_fd: int | None = None
         self._checkpoint: Checkpoint | None = None  # the --ckpt_path file as read while parsing
         super().__init__(

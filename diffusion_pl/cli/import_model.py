@@ -2,7 +2,7 @@
 
     diffusion-pl import google/ddpm-cifar10-32 --out imported/ddpm_cifar10.ckpt
     diffusion-pl import DiT-XL-2-256x256.pt --out imported/dit_xl_2_256.ckpt         # --arch DiT-XL/2 implied
-    diffusion-pl import path/to/DiT-B-2.pt --arch DiT-B/2 --image-size 256 --out imported/dit_b_2.ckpt
+    diffusion-pl import path/to/DiT-B-2.pt --arch DiT-B/2 --image_size 256 --out imported/dit_b_2.ckpt
 
 The checkpoint holds the network (as the net and its EMA), the process and the parameterization
 that the scheduler config gives, so `sample`, `evaluate`, `export` and `fit --ckpt_path` (fine-tuning:
@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from diffusion_pl.cli.common import CommandParser
 from diffusion_pl.utils.checkpoint import read_checkpoint
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.interop.dit_reference import ARCHS
@@ -25,8 +26,8 @@ __all__ = ["main", "parser", "run"]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffusion-pl import", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CommandParser(prog="diffusion-pl import", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="a diffusers model or pipeline folder, a hub id (owner/name: the Hugging Face cache "
                                   "first, else downloaded), a facebookresearch/DiT .pt file, or DiT-XL-2-256x256.pt / "
                                   "DiT-XL-2-512x512.pt (torch hub's cache, else downloaded)")
@@ -34,13 +35,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=list(ARCHS), default=None,
                    help="architecture of a facebookresearch/DiT .pt (the file does not say); default: the published "
                         "files' DiT-XL/2, or a train.py checkpoint's args")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image_size", type=int, default=None,
                    help="pixel size a DiT .pt generates (latents are 1/8 of it); default: from its position table")
     p.add_argument("--vae", default="auto",
                    help=f"autoencoder a latent DiT's config records: auto (a pipeline's own vae/, else {SD_VAE} at "
                         "scale 0.18215), a hub id or folder, or none (the checkpoint then generates latents)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--download-timeout", type=float, default=10.0, help="seconds to wait for a download server")
+    p.add_argument("--download_timeout", type=float, default=10.0, help="seconds to wait for a download server")
     return p
 
 
@@ -56,8 +57,8 @@ def run(args: argparse.Namespace):
           f"{json.dumps(hparams['process']['init_args'])}, {hparams['prediction']['class_path'].rsplit('.', 1)[-1]}",
           file=sys.stderr)
     if imported.get("sampler") is not None:
-        clip = f" --clip-x0 {imported['clip_x0']:g}" if imported.get("clip_x0") is not None else ""
-        print(f"sample as its scheduler config says: diffusion-pl sample --ckpt {out} --sampler "
+        clip = f" --clip_x0 {imported['clip_x0']:g}" if imported.get("clip_x0") is not None else ""
+        print(f"sample as its scheduler config says: diffusion-pl sample --ckpt_path {out} --sampler "
               f"'{json.dumps(imported['sampler'])}'{clip} --out samples/", file=sys.stderr)
     return out
 

@@ -1,6 +1,6 @@
 """`diffusion-pl sample`: images from a checkpoint as PNGs and/or one .npz in the ADM/EDM evaluators' format.
 
-    OUT/000000.png ...                 sample i, drawn with seed + i (class i % num_classes, or --class-labels)
+    OUT/000000.png ...                 sample i, drawn with seed + i (class i % num_classes, or --class_labels)
     OUT/samples_<N>x<H>x<W>x3.npz      arr_0 uint8 (N, H, W, 3); arr_1 int64 (N,) labels (class-conditional)
     OUT/sample_config.json             what the samples depend on (checkpoint sha256, sampler spec, seed, ...)
     --grid PATH                        also one PNG of samples 0..N-1 side by side (--grid_nrow per row)
@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
-from diffusion_pl.cli.common import CommandError, add_model_options, flag, guidance_from_args
+from diffusion_pl.cli.common import CommandError, CommandParser, add_model_options, flag, guidance_from_args
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.utils.fileio import atomic_path, sha256_file
@@ -49,16 +49,16 @@ PNG = re.compile(r"^(\d{6,})\.png$")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffusion-pl sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `diffusion-pl fit`")
-    p.add_argument("--num-samples", type=int, required=True, help="number of images N (indices 0..N-1)")
+    p = CommandParser(prog="diffusion-pl sample", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, flag_aliases={"--ckpt": "--ckpt_path"})
+    p.add_argument("--ckpt_path", dest="ckpt", metavar="PATH", required=True, help="checkpoint written by `diffusion-pl fit`")
+    p.add_argument("--num_samples", type=int, required=True, help="number of images N (indices 0..N-1)")
     p.add_argument("--sampler", default="heunode", help=sampler_help())
     p.add_argument("--steps", type=int, default=None, help=SAMPLER_STEPS_HELP)
     add_model_options(p)
-    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+    p.add_argument("--class_labels", type=int, nargs="+", default=None,
                    help="labels cycled over the samples (default: balanced, i %% num_classes)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per network batch, per device")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per network batch, per device")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--png", action="store_true", help="keep PNGs (default: PNGs and npz)")
@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid_nrow", type=int, default=None, metavar="K",
                    help="images per row of --grid (default: ceil(sqrt(N)))")
     p.add_argument("--overwrite", action="store_true", help="replace samples of a different run in --out")
-    p.add_argument("--no-ema", action="store_true", help="use the raw network instead of the EMA weights")
+    p.add_argument("--no_ema", action="store_true", help="use the raw network instead of the EMA weights")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) to split over")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu, ...)")
     return p
@@ -76,9 +76,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
-        raise CommandError(f"--num-samples {args.num_samples} is invalid: expected a positive integer")
+        raise CommandError(f"--num_samples {args.num_samples} is invalid: expected a positive integer")
     if args.batch_size < 1:
-        raise CommandError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
+        raise CommandError(f"--batch_size {args.batch_size} is invalid: expected a positive integer")
     if args.seed < 0:
         raise CommandError(f"--seed {args.seed} is invalid: expected an integer >= 0")
     if args.grid_nrow is not None and args.grid_nrow < 1:
@@ -108,9 +108,9 @@ def _config(args: argparse.Namespace, module, sampler_spec: dict, guidance: Guid
     resolved spec, so the same spec resumes and any other init_arg (eta, a grid, ...) is another run."""
     labels = args.class_labels
     if labels and module.num_classes is None:
-        raise CommandError(f"--class-labels {labels} given but the model is unconditional: expected no labels")
+        raise CommandError(f"--class_labels {labels} given but the model is unconditional: expected no labels")
     if labels and any(not 0 <= y < module.num_classes for y in labels):
-        raise CommandError(f"--class-labels {labels} is invalid: expected labels in 0..{module.num_classes - 1}")
+        raise CommandError(f"--class_labels {labels} is invalid: expected labels in 0..{module.num_classes - 1}")
     return {"checkpoint_sha256": sha256_file(args.ckpt), "sampler": sampler_spec, "guidance": guidance.weight,
             "class_labels": labels or ("balanced" if module.num_classes else None), "seed": args.seed,
             "ema": not args.no_ema, "image_shape": list(module.net.image_shape),

@@ -7,7 +7,7 @@
   (B,)), split over ranks and workers, infinite for training and exactly resumable: shard lists and
   tar reading in ``shards``, the sampling order in ``order``, the stream itself in ``stream``.
 - ``builtin``: the seeded coloured-shapes dataset behind ``shards="builtin:shapes"``.
-- ``crop``: ADM's centre crop (``prepare folder --center-crop N``); ``latents``: latent shards
+- ``crop``: ADM's centre crop (``prepare folder --center_crop N``); ``latents``: latent shards
   (``prepare --encode VAE``: the frozen autoencoder's raw posterior mean and std, float16, of each image
   and of its mirror image), which ShardDataModule streams as (B, 2 C, h, w) batches.
 """

@@ -1,4 +1,4 @@
-"""ADM's centre crop for `prepare folder --center-crop N`: the ImageNet protocol of the published FIDs.
+"""ADM's centre crop for `prepare folder --center_crop N`: the ImageNet protocol of the published FIDs.
 
 ADM (openai/guided-diffusion, guided_diffusion/image_datasets.py:126-143, ``center_crop_arr``) and DiT
 (facebookresearch/DiT train.py:85-103, the same function) bring every ImageNet image to N x N in three steps:
@@ -54,7 +54,7 @@ def _cropped(data: bytes, size: int) -> tuple[bytes, tuple[int, int, int]]:
 def center_crop_source(src: Source, size: int) -> Source:
     """``src`` with every image ADM-centre-cropped to size x size and stored as PNG (a bad file stays `Unreadable`)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise PrepareError(f"--center-crop {size!r} is invalid: expected a positive integer side in pixels")
+        raise PrepareError(f"--center_crop {size!r} is invalid: expected a positive integer side in pixels")
 
     def load(indices: Sequence[int]) -> Iterator[tuple | Unreadable]:
         for record in src.load(indices):

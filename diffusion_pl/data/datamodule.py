@@ -196,8 +196,8 @@ class ShardDataModule(L.LightningDataModule):
                                  "expected null (latents are not resized; prepare --encode at the size to train at)")
         if self.random_flip and not latent.get("flip"):
             raise UserValueError(f"data random_flip=true but the latent shards {self.shards} hold no flipped "
-                                 "encodings (prepared with --no-flips): expected random_flip: false, or shards "
-                                 "prepared without --no-flips (a flipped latent is not the latent of a flipped image)")
+                                 "encodings (prepared with --no_flips): expected random_flip: false, or shards "
+                                 "prepared without --no_flips (a flipped latent is not the latent of a flipped image)")
         if self.val_shards:
             val = latent_meta(self._manifests.get("val"))
             if val is None or val["shape"] != latent["shape"]:

@@ -4,7 +4,7 @@ A latent shard is an image shard whose image member is replaced by the frozen au
 posterior (diffusion_pl.codecs.autoencoder; scale and shift are applied at training time, not here):
 
     {key}.latent.npy        float16 (2, C, h, w): [mean, std] of the posterior of the image, stacked
-    {key}.latent_flip.npy   the same for the horizontally flipped image (absent with --no-flips)
+    {key}.latent_flip.npy   the same for the horizontally flipped image (absent with --no_flips)
     {key}.cls               class index as decimal text, as in image shards
 
 Both orientations are encoded because flipping a latent tensor is not the latent of the flipped image;
@@ -17,7 +17,7 @@ plus ``"autoencoder": Autoencoder.spec()`` (source, config / weights hashes, sca
 channels, downsampling) and ``"latent"``: {"shape": [C, h, w], "dtype": "float16", "stats": ["mean",
 "std"], "flip": true | false, "members": [...]}.
 
-Everything else is the writer's (diffusion_pl.data.writer): the fixed order, the checks, ``--skip-bad``,
+Everything else is the writer's (diffusion_pl.data.writer): the fixed order, the checks, ``--skip_bad``,
 the atomic output folder, per-shard sha256 and the ``--overwrite`` rules. Encoding is deterministic:
 the same input, autoencoder, device and batch size give byte-identical shards (npy bytes of fixed
 layout, tar metadata fixed, cuDNN's autotuner off and its deterministic kernels on while encoding).
@@ -123,13 +123,13 @@ class LatentEncoder:
     def __init__(self, autoencoder: Any, batch_size: int = 64, device: str | torch.device | None = None,
                  flips: bool = True) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise PrepareError(f"--batch-size {batch_size!r} is invalid: expected a positive integer")
+            raise PrepareError(f"--batch_size {batch_size!r} is invalid: expected a positive integer")
         try:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             if self.device.type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("CUDA is not available")
         except RuntimeError as err:
-            raise PrepareError(f"--device {device!r} is invalid ({err}): expected cpu, cuda or cuda:N "
+            raise PrepareError(f"--accelerator {device!r} is invalid ({err}): expected cpu, cuda or cuda:N "
                                "on a machine that has it") from None
         self.autoencoder, self.batch_size, self.flips = autoencoder, batch_size, flips
         self.latent_shape: tuple[int, int, int] | None = None

@@ -2,7 +2,7 @@
 
 Each is a `Source` listed in sorted order whose ``load`` yields the encoded bytes of each sample;
 an image file that cannot be read (zero bytes, not an image, truncated) comes out as an
-`Unreadable`, which the writer refuses or, with --skip-bad, leaves out.
+`Unreadable`, which the writer refuses or, with --skip_bad, leaves out.
 """
 
 from __future__ import annotations

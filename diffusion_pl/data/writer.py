@@ -2,7 +2,7 @@
 
 A source (CIFAR-10 through torchvision, a local ``cifar-10-batches-py`` folder, or an
 image-folder tree / .tar / .tar.gz of one: diffusion_pl.data.sources) is listed in sorted order, put through one
-fixed permutation (so every shard mixes classes and ``--max-samples`` is a class-mixed
+fixed permutation (so every shard mixes classes and ``--max_samples`` is a class-mixed
 prefix of the full set), and written as webdataset tar shards plus ``manifest.json``:
 
     OUT/shard-000000.tar   {key}.jpg|{key}.png  image bytes (JPEG kept as-is, else PNG)
@@ -10,7 +10,7 @@ prefix of the full set), and written as webdataset tar shards plus ``manifest.js
     OUT/manifest.json      count, skipped, image_size, mixed_sizes, channels, classes,
                            per-shard count + sha256
 
-``--center-crop N`` (diffusion_pl.data.crop) stores ADM's N x N centre crops as PNG; ``--encode VAE``
+``--center_crop N`` (diffusion_pl.data.crop) stores ADM's N x N centre crops as PNG; ``--encode VAE``
 (diffusion_pl.data.latents) stores autoencoder latents in place of the images.
 
 Output is byte-for-byte reproducible (fixed tar mtime, owner and mode) and atomic: all
@@ -23,10 +23,10 @@ Checks, each a one-line error before anything is left under OUT:
 
 - Every image file is opened (its header is parsed, which gives size and channels) and a
   JPEG/PNG must end with its end marker, else it is decoded in full. A zero-byte, non-image
-  or truncated file stops the run naming the file; ``--skip-bad`` leaves such files out and
+  or truncated file stops the run naming the file; ``--skip_bad`` leaves such files out and
   prints how many (the manifest's ``skipped``). Damage inside a JPEG's data that keeps its
   header and end intact is not detected here; training skips such a sample and counts it.
-- Images of different sizes stop the run naming two of them; ``--mixed-sizes`` writes them
+- Images of different sizes stop the run naming two of them; ``--mixed_sizes`` writes them
   as they are with ``"image_size": null, "mixed_sizes": true`` (training then needs an
   explicit image_size).
 - ``--overwrite`` replaces only an earlier prepare output (a manifest.json of this FORMAT and
@@ -274,7 +274,7 @@ def _checked(samples: Iterable[Sample | Unreadable], seen: dict, *, skip_bad: bo
         if isinstance(s, Unreadable):
             if not skip_bad:
                 raise PrepareError(f"{s.origin} is not a readable image ({s.reason}): expected a JPEG/PNG "
-                                   "(or other PIL-readable) image file; pass --skip-bad to leave such files out")
+                                   "(or other PIL-readable) image file; pass --skip_bad to leave such files out")
             seen["skipped"] += 1
             if on_skip is not None:
                 on_skip(s)
@@ -286,7 +286,7 @@ def _checked(samples: Iterable[Sample | Unreadable], seen: dict, *, skip_bad: bo
             raise PrepareError(
                 f"images differ in size: {first[0]} is {_size_text(first[1])} but {s.origin or f'sample {s.key}'} "
                 f"is {_size_text(size)} (width x height): expected one image size; resize them, or pass "
-                "--mixed-sizes to write them as they are (training then needs an explicit image_size)")
+                "--mixed_sizes to write them as they are (training then needs an explicit image_size)")
         seen["sizes"].add(size)
         seen["channels"].add(shape[2])
         seen["exts"].add(s.ext)

@@ -11,7 +11,7 @@ launch, one feature extractor and one reference for all of them; each checkpoint
 
 The metric is FID with the InceptionV3 extractor; with another feature extractor it is the Frechet
 distance in that extractor's features, and the plot and table say so. `diffusion-pl reconstruct-ema
---fid-data` runs it after the reconstruction.
+--fid_data` runs it after the reconstruction.
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ def _published(options: EvalOptions, fabric, extractor, height: int, width: int)
     reference, info = published_reference(options.ref_stats, dim, what=options.names("ref_stats"))
     note = ADM_PROTOCOL if isinstance(extractor, InceptionFeatures) else (
         "published statistics: comparable only if computed with this same feature extractor")
-    return reference, {"split": None, "source": "published statistics (--ref-stats)", "image_size": [height, width],
+    return reference, {"split": None, "source": "published statistics (--ref_stats)", "image_size": [height, width],
                        "stored_size": None, "count": None, **info, "protocol_note": note}
 
 

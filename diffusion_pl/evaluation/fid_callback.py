@@ -3,7 +3,7 @@
 Sample i is drawn with seed `seed + i` (and class i % num_classes when conditional); rank r
 takes a contiguous block of indices, so the value does not depend on the world size or the batch
 size. Reference statistics are computed once per (data, extractor, protocol) and cached on disk,
-or read from a published mu / sigma npz (`ref_stats`, as `diffusion-pl evaluate --ref-stats`;
+or read from a published mu / sigma npz (`ref_stats`, as `diffusion-pl evaluate --ref_stats`;
 diffusion_pl/evaluation/metrics/published.py), which a model trained on latent shards can use instead of image shards.
 The feature extractor and metric states live in this callback, never in the LightningModule
 (whose state the EMA copies and checkpoints save).

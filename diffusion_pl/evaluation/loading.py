@@ -6,7 +6,7 @@ optional autoguidance checkpoint (`load_guide`); the shape generated is the netw
 `module.net.image_shape`.
 
 One-line errors name each input through `names`, a function from an argument name (`guide_ckpt`) to
-the name the caller gave it: the argument itself from Python, the flag (`--guide-ckpt`) from a command.
+the name the caller gave it: the argument itself from Python, the flag (`--guide_ckpt`) from a command.
 """
 
 from __future__ import annotations

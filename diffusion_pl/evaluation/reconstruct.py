@@ -11,7 +11,7 @@ snapshot step (or `step`) over all snapshots up to that step (Karras et al. 2024
 as edm2 reconstruct_phema.py; the math is diffusion_pl/training/phema.py), and writes
 `OUT/phema-<step>-<sigma_rel>.ckpt` (or OUT itself when it is one .ckpt for one sigma_rel), atomically: a copy
 of the run's newest checkpoint whose `ema.*` weights are the reconstruction, which `evaluate`, `diffusion-pl
-sample --ckpt` and `diffusion-pl evaluate --ckpt` take as they are.
+sample --ckpt_path` and `diffusion-pl evaluate --ckpt_path` take as they are.
 
 The copy keeps `net.*`, the config and `global_step` of that checkpoint and drops the optimizer and
 callback states (it is for sampling, not for resuming); `checkpoint["phema"]` records the sigma_rel,

@@ -93,17 +93,17 @@ def dit_kwargs_from_reference(state_dict: Mapping[str, Tensor], arch: str, image
     if image_size is not None:
         latent = image_size // VAE_DOWNSAMPLE
         if image_size % VAE_DOWNSAMPLE or latent % patch:
-            raise UserValueError(f"--image-size {image_size}: expected a multiple of {VAE_DOWNSAMPLE * patch} "
+            raise UserValueError(f"--image_size {image_size}: expected a multiple of {VAE_DOWNSAMPLE * patch} "
                                  f"(the VAE's {VAE_DOWNSAMPLE}x and the patch size {patch})")
         if tokens is not None and tokens != (latent // patch) ** 2:
             side = round(tokens**0.5) * patch
             raise UserValueError(f"{source} has {tokens} position tokens, a {side}x{side} latent of "
-                                 f"{side * VAE_DOWNSAMPLE}px images: expected --image-size {side * VAE_DOWNSAMPLE}, "
+                                 f"{side * VAE_DOWNSAMPLE}px images: expected --image_size {side * VAE_DOWNSAMPLE}, "
                                  f"not {image_size}")
     elif tokens is not None:
         latent = round(tokens**0.5) * patch
     else:
-        raise UserValueError(f"{source} has no pos_embed to tell the latent size: expected --image-size")
+        raise UserValueError(f"{source} has no pos_embed to tell the latent size: expected --image_size")
     return dict(img_resolution=latent, in_channels=in_channels, out_channels=out_channels, num_classes=table - 1,
                 patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, mlp_ratio=4.0,
                 frequency_embedding_size=_shape(state_dict, "t_embedder.mlp.0.weight", source)[1], augment_dim=0,
@@ -130,7 +130,7 @@ def dit_from_reference(checkpoint: Any, arch: str | None = None, image_size: int
     `arch` / `image_size` default to a train.py checkpoint's args; `arch` is required otherwise.
     """
     state_dict, args = reference_checkpoint(checkpoint, source)
-    for name, value, saved in (("--arch", arch, args.get("model")), ("--image-size", image_size,
+    for name, value, saved in (("--arch", arch, args.get("model")), ("--image_size", image_size,
                                                                       args.get("image_size"))):
         if value is not None and saved is not None and value != saved:
             raise UserValueError(f"{name} {value} but {source} was trained with {saved}: expected the same "

@@ -162,7 +162,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tr
     if out.exists() and not out.is_dir():  # before reading a possibly large checkpoint
         raise UserValueError(f"--out {out} is a file: expected a folder (created if missing)")
     checkpoint = read_checkpoint(ckpt_path, trust_config=trust_config,
-                                 trust_option="trust_config=True (--trust-config)")
+                                 trust_option="trust_config=True (--trust_config)")
     module = module_from_checkpoint(checkpoint)  # refuses a checkpoint without a saved config
     hparams = checkpoint.config  # as saved (older class paths rewritten), not re-resolved
     config: dict[str, Any] = {"export_format": EXPORT_FORMAT,

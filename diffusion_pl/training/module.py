@@ -356,7 +356,7 @@ def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",
     installed module).
     """
     checkpoint = read_checkpoint(ckpt_path, trust_config=trust_config,
-                                 trust_option="trust_config=True (--trust-config)")
+                                 trust_option="trust_config=True (--trust_config)")
     return module_from_checkpoint(checkpoint, map_location)
 
 

@@ -12,7 +12,7 @@ one goes through `read_checkpoint` / `read_snapshot`, so all of them apply the s
 - the saved config is code: LightningCLI and jsonargparse import every `class_path` it names. Every import
   path in it is checked against diffusion_pl.utils.trust.TRUSTED_PACKAGES *before* anything is imported,
   and refused in one line naming it unless the caller trusts the file (`trust_config=True`, the commands'
-  `--trust-config`);
+  `--trust_config`);
 - class paths of older checkpoints are rewritten to today's modules (below).
 
 Old checkpoints. Configs saved before the package was laid out in layers (commit 47eced5) name modules
@@ -185,7 +185,7 @@ def _layout_problem(raw: Any) -> str | None:
 
 
 def read_checkpoint(path: str | os.PathLike, *, trust_config: bool = False, trusted: Iterable[str] = (),
-                    map_location: Any = "cpu", trust_option: str = "--trust-config") -> Checkpoint:
+                    map_location: Any = "cpu", trust_option: str = "--trust_config") -> Checkpoint:
     """Read a `.ckpt` file (weights_only, mmap), rewrite old class paths, check the config's imports.
 
     Args:

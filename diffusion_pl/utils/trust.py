@@ -2,7 +2,7 @@
 
 LightningCLI builds components from `class_path` strings, so loading a config from elsewhere can import
 (and run) any installed module. `load_module` and `load_exported` accept import paths from
-TRUSTED_PACKAGES only, unless the caller passes trust_config=True (`--trust-config`).
+TRUSTED_PACKAGES only, unless the caller passes trust_config=True (`--trust_config`).
 """
 
 from __future__ import annotations

@@ -79,21 +79,21 @@ PROBES = [
     # checkpoints
     Probe("missing ckpt_path", fit("--ckpt_path={run}/gone.ckpt"), ("gone.ckpt", "does not exist")),
     Probe("truncated ckpt_path", fit("--ckpt_path={junk}"), ("not a checkpoint",)),
-    Probe("sample: random file as ckpt", ("sample", "--ckpt", "{junk}", "--num-samples", "1", "--out", "{run}/s"),
+    Probe("sample: random file as ckpt", ("sample", "--ckpt_path", "{junk}", "--num_samples", "1", "--out", "{run}/s"),
           ("not a checkpoint",)),
     Probe("evaluate: random file as ckpt",
-          ("evaluate", "--ckpt", "{junk}", "--data", SHAPES, "--num-samples", "2",
-           "--feature-extractor", "tests.support.evaluation.StandInFeatures"), ("not a checkpoint",)),
+          ("evaluate", "--ckpt_path", "{junk}", "--data", SHAPES, "--num_samples", "2",
+           "--feature_extractor", "tests.support.evaluation.StandInFeatures"), ("not a checkpoint",)),
     Probe("reconstruct-ema: run without snapshots",
-          ("reconstruct-ema", "--run", "{userdir}", "--sigma-rel", "0.07", "--out", "{run}/ema"),
+          ("reconstruct-ema", "--run", "{userdir}", "--sigma_rel", "0.07", "--out", "{run}/ema"),
           ("no post-hoc EMA snapshots", "PowerEMA")),
     Probe("reconstruct-ema: sigma_rel out of range",
-          ("reconstruct-ema", "--run", "{userdir}", "--sigma-rel", "0.5", "--out", "{run}/ema"),
-          ("--sigma-rel 0.5", "out of range")),
-    Probe("export: missing ckpt", ("export", "--ckpt", "{run}/gone.ckpt", "--out", "{run}/e"),
+          ("reconstruct-ema", "--run", "{userdir}", "--sigma_rel", "0.5", "--out", "{run}/ema"),
+          ("--sigma_rel 0.5", "out of range")),
+    Probe("export: missing ckpt", ("export", "--ckpt_path", "{run}/gone.ckpt", "--out", "{run}/e"),
           ("gone.ckpt", "does not exist")),
-    Probe("export: random file as ckpt", ("export", "--ckpt", "{junk}", "--out", "{run}/e"), ("not a checkpoint",)),
-    Probe("export: --out is a file", ("export", "--ckpt", "{junk}", "--out", "{junk}"), ("--out", "is a file")),
+    Probe("export: random file as ckpt", ("export", "--ckpt_path", "{junk}", "--out", "{run}/e"), ("not a checkpoint",)),
+    Probe("export: --out is a file", ("export", "--ckpt_path", "{junk}", "--out", "{junk}"), ("--out", "is a file")),
     # prepare
     Probe("prepare: zero-byte image", ("prepare", "folder", "{badimages}", "--out", "{run}/shards"), ("0001.jpg",)),
     Probe("prepare: --overwrite of a folder it did not write",
@@ -166,4 +166,4 @@ def test_traceback_env_shows_the_traceback(files, tmp_path, monkeypatch):
 
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(UserError, match="not a checkpoint"):
-        main(["sample", "--ckpt", files["junk"], "--num-samples", "1", "--out", str(tmp_path / "s")])
+        main(["sample", "--ckpt_path", files["junk"], "--num_samples", "1", "--out", str(tmp_path / "s")])

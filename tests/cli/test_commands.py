@@ -32,7 +32,7 @@ from tests.support.commands import DDIM_ETA1
 from tests.support.evaluation import DATA, IMAGE_SIZE, STAND_IN
 
 def sample(run, out, *args, sampler: tuple[str, ...] = ("ddim", "--steps", "2")) -> int:
-    return main(["sample", "--ckpt", run["ckpt"], "--sampler", *sampler, "--out", str(out), *args])
+    return main(["sample", "--ckpt_path", run["ckpt"], "--sampler", *sampler, "--out", str(out), *args])
 
 
 def read_npz(path: Path) -> dict:
@@ -73,7 +73,7 @@ def test_sample_writes_a_grid_png(run, tmp_path, capsys):
 
 def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "a"
-    assert sample(run, out, "--num-samples", "6", "--batch-size", "4") == 0
+    assert sample(run, out, "--num_samples", "6", "--batch_size", "4") == 0
     first = read_npz(out / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")
     assert first["arr_0"].dtype == np.uint8 and first["arr_0"].shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert first["arr_1"].tolist() == [0, 1, 2, 3, 4, 0]  # balanced labels i % 5
@@ -90,13 +90,13 @@ def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monk
         return original(module, sampler, indices, *args, **kwargs)
 
     monkeypatch.setattr("diffusion_pl.cli.sample.generate", counting)
-    assert sample(run, out, "--num-samples", "6", "--batch-size", "2") == 0
+    assert sample(run, out, "--num_samples", "6", "--batch_size", "2") == 0
     assert written["indices"] == [1, 4, 5]  # only the missing ones, each once
     assert "resuming: 3 of 6" in capsys.readouterr().err
     resumed = read_npz(out / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")
     np.testing.assert_array_equal(resumed["arr_0"], first["arr_0"])  # batch 2 == batch 4, bit for bit
     # one image per batch, npz only: the same images again, and no PNGs left behind
-    assert sample(run, tmp_path / "b", "--num-samples", "6", "--batch-size", "1", "--npz") == 0
+    assert sample(run, tmp_path / "b", "--num_samples", "6", "--batch_size", "1", "--npz") == 0
     np.testing.assert_array_equal(read_npz(tmp_path / "b" / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")["arr_0"],
                                   first["arr_0"])
     assert not list((tmp_path / "b").glob("*.png"))
@@ -104,24 +104,24 @@ def test_sample_npz_resume_and_batch_size_invariance(run, tmp_path, capsys, monk
 
 def test_sample_refuses_to_overwrite_another_run(run, tmp_path, capsys):
     out = tmp_path / "s"
-    assert sample(run, out, "--num-samples", "2", "--png") == 0
-    assert sample(run, out, "--num-samples", "2", "--seed", "5") == 2
+    assert sample(run, out, "--num_samples", "2", "--png") == 0
+    assert sample(run, out, "--num_samples", "2", "--seed", "5") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("diffusion-pl sample: error: --out") and "differs in seed" in err[-1]
-    assert sample(run, out, "--num-samples", "2", "--seed", "5", "--overwrite") == 0
+    assert sample(run, out, "--num_samples", "2", "--seed", "5", "--overwrite") == 0
     assert json.loads((out / "sample_config.json").read_text())["seed"] == 5
-    assert main(["sample", "--ckpt", run["ckpt"], "--sampler", "nope", "--num-samples", "1", "--out", str(out)]) == 2
+    assert main(["sample", "--ckpt_path", run["ckpt"], "--sampler", "nope", "--num_samples", "1", "--out", str(out)]) == 2
     assert "expected one of" in capsys.readouterr().err
 
 
 def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys, ddim_spec):
     npz = f"samples_3x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz"
-    assert sample(run, tmp_path / "short", "--num-samples", "3") == 0  # the short-name form: DDIM, eta = 0
+    assert sample(run, tmp_path / "short", "--num_samples", "3") == 0  # the short-name form: DDIM, eta = 0
     config = json.loads((tmp_path / "short" / "sample_config.json").read_text())
     assert config["sampler"] == ddim_spec(eta=0.0)  # the short name records the whole resolved spec too
     spec = '{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"steps": 2, "eta": 1.0}}'
     out = tmp_path / "eta1"
-    assert sample(run, out, "--num-samples", "3", sampler=(spec,)) == 0
+    assert sample(run, out, "--num_samples", "3", sampler=(spec,)) == 0
     assert json.loads((out / "sample_config.json").read_text())["sampler"] == ddim_spec(eta=1.0)
     eta0, eta1 = read_npz(tmp_path / "short" / npz)["arr_0"], read_npz(out / npz)["arr_0"]
     assert (eta0 != eta1).any()  # eta reached the sampler: DDIM's noise changed the images
@@ -129,22 +129,22 @@ def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys
     (out / "000001.png").unlink()
     (out / npz).unlink()
     capsys.readouterr()
-    assert sample(run, out, "--num-samples", "3", sampler=(spec,)) == 0
+    assert sample(run, out, "--num_samples", "3", sampler=(spec,)) == 0
     assert "resuming: 2 of 3" in capsys.readouterr().err
     np.testing.assert_array_equal(read_npz(out / npz)["arr_0"], eta1)
-    assert sample(run, out, "--num-samples", "3", sampler=(spec.replace("1.0", "0.5"),)) == 2
+    assert sample(run, out, "--num_samples", "3", sampler=(spec.replace("1.0", "0.5"),)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a different run (differs in sampler)" in err[0]
     # a full spec without steps takes --steps; equal to the short name's spec, so it resumes the short run
     full = '{"class_path": "diffusion_pl.sampling.posterior.DDIM"}'
-    assert sample(run, tmp_path / "short", "--num-samples", "3", sampler=(full, "--steps", "2")) == 0
+    assert sample(run, tmp_path / "short", "--num_samples", "3", sampler=(full, "--steps", "2")) == 0
     # a folder written before specs were recorded (repr(sampler)) resumes too, and then records the spec
     legacy = tmp_path / "short" / "sample_config.json"
     legacy.write_text(json.dumps({**config, "sampler": repr(DDIM(steps=2))}))
-    assert sample(run, tmp_path / "short", "--num-samples", "3") == 0
+    assert sample(run, tmp_path / "short", "--num_samples", "3") == 0
     assert json.loads(legacy.read_text()) == config
     legacy.write_text(json.dumps({**config, "sampler": repr(DDIM(steps=2, eta=1.0))}))
-    assert sample(run, tmp_path / "short", "--num-samples", "3") == 2
+    assert sample(run, tmp_path / "short", "--num_samples", "3") == 2
 
 
 def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch, ddim_spec):
@@ -158,7 +158,7 @@ def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch, 
     monkeypatch.setattr("diffusion_pl.cli.sample.generate", recording)
     # YAML, as LightningCLI accepts it (EDM's stochastic sampler with churn)
     edm = "class_path: diffusion_pl.sampling.edm.EDMStochastic\ninit_args: {steps: 2, S_churn: 40}"
-    assert sample(run, tmp_path / "edm", "--num-samples", "2", "--npz", sampler=(edm,)) == 0
+    assert sample(run, tmp_path / "edm", "--num_samples", "2", "--npz", sampler=(edm,)) == 0
     config = json.loads((tmp_path / "edm" / "sample_config.json").read_text())["sampler"]
     assert config["class_path"] == "diffusion_pl.sampling.edm.EDMStochastic"
     assert config["init_args"]["steps"] == 2 and config["init_args"]["S_churn"] == 40.0
@@ -167,7 +167,7 @@ def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch, 
     # a nested grid object: KarrasGrid instead of DDIM's default log-SNR grid
     grid = {"class_path": "diffusion_pl.sampling.grids.KarrasGrid", "init_args": {"rho": 3}}
     spec = json.dumps({"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"steps": 2, "grid": grid}})
-    assert sample(run, tmp_path / "karras", "--num-samples", "2", "--npz", sampler=(spec,)) == 0
+    assert sample(run, tmp_path / "karras", "--num_samples", "2", "--npz", sampler=(spec,)) == 0
     resolved = ddim_spec(grid={"class_path": "diffusion_pl.sampling.grids.KarrasGrid",
                                "init_args": {"rho": 3.0, "max_noise_level": 80.0}})
     assert json.loads((tmp_path / "karras" / "sample_config.json").read_text())["sampler"] == resolved
@@ -175,10 +175,10 @@ def test_sample_yaml_spec_nested_grid_and_spec_file(run, tmp_path, monkeypatch, 
     # the same spec from a .yaml file (class names resolved, steps from --steps): the same run, so it resumes
     file = tmp_path / "sampler.yaml"
     file.write_text("class_path: DDIM\ninit_args:\n  grid: {class_path: KarrasGrid, init_args: {rho: 3}}\n")
-    assert sample(run, tmp_path / "karras", "--num-samples", "2", "--npz", sampler=(str(file), "--steps", "2")) == 0
+    assert sample(run, tmp_path / "karras", "--num_samples", "2", "--npz", sampler=(str(file), "--steps", "2")) == 0
     assert used[-1].steps == 2 and used[-1].grid.rho == 3.0
     file.write_text(file.read_text().replace("rho: 3", "rho: 5"))  # another grid: another run
-    assert sample(run, tmp_path / "karras", "--num-samples", "2", "--npz", sampler=(str(file), "--steps", "2")) == 2
+    assert sample(run, tmp_path / "karras", "--num_samples", "2", "--npz", sampler=(str(file), "--steps", "2")) == 2
 
 
 SPEC_ERRORS = [  # (--sampler and other arguments, what the one line says)
@@ -197,7 +197,7 @@ SPEC_ERRORS = [  # (--sampler and other arguments, what the one line says)
 
 @pytest.mark.parametrize("sampler, message", SPEC_ERRORS, ids=[m for _, m in SPEC_ERRORS])
 def test_sample_refuses_a_bad_sampler_spec_in_one_line(run, tmp_path, capsys, sampler, message):
-    assert sample(run, tmp_path / "out", "--num-samples", "1", sampler=tuple(sampler)) == 2
+    assert sample(run, tmp_path / "out", "--num_samples", "1", sampler=tuple(sampler)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("diffusion-pl sample: error: --") and message in err[0], err
     assert "expected" in err[0] and not (tmp_path / "out").exists()
@@ -209,17 +209,17 @@ def test_evaluate_checks_the_sampler_specs_before_any_work(run, tmp_path, capsys
         raise AssertionError("evaluate reached the Inception weights before checking --sampler")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "4", "--sampler", "ddim",
+    assert main(["evaluate", "--ckpt_path", run["ckpt"], "--data", DATA, "--num_samples", "4", "--sampler", "ddim",
                  '{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"eta": "high"}}']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("diffusion-pl evaluate: error: --sampler") and "init_args.eta" in err[0]
 
 
 def test_sample_two_processes_match_one(run, tmp_path):
-    assert sample(run, tmp_path / "one", "--num-samples", "5", "--batch-size", "5") == 0
+    assert sample(run, tmp_path / "one", "--num_samples", "5", "--batch_size", "5") == 0
     env = {**os.environ, **run["env"], "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "diffusion_pl", "sample", "--ckpt", run["ckpt"], "--sampler", "ddim", "--steps", "2",
-           "--num-samples", "5", "--batch-size", "2", "--devices", "2", "--accelerator", "cpu",
+    cmd = [sys.executable, "-m", "diffusion_pl", "sample", "--ckpt_path", run["ckpt"], "--sampler", "ddim", "--steps", "2",
+           "--num_samples", "5", "--batch_size", "2", "--devices", "2", "--accelerator", "cpu",
            "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -232,8 +232,8 @@ def test_sample_two_processes_match_one(run, tmp_path):
 def test_evaluate_checkpoint_and_its_samples_agree(run, tmp_path, capsys, ddim_spec):
     report = tmp_path / "report.json"
     # a short name and a full spec (its steps from --steps), scored side by side
-    assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "6", "--sampler", "ddim",
-                 DDIM_ETA1, "--steps", "2", "--batch-size", "4", "--isc", "--feature-extractor", STAND_IN,
+    assert main(["evaluate", "--ckpt_path", run["ckpt"], "--data", DATA, "--num_samples", "6", "--sampler", "ddim",
+                 DDIM_ETA1, "--steps", "2", "--batch_size", "4", "--isc", "--feature_extractor", STAND_IN,
                  "--report", str(report)]) == 0
     assert "fid6" in capsys.readouterr().out  # the table names the sample count
     r = json.loads(report.read_text())
@@ -245,9 +245,9 @@ def test_evaluate_checkpoint_and_its_samples_agree(run, tmp_path, capsys, ddim_s
     assert point["sampler"] == ddim_spec(eta=0.0) and stochastic["sampler"] == ddim_spec(eta=1.0)
     assert stochastic["name"] == "ddim_2#2" and stochastic["steps"] == 2 and stochastic["fid"] != point["fid"]
     # the same samples written by `sample`, scored from the PNG folder and from the npz
-    assert sample(run, tmp_path / "s", "--num-samples", "6") == 0
+    assert sample(run, tmp_path / "s", "--num_samples", "6") == 0
     for source in (tmp_path / "s", tmp_path / "s" / f"samples_6x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz"):
-        assert main(["evaluate", "--samples", str(source), "--data", DATA, "--feature-extractor", STAND_IN,
+        assert main(["evaluate", "--samples", str(source), "--data", DATA, "--feature_extractor", STAND_IN,
                      "--report", str(tmp_path / "r2.json")]) == 0
         again = json.loads((tmp_path / "r2.json").read_text())["results"][0]
         assert again["n"] == 6 and again["fid"] == pytest.approx(point["fid"], rel=1e-6)
@@ -263,7 +263,7 @@ def test_evaluate_resizes_the_reference_to_the_samples_size(run, tmp_path, capsy
     assert images.shape == (48, 3, 8, 8)
     np.savez(tmp_path / "s.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
     report = tmp_path / "r.json"
-    assert main(["evaluate", "--samples", str(tmp_path / "s.npz"), "--data", big, "--feature-extractor", STAND_IN,
+    assert main(["evaluate", "--samples", str(tmp_path / "s.npz"), "--data", big, "--feature_extractor", STAND_IN,
                  "--report", str(report)]) == 0
     assert "reference images resized from 16x16 to 8x8" in capsys.readouterr().err
     r = json.loads(report.read_text())
@@ -273,7 +273,7 @@ def test_evaluate_resizes_the_reference_to_the_samples_size(run, tmp_path, capsy
     # non-square samples cannot be matched by the square resize: one line naming both sizes
     np.savez(tmp_path / "wide.npz", arr_0=np.zeros((4, 8, 6, 3), np.uint8))
     assert main(["evaluate", "--samples", str(tmp_path / "wide.npz"), "--data", big,
-                 "--feature-extractor", STAND_IN]) == 2
+                 "--feature_extractor", STAND_IN]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "samples are 8x6" in err[0] and "are 16x16" in err[0]
 
@@ -283,7 +283,7 @@ def test_evaluate_refuses_a_sample_folder_of_mixed_sizes_or_broken_files(run, tm
     folder.mkdir()
     for i, side in enumerate((8, 8, 6)):
         Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(folder / f"{i:06d}.png")
-    args = ["evaluate", "--samples", str(folder), "--data", DATA, "--feature-extractor", STAND_IN]
+    args = ["evaluate", "--samples", str(folder), "--data", DATA, "--feature_extractor", STAND_IN]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "000002.png is 6x6 but 000000.png is 8x8" in err[0]
@@ -298,9 +298,9 @@ def test_evaluate_without_inception_weights_fails_in_one_line(run, tmp_path, cap
         raise OSError("network unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "4"]) == 2
+    assert main(["evaluate", "--ckpt_path", run["ckpt"], "--data", DATA, "--num_samples", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--inception-weights PATH" in err[0] and WEIGHTS_ENV in err[0]
+    assert len(err) == 1 and "--inception_weights PATH" in err[0] and WEIGHTS_ENV in err[0]
     assert main(["evaluate", "--samples", str(tmp_path / "none"), "--data", DATA]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -324,27 +324,27 @@ def test_bits_per_dim_of_the_oracle_is_exact():
 
 
 def test_sample_clip_x0_clamps_the_final_images_and_is_recorded(run, tmp_path):
-    """DDIM ends with x = x0_hat, so --clip-x0 0.1 keeps every pixel within 127.5 * (1 +- 0.1)."""
+    """DDIM ends with x = x0_hat, so --clip_x0 0.1 keeps every pixel within 127.5 * (1 +- 0.1)."""
     out = tmp_path / "clip"
-    assert sample(run, out, "--num-samples", "4", "--clip-x0", "0.1", "--npz") == 0
+    assert sample(run, out, "--num_samples", "4", "--clip_x0", "0.1", "--npz") == 0
     images = read_npz(out / f"samples_4x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")["arr_0"]
     assert images.min() >= 114 and images.max() <= 141
     assert json.loads((out / "sample_config.json").read_text())["clip_x0"] == 0.1
-    assert sample(run, tmp_path / "free", "--num-samples", "4", "--npz") == 0
+    assert sample(run, tmp_path / "free", "--num_samples", "4", "--npz") == 0
     free = read_npz(tmp_path / "free" / f"samples_4x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz")["arr_0"]
     assert free.max() - free.min() > 27  # the same samples unclipped span a wider range
 
 
 def test_sample_refuses_a_checkpoint_whose_config_imports_elsewhere(run, tmp_path, capsys):
-    """A checkpoint's config is code: a class_path outside the trusted packages needs --trust-config."""
+    """A checkpoint's config is code: a class_path outside the trusted packages needs --trust_config."""
     ckpt = torch.load(run["ckpt"], map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["process"]["class_path"] = "collections.OrderedDict"
     forged = tmp_path / "forged.ckpt"
     torch.save(ckpt, forged)
     capsys.readouterr()
-    assert main(["sample", "--ckpt", str(forged), "--num-samples", "1", "--out", str(tmp_path / "o")]) == 2
+    assert main(["sample", "--ckpt_path", str(forged), "--num_samples", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "collections.OrderedDict" in err[0] and "--trust-config" in err[0]
+    assert len(err) == 1 and "collections.OrderedDict" in err[0] and "--trust_config" in err[0]
     assert not (tmp_path / "o").exists()
 
 

@@ -1,5 +1,5 @@
 """The CPU latent recipe through the commands: `fit` (configs/cpu_latent_tiny.yaml), `sample` and `evaluate` on
-decoded pixels, and `evaluate --ref-stats` with published-style mu / sigma (and its one-line errors)."""
+decoded pixels, and `evaluate --ref_stats` with published-style mu / sigma (and its one-line errors)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_the_recipe_trains_and_its_grid_is_decoded(run):
 
 def test_sample_writes_decoded_pixels(run, tmp_path):
     out = tmp_path / "samples"
-    assert main(["sample", "--ckpt", run["ckpt"], "--num-samples", "3", "--sampler", "ddim", "--steps", "2",
+    assert main(["sample", "--ckpt_path", run["ckpt"], "--num_samples", "3", "--sampler", "ddim", "--steps", "2",
                  "--out", str(out)]) == 0
     arr = np.load(out / "samples_3x16x16x3.npz")["arr_0"]
     assert arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8
@@ -66,11 +66,11 @@ def _ref_npz(path: Path, **overrides) -> Path:
 
 def test_evaluate_scores_decoded_samples_against_data_or_ref_stats(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(run["root"] / "cache"))
-    common = ["evaluate", "--ckpt", run["ckpt"], "--num-samples", "4", "--sampler", "ddim", "--steps", "2",
-              "--batch-size", "4", "--feature-extractor", STAND_IN]
+    common = ["evaluate", "--ckpt_path", run["ckpt"], "--num_samples", "4", "--sampler", "ddim", "--steps", "2",
+              "--batch_size", "4", "--feature_extractor", STAND_IN]
     assert main([*common, "--data", IMAGES, "--report", str(tmp_path / "data.json")]) == 0
     npz = _ref_npz(tmp_path / "ref.npz")
-    assert main([*common, "--ref-stats", str(npz), "--report", str(tmp_path / "npz.json")]) == 0
+    assert main([*common, "--ref_stats", str(npz), "--report", str(tmp_path / "npz.json")]) == 0
     by_data, by_npz = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("data", "npz"))
     assert by_npz["results"][0]["fid"] == pytest.approx(by_data["results"][0]["fid"], rel=1e-6)
     reference = by_npz["protocol"]["reference"]
@@ -81,11 +81,11 @@ def test_evaluate_scores_decoded_samples_against_data_or_ref_stats(run, tmp_path
            (_ref_npz(tmp_path / "keys.npz", mu=None, sigma=None, m=np.zeros(3)), "expected 'mu' and 'sigma'"),
            (_ref_npz(tmp_path / "dims.npz", mu=np.zeros(5), sigma=np.eye(5)), r"expected \(12,\) and \(12, 12\)")]
     for path, match in bad:
-        assert main([*common, "--ref-stats", str(path)]) == 2
+        assert main([*common, "--ref_stats", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(match, err), err
-    for args, match in (([*common, "--ref-stats", str(npz), "--data", IMAGES], "give one reference"),
-                        ([*common, "--ref-stats", str(npz), "--kid"], "--kid with --ref-stats"),
+    for args, match in (([*common, "--ref_stats", str(npz), "--data", IMAGES], "give one reference"),
+                        ([*common, "--ref_stats", str(npz), "--kid"], "--kid with --ref_stats"),
                         # bits/dim of latents is not the images' likelihood
                         ([*common, "--data", IMAGES, "--bpd"], "a latent diffusion model: expected a pixel-space")):
         assert main(args) == 2

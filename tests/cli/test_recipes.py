@@ -54,8 +54,8 @@ def cifar_shards(tmp_path_factory) -> Path:
     if not CIFAR_TAR.exists():
         pytest.skip(f"real CIFAR-10 images not found at {CIFAR_TAR}")
     out = tmp_path_factory.mktemp("cifar") / "train"
-    assert importlib.import_module("diffusion_pl.cli.prepare").main(["folder", str(CIFAR_TAR), "--split", "train", "--max-samples", "300",
-                         "--shard-size", "100", "--out", str(out)]) == 0
+    assert importlib.import_module("diffusion_pl.cli.prepare").main(["folder", str(CIFAR_TAR), "--split", "train", "--max_samples", "300",
+                         "--shard_size", "100", "--out", str(out)]) == 0
     return out
 
 

@@ -299,7 +299,7 @@ def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkey
     path.write_bytes(b"")
     main = guidance_module()
     cpu = torch.device("cpu")
-    guidance = guidance_from_args(p.parse_args(["--guide-ckpt", str(path), "--guidance-interval", "0.1", "inf",
+    guidance = guidance_from_args(p.parse_args(["--guide_ckpt", str(path), "--guidance_interval", "0.1", "inf",
                                                 "--guidance", "2"]))
     assert guidance == Guidance(weight=2.0, guide=str(path), interval=(0.1, math.inf))
     for guide, what in ((guidance_module(seed=1), None), (guidance_module(EDM()), "process"),
@@ -309,19 +309,19 @@ def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkey
             loaded = loading.load_guide(main, guidance, cpu, names=flag)
             assert loaded.guide is guide and loaded == guidance.replace(guide=guide)
             continue
-        with pytest.raises(UserError, match=f"--guide-ckpt .* has {what} .*expected the same") as e:
+        with pytest.raises(UserError, match=f"--guide_ckpt .* has {what} .*expected the same") as e:
             loading.load_guide(main, guidance, cpu, names=flag)
         assert "\n" not in str(e.value)
-    for argv, message in ((["--guidance-interval", "-1", "2"], "--guidance-interval -1 2 is invalid"),
-                          (["--guidance-interval", "2", "1"], "--guidance-interval 2 1 is invalid: sigma_lo > sigma_hi "
+    for argv, message in ((["--guidance_interval", "-1", "2"], "--guidance_interval -1 2 is invalid"),
+                          (["--guidance_interval", "2", "1"], "--guidance_interval 2 1 is invalid: sigma_lo > sigma_hi "
                                                               "never guides; expected 1 2"),
-                          (["--guidance-channels", "0"], "--guidance-channels 0 is invalid"),
-                          (["--clip-x0", "0"], "--clip-x0 0.0 is invalid"),
+                          (["--guidance_channels", "0"], "--guidance_channels 0 is invalid"),
+                          (["--clip_x0", "0"], "--clip_x0 0.0 is invalid"),
                           (["--guidance", "nan"], "--guidance nan is invalid")):
         with pytest.raises(UserError) as e:
             guidance_from_args(p.parse_args(argv))
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
-    with pytest.raises(UserError, match="--guidance-channels 4 exceeds the 3 channels") as e:
+    with pytest.raises(UserError, match="--guidance_channels 4 exceeds the 3 channels") as e:
         loading.load_guide(main, Guidance(channels=4), cpu, names=flag)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="does not exist"):
@@ -338,7 +338,7 @@ def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkey
 
 
 def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
-    """`diffusion-pl sample --guide-ckpt`: the checkpoint as its own guide reproduces the unguided images
+    """`diffusion-pl sample --guide_ckpt`: the checkpoint as its own guide reproduces the unguided images
     and is recorded; a guide of another process (EDM) is refused in one line."""
     from diffusion_pl.cli.main import main
 
@@ -346,12 +346,12 @@ def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
 
     def draw(name, *args):
         out = tmp_path / name
-        rc = main(["sample", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "2", "--num-samples", "3", "--npz",
+        rc = main(["sample", "--ckpt_path", ckpt, "--sampler", "ddim", "--steps", "2", "--num_samples", "3", "--npz",
                    "--out", str(out), *args])
         return rc, out
 
     _, plain = draw("plain")
-    _, guided = draw("guided", "--guide-ckpt", ckpt, "--guidance", "3", "--guidance-interval", "0", "inf")
+    _, guided = draw("guided", "--guide_ckpt", ckpt, "--guidance", "3", "--guidance_interval", "0", "inf")
     npz = lambda out: np.load(next(out.glob("*.npz")))["arr_0"]  # noqa: E731
     assert np.array_equal(npz(plain), npz(guided))
     recorded = json.loads((guided / "sample_config.json").read_text())
@@ -360,7 +360,7 @@ def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
     forged["hyper_parameters"]["process"] = {"class_path": "diffusion_pl.processes.exploding.EDM", "init_args": {}}
     torch.save(forged, tmp_path / "other.ckpt")
     capsys.readouterr()
-    rc, out = draw("refused", "--guide-ckpt", str(tmp_path / "other.ckpt"), "--guidance", "3")
+    rc, out = draw("refused", "--guide_ckpt", str(tmp_path / "other.ckpt"), "--guidance", "3")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "diffusion_pl.processes.exploding.EDM" in err[0] and "expected the same" in err[0]
     assert not out.exists()
@@ -369,7 +369,7 @@ def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
                                              "init_args": {"beta_min": 0.1, "beta_max": 10.0}}
     torch.save(forged, tmp_path / "betas.ckpt")
     capsys.readouterr()
-    rc, out = draw("refused_betas", "--guide-ckpt", str(tmp_path / "betas.ckpt"), "--guidance", "3")
+    rc, out = draw("refused_betas", "--guide_ckpt", str(tmp_path / "betas.ckpt"), "--guidance", "3")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "beta_max" in err[0], err
 

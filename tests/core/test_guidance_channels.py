@@ -139,26 +139,26 @@ def test_sample_and_evaluate_cli(run, tmp_path, capsys, monkeypatch):
     real_sample = generation.sample
     monkeypatch.setattr(generation, "sample", lambda *a, **kw: (calls.append(kw), real_sample(*a, **kw))[1])
     monkeypatch.setenv("DIFFUSION_PL_CACHE", run["env"]["DIFFUSION_PL_CACHE"])
-    common = ["--sampler", "ddim", "--steps", "2", "--num-samples", "2", "--guidance", "2.0"]
+    common = ["--sampler", "ddim", "--steps", "2", "--num_samples", "2", "--guidance", "2.0"]
     out = tmp_path / "k1"
-    assert main(["sample", "--ckpt", run["ckpt"], *common, "--guidance-channels", "1", "--out", str(out)]) == 0
+    assert main(["sample", "--ckpt_path", run["ckpt"], *common, "--guidance_channels", "1", "--out", str(out)]) == 0
     assert json.loads((out / "sample_config.json").read_text())["guidance_channels"] == 1
     assert calls and all(kw["guidance"].channels == 1 for kw in calls)
     calls.clear()
     report = tmp_path / "report.json"
-    assert main(["evaluate", "--ckpt", run["ckpt"], *common, "--guidance-channels", "2", "--data", DATA,
-                 "--feature-extractor", "tests.support.evaluation.StandInFeatures", "--report", str(report)]) == 0
+    assert main(["evaluate", "--ckpt_path", run["ckpt"], *common, "--guidance_channels", "2", "--data", DATA,
+                 "--feature_extractor", "tests.support.evaluation.StandInFeatures", "--report", str(report)]) == 0
     assert calls and all(kw["guidance"].channels == 2 for kw in calls)
     assert json.loads(report.read_text())["guidance_channels"] == 2
-    assert main(["sample", "--ckpt", run["ckpt"], *common, "--out", str(tmp_path / "all")]) == 0
+    assert main(["sample", "--ckpt_path", run["ckpt"], *common, "--out", str(tmp_path / "all")]) == 0
     assert "guidance_channels" not in json.loads((tmp_path / "all" / "sample_config.json").read_text())
     capsys.readouterr()
-    for args, match in [(["sample", "--ckpt", run["ckpt"], *common, "--guidance-channels", "4", "--out",
-                          str(tmp_path / "x")], "--guidance-channels 4 exceeds the 3 channels"),
-                        (["sample", "--ckpt", run["ckpt"], *common, "--guidance-channels", "0", "--out",
-                          str(tmp_path / "y")], "--guidance-channels 0 is invalid"),
-                        (["evaluate", "--samples", str(out), "--data", "builtin:shapes", "--guidance-channels", "1"],
-                         "--guidance-channels need --ckpt")]:
+    for args, match in [(["sample", "--ckpt_path", run["ckpt"], *common, "--guidance_channels", "4", "--out",
+                          str(tmp_path / "x")], "--guidance_channels 4 exceeds the 3 channels"),
+                        (["sample", "--ckpt_path", run["ckpt"], *common, "--guidance_channels", "0", "--out",
+                          str(tmp_path / "y")], "--guidance_channels 0 is invalid"),
+                        (["evaluate", "--samples", str(out), "--data", "builtin:shapes", "--guidance_channels", "1"],
+                         "--guidance_channels need --ckpt_path")]:
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(match, err), err

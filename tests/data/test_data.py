@@ -89,7 +89,7 @@ def batch_hash(batch) -> str:
 def test_prepare_is_deterministic(tmp_path):
     src = make_folder(tmp_path / "src")
     for out in ("a", "b"):
-        args = ["folder", str(src), "--split", "train", "--shard-size", "2", "--out", str(tmp_path / out)]
+        args = ["folder", str(src), "--split", "train", "--shard_size", "2", "--out", str(tmp_path / out)]
         assert prepare_main(args) == 0
     shards = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
     assert shards == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
@@ -99,7 +99,7 @@ def test_prepare_is_deterministic(tmp_path):
 
 def test_manifest_contents(tmp_path):
     src = make_folder(tmp_path / "src", classes=("zebra", "ant"), n=5)
-    assert prepare_main(["folder", str(src), "--split", "train", "--shard-size", "4", "--out", str(tmp_path / "o")]) \
+    assert prepare_main(["folder", str(src), "--split", "train", "--shard_size", "4", "--out", str(tmp_path / "o")]) \
         == 0
     m = load_manifest(str(tmp_path / "o" / "manifest.json"))
     assert m["count"] == 10 and m["image_size"] == [8, 8] and m["channels"] == 3
@@ -115,11 +115,11 @@ def test_refuses_to_overwrite(tmp_path, capsys):
     src, out = make_folder(tmp_path / "src"), tmp_path / "out"
     assert prepare_main(["folder", str(src), "--out", str(out)]) == 0
     before = sha(out / "manifest.json")
-    assert prepare_main(["folder", str(src), "--shard-size", "2", "--out", str(out)]) == 2
+    assert prepare_main(["folder", str(src), "--shard_size", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(out) in err and "--overwrite" in err
     assert sha(out / "manifest.json") == before  # refused: untouched
-    assert prepare_main(["folder", str(src), "--shard-size", "2", "--out", str(out), "--overwrite"]) == 0
+    assert prepare_main(["folder", str(src), "--shard_size", "2", "--out", str(out), "--overwrite"]) == 0
     assert sha(out / "manifest.json") != before and len(list(out.glob("*.tar"))) == 3
     # (a non-empty folder that prepare did not write is refused even with --overwrite: test_prepare.py)
 
@@ -212,8 +212,8 @@ def test_no_images_found_is_one_line(tmp_path, capsys):
 @pytest.mark.skipif(not CIFAR_TAR.is_file(), reason=f"{CIFAR_TAR} is absent (the shared CIFAR-10 JPEG tar)")
 def test_real_cifar_jpeg_tar(tmp_path):
     out = tmp_path / "cifar"
-    assert prepare_main(["folder", str(CIFAR_TAR), "--split", "train", "--max-samples", "300",
-                         "--shard-size", "100", "--out", str(out)]) == 0
+    assert prepare_main(["folder", str(CIFAR_TAR), "--split", "train", "--max_samples", "300",
+                         "--shard_size", "100", "--out", str(out)]) == 0
     m = load_manifest(str(out / "manifest.json"))
     assert m["count"] == 300 and m["image_size"] == [32, 32] and m["image_format"] == ["jpg"]
     assert m["classes"] == "airplane automobile bird cat deer dog frog horse ship truck".split()

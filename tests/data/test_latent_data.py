@@ -101,7 +101,7 @@ def test_prepare_folder_center_crop(tmp_path, capsys):
     for i, (w, h) in enumerate([(50, 40), (33, 70), (16, 16), (120, 90)]):
         (tmp_path / "tree" / "c").mkdir(parents=True, exist_ok=True)
         Image.fromarray(noise(i, (w, h))).save(tmp_path / "tree" / "c" / f"{i}.jpg")
-    assert prepare_main(["folder", str(tmp_path / "tree"), "--out", str(tmp_path / "o"), "--center-crop", "16"]) == 0
+    assert prepare_main(["folder", str(tmp_path / "tree"), "--out", str(tmp_path / "o"), "--center_crop", "16"]) == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["image_size"] == [16, 16] and not manifest["mixed_sizes"] and manifest["image_format"] == ["png"]
     assert manifest["center_crop"] == {"size": 16, "method": "adm"}
@@ -111,8 +111,8 @@ def test_prepare_folder_center_crop(tmp_path, capsys):
     crops = [np.asarray(adm_center_crop(Image.open(p).convert("RGB"), 16)[0])  # the stored one is one of these
              for p in sorted((tmp_path / "tree" / "c").iterdir())]
     assert manifest["count"] == 4 and any(np.array_equal(stored, c) for c in crops)
-    assert prepare_main(["folder", str(tmp_path / "tree"), "--out", str(tmp_path / "p"), "--center-crop", "0"]) == 2
-    assert "--center-crop 0 is invalid" in capsys.readouterr().err
+    assert prepare_main(["folder", str(tmp_path / "tree"), "--out", str(tmp_path / "p"), "--center_crop", "0"]) == 2
+    assert "--center_crop 0 is invalid" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ prepare --encode
@@ -123,8 +123,8 @@ def test_prepare_encode_is_deterministic_and_records_the_autoencoder(tmp_path, a
         Image.fromarray(noise(i, (24, 20))).save(tree / f"c{i % 2}" / f"{i}.png")
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        assert prepare_main(["folder", str(tree), "--out", str(out), "--center-crop", "16", "--encode", ENCODE,
-                             "--batch-size", "3", "--device", "cpu", "--shard-size", "4"]) == 0
+        assert prepare_main(["folder", str(tree), "--out", str(out), "--center_crop", "16", "--encode", ENCODE,
+                             "--batch_size", "3", "--accelerator", "cpu", "--shard_size", "4"]) == 0
     tars = [sorted(out.glob("*.tar")) for out in outs]
     assert len(tars[0]) == 2 and [p.read_bytes() for p in tars[0]] == [p.read_bytes() for p in tars[1]]
     manifest = json.loads((outs[0] / "manifest.json").read_text())
@@ -155,11 +155,11 @@ def test_prepare_encode_refusals_are_one_line(tmp_path, capsys):
     tree.mkdir(parents=True)
     for i, size in enumerate([(16, 16), (15, 15)]):
         Image.fromarray(noise(i, size)).save(tree / f"{i}.png")
-    runs = [(["--no-flips"], "--no-flips is given without --encode"),
-            (["--encode", ENCODE, "--mixed-sizes"], "--mixed-sizes is given with --encode"),
+    runs = [(["--no_flips"], "--no_flips is given without --encode"),
+            (["--encode", ENCODE, "--mixed_sizes"], "--mixed_sizes is given with --encode"),
             (["--encode", '{"config": {"nope": 1}}'], "autoencoder config is invalid"),
             (["--encode", "{not json"], "is not valid JSON"),
-            (["--encode", ENCODE, "--center-crop", "15"], "not a multiple of the autoencoder's downsampling"),
+            (["--encode", ENCODE, "--center_crop", "15"], "not a multiple of the autoencoder's downsampling"),
             (["--encode", ENCODE], "images differ in size")]
     for k, (flags, words) in enumerate(runs):
         assert prepare_main(["folder", str(tmp_path / "tree"), "--out", str(tmp_path / f"o{k}"), *flags]) == 2

@@ -1,5 +1,5 @@
 """`diffusion-pl prepare` on bad input, through its command-line entry: unreadable image files
-(--skip-bad), mixed image sizes (--mixed-sizes), --overwrite of folders prepare did not write,
+(--skip_bad), mixed image sizes (--mixed_sizes), --overwrite of folders prepare did not write,
 and the temporary folders a killed prepare leaves beside its output."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_bad_file_stops_with_one_line_naming_it(tmp_path, capsys, kind):
     out = tmp_path / "out"
     assert main(["folder", str(src), "--out", str(out)]) == 2
     err = error_line(capsys)
-    assert "cat/0003.jpg is not a readable image (" in err and BAD[kind][1] in err.lower() and "--skip-bad" in err
+    assert "cat/0003.jpg is not a readable image (" in err and BAD[kind][1] in err.lower() and "--skip_bad" in err
     assert not out.exists() and hidden(tmp_path) == []  # nothing left behind
 
 
@@ -106,11 +106,11 @@ def test_skip_bad_leaves_files_out_counts_and_names_them(tmp_path, capsys):
     bad = [f"cat/{i:04d}.jpg" for i in range(4)] + ["dog/0000.jpg", "dog/0001.jpg", "dog/0002.jpg"]
     for name in bad:
         (src / name).write_bytes(b"")
-    args = ["folder", str(src), "--skip-bad", "--shard-size", "2"]
+    args = ["folder", str(src), "--skip_bad", "--shard_size", "2"]
     assert main([*args, "--out", str(tmp_path / "o")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("wrote 5 images")
-    assert lines[1].startswith("skipped 7 unreadable image files (--skip-bad): ") and lines[1].endswith("and 2 more")
+    assert lines[1].startswith("skipped 7 unreadable image files (--skip_bad): ") and lines[1].endswith("and 2 more")
     assert lines[1].count("(zero bytes)") == 5
     m = manifest(tmp_path / "o")
     assert m["skipped"] == 7 and m["count"] == 5 and [s["count"] for s in m["shards"]] == [2, 2, 1]
@@ -118,8 +118,8 @@ def test_skip_bad_leaves_files_out_counts_and_names_them(tmp_path, capsys):
     assert sorted(set(keys)) == [f"{j:08d}" for j in range(5)]  # keys stay contiguous
     assert main([*args, "--out", str(tmp_path / "p")]) == 0  # still byte-for-byte reproducible
     assert (tmp_path / "o" / MANIFEST).read_bytes() == (tmp_path / "p" / MANIFEST).read_bytes()
-    # --max-samples counts written images: skipped files are replaced by the next ones
-    assert main([*args, "--max-samples", "4", "--out", str(tmp_path / "q")]) == 0
+    # --max_samples counts written images: skipped files are replaced by the next ones
+    assert main([*args, "--max_samples", "4", "--out", str(tmp_path / "q")]) == 0
     assert manifest(tmp_path / "q")["count"] == 4
 
 
@@ -127,7 +127,7 @@ def test_only_bad_files_with_skip_bad_is_one_line(tmp_path, capsys):
     src = make_tree(tmp_path / "src", n=1)
     for p in src.rglob("*.jpg"):
         p.write_bytes(b"")
-    assert main(["folder", str(src), "--skip-bad", "--out", str(tmp_path / "o")]) == 2
+    assert main(["folder", str(src), "--skip_bad", "--out", str(tmp_path / "o")]) == 2
     assert "yielded no samples (2 unreadable files skipped)" in error_line(capsys)
 
 
@@ -158,9 +158,9 @@ def test_mixed_sizes_are_refused_naming_two_files(tmp_path, capsys):
     assert main(["folder", str(src), "--out", str(tmp_path / "o")]) == 2
     err = error_line(capsys)
     assert "images differ in size: " in err and "dog/0009.jpg is 16x12 (width x height)" in err
-    assert " is 8x8 but " in err and "--mixed-sizes" in err
+    assert " is 8x8 but " in err and "--mixed_sizes" in err
     assert not (tmp_path / "o").exists() and hidden(tmp_path) == []
-    assert main(["folder", str(src), "--mixed-sizes", "--out", str(tmp_path / "o")]) == 0
+    assert main(["folder", str(src), "--mixed_sizes", "--out", str(tmp_path / "o")]) == 0
     m = manifest(tmp_path / "o")
     assert m["image_size"] is None and m["mixed_sizes"] is True and m["count"] == 9
 
@@ -272,7 +272,7 @@ def test_prepare_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, capsys):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # run as a script: it does not import torch, so it starts in about 2 s
-    proc = subprocess.Popen([sys.executable, prepare_cli.__file__, "folder", str(src), "--shard-size", "1", "--out",
+    proc = subprocess.Popen([sys.executable, prepare_cli.__file__, "folder", str(src), "--shard_size", "1", "--out",
                              str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -299,8 +299,8 @@ def test_help_describes_the_new_flags(capsys):
         main(["folder", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--skip-bad" in text and "'skipped' in manifest.json" in text
-    assert "--mixed-sizes" in text and '"mixed_sizes": true' in text and "explicit image_size" in text
+    assert "--skip_bad" in text and "'skipped' in manifest.json" in text
+    assert "--mixed_sizes" in text and '"mixed_sizes": true' in text and "explicit image_size" in text
     assert "earlier prepare output" in text and "refused, even with this flag" in text
 
 

@@ -148,7 +148,7 @@ def test_preflight_stops_fit_before_training(tmp_path, monkeypatch, frozen_fit):
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     grid = RecordingGrid(every_n_steps=1, sampler=DDIM(steps=1))
-    with pytest.raises(InceptionWeightsError, match="--inception-weights PATH"):
+    with pytest.raises(InceptionWeightsError, match="--inception_weights PATH"):
         frozen_fit(tmp_path, [FIDCallback(every_n_steps=1, num_samples=4), grid])
     assert grid.written == [] and grid.image_shape is None  # no training batch was run
 

@@ -27,8 +27,8 @@ def _without_seconds(report: dict) -> dict:
 
 
 def _options(**kwargs) -> EvalOptions:
-    """The options of the command line `--data DATA --num-samples 6 --sampler ddim DDIM_ETA1 --steps 2
-    --batch-size 4 --isc --feature-extractor STAND_IN` as Python objects."""
+    """The options of the command line `--data DATA --num_samples 6 --sampler ddim DDIM_ETA1 --steps 2
+    --batch_size 4 --isc --feature_extractor STAND_IN` as Python objects."""
     return EvalOptions(**{"data": DATA, "samplers": [DDIM(steps=2), DDIM(steps=2, eta=1.0)],
                           "sampler_specs": [ddim_spec(eta=0.0), ddim_spec(eta=1.0)], "num_samples": 6,
                           "batch_size": 4, "isc": True, "feature_extractor": StandInFeatures(), **kwargs})
@@ -37,8 +37,8 @@ def _options(**kwargs) -> EvalOptions:
 def test_evaluate_from_python_equals_the_command(run, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     written = tmp_path / "cli.json"
-    assert main(["evaluate", "--ckpt", run["ckpt"], "--data", DATA, "--num-samples", "6", "--sampler", "ddim",
-                 DDIM_ETA1, "--steps", "2", "--batch-size", "4", "--isc", "--feature-extractor", STAND_IN,
+    assert main(["evaluate", "--ckpt_path", run["ckpt"], "--data", DATA, "--num_samples", "6", "--sampler", "ddim",
+                 DDIM_ETA1, "--steps", "2", "--batch_size", "4", "--isc", "--feature_extractor", STAND_IN,
                  "--report", str(written)]) == 0
     expected = json.loads(written.read_text())
     published = []
@@ -118,7 +118,7 @@ def test_evaluate_refuses_a_bad_source_before_any_work(tmp_path):
 
 
 def test_reconstruct_from_python_equals_the_command(tiny_run, tmp_path, capsys):
-    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.07", "0.05", "--step", "4",
+    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma_rel", "0.07", "0.05", "--step", "4",
                  "--out", str(tmp_path / "cli")]) == 0
     assert "ema.* is the reconstruction at step 4" in capsys.readouterr().err  # the newest checkpoint is step 6
     report = reconstruct(tiny_run, [0.07, 0.05, 0.07], tmp_path / "py", step=4)

@@ -167,7 +167,7 @@ def test_preflight_fails_fast_without_weights(monkeypatch):
     assert time.time() - start < 5
     message = str(err.value)
     assert "\n" not in message
-    assert "--inception-weights" in message and WEIGHTS_ENV in message and INCEPTION_URL in message
+    assert "--inception_weights" in message and WEIGHTS_ENV in message and INCEPTION_URL in message
     with pytest.raises(InceptionWeightsError, match="does not exist"):
         load_inception("/nonexistent/inception.pth")
 

@@ -42,7 +42,7 @@ def ckpt(tmp_path_factory, tiny_fit_config) -> str:
 
 
 def export(ckpt: str, out: Path, *args: str) -> int:
-    return main(["export", "--ckpt", ckpt, "--out", str(out), *args])
+    return main(["export", "--ckpt_path", ckpt, "--out", str(out), *args])
 
 
 def draw(model, process, prediction, null_label) -> torch.Tensor:
@@ -86,7 +86,7 @@ def test_export_samples_exactly_like_the_checkpoint(ckpt, tmp_path):
 
 
 def test_no_ema_exports_the_raw_weights(ckpt, tmp_path):
-    assert export(ckpt, tmp_path / "raw", "--no-ema") == 0
+    assert export(ckpt, tmp_path / "raw", "--no_ema") == 0
     module = load_module(ckpt).eval()
     tensors = load_file(tmp_path / "raw" / "model.safetensors")
     raw, ema = module.net.state_dict(), module.ema.state_dict()
@@ -169,10 +169,10 @@ def test_rerun_rewrites_another_export_needs_overwrite(ckpt, tmp_path, capsys):
     out = tmp_path / "e"
     assert export(ckpt, out) == 0
     assert export(ckpt, out) == 0  # the same export again
-    assert export(ckpt, out, "--no-ema") == 2
+    assert export(ckpt, out, "--no_ema") == 2
     assert "already holds model.safetensors of another export" in capsys.readouterr().err
     assert read_export_config(out)["weights"] == "ema"
-    assert export(ckpt, out, "--no-ema", "--overwrite") == 0
+    assert export(ckpt, out, "--no_ema", "--overwrite") == 0
     assert read_export_config(out)["weights"] == "raw" == json.loads((out / "config.json").read_text())["weights"]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # no temporaries left
     mode = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}

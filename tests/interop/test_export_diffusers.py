@@ -56,7 +56,7 @@ def fit_ckpt(tmp_path_factory, tiny_fit_config) -> str:
 
 
 def test_fit_checkpoint_exports_to_diffusers(fit_ckpt, tmp_path, capsys, our_sinusoid):
-    assert main(["export", "--ckpt", fit_ckpt, "--out", str(tmp_path / "d"), "--format", "diffusers"]) == 0
+    assert main(["export", "--ckpt_path", fit_ckpt, "--out", str(tmp_path / "d"), "--format", "diffusers"]) == 0
     assert "UNet as diffusers UNet2DModel (EMA weights)" in capsys.readouterr().err
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "d").eval()
     module = load_module(fit_ckpt).eval()
@@ -84,22 +84,22 @@ def test_fit_checkpoint_exports_to_diffusers(fit_ckpt, tmp_path, capsys, our_sin
 
 def test_raw_weights_and_overwrite(fit_ckpt, tmp_path, capsys, one_line_error):
     out = str(tmp_path / "d")
-    assert main(["export", "--ckpt", fit_ckpt, "--out", out, "--format", "diffusers", "--no-ema"]) == 0
+    assert main(["export", "--ckpt_path", fit_ckpt, "--out", out, "--format", "diffusers", "--no_ema"]) == 0
     theirs = diffusers.UNet2DModel.from_pretrained(out)
     module = load_module(fit_ckpt)
     raw, ema = module.net.state_dict()["conv_in.weight"], module.ema.state_dict()["conv_in.weight"]
     assert torch.equal(theirs.state_dict()["conv_in.weight"], raw) and not torch.equal(raw, ema)
     capsys.readouterr()
-    one_line_error(capsys, ["export", "--ckpt", fit_ckpt, "--out", out, "--format", "diffusers"], "already holds",
+    one_line_error(capsys, ["export", "--ckpt_path", fit_ckpt, "--out", out, "--format", "diffusers"], "already holds",
                    "--overwrite")
-    assert main(["export", "--ckpt", fit_ckpt, "--out", out, "--format", "diffusers", "--overwrite"]) == 0
+    assert main(["export", "--ckpt_path", fit_ckpt, "--out", out, "--format", "diffusers", "--overwrite"]) == 0
 
 
 def test_dit_round_trip_is_the_original(tmp_path, dit_reference_model):
     reference = dit_reference_model()
     reference.save_pretrained(tmp_path / "dit")
     import_pretrained(str(tmp_path / "dit"), tmp_path / "dit.ckpt", vae=None)
-    assert main(["export", "--ckpt", str(tmp_path / "dit.ckpt"), "--out", str(tmp_path / "back"),
+    assert main(["export", "--ckpt_path", str(tmp_path / "dit.ckpt"), "--out", str(tmp_path / "back"),
                  "--format", "diffusers"]) == 0
     back = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "back").eval()
     original = reference.state_dict()
@@ -159,7 +159,7 @@ REFUSED = [
 @pytest.mark.parametrize("name, net, words", REFUSED, ids=[r[0] for r in REFUSED])
 def test_unrepresentable_networks_are_refused(tmp_path, capsys, name, net, words, one_line_error):
     ckpt = checkpoint(tmp_path, name, net)
-    one_line_error(capsys, ["export", "--ckpt", ckpt, "--out", str(tmp_path / "out"), "--format", "diffusers"],
+    one_line_error(capsys, ["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "out"), "--format", "diffusers"],
                    "cannot be exported as diffusers", *words)
     assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
 
@@ -168,12 +168,12 @@ def test_processes_without_a_scheduler_are_said(tmp_path, capsys):
     net = {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": UNET8}
     edm = checkpoint(tmp_path, "edm", net, {"class_path": "diffusion_pl.processes.exploding.EDM", "init_args": {}},
                      {"class_path": "diffusion_pl.prediction.EDMPreconditioning", "init_args": {}})
-    assert main(["export", "--ckpt", edm, "--out", str(tmp_path / "edm"), "--format", "diffusers"]) == 0
+    assert main(["export", "--ckpt_path", edm, "--out", str(tmp_path / "edm"), "--format", "diffusers"]) == 0
     assert "no scheduler_config.json: the process EDM is not a discrete DDPM process" in capsys.readouterr().err
     assert not (tmp_path / "edm" / "scheduler_config.json").exists()
     loaded = diffusers.UNet2DModel.from_pretrained(tmp_path / "edm").state_dict()  # the network alone is written
     assert loaded.keys() and all(v.isfinite().all() for v in loaded.values())
     score = checkpoint(tmp_path, "score", net, prediction={"class_path": "diffusion_pl.prediction.ScorePrediction",
                                                           "init_args": {}})
-    assert main(["export", "--ckpt", score, "--out", str(tmp_path / "score"), "--format", "diffusers"]) == 0
+    assert main(["export", "--ckpt_path", score, "--out", str(tmp_path / "score"), "--format", "diffusers"]) == 0
     assert "the parameterization ScorePrediction is not a diffusers prediction_type" in capsys.readouterr().err

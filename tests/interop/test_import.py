@@ -160,14 +160,14 @@ def test_latent_dit_import_records_the_vae(tmp_path, capsys):
     assert hparams["autoencoder"] == autoencoder
     module = load_module(str(tmp_path / "dit.ckpt"))
     assert module.codec.autoencoder.latent_channels == 4
-    assert main(["sample", "--ckpt", str(tmp_path / "dit.ckpt"), "--num-samples", "2", "--sampler", "ddim", "--steps",
-                 "2", "--class-labels", "3", "--out", str(tmp_path / "samples"), "--png"]) == 0
+    assert main(["sample", "--ckpt_path", str(tmp_path / "dit.ckpt"), "--num_samples", "2", "--sampler", "ddim", "--steps",
+                 "2", "--class_labels", "3", "--out", str(tmp_path / "samples"), "--png"]) == 0
     pngs = sorted((tmp_path / "samples").glob("*.png"))
     from PIL import Image
 
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (16, 16)  # 8x8 latents, the VAE's 2x
     capsys.readouterr()
-    assert main(["export", "--ckpt", str(tmp_path / "dit.ckpt"), "--out", str(tmp_path / "back"), "--format",
+    assert main(["export", "--ckpt_path", str(tmp_path / "dit.ckpt"), "--out", str(tmp_path / "back"), "--format",
                  "diffusers"]) == 0
     assert f"the autoencoder ({tmp_path / 'dit'}) is not written" in capsys.readouterr().err
 
@@ -226,7 +226,7 @@ def test_dit_pt_sizes_are_checked(models_py):
     assert kwargs["img_resolution"] == 8 and kwargs["num_classes"] == 1000 and kwargs["out_channels"] == 8
     cases = [(dict(arch="DiT-B/2", image_size=64), "x_embedder.proj.weight has shape (384, 4, 2, 2)"),
              (dict(arch="DiT-S/4", image_size=64), "expected DiT-S/4's (384, C, 4, 4)"),
-             (dict(arch="DiT-S/2", image_size=256), "expected --image-size 64, not 256"),
+             (dict(arch="DiT-S/2", image_size=256), "expected --image_size 64, not 256"),
              (dict(arch=None, image_size=64), "expected --arch"),
              (dict(arch="DiT-Z/2", image_size=64), "not a DiT architecture")]
     for kwargs, words in cases:
@@ -262,7 +262,7 @@ def test_hub_id_imports_offline_from_the_cache(tmp_path, monkeypatch, capsys, sa
 def test_published_dit_names(tmp_path, monkeypatch, models_py, capsys, one_line_error):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     monkeypatch.chdir(tmp_path)
-    one_line_error(capsys, ["import", "DiT-XL-2-256x256.pt", "--out", "x.ckpt", "--download-timeout", "0.5"],
+    one_line_error(capsys, ["import", "DiT-XL-2-256x256.pt", "--out", "x.ckpt", "--download_timeout", "0.5"],
                    "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", str(tmp_path / "torch"))
     (tmp_path / "pretrained_models").mkdir()  # DiT's download.py folder, found before any download
     torch.save(models_py[1], tmp_path / "pretrained_models" / "DiT-XL-2-256x256.pt")
@@ -310,13 +310,13 @@ def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys, 
     save_unet(tmp_path / "tiny", TINY, scheduler=diffusers.DDPMScheduler())
     ckpt = tmp_path / "tiny.ckpt"
     import_pretrained(str(tmp_path / "tiny"), ckpt)
-    assert main(["sample", "--ckpt", str(ckpt), "--num-samples", "2", "--sampler", "ddim", "--steps", "2",
+    assert main(["sample", "--ckpt_path", str(ckpt), "--num_samples", "2", "--sampler", "ddim", "--steps", "2",
                  "--out", str(tmp_path / "samples"), "--png"]) == 0
     assert len(list((tmp_path / "samples").glob("*.png"))) == 2
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))  # the reference statistics
     ddpm = '{"class_path": "diffusion_pl.sampling.posterior.DDPM", "init_args": {"steps": 3, "variance": "fixedlarge"}}'
-    assert main(["evaluate", "--ckpt", str(ckpt), "--data", "builtin:shapes?size=8&count=16", "--num-samples", "4",
-                 "--sampler", ddpm, "--clip-x0", "1", "--feature-extractor", "tests.support.evaluation.StandInFeatures",
+    assert main(["evaluate", "--ckpt_path", str(ckpt), "--data", "builtin:shapes?size=8&count=16", "--num_samples", "4",
+                 "--sampler", ddpm, "--clip_x0", "1", "--feature_extractor", "tests.support.evaluation.StandInFeatures",
                  "--report", str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["results"][0]["nfe"] == 3 and report["results"][0]["fid"] >= 0

@@ -14,7 +14,7 @@ from diffusion_pl.processes.variance_preserving import VPLinear
 
 IMAGE_SIZE = 8
 DATA = f"builtin:shapes?size={IMAGE_SIZE}&count=48"
-STAND_IN = "tests.support.evaluation.StandInFeatures"  # its class path, for --feature-extractor and YAML
+STAND_IN = "tests.support.evaluation.StandInFeatures"  # its class path, for --feature_extractor and YAML
 
 
 class StandInFeatures(nn.Module):

@@ -37,8 +37,8 @@ def _encoded_shards(tmp_path: Path) -> Path:
         Image.fromarray(image).save(tree / f"c{i % CLASSES}" / f"{i:02d}.png")
     out = tmp_path / "latents"
     assert prepare_main(["folder", str(tree), "--out", str(out), "--encode",
-                         json.dumps({"config": TINY_VAE_CONFIG, "seed": 0}), "--device", "cpu",
-                         "--shard-size", "10"]) == 0
+                         json.dumps({"config": TINY_VAE_CONFIG, "seed": 0}), "--accelerator", "cpu",
+                         "--shard_size", "10"]) == 0
     return out
 
 
@@ -87,7 +87,7 @@ def test_two_rank_ddp_fit_on_latent_shards(tmp_path, monkeypatch, tiny_autoencod
     with Image.open(grid) as im:
         assert im.size == (5 * 17 + 1, 5 * 17 + 1)
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
-    assert main(["sample", "--ckpt", str(ckpt_path), "--num-samples", "3", "--sampler", "ddim", "--steps", "2",
+    assert main(["sample", "--ckpt_path", str(ckpt_path), "--num_samples", "3", "--sampler", "ddim", "--steps", "2",
                  "--out", str(tmp_path / "samples")]) == 0
     arr = np.load(tmp_path / "samples" / "samples_3x16x16x3.npz")["arr_0"]
     assert arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8

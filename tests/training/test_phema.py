@@ -301,7 +301,7 @@ def test_a_killed_snapshot_write_leaves_no_partial_snapshot(tmp_path):
 
 def test_reconstruct_ema_end_to_end(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.05", "0.07", "--out", str(out)]) == 0
+    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma_rel", "0.05", "0.07", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "wrote" in err and "6 snapshots" in err, err
     paths = sorted(out.iterdir())
@@ -319,24 +319,24 @@ def test_reconstruct_ema_end_to_end(tiny_run, tmp_path, capsys):
     assert any(not torch.equal(between[f"ema.{key}"], own["state_dict"][f"ema.{key}"]) for key in snapshot["averaged"])
     # the output is a checkpoint `sample` takes
     assert load_module(str(paths[1])).ema is not None
-    assert main(["sample", "--ckpt", str(paths[1]), "--sampler", "ddim", "--steps", "2", "--num-samples", "2",
+    assert main(["sample", "--ckpt_path", str(paths[1]), "--sampler", "ddim", "--steps", "2", "--num_samples", "2",
                  "--out", str(tmp_path / "samples"), "--png"]) == 0
     assert len(list((tmp_path / "samples").glob("*.png"))) == 2
     # one file, an earlier step; and the run folder counts phema/ as output of a previous run
     single = tmp_path / "one.ckpt"
-    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.1", "--step", "4", "--out",
+    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma_rel", "0.1", "--step", "4", "--out",
                  str(single)]) == 0
     assert torch.load(single, weights_only=True)["phema"]["step"] == 4
     assert tiny_run / "phema" in previous_run_outputs(tiny_run)
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--sigma-rel", "0.3"], "--sigma-rel 0.3 is out of range"),
-    (["--sigma-rel", "0.07", "--step", "3"], "--step 3 has no snapshots"),
-    (["--sigma-rel", "0.07", "0.1", "--out", "{tmp}/one.ckpt"], "is one file but 2 sigma_rels"),
-    (["--sigma-rel", "0.07", "--out", "{run}/checkpoints"], "where `--ckpt_path last` looks"),
-    (["--sigma-rel", "0.07", "--snapshots", "{tmp}"], "holds no post-hoc EMA snapshots"),
-    (["--sigma-rel", "0.07", "--out", "{run}/checkpoints/new.ckpt"], "where `--ckpt_path last` looks"),
+    (["--sigma_rel", "0.3"], "--sigma_rel 0.3 is out of range"),
+    (["--sigma_rel", "0.07", "--step", "3"], "--step 3 has no snapshots"),
+    (["--sigma_rel", "0.07", "0.1", "--out", "{tmp}/one.ckpt"], "is one file but 2 sigma_rels"),
+    (["--sigma_rel", "0.07", "--out", "{run}/checkpoints"], "where `--ckpt_path last` looks"),
+    (["--sigma_rel", "0.07", "--snapshots", "{tmp}"], "holds no post-hoc EMA snapshots"),
+    (["--sigma_rel", "0.07", "--out", "{run}/checkpoints/new.ckpt"], "where `--ckpt_path last` looks"),
 ])
 def test_reconstruct_ema_bad_input_is_one_line(tiny_run, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, run=tiny_run) for a in args]
@@ -348,7 +348,7 @@ def test_reconstruct_ema_bad_input_is_one_line(tiny_run, tmp_path, capsys, args,
 
 
 def test_reconstruct_ema_fid_sweep_writes_table_plot_and_reports(tiny_run, tmp_path, capsys):
-    """--fid-data: every reconstruction is scored by `evaluate` (its options after `--`); the sweep's CSV holds
+    """--fid_data: every reconstruction is scored by `evaluate` (its options after `--`); the sweep's CSV holds
     the values of each checkpoint's own report, which equal a separate `diffusion-pl evaluate` of it, and
     the PNG is a plot."""
     import csv
@@ -358,12 +358,12 @@ def test_reconstruct_ema_fid_sweep_writes_table_plot_and_reports(tiny_run, tmp_p
 
     out = tmp_path / "out"
     data = "builtin:shapes?size=8&count=64"
-    metric_args = ["--num-samples", "8", "--sampler", "ddim", "heunode", "--steps", "2", "1", "--batch-size", "8",
-                   "--feature-extractor", "tests.support.evaluation.StandInFeatures"]
+    metric_args = ["--num_samples", "8", "--sampler", "ddim", "heunode", "--steps", "2", "1", "--batch_size", "8",
+                   "--feature_extractor", "tests.support.evaluation.StandInFeatures"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
-        assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.05", "0.07", "0.1", "--out", str(out),
-                     "--fid-data", data, "--", *metric_args]) == 0
+        assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma_rel", "0.05", "0.07", "0.1", "--out", str(out),
+                     "--fid_data", data, "--", *metric_args]) == 0
         printed = capsys.readouterr().out
         with open(out / "phema-sweep-000000006.csv") as f:
             rows = list(csv.DictReader(f))
@@ -379,14 +379,14 @@ def test_reconstruct_ema_fid_sweep_writes_table_plot_and_reports(tiny_run, tmp_p
         with Image.open(out / "phema-sweep-000000006.png") as im:
             assert im.format == "PNG" and im.size[0] > 300
         alone = tmp_path / "alone.json"
-        assert main(["evaluate", "--ckpt", str(out / "phema-000000006-0.07.ckpt"), "--data", data, *metric_args,
+        assert main(["evaluate", "--ckpt_path", str(out / "phema-000000006-0.07.ckpt"), "--data", data, *metric_args,
                      "--report", str(alone)]) == 0
     assert json.loads(alone.read_text())["results"][0]["fid"] == float(rows[1]["fid/ddim_2"])
     capsys.readouterr()
-    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.07", "--out", str(tmp_path / "o2"),
-                 "--", "--num-samples", "8"]) == 2
-    assert "expected --fid-data SHARDS" in capsys.readouterr().err
-    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma-rel", "0.07", "--out", str(tmp_path / "o3"),
-                 "--fid-data", data, "--", "--data", "x"]) == 2
+    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma_rel", "0.07", "--out", str(tmp_path / "o2"),
+                 "--", "--num_samples", "8"]) == 2
+    assert "expected --fid_data SHARDS" in capsys.readouterr().err
+    assert main(["reconstruct-ema", "--run", str(tiny_run), "--sigma_rel", "0.07", "--out", str(tmp_path / "o3"),
+                 "--fid_data", data, "--", "--data", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "evaluate option --data after `--` is set by reconstruct-ema itself" in err[0], err

@@ -50,10 +50,10 @@ def test_load_module_rebuilds_the_components_and_weights(python_ckpt):
 
 def test_sample_and_export_read_a_python_checkpoint(python_ckpt, tmp_path):
     _, path = python_ckpt
-    assert main(["sample", "--ckpt", path, "--sampler", "ddim", "--steps", "2", "--num-samples", "2",
+    assert main(["sample", "--ckpt_path", path, "--sampler", "ddim", "--steps", "2", "--num_samples", "2",
                  "--out", str(tmp_path / "samples")]) == 0
     assert len(list((tmp_path / "samples").rglob("*.png"))) == 2
-    assert main(["export", "--ckpt", path, "--out", str(tmp_path / "export")]) == 0
+    assert main(["export", "--ckpt_path", path, "--out", str(tmp_path / "export")]) == 0
     assert any((tmp_path / "export").iterdir())
 
 

@@ -116,12 +116,12 @@ PATHS = {
                                  f"--trainer.default_root_dir={tmp / 'ft'}"],
     "fit, no model section": lambda t, ckpt, tmp: ["fit", "--config", no_model_section(t, tmp), "--ckpt_path",
                                                    str(ckpt), f"--trainer.default_root_dir={tmp / 'ft'}"],
-    "sample": lambda t, ckpt, tmp: ["sample", "--ckpt", str(ckpt), "--num-samples", "1", "--out", str(tmp / "s")],
-    "evaluate": lambda t, ckpt, tmp: ["evaluate", "--ckpt", str(ckpt), "--data", SHAPES, "--num-samples", "2",
-                                      "--feature-extractor", "tests.support.evaluation.StandInFeatures"],
-    "export": lambda t, ckpt, tmp: ["export", "--ckpt", str(ckpt), "--out", str(tmp / "e")],
-    "reconstruct-ema": lambda t, ckpt, tmp: ["reconstruct-ema", "--run", str(t["run"]), "--ckpt", str(ckpt),
-                                             "--sigma-rel", "0.07", "--out", str(tmp / "ema.ckpt")],
+    "sample": lambda t, ckpt, tmp: ["sample", "--ckpt_path", str(ckpt), "--num_samples", "1", "--out", str(tmp / "s")],
+    "evaluate": lambda t, ckpt, tmp: ["evaluate", "--ckpt_path", str(ckpt), "--data", SHAPES, "--num_samples", "2",
+                                      "--feature_extractor", "tests.support.evaluation.StandInFeatures"],
+    "export": lambda t, ckpt, tmp: ["export", "--ckpt_path", str(ckpt), "--out", str(tmp / "e")],
+    "reconstruct-ema": lambda t, ckpt, tmp: ["reconstruct-ema", "--run", str(t["run"]), "--ckpt_path", str(ckpt),
+                                             "--sigma_rel", "0.07", "--out", str(tmp / "ema.ckpt")],
     "load_module": None,  # diffusion_pl.training.module.load_module(ckpt)
 }
 
@@ -160,7 +160,7 @@ def test_a_forged_config_is_refused_before_its_module_is_imported(path, trained,
         forged = forge(trained["ckpt"], tmp_path / "forged.ckpt")
         message = refusal(path, trained, forged, tmp_path, capsys)
     assert f"checkpoint {forged} names {EVIL}, outside the trusted packages" in message, message
-    trust = "--trust_config" if path in ("fit", "fit, no model section", "resume") else "--trust-config"
+    trust = "--trust_config" if path in ("fit", "fit, no model section", "resume") else "--trust_config"
     assert trust in message, message
     assert not evil.exists() and "evil_pkg" not in sys.modules
     assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists() and not (tmp_path / "ema.ckpt").exists()
@@ -224,7 +224,7 @@ def test_a_file_that_is_not_a_snapshot_is_one_line(trained, tmp_path, capsys):
     shutil.copytree(trained["run"] / "phema", snapshots)
     junk = sorted(snapshots.glob("*.pt"))[0]
     junk.write_bytes(b"not a snapshot")
-    assert main(["reconstruct-ema", "--run", str(trained["run"]), "--snapshots", str(snapshots), "--sigma-rel", "0.07",
+    assert main(["reconstruct-ema", "--run", str(trained["run"]), "--snapshots", str(snapshots), "--sigma_rel", "0.07",
                  "--out", str(tmp_path / "ema.ckpt")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"{junk} is not a snapshot (torch.load failed: " in lines[0], lines
@@ -279,12 +279,12 @@ def test_an_old_checkpoint_loads_samples_and_exports_as_today(trained, tmp_path,
     assert a.saved_config == b.saved_config and a.state_dict().keys() == b.state_dict().keys()
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     for name, ckpt in (("old", old), ("new", new)):
-        assert main(["sample", "--ckpt", str(ckpt), "--num-samples", "3", "--sampler", "ddim", "--steps", "2", "--npz",
+        assert main(["sample", "--ckpt_path", str(ckpt), "--num_samples", "3", "--sampler", "ddim", "--steps", "2", "--npz",
                      "--out", str(tmp_path / f"s_{name}")]) == 0
-        assert main(["evaluate", "--ckpt", str(ckpt), "--data", SHAPES, "--num-samples", "4", "--sampler", "ddim",
-                     "--steps", "2", "--feature-extractor", "tests.support.evaluation.StandInFeatures",
+        assert main(["evaluate", "--ckpt_path", str(ckpt), "--data", SHAPES, "--num_samples", "4", "--sampler", "ddim",
+                     "--steps", "2", "--feature_extractor", "tests.support.evaluation.StandInFeatures",
                      "--report", str(tmp_path / f"r_{name}.json")]) == 0
-        assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / f"e_{name}")]) == 0
+        assert main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / f"e_{name}")]) == 0
     np.testing.assert_array_equal(npz(tmp_path / "s_old"), npz(tmp_path / "s_new"))
     fid = [json.loads((tmp_path / f"r_{name}.json").read_text())["results"][0]["fid"] for name in ("old", "new")]
     assert fid[0] == fid[1]
@@ -320,9 +320,9 @@ def test_old_snapshots_and_checkpoints_reconstruct_as_today(trained, tmp_path):
         data = torch.load(path, map_location="cpu", weights_only=True)
         assert data["format"] == SNAPSHOT_FORMAT
         torch.save({**data, "format": "diffusion_pl.phema/1"}, snapshots / path.name)  # before the re-layout
-    assert main(["reconstruct-ema", "--run", str(trained["run"]), "--ckpt", str(old), "--snapshots", str(snapshots),
-                 "--sigma-rel", "0.07", "--out", str(tmp_path / "old_ema.ckpt")]) == 0
-    assert main(["reconstruct-ema", "--run", str(trained["run"]), "--ckpt", str(trained["ckpt"]), "--sigma-rel",
+    assert main(["reconstruct-ema", "--run", str(trained["run"]), "--ckpt_path", str(old), "--snapshots", str(snapshots),
+                 "--sigma_rel", "0.07", "--out", str(tmp_path / "old_ema.ckpt")]) == 0
+    assert main(["reconstruct-ema", "--run", str(trained["run"]), "--ckpt_path", str(trained["ckpt"]), "--sigma_rel",
                  "0.07", "--out", str(tmp_path / "new_ema.ckpt")]) == 0
     a, b = (read_checkpoint(tmp_path / f"{name}_ema.ckpt") for name in ("old", "new"))
     assert a.config == b.config  # the copy is written with today's class paths

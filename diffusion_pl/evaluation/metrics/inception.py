@@ -1,6 +1,6 @@
 """The FID feature extractor: InceptionV3 of the TF FID graph (torch-fidelity's weights), found or downloaded.
 
-The weights file comes from --inception-weights / the callback's `inception_weights`, else
+The weights file comes from --inception_weights / the callback's `inception_weights`, else
 $DIFFUSION_PL_INCEPTION_WEIGHTS, else torch hub's cache (downloaded there once). Without network
 the download probe gives up within its timeout, and loading fails in one line
 (InceptionWeightsError) that says how to provide the file.
@@ -35,7 +35,7 @@ def _hub_weights_file() -> Path:
 
 def _how_to_provide(reason: str) -> str:
     return (f"the FID feature extractor (InceptionV3) cannot be loaded: {reason}; download {INCEPTION_URL} "
-            f"on a machine with internet and pass it with --inception-weights PATH (callback: "
+            f"on a machine with internet and pass it with --inception_weights PATH (callback: "
             f"inception_weights: PATH) or {WEIGHTS_ENV}=PATH, or copy it to {_hub_weights_file()}")
 
 

@@ -1,6 +1,6 @@
 """PooledPixels: a weight-free feature extractor for runs where the InceptionV3 weights cannot be had.
 
-    diffusion-pl evaluate ... --feature-extractor diffusion_pl.evaluation.metrics.pixels.PooledPixels
+    diffusion-pl evaluate ... --feature_extractor diffusion_pl.evaluation.metrics.pixels.PooledPixels
 
 Features are the images average-pooled to 8 x 8 (192 numbers for RGB, in [-1, 1]); the Frechet distance
 in that space compares colour layout and coarse shape, nothing finer. It is not FID and not comparable

@@ -31,7 +31,7 @@ ADM_PROTOCOL = ("published mu / sigma of 2048-d pool3 features; ADM's evaluator 
 
 
 def published_reference(path: str | Path, dim: int | None = None,
-                        what: str = "--ref-stats") -> tuple[ReferenceStats, dict]:
+                        what: str = "--ref_stats") -> tuple[ReferenceStats, dict]:
     """(ReferenceStats with the file's mean and covariance, info for the report); one-line errors for a missing
     file, a file that is not an npz, missing keys or dimensions other than (dim,) and (dim, dim)."""
     path = Path(path)

@@ -16,7 +16,8 @@ current and the previous evaluations (r_i = h_i / h, h_i the earlier steps, H = 
 The 3M weights are those of the reference code (LuChengTHU/dpm-solver dpm_solver_pytorch.py:854-904
 `multistep_dpm_solver_third_update`; diffusers schedulers/scheduling_dpmsolver_multistep.py:1047-1131),
 which take the D2 term at half the weight that makes the step exact for x0_hat quadratic in lambda
-(tests/core/test_multistep_solvers.py checks both facts); it is kept for parity. For the SDE the 3M
+(the step is exact for x0_hat linear in lambda: tests/core/test_multistep_solvers.py checks both by
+quadrature); the published weights are kept for parity. For the SDE the 3M
 weights are k-diffusion's `sample_dpmpp_3m_sde` (crowsonkb/k-diffusion k_diffusion/sampling.py:656-700,
 eta = 1), the ODE weights with H = 2h: diffusers' sde-dpmsolver++ third-order branch
 (scheduling_dpmsolver_multistep.py:1133-1141) has the sign of its 1/2 flipped, so its D2 weight tends

@@ -58,9 +58,10 @@ def _weights(h: float, rks: list[float], variant: str, corrector: bool) -> tuple
 
 class UniPC(Sampler):
     """UniPC-p with B(h) = e^-h - 1 ("bh2", the default) or -h ("bh1") (Zhao et al. 2023; diffusers
-    UniPCMultistepScheduler, predict_x0=True). NFE = steps + final_denoise."""
+    UniPCMultistepScheduler, predict_x0=True). NFE = steps + final_denoise. The default order 2 is diffusers'
+    default and the better one on the sampler benchmark (docs/guide/sampling.md)."""
 
-    def __init__(self, steps: int = 20, grid: TimeGrid | None = None, final_denoise: bool = True, order: int = 3,
+    def __init__(self, steps: int = 20, grid: TimeGrid | None = None, final_denoise: bool = True, order: int = 2,
                  variant: Literal["bh1", "bh2"] = "bh2", lower_order_final: bool = True,
                  disable_corrector: Sequence[int] = ()) -> None:
         if isinstance(order, bool) or order not in (1, 2, 3):

@@ -194,8 +194,8 @@ def test_bad_arguments_are_refused_in_one_line(make, message):
     ("dpmsolverpp", DPMSolverPP, 2),
     ('{"class_path": "dpmsolverpp", "init_args": {"order": 3}}', DPMSolverPP, 3),
     ("dpmsolverppsde", DPMSolverPPSDE, 2),
-    ("unipc", UniPC, 3),
-    ('{"class_path": "diffusion_pl.UniPC", "init_args": {"order": 2, "variant": "bh1"}}', UniPC, 2),
+    ("unipc", UniPC, 2),
+    ('{"class_path": "diffusion_pl.UniPC", "init_args": {"order": 3, "variant": "bh1"}}', UniPC, 3),
 ])
 def test_sampler_spec_builds_the_multistep_solvers(text, cls, order):
     sampler, spec = resolve_sampler(text, steps=9)

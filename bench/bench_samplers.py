@@ -11,7 +11,10 @@ process; our samplers use their default grids on it. Error: sliced Wasserstein-2
 from the same x_T. Each of our samplers is run at the largest number of steps whose NFE is at
 most the column's NFE (the cell shows the NFE used when it differs); AdaptiveODE's row uses rtol =
 atol in {1e-2, 1e-3, 1e-4, 1e-5} (its NFE in the cell). ms/NFE is the median wall time per
-network evaluation, oracle included.
+network evaluation, oracle included. A second table runs the few-step multistep solvers on four
+grids at 5, 10, 20 and 100 NFE, with the ratio of its 10-NFE error to the sampler's 1000-NFE error in
+the first table (the converged error). `--rows` runs only the named rows of the first table (and then
+neither AdaptiveODE nor diffusers' schedulers).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import time
+from functools import partial
 
 import torch
 
@@ -28,13 +32,24 @@ from diffusion_pl.processes.variance_preserving import DDPMDiscrete
 from diffusion_pl.sampling.posterior import DDIM, DDPM
 from diffusion_pl.sampling.ode import AdaptiveODE, EulerODE, HeunODE
 from diffusion_pl.sampling.sde import AnnealedLangevin, EulerMaruyama, PredictorCorrector
-from diffusion_pl.sampling.dpm_solver import DPMSolverPP
+from diffusion_pl.sampling.dpm_solver import DPMSolverPP, DPMSolverPPSDE
 from diffusion_pl.sampling.edm import EDMStochastic
+from diffusion_pl.sampling.grids import KarrasGrid, LogSNRGrid, TimestepGrid, UniformGrid
+from diffusion_pl.sampling.unipc import UniPC
 from diffusion_pl.sampling.api import sample
 
 NFES = [5, 10, 20, 35, 50, 100, 1000]
-SAMPLERS = [DDIM, DDPM, EulerMaruyama, PredictorCorrector, AnnealedLangevin, EulerODE, HeunODE, EDMStochastic,
-            DPMSolverPP]
+SAMPLERS = {cls.__name__: cls for cls in [DDIM, DDPM, EulerMaruyama, PredictorCorrector, AnnealedLangevin, EulerODE,
+                                          HeunODE, EDMStochastic, DPMSolverPP]}
+SAMPLERS.update({"DPMSolverPP order 3": partial(DPMSolverPP, order=3), "DPMSolverPPSDE": DPMSolverPPSDE,
+                 "DPMSolverPPSDE order 3": partial(DPMSolverPPSDE, order=3), "UniPC order 2": partial(UniPC, order=2),
+                 "UniPC": UniPC})
+# the few-step solvers on the grids their papers use: log-SNR uniform (DPM-Solver), uniform in t (UniPC's
+# "time_uniform"), EDM's rho = 7 ramp, and diffusers' integer timesteps ('linspace')
+GRID_NFES = [5, 10, 20, 100]
+GRID_SAMPLERS = ["DPMSolverPP", "DPMSolverPP order 3", "UniPC order 2", "UniPC"]
+GRIDS = {"logSNR": LogSNRGrid(), "time-uniform": UniformGrid(), "Karras rho=7": KarrasGrid(7.0),
+         "diffusers timesteps": TimestepGrid()}
 RTOLS = [1e-2, 1e-3, 1e-4, 1e-5]
 
 
@@ -94,6 +109,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", nargs="+", choices=sorted(SAMPLERS), help="only these rows of the first table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -109,7 +125,9 @@ def main() -> None:
 
     rows: dict[str, dict[int, tuple[float, int]]] = {}
     ms_per_nfe: dict[str, float] = {}
-    for cls in SAMPLERS:
+    for name, cls in SAMPLERS.items():
+        if args.rows and name not in args.rows:
+            continue
         a, b = nfe_law(cls, model, process, pred, args.dim)
         cells, times = {}, []
         for target in NFES:
@@ -120,21 +138,22 @@ def main() -> None:
                                            generator=torch.Generator().manual_seed(4)))
             cells[target] = (sliced_w2(out.x), out.nfe)
             times.append(dt / out.nfe)
-        rows[cls.__name__], ms_per_nfe[cls.__name__] = cells, 1e3 * sorted(times)[len(times) // 2]
-        print(f"  done {cls.__name__}", flush=True)
+        rows[name], ms_per_nfe[name] = cells, 1e3 * sorted(times)[len(times) // 2]
+        print(f"  done {name}", flush=True)
     cells, times = {}, []
-    for rtol in RTOLS:
+    for rtol in RTOLS if not args.rows else []:
         out, dt = timed(lambda: sample(model, process, pred, AdaptiveODE(rtol=rtol, atol=rtol), (args.n, args.dim),
                                        noise=x_T))
         cells[f"rtol {rtol:g}"] = (sliced_w2(out.x), out.nfe)
         times.append(dt / out.nfe)
     adaptive = cells
-    ms_per_nfe["AdaptiveODE"] = 1e3 * sorted(times)[len(times) // 2]
+    ms_per_nfe["AdaptiveODE"] = 1e3 * sorted(times)[len(times) // 2] if times else float("nan")
 
     try:
         import diffusers
     except ImportError:
         diffusers = None
+    diffusers = None if args.rows else diffusers
     if diffusers is not None:
         def eps_model(x, k):  # diffusers' integer timestep k is the process time (k + 1) / 1000
             return model(x, torch.full((len(x),), (int(k) + 1) / 1000.0), None)
@@ -165,8 +184,9 @@ def main() -> None:
                 err, used = cells[target]
                 entries.append(f"{err:.4f}" + ("" if used == target else f" [{used}]"))
         print(f"| {name} | " + " | ".join(entries) + f" | {ms_per_nfe[name]:.1f} |")
-    print("| AdaptiveODE | " + " | ".join(f"{k}: {e:.4f} [{n}]" for k, (e, n) in adaptive.items())
-          + " | | | " + f"{ms_per_nfe['AdaptiveODE']:.1f} |")
+    if adaptive:
+        print("| AdaptiveODE | " + " | ".join(f"{k}: {e:.4f} [{n}]" for k, (e, n) in adaptive.items())
+              + " | | | " + f"{ms_per_nfe['AdaptiveODE']:.1f} |")
 
     # the targets: per sampler, the smallest NFE from which on every column stays within 1.1x of its
     # 1000-NFE error (a single column can dip below by chance: n samples carry their own noise)
@@ -184,10 +204,21 @@ def main() -> None:
     best = min(ours_reach.items(), key=lambda kv: kv[1]) if ours_reach else None
     print("target (best sampler within 1.1x of its 1000-step error at <= 35 NFE):",
           f"met by {best[0]} at NFE {best[1]}" if best else "not met")
-    if diffusers is not None:
+    if diffusers is not None and "DPMSolverPP" in rows:
         ours_dpm, theirs = rows["DPMSolverPP"].get(10), rows["diffusers DPMSolverMultistep"][10]
         print(f"target (DPM-Solver++ at 10 NFE no worse than diffusers'): ours {ours_dpm[0]:.4f} vs diffusers "
               f"{theirs[0]:.4f}: {'met' if ours_dpm[0] <= theirs[0] else 'not met'}")
+    grid_rows = {}
+    for name in [name for name in GRID_SAMPLERS if name in rows]:
+        for grid_name, grid in GRIDS.items():  # all of these solvers take NFE = steps + 1
+            cells = [sliced_w2(sample(model, process, pred, SAMPLERS[name](steps=nfe - 1, grid=grid),
+                                      (args.n, args.dim), noise=x_T).x) for nfe in GRID_NFES]
+            grid_rows[f"{name}, {grid_name}"] = cells
+    print("\n| sampler, grid | " + " | ".join(f"NFE {n}" for n in GRID_NFES) + " | NFE 10 / converged |")
+    print("|" + "---|" * (len(GRID_NFES) + 2))
+    for name, cells in grid_rows.items():
+        converged = rows.get(name.split(",")[0], {}).get(1000, (float("nan"),))[0]
+        print(f"| {name} | " + " | ".join(f"{e:.4f}" for e in cells) + f" | {cells[1] / converged:.2f}x |")
     print(f"runtime {time.perf_counter() - start:.0f} s")
 
 

@@ -31,6 +31,7 @@ from diffusion_pl.sampling.posterior import DDIM, DDPM
 from diffusion_pl.sampling.ode import AdaptiveODE, EulerODE, HeunODE
 from diffusion_pl.sampling.sde import AnnealedLangevin, EulerMaruyama, PredictorCorrector
 from diffusion_pl.sampling.dpm_solver import DPMSolverPP
+from diffusion_pl.sampling.unipc import UniPC
 from diffusion_pl.sampling.edm import EDMStochastic
 from diffusion_pl.sampling.grids import ExplicitGrid, KarrasGrid, LogSNRGrid, QuadraticGrid, TimeGrid, UniformGrid
 from diffusion_pl.sampling.base import Sampler
@@ -49,7 +50,7 @@ GRIDS = [g for g in public_subclasses(TimeGrid) if g is not ExplicitGrid]
 # on every process (first-order Euler in t is slow on VE's exponential sigma(t); annealed
 # Langevin needs many levels to mix). A sampler not listed here gets 100.
 STEPS = {DDPM: 200, DDIM: 100, EulerMaruyama: 150, PredictorCorrector: 100, AnnealedLangevin: 100, EulerODE: 400,
-         HeunODE: 25, AdaptiveODE: 1, EDMStochastic: 40, DPMSolverPP: 25}
+         HeunODE: 25, AdaptiveODE: 1, EDMStochastic: 40, DPMSolverPP: 25, UniPC: 25}
 N2, N64 = 2000, 1000
 MMD_FACTOR = 3.0
 

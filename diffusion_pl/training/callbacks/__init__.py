@@ -1,4 +1,5 @@
-"""Callbacks of a training run: crash-safe checkpointing, the power-function EMA, the base of step callbacks.
+"""Callbacks of a training run: crash-safe checkpointing, the power-function EMA, the base of step callbacks,
+the TF32 policy (tf32.py).
 
 The callbacks that evaluate during training (SampleGrid, FIDCallback) live in diffusion_pl.evaluation.
 """

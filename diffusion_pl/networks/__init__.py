@@ -15,5 +15,6 @@ class_labels. Networks know nothing of processes or losses.
     unet_presets.py                   the U-Net presets of the papers, weight for weight
     dit.py                            DiT and its presets
     embeddings.py                     noise-label, class-label and position embeddings
+    checkpointing.py                  activation checkpointing of the blocks (checkpoint_activations)
     presets.py                        PRESETS: every preset function
 """

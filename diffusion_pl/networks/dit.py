@@ -15,6 +15,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
 from diffusion_pl.networks.base import ScoreNetwork
+from diffusion_pl.networks.checkpointing import check_checkpoint_option, run_block
 from diffusion_pl.networks.embeddings import ClassEmbedding, batch_noise_label, embedding_mlp, sincos_2d
 
 __all__ = ["DiT", "dit_s_2", "dit_b_2", "dit_l_2", "dit_xl_2", "dit_tiny"]
@@ -106,6 +107,9 @@ class DiT(ScoreNetwork):
         frequency_endpoint: sinusoid frequencies from 1 down to exactly 1 / 10000 (diffusers'
             DiTTransformer2DModel, downscale_freq_shift=1); False stops one step short (DiT's models.py).
         mlp_norm_eps: eps of the LayerNorm before each MLP: 1e-6 in DiT; diffusers' norm_eps (default 1e-5).
+        checkpoint_activations: recompute each transformer block in the backward pass instead of keeping its
+            activations (`diffusion_pl.networks.checkpointing`): less memory, about one more forward pass
+            per step; only while training with gradients. Outputs, gradients and weights are those without it.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class DiT(ScoreNetwork):
         augment_dim: int = 0,
         frequency_endpoint: bool = False,
         mlp_norm_eps: float = 1e-6,
+        checkpoint_activations: bool = False,
     ) -> None:
         # the declared interface (networks/base.py): shapes, classes, null label, augmentation labels
         super().__init__(img_resolution, in_channels, out_channels, num_classes, augment_dim)
@@ -138,6 +143,7 @@ class DiT(ScoreNetwork):
         if frequency_embedding_size < 2 or frequency_embedding_size % 2:
             raise ValueError(f"frequency_embedding_size must be positive and even, got {frequency_embedding_size}.")
         self.patch_size = patch_size
+        self.checkpoint_activations = check_checkpoint_option("DiT", checkpoint_activations)
 
         self.x_embedder = PatchEmbed(img_resolution, patch_size, in_channels, hidden_size, bias=True)
         # Timestep embedder: sinusoid of the noise label (no endpoint in DiT) then an MLP.
@@ -204,7 +210,7 @@ class DiT(ScoreNetwork):
             weight = self.augment_embedder.weight
             c = c + self.augment_embedder(augment_labels.to(weight.dtype)).to(x.dtype)  # (B, D)
         for block in self.blocks:
-            h = block(h, c)  # (B, T, D)
+            h = run_block(self, self.checkpoint_activations, block, h, c)  # (B, T, D)
         h = self.final_layer(h, c)  # (B, T, p * p * C_out)
         return self.unpatchify(h)  # (B, C_out, H, W)
 

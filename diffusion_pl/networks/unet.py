@@ -26,6 +26,7 @@ both in `diffusion_pl.networks.fir`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_pl.networks.base import ScoreNetwork
+from diffusion_pl.networks.checkpointing import check_checkpoint_option, run_block
 from diffusion_pl.networks.embeddings import ClassEmbedding, batch_noise_label, embedding_mlp, noise_embedding
 from diffusion_pl.networks.fir import ResidualInput
 from diffusion_pl.networks.unet_blocks import INIT_SCHEMES, ConvResample, ResBlock, SwapHalves, group_norm, init_unet
@@ -90,6 +92,10 @@ class UNet(ScoreNetwork):
         class_null_row: whether the class table has the null label num_classes (classifier-free
             guidance); False as in ADM, then `null_label` is None and class_labels are required.
         init: weight initialisation of "ddpm", "score_sde", "edm" or "adm" (`unet_blocks.init_unet`).
+        checkpoint_activations: recompute each residual block (and resampler) in the backward pass instead of
+            keeping its activations (`diffusion_pl.networks.checkpointing`): less memory, about one more
+            forward pass per step; only while training with gradients. Outputs, gradients and weights are
+            those without it.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class UNet(ScoreNetwork):
         class_embedding: Literal["input", "after_mlp"] = "input",
         class_null_row: bool = True,
         init: Literal["ddpm", "score_sde", "edm", "adm"] = "ddpm",
+        checkpoint_activations: bool = False,
     ) -> None:
         # the declared interface (networks/base.py): shapes, classes, null label, augmentation labels
         super().__init__(img_resolution, in_channels, out_channels, num_classes, augment_dim, class_null_row)
@@ -134,6 +141,7 @@ class UNet(ScoreNetwork):
         _check_args(img_resolution, model_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions,
                     dropout)
         _check_reference_args(embedding_order, class_embedding, init)
+        self.checkpoint_activations = check_checkpoint_option("UNet", checkpoint_activations)
         emb_channels = model_channels * emb_mult
         skip_scale = math.sqrt(0.5) if skip_rescale else 1.0
 
@@ -233,25 +241,32 @@ class UNet(ScoreNetwork):
         if self.map_label is not None and self.class_after_mlp:
             emb = emb + self.map_label(class_labels, B).to(x.dtype)  # (B, E)
 
+        ckpt = self.checkpoint_activations  # run_block checkpoints each block when set (and training)
         h = self.conv_in(x)  # (B, model_channels, H, W)
         skips, aux = [h], x
         for level, blocks in enumerate(self.enc):
             if level > 0:
-                h = self.downsample[level - 1](h, emb)  # (B, C, H / 2^level, W / 2^level)
+                h = run_block(self, ckpt, self.downsample[level - 1], h, emb)  # (B, C, H / 2^level, W / 2^level)
                 if self.input_pyramid is not None:
                     h = aux = self.input_pyramid[level - 1](aux, h)  # NCSN++ residual input pyramid
                 skips.append(h)
             for block in blocks:
-                h = block(h, emb)
+                h = run_block(self, ckpt, block, h, emb)
                 skips.append(h)
         for block in self.mid:
-            h = block(h, emb)  # (B, C_low, H_low, W_low)
+            h = run_block(self, ckpt, block, h, emb)  # (B, C_low, H_low, W_low)
         for level, blocks in enumerate(self.dec):
             if level > 0:
-                h = self.upsample[level - 1](h, emb)  # (B, C, 2 H_prev, 2 W_prev)
+                h = run_block(self, ckpt, self.upsample[level - 1], h, emb)  # (B, C, 2 H_prev, 2 W_prev)
             for block in blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)  # concat skip on channels
+                # the concatenation inside the block's checkpoint: only h and the skip are kept
+                h = run_block(self, ckpt, functools.partial(_with_skip, block), h, skips.pop(), emb)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
+
+
+def _with_skip(block: nn.Module, h: Tensor, skip: Tensor, emb: Tensor) -> Tensor:
+    """A decoder block on h with the encoder's skip concatenated on channels."""
+    return block(torch.cat([h, skip], dim=1), emb)  # (B, C_h + C_skip, H, W) in
 
 
 def _check_reference_args(embedding_order, class_embedding, init) -> None:

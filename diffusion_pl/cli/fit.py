@@ -14,10 +14,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionYesNo, Namespace
+from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
 from jsonargparse._actions import _ActionPrintConfig  # skip_print_config: the first of two parses prints nothing
 from jsonargparse.typing import import_object
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol  # as AtomicCheckpointIO uses it
+from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -30,6 +31,10 @@ from diffusion_pl.utils.classes import canonical_class_path
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.training.module import DiffusionModule
 from diffusion_pl.training.shapes import FILLED, DataShape, network_fill
+from diffusion_pl import processes
+from diffusion_pl.networks.presets import PRESETS  # imports UNet and DiT: `fit --help` lists them for --model.net
+from diffusion_pl.utils.classes import import_submodules
+from diffusion_pl.cli.recipes import config_file
 from diffusion_pl.cli.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
                                          remove_run_outputs)
 
@@ -42,6 +47,17 @@ RESUME_KEYWORDS = ("last", "hpc", "best", "registry")  # --ckpt_path values that
 # Resuming writes into a checkpoint folder that holds the run's earlier checkpoints, on purpose; folders
 # of other runs are refused before training (diffusion_pl.cli.run_folder), so Lightning's warning says nothing.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+CONFIG_HELP = ("a configuration file (YAML or JSON), or the name of a recipe that ships with the package, e.g. "
+               "`--config quickstart` (`diffusion-pl list recipes`); a file of that name, when there is one, comes first")
+
+
+class RecipeConfigFile(ActionConfigFile):
+    """`--config`: a file, as LightningCLI reads it, or a packaged recipe by name (diffusion_pl.cli.recipes)."""
+
+    def __call__(self, parser, cfg, values, option_string=None):
+        super().__call__(parser, cfg, config_file(values), option_string)
+
 
 class DiffusionCLI(LightningCLI):
     """LightningCLI for DiffusionModule and any LightningDataModule, with crash-safe checkpointing.
@@ -68,6 +84,13 @@ class DiffusionCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def init_parser(self, **kwargs: Any):
+        """LightningCLI's parser (lightning/pytorch/cli.py `init_parser`) with `--config` that also takes a recipe name."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning_version}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=RecipeConfigFile, help=CONFIG_HELP)
+        return parser
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -162,6 +185,16 @@ class DiffusionCLI(LightningCLI):
             raise
 
     def add_arguments_to_parser(self, parser) -> None:
+        # --help lists the known subclasses of each class-typed option: those imported by now
+        import_submodules(processes)
+        net = parser._option_string_actions.get("--model.net")  # argparse keeps no public map of its options
+        if net is not None:
+            modules: dict[str, list[str]] = {}
+            for fn in PRESETS:
+                modules.setdefault(fn.__module__, []).append(fn.__name__)
+            names = "; ".join(f"{module}.{{{', '.join(fns)}}}" for module, fns in modules.items())
+            net.help = (f"{net.help} Presets (a class_path, set like a class): {names}. `diffusion-pl list networks` "
+                        "says what each is.")
         parser.add_argument("--overwrite", action=ActionYesNo, default=False,
                             help="fit: start over in a run folder that holds a previous run, deleting its "
                                  "checkpoints, samples, logs and config.yaml (other files stay)")

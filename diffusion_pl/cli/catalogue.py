@@ -164,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="categories: " + ", ".join(CATEGORIES))
     p.add_argument("category", nargs="?", choices=list(CATEGORIES), metavar="CATEGORY",
                    help="what to list (none: every category with its count)")
-    p.add_argument("name", nargs="?", help="with `recipes`: print this recipe (YAML, its comments included)")
+    p.add_argument("name", nargs="?", metavar="NAME", help="with `recipes`: print this recipe (YAML, its comments included)")
     p.add_argument("--write", metavar="PATH", default=None,
                    help="with `recipes NAME`: write the recipe to PATH (a new file, or into a folder) for editing; "
                         "an existing file is refused")

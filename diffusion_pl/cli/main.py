@@ -37,7 +37,7 @@ LIGHTNING_COMMANDS = {
 def _print_help() -> None:
     print("usage: diffusion-pl <command> [options]    (diffusion-pl --version)\n")
     print("Train and evaluate image diffusion models with PyTorch Lightning.\n")
-    print("training (LightningCLI; `diffusion-pl fit --help`, `--config FILE`, `--print_config`):")
+    print("training (LightningCLI; `diffusion-pl fit --help`, `--config FILE|RECIPE`, `--print_config`):")
     for name, text in LIGHTNING_COMMANDS.items():
         print(f"  {name:<15} {text}")
     print("\nproject commands (`diffusion-pl <command> --help`):")

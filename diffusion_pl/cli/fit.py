@@ -17,10 +17,10 @@ from typing import Any
 
 from jsonargparse import ActionYesNo, Namespace
 from jsonargparse._actions import _ActionPrintConfig  # skip_print_config: the first of two parses prints nothing
-from jsonargparse._common import debug_mode_active  # JSONARGPARSE_DEBUG: jsonargparse raises instead of printing
 from jsonargparse.typing import import_object
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol  # as AtomicCheckpointIO uses it
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import __version__ as lightning_version
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffusion_pl.training.callbacks.checkpointing import (AtomicCheckpointIO, DeferredRequeue, FinalCheckpoint,
@@ -33,12 +33,14 @@ from diffusion_pl.utils.classes import canonical_class_path
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.training.module import DiffusionModule
 from diffusion_pl.training.shapes import FILLED, DataShape, network_fill
-from diffusion_pl.cli.common import close_option
+from diffusion_pl import processes
+from diffusion_pl.networks.presets import PRESETS  # imports UNet and DiT: `fit --help` lists them for --model.net
+from diffusion_pl.utils.classes import import_submodules
+from diffusion_pl.cli.fit_parser import CONFIG_HELP, DiffusionArgumentParser, RecipeConfigFile
 from diffusion_pl.cli.run_folder import (RunFolderError, lock_run_folder, previous_run_outputs, release_run_folder,
                                          remove_run_outputs)
 
-__all__ = ["DiffusionArgumentParser", "DiffusionCLI", "default_log_every_n_steps", "fill_network_shape",
-           "missing_package"]
+__all__ = ["DiffusionCLI", "default_log_every_n_steps", "fill_network_shape", "missing_package"]
 
 # the module arguments that make a checkpoint's network: an explicit --ckpt_path's saved ones are used
 CHECKPOINT_MODEL_KEYS = ("net", "process", "prediction")
@@ -47,35 +49,6 @@ RESUME_KEYWORDS = ("last", "hpc", "best", "registry")  # --ckpt_path values that
 # Resuming writes into a checkpoint folder that holds the run's earlier checkpoints, on purpose; folders
 # of other runs are refused before training (diffusion_pl.cli.run_folder), so Lightning's warning says nothing.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-
-class DiffusionArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser without prefix abbreviations and with short errors.
-
-    argparse takes an unambiguous prefix for an option (`--trainer.max_step 30` set max_steps); here a prefix is an
-    unknown option. An error prints `diffusion-pl fit: error: <message>` and a tip, without jsonargparse's usage
-    (some 70 lines); an unknown option is named with the closest option of the command (jsonargparse suggests none).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["allow_abbrev"] = False
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or debug_mode_active():
-            return super().error(message, ex)  # raises
-        self._logger.error(message)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        words = parser.prog.replace(" [options]", "").split()
-        command = "diffusion-pl" + (f" {words[-1]}" if len(words) > 1 else "")
-        if message.startswith("unrecognized arguments: "):
-            unknown = [a for a in message.split(": ", 1)[1].split() if a.startswith("-")]
-            if unknown:
-                name = unknown[0].split("=", 1)[0]
-                close = close_option(name, parser._option_string_actions)
-                hint = f"; did you mean {close}?" if close else f": expected an option that `{command} --help` lists"
-                self.exit(2, f"{command}: error: unrecognized option {name}{hint}\n")
-        self.exit(2, f"{command}: error: {message.rstrip()}\ntip: `{command} --help` lists the options\n")
-
 
 class DiffusionCLI(LightningCLI):
     """LightningCLI for DiffusionModule and any LightningDataModule, with crash-safe checkpointing.
@@ -103,6 +76,13 @@ class DiffusionCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def init_parser(self, **kwargs: Any):
+        """LightningCLI's parser (lightning/pytorch/cli.py `init_parser`) with `--config` that also takes a recipe name."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning_version}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=RecipeConfigFile, help=CONFIG_HELP)
+        return parser
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -197,6 +177,16 @@ class DiffusionCLI(LightningCLI):
             raise
 
     def add_arguments_to_parser(self, parser) -> None:
+        # --help lists the known subclasses of each class-typed option: those imported by now
+        import_submodules(processes)
+        net = parser._option_string_actions.get("--model.net")  # argparse keeps no public map of its options
+        if net is not None:
+            modules: dict[str, list[str]] = {}
+            for fn in PRESETS:
+                modules.setdefault(fn.__module__, []).append(fn.__name__)
+            names = "; ".join(f"{module}.{{{', '.join(fns)}}}" for module, fns in modules.items())
+            net.help = (f"{net.help} Presets (a class_path, set like a class): {names}. `diffusion-pl list networks` "
+                        "says what each is.")
         parser.add_argument("--overwrite", action=ActionYesNo, default=False,
                             help="fit: start over in a run folder that holds a previous run, deleting its "
                                  "checkpoints, samples, logs and config.yaml (other files stay)")

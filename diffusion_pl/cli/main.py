@@ -16,6 +16,7 @@ __all__ = ["main"]
 
 # name -> (module with `main(argv) -> int`, one-line description)
 PROJECT_COMMANDS = {
+    "list": ("diffusion_pl.cli.catalogue", "the recipes, and what a recipe can name: networks, processes, samplers, ..."),
     "prepare": ("diffusion_pl.cli.prepare", "write webdataset shards (+ manifest) from CIFAR-10 or an image folder"),
     "sample": ("diffusion_pl.cli.sample", "generate images from a checkpoint (PNGs and/or an ADM/EDM .npz)"),
     "evaluate": ("diffusion_pl.cli.evaluate", "FID / KID / IS against cached reference statistics, bits/dim"),
@@ -36,13 +37,14 @@ LIGHTNING_COMMANDS = {
 def _print_help() -> None:
     print("usage: diffusion-pl <command> [options]    (diffusion-pl --version)\n")
     print("Train and evaluate image diffusion models with PyTorch Lightning.\n")
-    print("training (LightningCLI; `diffusion-pl fit --help`, `--config FILE`, `--print_config`):")
+    print("training (LightningCLI; `diffusion-pl fit --help`, `--config FILE|RECIPE`, `--print_config`):")
     for name, text in LIGHTNING_COMMANDS.items():
         print(f"  {name:<15} {text}")
     print("\nproject commands (`diffusion-pl <command> --help`):")
     for name, (_, text) in PROJECT_COMMANDS.items():
         print(f"  {name:<15} {text}")
-    print("\nexample: diffusion-pl fit --config configs/quickstart.yaml")
+    print("\nexample: diffusion-pl fit --config quickstart    (a packaged recipe by name, or a YAML file; "
+          "`diffusion-pl list recipes`)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,7 +92,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: ScoreNetwork,
         process: Process,
         prediction: Prediction | None = None,
         loss: DenoisingLoss | None = None,

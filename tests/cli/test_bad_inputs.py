@@ -74,8 +74,14 @@ PROBES = [
     Probe("8x8 data, 16x16 net", fit("--model.net.init_args.img_resolution=16"), ("img_resolution=16x16", "8x8")),
     Probe("9 classes for 5", fit("--model.net.init_args.num_classes=9"), ("num_classes=9", "5 classes")),
     Probe("3 classes for 5", fit("--model.net.init_args.num_classes=3"), ("num_classes=3", "5 classes")),
-    Probe("network without the interface", fit("--model.net=torch.nn.Identity"),
-          ("torch.nn.modules.linear.Identity", "declares no network interface", "ScoreNetwork")),
+    # recipes by name
+    Probe("unknown recipe name", ("fit", "--config", "quickstrat"), ("--config quickstrat", "quickstart")),
+    Probe("a recipe's path outside a clone", ("fit", "--config", "{run}/configs/quickstart.yaml"),
+          ("no such file", "--config quickstart")),
+    Probe("list: unknown recipe", ("list", "recipes", "quickstrat"), ("no recipe 'quickstrat'", "quickstart")),
+    Probe("list: --write over a file", ("list", "recipes", "quickstart", "--write", "{junk}"),
+          ("junk.ckpt", "exists", "not overwritten")),
+    Probe("list: a name for another category", ("list", "networks", "unet_tiny"), ("list recipes NAME",)),
     # checkpoints
     Probe("missing ckpt_path", fit("--ckpt_path={run}/gone.ckpt"), ("gone.ckpt", "does not exist")),
     Probe("truncated ckpt_path", fit("--ckpt_path={junk}"), ("not a checkpoint",)),
@@ -158,6 +164,19 @@ def test_bad_input_ends_in_one_line(probe, files, tmp_path, monkeypatch, capsys)
     for word in probe.expect:
         assert word in last, last
     assert "Traceback" not in err, err[-2000:]
+
+
+def test_a_network_without_the_interface_is_refused_while_parsing(tmp_path, capsys):
+    """model.net is typed ScoreNetwork: LightningCLI (jsonargparse) refuses another class before building anything,
+    naming the type (DiffusionModule's own check, tests/core/test_network_interface.py, covers Python callers)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--model.net=torch.nn.Identity", "--print_config"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "torch.nn.Identity does not correspond to a subclass of ScoreNetwork" in err, err[-2000:]
+    assert "Traceback" not in err
 
 
 def test_traceback_env_shows_the_traceback(files, tmp_path, monkeypatch):

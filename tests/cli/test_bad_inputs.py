@@ -2,12 +2,14 @@
 line `diffusion-pl <command>: error: ...` containing the given words, and no traceback.
 
 A new bad input joins in one line: add a `Probe(...)` to PROBES (the placeholders {config}, {run}, {grey},
-{corrupt}, {nomanifest}, {badmanifest}, {junk}, {goodimages}, {badimages}, {userdir} name the fixture files).
+{corrupt}, {nomanifest}, {badmanifest}, {junk}, {goodimages}, {badimages}, {userdir}, {afile} name the fixture files).
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,18 @@ PROBES = [
     Probe("prepare: zero-byte image", ("prepare", "folder", "{badimages}", "--out", "{run}/shards"), ("0001.jpg",)),
     Probe("prepare: --overwrite of a folder it did not write",
           ("prepare", "folder", "{goodimages}", "--out", "{userdir}", "--overwrite"), ("not",)),
+    # outputs that cannot be written: a file where a folder must go (portable: the permission bits do not stop root)
+    Probe("fit: run folder under a file", fit("--trainer.default_root_dir={afile}/run"),
+          ("--trainer.default_root_dir", "afile is a file")),
+    Probe("export: --out under a file", ("export", "--ckpt", "{junk}", "--out", "{afile}/e"), ("--out", "afile is a file")),
+    Probe("export diffusers: --out under a file",
+          ("export", "--ckpt", "{junk}", "--out", "{afile}/e", "--format", "diffusers"), ("--out", "afile is a file")),
+    Probe("import: --out under a file", ("import", "owner/never-downloaded", "--out", "{afile}/i/x.ckpt"),
+          ("--out", "afile is a file")),
+    Probe("sample: --out under a file", ("sample", "--ckpt", "{junk}", "--num-samples", "1", "--out", "{afile}/s"),
+          ("--out", "afile is a file")),
+    Probe("prepare: --out under a file", ("prepare", "folder", "{goodimages}", "--out", "{afile}/shards"),
+          ("--out", "afile is a file")),
     # a diverging run
     Probe("nonfinite loss", fit("--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30"),
           ("non-finite training loss",)),
@@ -127,12 +141,13 @@ def files(tmp_path_factory) -> dict[str, str]:
         for i in range(2):
             data = b"" if broken and i == 1 else encode_png(np.zeros((8, 8, 3), np.uint8))
             (root / folder / "cat" / f"{i:04d}.jpg").write_bytes(data)
+    (root / "afile").write_text("a file, not a folder")
     (root / "userdir").mkdir()
     (root / "userdir" / "notes.txt").write_text("mine")
     return {"grey": str(root / "grey"), "corrupt": str(root / "corrupt" / "shard-000000.tar"),
             "nomanifest": str(root / "nomanifest"), "badmanifest": str(root / "badmanifest"),
             "junk": str(root / "junk.ckpt"), "goodimages": str(root / "goodimages"),
-            "badimages": str(root / "badimages"), "userdir": str(root / "userdir")}
+            "badimages": str(root / "badimages"), "userdir": str(root / "userdir"), "afile": str(root / "afile")}
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=str)
@@ -160,3 +175,24 @@ def test_traceback_env_shows_the_traceback(files, tmp_path, monkeypatch):
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(UserError, match="not a checkpoint"):
         main(["sample", "--ckpt", files["junk"], "--num-samples", "1", "--out", str(tmp_path / "s")])
+
+
+def test_a_full_disk_during_a_checkpoint_save(tmp_path, monkeypatch, capsys):
+    """The disk fills up in the middle of writing a checkpoint: one line naming the file and saying to free space,
+    and no half-written checkpoint (nor its temporary file) in the checkpoint folder."""
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 the first half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_fit_config(max_steps=2, logger=False)))
+    assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("diffusion-pl fit: error: ") and "Traceback" not in err, err[-2000:]
+    assert str(tmp_path / "run" / "checkpoints") in last and ".ckpt" in last and "free space" in last, last
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []

@@ -2,7 +2,7 @@
 line `diffusion-pl <command>: error: ...` containing the given words, and no traceback.
 
 A new bad input joins in one line: add a `Probe(...)` to PROBES (the placeholders {config}, {run}, {grey},
-{corrupt}, {nomanifest}, {badmanifest}, {junk}, {goodimages}, {badimages}, {userdir}, {afile} name the fixture files).
+{corrupt}, {nomanifest}, {badmanifest}, {junk}, {goodimages}, {badimages}, {userdir}, {afile}, {samples} name the fixture files).
 """
 
 from __future__ import annotations
@@ -89,7 +89,19 @@ PROBES = [
           ("gone.ckpt", "does not exist")),
     Probe("export: random file as ckpt", ("export", "--ckpt", "{junk}", "--out", "{run}/e"), ("not a checkpoint",)),
     Probe("export: --out is a file", ("export", "--ckpt", "{junk}", "--out", "{junk}"), ("--out", "is a file")),
+    Probe("evaluate: --ref-stats not an npz", ("evaluate", "--samples", "{samples}", "--ref-stats", "{junk}",
+                                               "--feature-extractor", "tests.support.evaluation.StandInFeatures"),
+          ("--ref-stats", "junk.ckpt", "not an npz", "'mu'", "'sigma'")),
+    # missing inputs are named before the InceptionV3 weights are looked for (a download, with internet)
+    Probe("evaluate: missing --data", ("evaluate", "--ckpt", "{junk}", "--data", "{run}/nowhere", "--num-samples", "2"),
+          ("--data", "nowhere", "does not exist")),
+    Probe("evaluate: missing --ckpt", ("evaluate", "--ckpt", "{run}/gone.ckpt", "--data", SHAPES), ("gone.ckpt",)),
+    Probe("evaluate: missing --bpd-data", ("evaluate", "--ckpt", "{junk}", "--data", SHAPES, "--bpd", "--bpd-data",
+                                           "{run}/nowhere"), ("--bpd-data", "nowhere", "does not exist")),
     # prepare
+    Probe("prepare: --encode a local folder that is not there",
+          ("prepare", "folder", "{goodimages}", "--out", "{run}/shards", "--encode", "./no-such-vae"),
+          ("./no-such-vae does not exist",)),
     Probe("prepare: zero-byte image", ("prepare", "folder", "{badimages}", "--out", "{run}/shards"), ("0001.jpg",)),
     Probe("prepare: --overwrite of a folder it did not write",
           ("prepare", "folder", "{goodimages}", "--out", "{userdir}", "--overwrite"), ("not",)),
@@ -142,12 +154,14 @@ def files(tmp_path_factory) -> dict[str, str]:
             data = b"" if broken and i == 1 else encode_png(np.zeros((8, 8, 3), np.uint8))
             (root / folder / "cat" / f"{i:04d}.jpg").write_bytes(data)
     (root / "afile").write_text("a file, not a folder")
+    np.savez(root / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     (root / "userdir").mkdir()
     (root / "userdir" / "notes.txt").write_text("mine")
     return {"grey": str(root / "grey"), "corrupt": str(root / "corrupt" / "shard-000000.tar"),
             "nomanifest": str(root / "nomanifest"), "badmanifest": str(root / "badmanifest"),
             "junk": str(root / "junk.ckpt"), "goodimages": str(root / "goodimages"),
-            "badimages": str(root / "badimages"), "userdir": str(root / "userdir"), "afile": str(root / "afile")}
+            "badimages": str(root / "badimages"), "userdir": str(root / "userdir"), "afile": str(root / "afile"),
+            "samples": str(root / "samples.npz")}
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=str)

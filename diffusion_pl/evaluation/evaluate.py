@@ -34,6 +34,7 @@ from torch import nn
 
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError, one_line
+from diffusion_pl.utils.checkpoint import read_checkpoint
 from diffusion_pl.utils.fileio import sha256_file
 from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.sampling.ode import HeunODE
@@ -211,8 +212,7 @@ def _check_source(options: EvalOptions, checkpoints: list, samples) -> None:
     # every input the user named, before the feature extractor (maybe a download) and the model load
     for ckpt in checkpoints:
         if isinstance(ckpt, (str, Path)) and not Path(ckpt).is_file():
-            raise MissingFileError(f"{name('ckpt')} {ckpt} does not exist: expected a checkpoint written by "
-                                   "`diffusion-pl fit` (or `diffusion-pl import`)")
+            read_checkpoint(ckpt)  # its one "does not exist" line, as every command reading a checkpoint says it
     guide = options.guidance.guide_path
     if guide is not None and not Path(guide).is_file():
         raise MissingFileError(f"{name('guide_ckpt')} {guide} does not exist: expected a checkpoint written by "

@@ -19,7 +19,7 @@ import sys
 from typing import Callable
 
 __all__ = ["UserError", "UserValueError", "MissingFileError", "DataError", "NonFiniteLossError", "WriteError",
-           "TRACEBACK_ENV", "WRITE_ERRNOS", "one_line", "os_error_line", "write_error", "find_user_error", "run_command"]
+           "TRACEBACK_ENV", "WRITE_ERRNOS", "one_line", "os_error_line", "write_error", "find_user_error", "lost_peer", "run_command"]
 
 TRACEBACK_ENV = "DIFFUSION_PL_TRACEBACK"
 EXIT_USER_ERROR = 2
@@ -107,14 +107,44 @@ def find_user_error(err: BaseException) -> UserError | None:
     return None
 
 
+# what gloo and NCCL say when the process at the other end of a collective is gone (killed, crashed)
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "NCCL Error 6: remote process exited")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The one-line reason when `err` (or an error it was raised from) is a collective that failed because another
+    process of the distributed run is gone; None otherwise."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        text = str(err)
+        if isinstance(err, RuntimeError) and any(marker in text for marker in _PEER_GONE):
+            return next(marker for marker in _PEER_GONE if marker in text)
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run_command(command: str, run: Callable[[], object]) -> int:
-    """Exit status of a command's body: 0 when it returns, 2 (one line on stderr) on a UserError."""
+    """Exit status of a command's body: 0 when it returns, 2 (one line on stderr) on a UserError, 1 (one line)
+    when another process of a distributed run died (this one only lost its connection: the cause is in that
+    process's log, and ~100 lines of gloo / NCCL traceback here would hide it)."""
     try:
         run()
         return 0
     except Exception as err:
-        user = find_user_error(err)
-        if user is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        print(f"diffusion-pl {command}: error: {one_line(user)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        user = find_user_error(err)
+        if user is not None:
+            print(f"diffusion-pl {command}: error: {one_line(user)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        gone = lost_peer(err)
+        if gone is None:
+            raise
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
+        me = f" (this is rank {rank})" if rank is not None else ""
+        print(f"diffusion-pl {command}: error: another process of this distributed run died ({gone}){me}: see the "
+              f"other ranks' output or log for the first error (a crash, an out-of-memory kill, a scheduler's kill); "
+              f"set {TRACEBACK_ENV}=1 to see where this one stopped", file=sys.stderr)
+        return 1

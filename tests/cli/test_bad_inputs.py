@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,10 @@ PROBES = [
     Probe("reconstruct-ema: sigma_rel out of range",
           ("reconstruct-ema", "--run", "{userdir}", "--sigma-rel", "0.5", "--out", "{run}/ema"),
           ("--sigma-rel 0.5", "out of range")),
+    Probe("sample: guidance interval upside down",
+          ("sample", "--ckpt", "{junk}", "--num-samples", "1", "--guidance", "2", "--guidance-interval", "5", "0.3",
+           "--out", "{run}/s"),
+          ("--guidance-interval 5 0.3",)),
     Probe("export: missing ckpt", ("export", "--ckpt", "{run}/gone.ckpt", "--out", "{run}/e"),
           ("gone.ckpt", "does not exist")),
     Probe("export: random file as ckpt", ("export", "--ckpt", "{junk}", "--out", "{run}/e"), ("not a checkpoint",)),
@@ -210,3 +215,43 @@ def test_a_full_disk_during_a_checkpoint_save(tmp_path, monkeypatch, capsys):
     assert last.startswith("diffusion-pl fit: error: ") and "Traceback" not in err, err[-2000:]
     assert str(tmp_path / "run" / "checkpoints") in last and ".ckpt" in last and "free space" in last, last
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_resuming_with_a_wider_network_names_the_first_mismatch(tmp_path, monkeypatch, capsys):
+    """`fit --ckpt_path last` after the recipe's channel count changed: one line naming the checkpoint, the first
+    parameter that differs and both shapes (not one "size mismatch" line per tensor)."""
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_fit_config(max_steps=1, logger=False)))
+    run = [f"--config={config}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    assert main(["fit", *run]) == 0
+    capsys.readouterr()
+    assert main(["fit", *run, "--ckpt_path=last", "--trainer.max_steps=2",
+                 "--model.net.init_args.model_channels=16"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("diffusion-pl fit: error: checkpoint ") and "Traceback" not in err, err[-2000:]
+    assert "step=1.ckpt" in last and re.search(r"net\.\S+ is \(\d+, 8\) in the checkpoint and \(\d+, 16\) in "
+                                               r"model\.net", last), last
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_peer_is_one_line_on_the_survivor(tmp_path):
+    """Rank 1 of a 2-process CPU DDP fit dies mid-training (os._exit, as an out-of-memory kill): rank 0's collective
+    fails in gloo; it ends in one line saying a peer died and where to look, not ~100 lines of traceback."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.yaml"
+    callbacks = [{"class_path": "tests.support.training.DieOnRank", "init_args": {"rank": 1, "step": 2}}]
+    config.write_text(yaml.safe_dump(tiny_fit_config(max_steps=50, logger=False, enable_checkpointing=False,
+                                                     devices=2, strategy="ddp", callbacks=callbacks)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(TRACEBACK_ENV, None)
+    proc = subprocess.run([sys.executable, "-m", "diffusion_pl", "fit", "--config", str(config),
+                           f"--trainer.default_root_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          timeout=400, cwd=REPO, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffusion-pl fit: error: another process of this distributed run died"), proc.stderr[-3000:]
+    assert "rank 0" in last and "other ranks" in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -112,7 +112,11 @@ def _run(args: argparse.Namespace) -> None:
     what = "images" if encoder is None else "latents " + "x".join(map(str, m["latent"]["shape"])) + \
         (" (+ flipped)" if encoder.flips else "")
     labels = f"{m['num_classes']} classes" if m['num_classes'] else "unlabelled"
-    print(f"wrote {m['count']} {what} ({labels}) in {len(m['shards'])} shards to {args.out}")
+    unsafe = m.get("unsafe_tar_members")
+    left_out = "" if not unsafe else (
+        f"; left out {unsafe['count']} tar member{'s' if unsafe['count'] > 1 else ''} whose path leads outside the "
+        f"archive ({', '.join(unsafe['names'])}{', ...' if unsafe['count'] > len(unsafe['names']) else ''})")
+    print(f"wrote {m['count']} {what} ({labels}) in {len(m['shards'])} shards to {args.out}{left_out}")
     if skipped:
         shown = "; ".join(f"{u.origin} ({u.reason})" for u in skipped[:SKIPPED_SHOWN])
         more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from diffusion_pl.utils.errors import UserError
+from diffusion_pl.utils.fileio import writable_folder
 
 try:
     import fcntl
@@ -41,7 +42,7 @@ def lock_run_folder(folder: str | os.PathLike) -> int | None:
     Raises RunFolderError when another live process holds it. The lock is released by the operating
     system when the process exits, however it exits (kill -9 included), so a stale lock never blocks.
     """
-    folder = Path(folder)
+    folder = writable_folder(folder, "run folder (--trainer.default_root_dir)")
     folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         return None

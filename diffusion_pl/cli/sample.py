@@ -36,7 +36,7 @@ from torchvision.utils import make_grid, save_image
 from diffusion_pl.cli.common import CommandError, CommandParser, add_model_options, flag, guidance_from_args
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.utils.errors import run_command
-from diffusion_pl.utils.fileio import atomic_path, sha256_file
+from diffusion_pl.utils.fileio import atomic_path, sha256_file, writable_folder
 from diffusion_pl.evaluation.generation import class_labels_for, generate, rank_indices
 from diffusion_pl.evaluation.loading import guidance_config, load_checkpoint, load_guide, make_fabric
 from diffusion_pl.evaluation.samples import read_rgb
@@ -93,6 +93,7 @@ def _check_args(args: argparse.Namespace) -> None:
                            "samples, which `evaluate` reads)")
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file: expected a folder")
+    writable_folder(out, "--out")
 
 
 def png_path(out: Path, i: int) -> Path:

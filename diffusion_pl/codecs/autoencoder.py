@@ -73,6 +73,10 @@ def _import_autoencoder_kl():
 
 def _how_to_provide(name: str, subfolder: str | None, reason: str) -> str:
     sub = f" (with its {subfolder}/ subfolder)" if subfolder else ""
+    if Path(name).expanduser().exists() or looks_like_path(name):  # a local folder: the hub cannot fill it by name
+        return (f"the autoencoder {name} cannot be loaded: {reason}; expected a diffusers AutoencoderKL folder{sub} "
+                "(config.json + diffusion_pytorch_model.safetensors, as `huggingface-cli download <hub id> "
+                f"--local-dir {name}` writes one)")
     return (f"the autoencoder {name} cannot be loaded: {reason}; on a machine with internet run "
             f"`huggingface-cli download {name} --local-dir DIR`{sub} and pass pretrained: DIR, or copy the hub "
             f"cache there into {hub_cache()}")
@@ -120,6 +124,10 @@ def _local_config(name: str, subfolder: str | None) -> Path | None:
     folder = Path(name).expanduser()
     if not (folder.exists() or looks_like_path(name)):
         return None
+    if not folder.is_dir():  # a local path: downloading "./vae" from the hub would not help
+        problem = "is a file" if folder.exists() else "does not exist"
+        raise MissingFileError(f"the autoencoder folder {name} {problem}: expected a local diffusers "
+                               "AutoencoderKL folder (config.json + weights) or a hub id owner/name")
     path = folder / (subfolder or "") / "config.json"
     if not path.is_file():
         raise AutoencoderWeightsError(_how_to_provide(name, subfolder, f"{path} does not exist"))

@@ -13,6 +13,7 @@ import io
 import lzma
 import os
 import pickle
+import posixpath
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -132,12 +133,38 @@ def _as_image(data: bytes, ext: str) -> tuple[bytes, str, tuple[int, int, int]]:
     return encode_png(array), "png", (*array.shape[:2], 1 if array.ndim == 2 else 3)
 
 
-def _tar_files(path: Path, split: str | None) -> tuple[list[str], Callable[[str], bytes]]:
-    """Member names of a tar archive and a function reading one member's bytes."""
+UNSAFE_SHOWN = 3  # unsafe tar member names kept in the manifest (and shown by prepare)
+
+
+def member_path(name: str) -> str | None:
+    """A tar member's path inside the archive, normalized (`./cat/x.png` and `cat//x.png` are `cat/x.png`); None
+    when it leads outside the archive: absolute, or climbing out with `..` (what tarfile's "data" filter refuses)."""
+    if name.startswith("/"):
+        return None
+    norm = posixpath.normpath(name)
+    return None if norm == ".." or norm.startswith("../") else norm
+
+
+def _safe_members(names: Iterable[str], unsafe: list[str]) -> dict[str, str]:
+    """{normalized path: member name} of the members that stay inside the archive; the others go to `unsafe`."""
+    kept = {}
+    for name in names:
+        norm = member_path(name)
+        if norm is None:
+            unsafe.append(name)
+        else:
+            kept.setdefault(norm, name)
+    return kept
+
+
+def _tar_files(path: Path, split: str | None, unsafe: list[str]) -> tuple[list[str], Callable[[str], bytes]]:
+    """Member paths of a tar archive (normalized) and a function reading one member's bytes; the names of members
+    whose paths lead outside the archive go to `unsafe` and are not read."""
     try:
         tf = tarfile.open(path, "r:")  # uncompressed: seekable, members are read lazily
         members = {m.name: m for m in tf.getmembers() if m.isfile()}
-        return list(members), lambda name: tf.extractfile(members[name]).read()
+        paths = _safe_members(members, unsafe)
+        return list(paths), lambda name: tf.extractfile(members[paths[name]]).read()
     except tarfile.ReadError:
         pass
     except OSError as err:
@@ -150,7 +177,13 @@ def _tar_files(path: Path, split: str | None) -> tuple[list[str], Callable[[str]
         if opener is None:
             raise tarfile.ReadError("neither a tar nor a gzip/bzip2/xz-compressed one")
         with opener(path, "rb") as f:
-            blobs = {name: data for name, data in tar_members(f) if _pick([name], split)}
+            blobs = {}
+            for name, data in tar_members(f):
+                norm = member_path(name)
+                if norm is None:
+                    unsafe.append(name)
+                elif _pick([norm], split):
+                    blobs.setdefault(norm, data)
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
         raise PrepareError(f"{path} is not a readable tar archive ({err}): "
                            "expected an image folder .tar/.tar.gz") from err
@@ -160,7 +193,7 @@ def _tar_files(path: Path, split: str | None) -> tuple[list[str], Callable[[str]
 def image_folder(path: str | Path, split: str | None = None) -> Source:
     """An image-folder tree, or a .tar/.tar.gz of one: class = parent folder, classes sorted; or a flat folder of
     images (no class folders): unlabelled data, for unconditional models (the manifest lists no classes)."""
-    path = Path(path)
+    path, unsafe = Path(path), []
     if path.is_dir():
         names = [Path(d, f).relative_to(path).as_posix() for d, _, fs in os.walk(path) for f in fs]
 
@@ -171,7 +204,7 @@ def image_folder(path: str | Path, split: str | None = None) -> Source:
             return str(path / name)
 
     elif path.is_file():
-        names, read = _tar_files(path, split)
+        names, read = _tar_files(path, split, unsafe)
 
         def origin(name: str) -> str:
             return f"{name} in {path}"
@@ -208,4 +241,5 @@ def image_folder(path: str | Path, split: str | None = None) -> Source:
                 continue
             yield image, ext, index[cls], shape, origin(name)
 
-    return Source(f"folder:{path}" + (f":{split}" if split else ""), classes, len(items), load)
+    meta = {"unsafe_tar_members": {"count": len(unsafe), "names": unsafe[:UNSAFE_SHOWN]}} if unsafe else {}
+    return Source(f"folder:{path}" + (f":{split}" if split else ""), classes, len(items), load, meta)

@@ -51,7 +51,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from diffusion_pl.utils.errors import UserValueError
-from diffusion_pl.utils.fileio import sha256_file
+from diffusion_pl.utils.fileio import sha256_file, writable_folder
 
 MANIFEST = "manifest.json"
 FORMAT = "diffusion_pl.shards/1"
@@ -202,6 +202,7 @@ def _clean_leftovers(out: Path, *, refuse_live: bool) -> None:
 
 def _preflight(out: Path, overwrite: bool) -> None:
     """Everything about out that can fail before any input is read."""
+    writable_folder(out, "--out")
     _clean_leftovers(out, refuse_live=True)
     _check_output(out, overwrite)
 

@@ -33,11 +33,13 @@ import torch
 from torch import nn
 
 from diffusion_pl.guidance import Guidance
-from diffusion_pl.utils.errors import MissingFileError, UserValueError
+from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError, one_line
+from diffusion_pl.utils.checkpoint import read_checkpoint
 from diffusion_pl.utils.fileio import sha256_file
 from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.data.reference import reference_images
+from diffusion_pl.data.shards import resolve_shards
 from diffusion_pl.evaluation.bits_per_dim import dataset_bits_per_dim, first_images
 from diffusion_pl.evaluation.generation import generate, rank_indices, sampler_label
 from diffusion_pl.evaluation.loading import (Names, argument_name, guidance_config, load_checkpoint, load_guide,
@@ -207,6 +209,25 @@ def _check_source(options: EvalOptions, checkpoints: list, samples) -> None:
     if samples is not None and not Path(samples).exists():
         raise MissingFileError(f"{name('samples')} {samples} does not exist: expected a folder of PNGs or an .npz "
                                "file")
+    # every input the user named, before the feature extractor (maybe a download) and the model load
+    for ckpt in checkpoints:
+        if isinstance(ckpt, (str, Path)) and not Path(ckpt).is_file():
+            read_checkpoint(ckpt)  # its one "does not exist" line, as every command reading a checkpoint says it
+    guide = options.guidance.guide_path
+    if guide is not None and not Path(guide).is_file():
+        raise MissingFileError(f"{name('guide_ckpt')} {guide} does not exist: expected a checkpoint written by "
+                               "`diffusion-pl fit`")
+    if options.ref_stats is not None and not Path(options.ref_stats).is_file():
+        from diffusion_pl.evaluation.metrics.published import published_reference
+
+        published_reference(options.ref_stats, what=name("ref_stats"))  # its one-line "does not exist"
+    for key in ("data", "bpd_data"):
+        value = getattr(options, key)
+        if value is not None and not str(value).startswith("builtin:"):
+            try:
+                resolve_shards(str(value))
+            except UserError as err:
+                raise type(err)(f"{name(key)}: {one_line(err)}") from None
     if options.bpd and not checkpoints:
         raise UserValueError(f"{name('bpd')} needs {name('ckpt')}: expected a model to evaluate the likelihood of")
     guidance = options.guidance

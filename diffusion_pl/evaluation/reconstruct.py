@@ -31,7 +31,7 @@ import torch
 
 from diffusion_pl.utils.checkpoint import read_checkpoint, read_snapshot
 from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError
-from diffusion_pl.utils.fileio import atomic_path
+from diffusion_pl.utils.fileio import atomic_path, writable_folder
 from diffusion_pl.training.callbacks.checkpointing import find_resume_checkpoint
 from diffusion_pl.training.phema import (SIGMA_REL_MAX, SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, check_sigma_rel,
                                          list_snapshot_files, profile_residual, sigma_rel_to_gamma,
@@ -182,6 +182,7 @@ def _check_layout(ckpt_path: Path, ema_state: dict, snapshot_path: Path, snapsho
 
 def _output_paths(run: Path, out: Path, step: int, sigma_rels: list[float], names: Names) -> list[Path]:
     paths = [out] if out.suffix == ".ckpt" else [out / f"phema-{step:09d}-{s!r}.ckpt" for s in sigma_rels]
+    writable_folder(paths[0].parent, names("out"))  # before the slow reconstruction
     run_folder = run.resolve()
     for path in paths:
         if path.resolve().parent in (run_folder, run_folder / "checkpoints"):

@@ -55,7 +55,7 @@ import torch
 
 from diffusion_pl.utils.errors import MissingFileError, UserError, UserValueError, one_line
 from diffusion_pl.utils.hub import hub_cache, unreachable
-from diffusion_pl.utils.fileio import atomic_path, sha256_file
+from diffusion_pl.utils.fileio import atomic_path, sha256_file, writable_folder
 
 __all__ = ["PretrainedWeightsError", "import_pretrained", "scheduler_spec", "write_imported_checkpoint"]
 
@@ -296,6 +296,9 @@ def import_pretrained(source: str, out: str | Path, arch: str | None = None, ima
     from diffusion_pl import __version__
     from diffusion_pl.interop.weights import read_weights
 
+    if Path(out).is_dir():  # before a download
+        raise UserValueError(f"--out {out} is a folder: expected a checkpoint file name (e.g. {out}/imported.ckpt)")
+    writable_folder(Path(out).parent, "--out folder")
     path = _resolve(str(source), download_timeout)
     provenance: dict[str, Any] = {"source": str(source), "diffusion_pl_version": __version__}
     extra: dict[str, Any] = {}

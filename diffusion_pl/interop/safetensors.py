@@ -46,7 +46,7 @@ from torch import nn
 
 from diffusion_pl.utils.checkpoint import read_checkpoint
 from diffusion_pl.utils.errors import MissingFileError, UserValueError, one_line
-from diffusion_pl.utils.fileio import atomic_path, sha256_file
+from diffusion_pl.utils.fileio import atomic_path, sha256_file, writable_folder
 from diffusion_pl.interop.weights import check_state_dict
 from diffusion_pl.networks.base import ScoreNetwork, check_score_network
 from diffusion_pl.prediction import EpsPrediction, Prediction, precondition
@@ -161,6 +161,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tr
     out = Path(out_dir)
     if out.exists() and not out.is_dir():  # before reading a possibly large checkpoint
         raise UserValueError(f"--out {out} is a file: expected a folder (created if missing)")
+    writable_folder(out, "--out")
     checkpoint = read_checkpoint(ckpt_path, trust_config=trust_config,
                                  trust_option="trust_config=True (--trust_config)")
     module = module_from_checkpoint(checkpoint)  # refuses a checkpoint without a saved config

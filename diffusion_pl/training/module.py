@@ -204,6 +204,11 @@ class DiffusionModule(L.LightningModule):
         # path; load_from_checkpoint has no trainer)
         if self._trainer is not None:
             self.codec.check_checkpoint(checkpoint, self._trainer.ckpt_path)
+            problem = _network_mismatch(self.net, checkpoint.get("state_dict", {}))
+            if problem is not None:  # else load_state_dict prints one "size mismatch" line per tensor
+                raise UserValueError(f"checkpoint {self._trainer.ckpt_path} holds another network than the configured "
+                                     f"model.net: {problem}: expected the recipe the run was trained with (its "
+                                     "config.yaml), or --overwrite / another run folder to start a new run")
 
     # -- training ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -374,3 +379,17 @@ def module_from_checkpoint(checkpoint: Checkpoint, map_location: str | torch.dev
     module.codec.check_checkpoint(checkpoint.raw, checkpoint.path)  # a latent module: the VAE it was trained with
     module.saved_config = checkpoint.config  # as saved (hparams hold only what the rebuilt module saves)
     return module
+
+
+def _network_mismatch(net: nn.Module, state_dict: dict[str, Tensor]) -> str | None:
+    """The first parameter of `net` (as `net.<name>` in a module state dict) that the checkpoint lacks, holds in
+    another shape, or holds in excess; None when all fit."""
+    own = {f"net.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state_dict.items() if k.startswith("net.")}
+    for key, shape in own.items():
+        if key not in saved:
+            return f"{key} {shape} is not in the checkpoint"
+        if saved[key] != shape:
+            return f"{key} is {saved[key]} in the checkpoint and {shape} in model.net"
+    extra = next((k for k in saved if k not in own), None)
+    return None if extra is None else f"the checkpoint's {extra} {saved[extra]} is not in model.net"

@@ -2,12 +2,15 @@
 line `diffusion-pl <command>: error: ...` containing the given words, and no traceback.
 
 A new bad input joins in one line: add a `Probe(...)` to PROBES (the placeholders {config}, {run}, {grey},
-{corrupt}, {nomanifest}, {badmanifest}, {junk}, {goodimages}, {badimages}, {userdir} name the fixture files).
+{corrupt}, {nomanifest}, {badmanifest}, {junk}, {goodimages}, {badimages}, {userdir}, {afile}, {samples} name the fixture files).
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,14 +99,42 @@ PROBES = [
     Probe("reconstruct-ema: sigma_rel out of range",
           ("reconstruct-ema", "--run", "{userdir}", "--sigma_rel", "0.5", "--out", "{run}/ema"),
           ("--sigma_rel 0.5", "out of range")),
+    Probe("sample: guidance interval upside down",
+          ("sample", "--ckpt_path", "{junk}", "--num_samples", "1", "--guidance", "2", "--guidance_interval", "5", "0.3",
+           "--out", "{run}/s"),
+          ("--guidance_interval 5 0.3",)),
     Probe("export: missing ckpt", ("export", "--ckpt_path", "{run}/gone.ckpt", "--out", "{run}/e"),
           ("gone.ckpt", "does not exist")),
     Probe("export: random file as ckpt", ("export", "--ckpt_path", "{junk}", "--out", "{run}/e"), ("not a checkpoint",)),
     Probe("export: --out is a file", ("export", "--ckpt_path", "{junk}", "--out", "{junk}"), ("--out", "is a file")),
+    Probe("evaluate: --ref_stats not an npz", ("evaluate", "--samples", "{samples}", "--ref_stats", "{junk}",
+                                               "--feature_extractor", "tests.support.evaluation.StandInFeatures"),
+          ("--ref_stats", "junk.ckpt", "not an npz", "'mu'", "'sigma'")),
+    # missing inputs are named before the InceptionV3 weights are looked for (a download, with internet)
+    Probe("evaluate: missing --data", ("evaluate", "--ckpt_path", "{junk}", "--data", "{run}/nowhere", "--num_samples", "2"),
+          ("--data", "nowhere", "does not exist")),
+    Probe("evaluate: missing --ckpt", ("evaluate", "--ckpt_path", "{run}/gone.ckpt", "--data", SHAPES), ("gone.ckpt",)),
+    Probe("evaluate: missing --bpd_data", ("evaluate", "--ckpt_path", "{junk}", "--data", SHAPES, "--bpd", "--bpd_data",
+                                           "{run}/nowhere"), ("--bpd_data", "nowhere", "does not exist")),
     # prepare
+    Probe("prepare: --encode a local folder that is not there",
+          ("prepare", "folder", "{goodimages}", "--out", "{run}/shards", "--encode", "./no-such-vae"),
+          ("./no-such-vae does not exist",)),
     Probe("prepare: zero-byte image", ("prepare", "folder", "{badimages}", "--out", "{run}/shards"), ("0001.jpg",)),
     Probe("prepare: --overwrite of a folder it did not write",
           ("prepare", "folder", "{goodimages}", "--out", "{userdir}", "--overwrite"), ("not",)),
+    # outputs that cannot be written: a file where a folder must go (portable: the permission bits do not stop root)
+    Probe("fit: run folder under a file", fit("--trainer.default_root_dir={afile}/run"),
+          ("--trainer.default_root_dir", "afile is a file")),
+    Probe("export: --out under a file", ("export", "--ckpt", "{junk}", "--out", "{afile}/e"), ("--out", "afile is a file")),
+    Probe("export diffusers: --out under a file",
+          ("export", "--ckpt", "{junk}", "--out", "{afile}/e", "--format", "diffusers"), ("--out", "afile is a file")),
+    Probe("import: --out under a file", ("import", "owner/never-downloaded", "--out", "{afile}/i/x.ckpt"),
+          ("--out", "afile is a file")),
+    Probe("sample: --out under a file", ("sample", "--ckpt", "{junk}", "--num-samples", "1", "--out", "{afile}/s"),
+          ("--out", "afile is a file")),
+    Probe("prepare: --out under a file", ("prepare", "folder", "{goodimages}", "--out", "{afile}/shards"),
+          ("--out", "afile is a file")),
     # a diverging run
     Probe("nonfinite loss", fit("--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30"),
           ("non-finite training loss",)),
@@ -140,12 +171,15 @@ def files(tmp_path_factory) -> dict[str, str]:
         for i in range(2):
             data = b"" if broken and i == 1 else encode_png(np.zeros((8, 8, 3), np.uint8))
             (root / folder / "cat" / f"{i:04d}.jpg").write_bytes(data)
+    (root / "afile").write_text("a file, not a folder")
+    np.savez(root / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     (root / "userdir").mkdir()
     (root / "userdir" / "notes.txt").write_text("mine")
     return {"grey": str(root / "grey"), "corrupt": str(root / "corrupt" / "shard-000000.tar"),
             "nomanifest": str(root / "nomanifest"), "badmanifest": str(root / "badmanifest"),
             "junk": str(root / "junk.ckpt"), "goodimages": str(root / "goodimages"),
-            "badimages": str(root / "badimages"), "userdir": str(root / "userdir")}
+            "badimages": str(root / "badimages"), "userdir": str(root / "userdir"), "afile": str(root / "afile"),
+            "samples": str(root / "samples.npz")}
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=str)
@@ -186,3 +220,64 @@ def test_traceback_env_shows_the_traceback(files, tmp_path, monkeypatch):
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(UserError, match="not a checkpoint"):
         main(["sample", "--ckpt_path", files["junk"], "--num_samples", "1", "--out", str(tmp_path / "s")])
+
+
+def test_a_full_disk_during_a_checkpoint_save(tmp_path, monkeypatch, capsys):
+    """The disk fills up in the middle of writing a checkpoint: one line naming the file and saying to free space,
+    and no half-written checkpoint (nor its temporary file) in the checkpoint folder."""
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 the first half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_fit_config(max_steps=2, logger=False)))
+    assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("diffusion-pl fit: error: ") and "Traceback" not in err, err[-2000:]
+    assert str(tmp_path / "run" / "checkpoints") in last and ".ckpt" in last and "free space" in last, last
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_resuming_with_a_wider_network_names_the_first_mismatch(tmp_path, monkeypatch, capsys):
+    """`fit --ckpt_path last` after the recipe's channel count changed: one line naming the checkpoint, the first
+    parameter that differs and both shapes (not one "size mismatch" line per tensor)."""
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_fit_config(max_steps=1, logger=False)))
+    run = [f"--config={config}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    assert main(["fit", *run]) == 0
+    capsys.readouterr()
+    assert main(["fit", *run, "--ckpt_path=last", "--trainer.max_steps=2",
+                 "--model.net.init_args.model_channels=16"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("diffusion-pl fit: error: checkpoint ") and "Traceback" not in err, err[-2000:]
+    assert "step=1.ckpt" in last and re.search(r"net\.\S+ is \(\d+, 8\) in the checkpoint and \(\d+, 16\) in "
+                                               r"model\.net", last), last
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_peer_is_one_line_on_the_survivor(tmp_path):
+    """Rank 1 of a 2-process CPU DDP fit dies mid-training (os._exit, as an out-of-memory kill): rank 0's collective
+    fails in gloo; it ends in one line saying a peer died and where to look, not ~100 lines of traceback."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.yaml"
+    callbacks = [{"class_path": "tests.support.training.DieOnRank", "init_args": {"rank": 1, "step": 2}}]
+    config.write_text(yaml.safe_dump(tiny_fit_config(max_steps=50, logger=False, enable_checkpointing=False,
+                                                     devices=2, strategy="ddp", callbacks=callbacks)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(TRACEBACK_ENV, None)
+    proc = subprocess.run([sys.executable, "-m", "diffusion_pl", "fit", "--config", str(config),
+                           f"--trainer.default_root_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          timeout=400, cwd=REPO, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffusion-pl fit: error: another process of this distributed run died"), proc.stderr[-3000:]
+    assert "rank 0" in last and "other ranks" in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]

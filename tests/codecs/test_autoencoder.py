@@ -115,10 +115,17 @@ def test_identity_spec_and_mismatch(ae, tmp_path, tiny_autoencoder):
 
 
 def test_missing_weights_fail_in_one_line(tmp_path, monkeypatch):
+    # a local folder that is not there: said so, not "download it from the hub" (by a path, that cannot work)
+    for missing in (str(tmp_path / "no-such-vae"), "./no-such-vae", "models/vae/no-such"):
+        with pytest.raises(FileNotFoundError) as err:
+            Autoencoder(pretrained=missing)
+        message = str(err.value)
+        assert "\n" not in message and f"folder {missing} does not exist" in message, message
+        assert "huggingface-cli" not in message, message
+    (tmp_path / "novae").mkdir()
     with pytest.raises(AutoencoderWeightsError) as err:
-        Autoencoder(pretrained=str(tmp_path / "no-such-vae"))
-    message = str(err.value)
-    assert "\n" not in message and "does not exist" in message and "huggingface-cli download" in message
+        Autoencoder(pretrained=str(tmp_path / "novae"))
+    assert "config.json does not exist" in str(err.value) and f"--local-dir {tmp_path / 'novae'}`" in str(err.value)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(AutoencoderWeightsError, match="not an AutoencoderKL folder"):

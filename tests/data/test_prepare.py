@@ -332,3 +332,23 @@ def test_a_flat_folder_mixed_with_class_folders_is_refused_in_one_line(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mixes images in class folders with images outside them (loose.png)" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["tar", "tar.gz"])
+def test_tar_members_leading_outside_the_archive_are_counted_and_left_out(tmp_path, capsys, compressed):
+    """`../x`, `/x` and `cat/../../x` are counted and named in the summary line (and the manifest), never read
+    as an image of class '' or of a class above the root; `./cat/x` is the member `cat/x`."""
+    png = encode_png(np.zeros((8, 8, 3), np.uint8))
+    archive = tmp_path / ("data.tar.gz" if compressed else "data.tar")
+    with tarfile.open(archive, "w:gz" if compressed else "w") as tar:
+        for name in ["./cat/0.png", "dog/1.png", "../evil/2.png", "/3.png", "cat/../../4.png", "dog//5.png"]:
+            info = tarfile.TarInfo(name)
+            info.size = len(png)
+            tar.addfile(info, io.BytesIO(png))
+    assert main(["folder", str(archive), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("wrote 3 images (2 classes)") and out.count("\n") == 0, out
+    assert "left out 3 tar members" in out and all(n in out for n in ("../evil/2.png", "/3.png", "cat/../../4.png"))
+    manifest = json.loads((tmp_path / "o" / MANIFEST).read_text())
+    assert manifest["classes"] == ["cat", "dog"] and manifest["count"] == 3
+    assert manifest["unsafe_tar_members"] == {"count": 3, "names": ["../evil/2.png", "/3.png", "cat/../../4.png"]}

@@ -51,3 +51,15 @@ class StepMarker(__import__("lightning").Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with open(self.path, "a") as f:
             f.write(f"{trainer.global_step}\n")
+
+
+class DieOnRank(__import__("lightning").Callback):
+    """Kill this process with os._exit (no cleanup, as a SIGKILL or an OOM kill) at the start of training step
+    `step` on global rank `rank`: a distributed peer that dies mid-training."""
+
+    def __init__(self, rank: int = 1, step: int = 1) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            __import__("os")._exit(9)

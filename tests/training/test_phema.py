@@ -25,7 +25,7 @@ from diffusion_pl.evaluation.reconstruct import read_snapshots
 from diffusion_pl.training.module import load_module
 from diffusion_pl.training.phema import (SIGMA_REL_MAX, PowerFunctionEMA, gamma_to_sigma_rel, list_snapshot_files,
                                          power_ema_beta, profile_inner_products, profile_residual, sigma_rel_to_gamma,
-                                         solve_posthoc_coefficients)
+                                         save_snapshot, snapshot_name, solve_posthoc_coefficients)
 from diffusion_pl.cli.run_folder import previous_run_outputs
 from tests.support.fit import DYING_TORCH_SAVE
 from tests.support.training import make_datamodule, make_module
@@ -295,6 +295,10 @@ def test_a_killed_snapshot_write_leaves_no_partial_snapshot(tmp_path):
     assert [(s.step, s.nimg, s.sigma_rel) for s in read_snapshots(folder)] == [(1, 8, 0.05)]
     assert torch.equal(torch.load(folder / "phema-000000001-0.05.pt", weights_only=True)["state_dict"]["w"],
                        torch.ones(64, 64))
+    # the next snapshot written there (a resumed run) removes the killed write's temporary file
+    save_snapshot(folder / snapshot_name(2, 0.05), {**torch.load(folder / "phema-000000001-0.05.pt",
+                                                                 weights_only=True), "step": 2})
+    assert sorted(p.name for p in folder.iterdir()) == ["phema-000000001-0.05.pt", "phema-000000002-0.05.pt"]
 
 
 # -- the command -------------------------------------------------------------------------------------------

@@ -179,6 +179,9 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     leftovers = [p for p in path.parent.iterdir() if p.name != "last.ckpt"]
     assert leftovers, "the killed save should have left its temporary file behind"
     assert find_resume_checkpoint(tmp_path) == str(path)
+    # the next save into that folder (a resumed run) removes the dead writer's temporary file
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, path.parent / "epoch=0-step=3.ckpt")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"]
 
 
 def test_find_resume_checkpoint_uses_stored_step(tmp_path):

@@ -13,6 +13,7 @@ Statistics made by any other extractor are only comparable with that extractor.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from diffusion_pl.evaluation.metrics.statistics import ReferenceStats
 
 __all__ = ["NOMINAL_N", "ADM_PROTOCOL", "published_reference"]
 
+NPZ_HELP = ("an npz with 'mu' (D,) and 'sigma' (D, D) of the extractor's features, as numpy.savez writes it (ADM's "
+            "reference batches, e.g. VIRTUAL_imagenet256_labeled.npz)")
 NOMINAL_N = 50_000  # the count when the npz gives none: mean and covariance do not depend on it
 ADM_PROTOCOL = ("published mu / sigma of 2048-d pool3 features; ADM's evaluator computes them with the TF Inception "
                 "graph classify_image_graph_def.pb (pool_3:0, the graph's own bilinear resize to 299x299), of which "
@@ -36,8 +39,7 @@ def published_reference(path: str | Path, dim: int | None = None,
     file, a file that is not an npz, missing keys or dimensions other than (dim,) and (dim, dim)."""
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"{what} {path} does not exist: expected an npz with 'mu' (D,) and 'sigma' (D, D) "
-                               "(e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+        raise MissingFileError(f"{what} {path} does not exist: expected {NPZ_HELP}")
     try:
         with np.load(path) as npz:
             keys = sorted(npz.keys())
@@ -46,11 +48,11 @@ def published_reference(path: str | Path, dim: int | None = None,
                                      "mean and covariance)")
             mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
             n = int(npz["n"]) if "n" in keys else None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # a truncated npz is a BadZipFile
         if isinstance(err, UserValueError):
             raise
-        raise UserValueError(f"{what} {path} is not an npz file ({type(err).__name__}): expected an npz with 'mu' "
-                             "and 'sigma'") from err
+        raise UserValueError(f"{what} {path} is not an npz file ({type(err).__name__}): "
+                             f"expected {NPZ_HELP}") from err
     d = mu.shape[0] if mu.ndim == 1 else None
     if d is None or sigma.shape != (d, d) or (dim is not None and d != dim):
         expected = f"({dim},) and ({dim}, {dim}), the feature extractor's dimension" if dim else "(D,) and (D, D)"

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from diffusion_pl.interop.diffusers.keys import DIT_KEYS, UNET_KEYS
 from diffusion_pl.utils.errors import UserValueError
-from diffusion_pl.utils.fileio import atomic_path
+from diffusion_pl.utils.fileio import atomic_path, writable_folder
 
 __all__ = ["MODEL_WEIGHTS", "unet_to_diffusers", "dit_to_diffusers", "scheduler_config", "export_diffusers"]
 
@@ -205,6 +205,7 @@ def export_diffusers(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tru
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserValueError(f"--out {out} is a file: expected a folder (created if missing)")
+    writable_folder(out, "--out")
     if (out / MODEL_WEIGHTS).exists() and not overwrite:
         raise UserValueError(f"--out {out} already holds {MODEL_WEIGHTS}: pass --overwrite to replace it or choose "
                              "another folder")

@@ -79,8 +79,9 @@ class FIDCallback(EveryNSteps):
             raise UserValueError(f"FIDCallback: data {data} and ref_stats {ref_stats} are both set: expected one "
                                  "reference (image shards or a published mu / sigma npz)")
         if ref_stats is not None and (kid or pr or fd_dinov2):
-            raise UserValueError("FIDCallback: kid, pr or fd_dinov2 with ref_stats: expected data: (they need the "
-                                 "reference images' features, an npz holds only their mean and covariance)")
+            metric = "kid" if kid else "pr" if pr else "fd_dinov2"
+            raise UserValueError(f"FIDCallback: {metric}=True with ref_stats: expected data: (it needs the reference "
+                                 "images' features, an npz holds only their mean and covariance)")
         if label_sampling not in LABEL_SAMPLINGS or pr_reference < 1:
             raise UserValueError(f"FIDCallback: label_sampling {label_sampling!r}, pr_reference {pr_reference}: "
                                  f"expected one of {sorted(LABEL_SAMPLINGS)} and a positive count")

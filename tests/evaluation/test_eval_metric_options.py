@@ -93,3 +93,18 @@ def test_command_flags_reach_the_options():
         True, 500, True, "w.pth", "random")
     with pytest.raises(UserError, match="--pr with --ref-stats"):
         options_from_args(parser().parse_args(["--samples", "s.npz", "--ref-stats", "r.npz", "--pr"]))
+
+
+def test_fid_callback_logs_precision_recall_and_fd_dinov2(tmp_path, frozen_fit, recording):
+    from diffusion_pl.evaluation.fid_callback import FIDCallback
+
+    fid = recording(FIDCallback)(every_n_steps=1, num_samples=8, sampler=DDIM(steps=1), data=DATA,
+                                 feature_extractor=StandInFeatures(), pr=True, pr_reference=20, fd_dinov2=True,
+                                 dinov2_weights=StandInFeatures(seed=1), label_sampling="random", batch_size=4)
+    frozen_fit(tmp_path / "run", [fid], max_steps=1)
+    assert set(fid.last) == {f"{m}8/ddim_1" for m in ("fid", "fd_dinov2_", "precision", "recall")}
+    assert 0 <= fid.last["precision8/ddim_1"] <= 1 and fid.last["fd_dinov2_8/ddim_1"] > 0
+    with pytest.raises(UserError, match="pr=True with ref_stats: expected data:"):
+        FIDCallback(ref_stats="ref.npz", pr=True)
+    with pytest.raises(UserError, match="label_sampling 'uniform'"):
+        FIDCallback(label_sampling="uniform")

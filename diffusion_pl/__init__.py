@@ -83,6 +83,8 @@ _PUBLIC = {
     **dict.fromkeys(("generate",), "evaluation.generation"),
     **dict.fromkeys(("evaluate", "evaluate_checkpoints", "EvalOptions"), "evaluation.evaluate"),
     **dict.fromkeys(("EvalReport",), "evaluation.report"),
+    **dict.fromkeys(("DINOv2Features",), "evaluation.metrics.dinov2"),
+    **dict.fromkeys(("precision_recall",), "evaluation.metrics.precision_recall"),
     **dict.fromkeys(("reconstruct", "ReconstructReport"), "evaluation.reconstruct"),
     **dict.fromkeys(("load_exported",), "interop.safetensors"),
 }

@@ -1,10 +1,11 @@
-"""`diffusion-pl evaluate`: FID (+ KID, IS) against cached reference statistics, and bits/dim.
+"""`diffusion-pl evaluate`: FID (+ KID, IS, precision / recall, FD_DINOv2) against reference statistics, and bits/dim.
 
     diffusion-pl evaluate --ckpt_path last.ckpt --data shards/cifar10-train [--sampler heunode --steps 17] [--bpd]
     diffusion-pl evaluate --ckpt_path last.ckpt --data shards/cifar10-train \
         --sampler ddim '{"class_path": "diffusion_pl.sampling.posterior.DDIM", "init_args": {"steps": 50, "eta": 1.0}}'
     diffusion-pl evaluate --samples OUT_or_samples.npz --data shards/cifar10-train
     diffusion-pl evaluate --ckpt_path last.ckpt --ref_stats VIRTUAL_imagenet256_labeled.npz  # published mu / sigma
+    diffusion-pl evaluate --ckpt_path last.ckpt --data shards/imagenet-train --fd_dinov2 --pr --label_sampling random
 
 Each --sampler is a short name or a class_path / init_args spec (JSON, YAML or a .yaml / .json
 file; see `diffusion-pl sample`); all are checked before any slow work. Prints a table and writes
@@ -27,6 +28,8 @@ from diffusion_pl.cli.common import CommandError, CommandParser, add_model_optio
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.evaluation.evaluate import EvalOptions, evaluate
+from diffusion_pl.evaluation.generation import LABEL_SAMPLINGS
+from diffusion_pl.evaluation.metrics.precision_recall import PR_REFERENCE
 from diffusion_pl.evaluation.report import EvalReport, default_report_path
 
 __all__ = ["main", "parser", "run", "options_from_args", "print_report"]
@@ -53,6 +56,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_ema", action="store_true", help="use the raw network instead of the EMA weights")
     p.add_argument("--kid", action="store_true", help="also report KID (caches the reference features)")
     p.add_argument("--isc", action="store_true", help="also report the Inception Score")
+    p.add_argument("--pr", action="store_true",
+                   help="also report precision and recall (Kynkaanniemi et al. 2019, k = 3, ADM's evaluator)")
+    p.add_argument("--pr_reference", type=int, default=PR_REFERENCE,
+                   help="reference images (a fixed random subset) whose features precision / recall compare with")
+    p.add_argument("--fd_dinov2", action="store_true",
+                   help="also report FD_DINOv2 (EDM2's: Frechet distance in DINOv2 ViT-L/14 features)")
+    p.add_argument("--dinov2_weights", default=None,
+                   help="local DINOv2 weights, torch hub's dinov2_vitl14_pretrain.pth (else "
+                        "$DIFFUSION_PL_DINOV2_WEIGHTS, else torch hub's cache)")
+    p.add_argument("--label_sampling", choices=sorted(LABEL_SAMPLINGS), default="balanced",
+                   help="classes of a conditional model's samples: balanced (i %% num_classes) or random (uniform)")
     p.add_argument("--bpd", action="store_true", help="also report bits/dim by the probability-flow ODE")
     p.add_argument("--bpd_samples", type=int, default=1000, help="images of --bpd_data for bits/dim")
     p.add_argument("--bpd_data", default=None, help="shard set for bits/dim (default: --data)")
@@ -75,7 +89,9 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
                            "or one per sampler")
     options = EvalOptions(
         data=args.data, ref_stats=args.ref_stats, num_samples=args.num_samples, seed=args.seed,
-        batch_size=args.batch_size, kid=args.kid, isc=args.isc, bpd=args.bpd, bpd_samples=args.bpd_samples,
+        batch_size=args.batch_size, kid=args.kid, isc=args.isc, pr=args.pr, pr_reference=args.pr_reference,
+        fd_dinov2=args.fd_dinov2, dinov2_weights=args.dinov2_weights, label_sampling=args.label_sampling,
+        bpd=args.bpd, bpd_samples=args.bpd_samples,
         bpd_data=args.bpd_data, guidance=guidance_from_args(args), ema=not args.no_ema,
         trust_config=args.trust_config, devices=args.devices,
         accelerator=args.accelerator, inception_weights=args.inception_weights,

@@ -1,4 +1,4 @@
-"""Evaluation as a function: FID (+ KID, IS) against reference statistics, and bits/dim, returning a report.
+"""Evaluation as a function: FID (+ KID, IS, precision / recall, FD_DINOv2) and bits/dim, returning a report.
 
     from diffusion_pl.evaluation.evaluate import EvalOptions, evaluate
     from diffusion_pl.sampling.posterior import DDIM
@@ -12,11 +12,13 @@
 feature extractor and one reference (the post-hoc EMA sweep, diffusion_pl/evaluation/ema_sweep.py).
 `diffusion-pl evaluate` (diffusion_pl/cli/evaluate.py) is this function behind a command line.
 
-The protocol: sample i uses seed + i (and class i % num_classes), split over ranks in contiguous blocks,
+The protocol: sample i uses seed + i (and class i % num_classes, or a random class with
+label_sampling="random"), split over ranks in contiguous blocks,
 so the numbers depend neither on the batch size nor on the device count; reference statistics are
 computed once per (data, extractor, protocol) and cached on disk (diffusion_pl/evaluation/metrics/), or
 read from a published mu / sigma npz (ADM's reference batches). FID follows Heusel et al. 2017 with the
-torch-fidelity port of the TF Inception graph, KID Binkowski et al. 2018, IS Salimans et al. 2016.
+torch-fidelity port of the TF Inception graph, KID Binkowski et al. 2018, IS Salimans et al. 2016,
+precision / recall Kynkaanniemi et al. 2019 (ADM's evaluator), FD_DINOv2 EDM2's (metrics/dinov2.py).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.data.shards import resolve_shards
 from diffusion_pl.evaluation.bits_per_dim import dataset_bits_per_dim, first_images
-from diffusion_pl.evaluation.generation import generate, rank_indices, sampler_label
+from diffusion_pl.evaluation.generation import LABEL_SAMPLINGS, generate, rank_indices, sampler_label
 from diffusion_pl.evaluation.loading import (Names, argument_name, guidance_config, load_checkpoint, load_guide,
                                              make_fabric)
+from diffusion_pl.evaluation.metrics.dinov2 import load_dinov2
 from diffusion_pl.evaluation.metrics.inception import InceptionFeatures, load_inception
+from diffusion_pl.evaluation.metrics.precision_recall import PR_REFERENCE
 from diffusion_pl.evaluation.metrics.statistics import SampleMetrics, extract, reference_stats
 from diffusion_pl.evaluation.report import EvalReport, protocol_of
 from diffusion_pl.evaluation.samples import inspect_samples, read_samples
@@ -70,6 +74,15 @@ class EvalOptions:
         seed: sample i uses seed + i.
         batch_size: images per batch, per device.
         kid, isc: also report KID (caches the reference features) and the Inception Score.
+        pr: also report precision and recall (Kynkaanniemi et al. 2019, k = 3, ADM's evaluator) in the FID
+            extractor's features, against a fixed random subset of `pr_reference` reference images (10,000, ADM's
+            reference batch size; their features are cached with the reference statistics) and every sample.
+        fd_dinov2: also report FD_DINOv2 (EDM2's protocol): the Frechet distance in DINOv2 ViT-L/14 features.
+        dinov2_weights: local DINOv2 weights, torch hub's dinov2_vitl14_pretrain.pth (else
+            $DIFFUSION_PL_DINOV2_WEIGHTS, else torch hub's cache), or an nn.Module to use as that extractor.
+        label_sampling: the classes of a conditional model's samples: "balanced" (class i % num_classes, every
+            class N // num_classes samples and the first N % num_classes one more) or "random" (uniform, as ADM,
+            DiT and EDM2 sample; RAE, Zheng et al. 2025, Table 14, reports FID about 0.1 lower when balanced).
         bpd: also report bits/dim by the probability-flow ODE, on the first `bpd_samples` images of
             `bpd_data` (default: `data`); pixel-space models only.
         guidance: every guidance option in one value (diffusion_pl/guidance.py): the weight w, a guide checkpoint
@@ -96,6 +109,11 @@ class EvalOptions:
     batch_size: int = 250
     kid: bool = False
     isc: bool = False
+    pr: bool = False
+    pr_reference: int = PR_REFERENCE
+    fd_dinov2: bool = False
+    dinov2_weights: str | Path | nn.Module | None = None
+    label_sampling: str = "balanced"
     bpd: bool = False
     bpd_samples: int = 1000
     bpd_data: str | None = None
@@ -111,7 +129,7 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         name = self.names
-        for key in ("num_samples", "batch_size", "bpd_samples", "devices"):
+        for key in ("num_samples", "batch_size", "bpd_samples", "devices", "pr_reference"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserValueError(f"{name(key)} {value} is invalid: expected a positive integer")
@@ -138,9 +156,16 @@ class EvalOptions:
         if (self.data is None) == (self.ref_stats is None):
             raise UserValueError(f"give one reference: expected {name('data')} SHARDS or {name('ref_stats')} NPZ "
                                  "(not both, not neither)")
-        if self.ref_stats is not None and self.kid:
-            raise UserValueError(f"{name('kid')} with {name('ref_stats')}: expected {name('data')} (KID needs the "
+        if self.ref_stats is not None and (self.kid or self.pr):
+            metric = name("kid") if self.kid else name("pr")
+            raise UserValueError(f"{metric} with {name('ref_stats')}: expected {name('data')} ({metric} needs the "
                                  "reference features, an npz holds only their mean and covariance)")
+        if self.ref_stats is not None and self.fd_dinov2:
+            raise UserValueError(f"{name('fd_dinov2')} with {name('ref_stats')}: expected {name('data')} (the npz "
+                                 "holds statistics of one extractor's features, not DINOv2's)")
+        if self.label_sampling not in LABEL_SAMPLINGS:
+            raise UserValueError(f"{name('label_sampling')} {self.label_sampling!r} is unknown: expected one of "
+                                 f"{', '.join(sorted(LABEL_SAMPLINGS))}")
         if self.bpd and self.data is None and self.bpd_data is None:
             raise UserValueError(f"{name('bpd')} with {name('ref_stats')} needs {name('bpd_data')}: expected the "
                                  "shard set to score bits/dim on")
@@ -176,6 +201,7 @@ def _run(options: EvalOptions, checkpoints: list, samples, on_report) -> list[Ev
     fabric = make_fabric(options.devices, options.accelerator, what=options.names("devices"))
     extractor = load_extractor(options.feature_extractor, options.inception_weights, fabric.device,
                                what=options.names("feature_extractor"))  # preflight: before any slow work
+    dinov2 = _load_dinov2(options.dinov2_weights, fabric.device) if options.fd_dinov2 else None
     reference, data_info, reports = None, None, []
     for ckpt in checkpoints or [None]:
         start = time.time()
@@ -184,16 +210,19 @@ def _run(options: EvalOptions, checkpoints: list, samples, on_report) -> list[Ev
             module, options.guidance, fabric.device, names=options.names)
         if reference is None:
             reference, data_info = _reference(options, fabric, extractor, height, width)
+            others = [] if dinov2 is None else [
+                ("fd_dinov2", dinov2, _reference(options, fabric, dinov2, height, width, features=False)[0])]
         elif data_info["image_size"] != [height, width]:
             raise UserValueError(f"{options.names('ckpt')} {_label(ckpt)} generates {height}x{width} images but the "
                                  f"shared reference is {'x'.join(map(str, data_info['image_size']))}: expected "
                                  "checkpoints of one image size")
         if module is None:
-            points, info = _score_samples(options, fabric, samples, count, extractor, reference)
+            points, info = _score_samples(options, fabric, samples, count, extractor, reference, others)
         else:
-            points, info = _score_checkpoint(options, fabric, module, ckpt, extractor, reference, guidance)
+            points, info = _score_checkpoint(options, fabric, module, ckpt, extractor, reference, others, guidance)
         protocol = protocol_of(extractor, reference, options.data, data_info, points[0]["n"], fabric.world_size,
-                               options.batch_size)
+                               options.batch_size, dinov2=dinov2, pr_reference=options.pr_reference if options.pr
+                               else None)
         reports.append(EvalReport(protocol, info, points, round(time.time() - start, 2)))
         if on_report is not None and fabric.global_rank == 0:
             on_report(reports[-1])
@@ -258,6 +287,18 @@ def load_extractor(feature_extractor: str | nn.Module | None, inception_weights:
     return cls().to(device).eval()
 
 
+def _load_dinov2(weights, device) -> nn.Module:
+    """The FD_DINOv2 extractor: the module given, or DINOv2 ViT-L/14 from the weights file (one-line error)."""
+    if isinstance(weights, nn.Module):
+        return weights.to(device).eval()
+    return load_dinov2(weights, device=device).eval()
+
+
+def _metrics(options: EvalOptions, extractor, reference, others) -> SampleMetrics:
+    return SampleMetrics(extractor, reference, kid=options.kid, isc=options.isc, pr=options.pr,
+                         pr_reference=options.pr_reference, seed=options.seed, others=others)
+
+
 def _open_source(options: EvalOptions, fabric, ckpt, samples) -> tuple[object, tuple[int | None, int, int]]:
     """(the checkpoint's module or None, (sample count or None, height, width)) of `ckpt` or `samples`."""
     name = options.names
@@ -273,8 +314,9 @@ def _open_source(options: EvalOptions, fabric, ckpt, samples) -> tuple[object, t
     return module, (None, height, width)
 
 
-def _reference(options: EvalOptions, fabric, extractor, height: int, width: int):
-    """(reference statistics, data info) of `data` at the samples' size (cached on disk), or of `ref_stats`."""
+def _reference(options: EvalOptions, fabric, extractor, height: int, width: int, features: bool = True):
+    """(reference statistics, data info) of `data` at the samples' size (cached on disk), or of `ref_stats`; with
+    the features KID (all) or precision / recall (a subset) need unless `features` is False."""
     if options.ref_stats is not None:
         return _published(options, fabric, extractor, height, width)
     # the reference is scored at the samples' size: resized as training resizes it when stored at another size
@@ -290,7 +332,8 @@ def _reference(options: EvalOptions, fabric, extractor, height: int, width: int)
         stored = "x".join(map(str, data_info["stored_size"])) if data_info["stored_size"] else "mixed sizes"
         print(f"reference images resized from {stored} to {height}x{width} (resize + centre crop, as in training)",
               file=sys.stderr)
-    reference = reference_stats(images, data_key, extractor, with_features=options.kid, device=fabric.device,
+    keep = (True if options.kid else options.pr_reference if options.pr else False) if features else False
+    reference = reference_stats(images, data_key, extractor, with_features=keep, device=fabric.device,
                                 total=data_info["count"], progress=progress)
     return reference, data_info
 
@@ -307,23 +350,25 @@ def _published(options: EvalOptions, fabric, extractor, height: int, width: int)
                        "stored_size": None, "count": None, **info, "protocol_note": note}
 
 
-def _score_samples(options: EvalOptions, fabric, samples, n: int, extractor, reference) -> tuple[list[dict], dict]:
-    metrics = SampleMetrics(extractor, reference, kid=options.kid, isc=options.isc, seed=options.seed)
+def _score_samples(options: EvalOptions, fabric, samples, n: int, extractor, reference,
+                   others) -> tuple[list[dict], dict]:
+    metrics = _metrics(options, extractor, reference, others)
     indices = rank_indices(n, fabric.global_rank, fabric.world_size)
     for images in read_samples(samples, indices, options.batch_size):
         metrics.update(images.to(fabric.device))
     return [{"name": Path(samples).name, **metrics.compute()}], {"samples": str(samples)}
 
 
-def _score_checkpoint(options: EvalOptions, fabric, module, ckpt, extractor, reference,
+def _score_checkpoint(options: EvalOptions, fabric, module, ckpt, extractor, reference, others,
                       guidance: Guidance) -> tuple[list[dict], dict]:
     shape, rank, world = module.net.image_shape, fabric.global_rank, fabric.world_size
     points = []
     for j, sampler in enumerate(options.samplers):
-        metrics = SampleMetrics(extractor, reference, kid=options.kid, isc=options.isc, seed=options.seed)
+        metrics = _metrics(options, extractor, reference, others)
         nfe = []
         for _, images, _, batch_nfe in generate(module, sampler, rank_indices(options.num_samples, rank, world), shape,
                                                 seed=options.seed, guidance=guidance, ema=options.ema,
+                                                label_sampling=options.label_sampling,
                                                 batch_size=options.batch_size, device=fabric.device,
                                                 progress=options.progress and rank == 0):
             metrics.update(images)
@@ -351,5 +396,6 @@ def _checkpoint_info(options: EvalOptions, module, ckpt) -> dict:
     return {"checkpoint": path, "checkpoint_sha256": sha256_file(path) if path is not None else None,
             "ema": options.ema, "guidance": options.guidance.weight, "clip_x0": options.guidance.clip_x0,
             "seed_range": [options.seed, options.seed + options.num_samples - 1],
-            "class_labels": "i % num_classes (balanced)" if module.num_classes else None,
+            "class_labels": LABEL_SAMPLINGS[options.label_sampling] if module.num_classes else None,
+            "label_sampling": options.label_sampling if module.num_classes else None,
             **guidance_config(options.guidance)}

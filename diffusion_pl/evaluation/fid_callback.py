@@ -1,6 +1,7 @@
-"""FIDCallback: FID (+ KID, IS) of EMA samples during training, split over all DDP ranks.
+"""FIDCallback: FID (+ KID, IS, precision / recall, FD_DINOv2) of EMA samples in training, split over DDP ranks.
 
-Sample i is drawn with seed `seed + i` (and class i % num_classes when conditional); rank r
+Sample i is drawn with seed `seed + i` (and class i % num_classes when conditional, or a random class with
+label_sampling="random"); rank r
 takes a contiguous block of indices, so the value does not depend on the world size or the batch
 size. Reference statistics are computed once per (data, extractor, protocol) and cached on disk,
 or read from a published mu / sigma npz (`ref_stats`, as `diffusion-pl evaluate --ref_stats`;
@@ -19,8 +20,10 @@ from diffusion_pl.evaluation.every_n import EveryNSteps
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.utils.errors import UserValueError
 from diffusion_pl.data.reference import reference_images
-from diffusion_pl.evaluation.generation import generate, metric_prefix, rank_indices
+from diffusion_pl.evaluation.generation import LABEL_SAMPLINGS, generate, metric_prefix, rank_indices
+from diffusion_pl.evaluation.metrics.dinov2 import load_dinov2
 from diffusion_pl.evaluation.metrics.inception import load_inception
+from diffusion_pl.evaluation.metrics.precision_recall import PR_REFERENCE
 from diffusion_pl.evaluation.metrics.statistics import ReferenceStats, SampleMetrics, _device, extract, reference_stats
 from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.training.log_step import log_step
@@ -46,6 +49,12 @@ class FIDCallback(EveryNSteps):
             torch hub's cache, downloaded once); checked when fit starts.
         feature_extractor: a stand-in nn.Module uint8 (B, 3, H, W) -> features (B, D) (tests).
         kid, isc: also log KID (needs the reference features, cached separately) and Inception Score.
+        pr: also log precision and recall (k = 3, ADM's evaluator) against `pr_reference` reference features
+            (a fixed random subset, cached with the reference statistics).
+        fd_dinov2: also log FD_DINOv2 (EDM2's): DINOv2 ViT-L/14 from `dinov2_weights` (torch hub's
+            dinov2_vitl14_pretrain.pth; else $DIFFUSION_PL_DINOV2_WEIGHTS, else torch hub's cache), loaded when fit
+            starts; or give the extractor module itself as `dinov2_weights` (tests).
+        label_sampling: a conditional model's classes: "balanced" (i % num_classes) or "random" (uniform).
         batch_size: samples per sampler call and images per extractor call, per rank.
         seed: sample i uses seed + i.
         guidance: every guidance option in one value (diffusion_pl/guidance.py): the weight w, a guide checkpoint
@@ -63,20 +72,30 @@ class FIDCallback(EveryNSteps):
                  inception_weights: str | None = None, feature_extractor: nn.Module | None = None,
                  kid: bool = False, isc: bool = False, batch_size: int = 256, seed: int = 0,
                  guidance: Guidance | None = None, download_timeout: float = 10.0,
-                 ref_stats: str | None = None, name: str | None = None) -> None:
+                 ref_stats: str | None = None, name: str | None = None, pr: bool = False,
+                 pr_reference: int = PR_REFERENCE, fd_dinov2: bool = False,
+                 dinov2_weights: str | nn.Module | None = None, label_sampling: str = "balanced") -> None:
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(f"FIDCallback: expected every_n_steps >= 1, num_samples >= 2, batch_size >= 1, got "
                              f"{every_n_steps}, {num_samples}, {batch_size}")
         if ref_stats is not None and data is not None:
             raise UserValueError(f"FIDCallback: data {data} and ref_stats {ref_stats} are both set: expected one "
                                  "reference (image shards or a published mu / sigma npz)")
-        if ref_stats is not None and kid:
-            raise UserValueError("FIDCallback: kid=True with ref_stats: expected data: (KID needs the reference "
-                                 "features, an npz holds only their mean and covariance)")
+        if ref_stats is not None and (kid or pr or fd_dinov2):
+            metric = "kid" if kid else "pr" if pr else "fd_dinov2"
+            raise UserValueError(f"FIDCallback: {metric}=True with ref_stats: expected data: (it needs the reference "
+                                 "images' features, an npz holds only their mean and covariance)")
+        if label_sampling not in LABEL_SAMPLINGS or pr_reference < 1:
+            raise UserValueError(f"FIDCallback: label_sampling {label_sampling!r}, pr_reference {pr_reference}: "
+                                 f"expected one of {sorted(LABEL_SAMPLINGS)} and a positive count")
         super().__init__(every_n_steps, sampler, guidance, name)
         self.num_samples, self.data, self.ref_stats = num_samples, data, ref_stats
         self.inception_weights, self.kid, self.isc = inception_weights, kid, isc
         self.batch_size, self.seed, self.download_timeout = batch_size, seed, download_timeout
+        self.pr, self.pr_reference, self.fd_dinov2, self.label_sampling = pr, pr_reference, fd_dinov2, label_sampling
+        self._dinov2: list[nn.Module] = [dinov2_weights] if isinstance(dinov2_weights, nn.Module) else []
+        self.dinov2_weights = None if isinstance(dinov2_weights, nn.Module) else dinov2_weights
+        self.others: list = []  # (name, extractor, reference) of FD_DINOv2
         # kept in a list so Lightning / deepcopy never treat it as part of this callback's state
         self._extractor: list[nn.Module] = [feature_extractor] if feature_extractor is not None else []
         self.reference: ReferenceStats | None = None
@@ -90,6 +109,8 @@ class FIDCallback(EveryNSteps):
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and not self._extractor:
             self._extractor.append(load_inception(self.inception_weights, download_timeout=self.download_timeout))
+        if stage == "fit" and self.fd_dinov2 and not self._dinov2:
+            self._dinov2.append(load_dinov2(self.dinov2_weights, download_timeout=self.download_timeout))
         if stage == "fit" and self.ref_stats is not None and self.reference is None:
             self.reference = self._published()
         if stage == "fit" and self.num_samples < trainer.world_size:
@@ -111,8 +132,14 @@ class FIDCallback(EveryNSteps):
         # so a model trained on resized data is compared at the resolution it learns
         size = pl_module.codec.reference_size(datamodule)  # a latent module's: the decoded samples' size
         images, key, info = reference_images(data, batch_size=self.batch_size, image_size=size)
-        self.reference = reference_stats(images, key, self.extractor, with_features=self.kid, total=info["count"],
+        keep = True if self.kid else self.pr_reference if self.pr else False
+        self.reference = reference_stats(images, key, self.extractor, with_features=keep, total=info["count"],
                                          progress=trainer.is_global_zero)
+        if self.fd_dinov2:
+            dinov2 = self._dinov2[0] = self._dinov2[0].to(pl_module.device).eval()
+            images, key, info = reference_images(data, batch_size=self.batch_size, image_size=size)
+            self.others = [("fd_dinov2", dinov2, reference_stats(images, key, dinov2, total=info["count"],
+                                                                 progress=trainer.is_global_zero))]
 
     def _published(self) -> ReferenceStats:
         """The statistics of `ref_stats`, checked against the extractor's feature dimension (one-line errors)."""
@@ -139,13 +166,15 @@ class FIDCallback(EveryNSteps):
         indices = rank_indices(self.num_samples, trainer.global_rank, trainer.world_size)
         values = {}
         for sampler, label in zip(self.samplers, self.labels):
-            metrics = SampleMetrics(self.extractor, self.reference, kid=self.kid, isc=self.isc, seed=self.seed)
+            metrics = SampleMetrics(self.extractor, self.reference, kid=self.kid, isc=self.isc, pr=self.pr,
+                                    pr_reference=self.pr_reference, seed=self.seed, others=self.others)
             for _, images, _, _ in generate(pl_module, sampler, indices, self.image_shape, seed=self.seed,
-                                            guidance=self.sampling_guidance(), batch_size=self.batch_size,
+                                            guidance=self.sampling_guidance(), label_sampling=self.label_sampling,
+                                            batch_size=self.batch_size,
                                             device=pl_module.device, progress=trainer.is_global_zero):
                 metrics.update(images)
             out = metrics.compute()
-            for key in ("fid", "kid", "is"):
+            for key in ("fid", "fd_dinov2", "kid", "is", "precision", "recall"):
                 if key in out:
                     values[f"{metric_prefix(key, self.num_samples)}/{label}"] = out[key]
         return values

@@ -1,8 +1,8 @@
 """Seeded sample generation: what sample grids, `diffusion-pl sample` and the FID evaluation all draw.
 
-Sample i is drawn with seed `seed + i` (and class i % num_classes when conditional), so the images
-depend neither on the batch size nor on how the indices are split over ranks; rank r takes the
-contiguous block `rank_indices(n, r, world)`. Images leave as uint8 by the evaluation protocol
+Sample i is drawn with seed `seed + i` (and class i % num_classes when conditional, or a uniformly random
+class drawn from seed + i with label_sampling="random"), so the images depend neither on the batch size
+nor on how the indices are split over ranks; rank r takes the contiguous block `rank_indices(n, r, world)`. Images leave as uint8 by the evaluation protocol
 (`to_uint8`). This module needs no torchmetrics or torch-fidelity (diffusion_pl.evaluation.metrics does).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -21,16 +22,25 @@ from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.sampling.api import sample
 from diffusion_pl.training.shapes import network_mismatch
 
-__all__ = ["FULL_PROTOCOL_SAMPLES", "metric_prefix", "sampler_label", "class_labels_for", "generate",
+__all__ = ["FULL_PROTOCOL_SAMPLES", "LABEL_SAMPLINGS", "metric_prefix", "sampler_label", "class_labels_for", "generate",
            "rank_world", "rank_indices", "guide_mismatch"]
 
 FULL_PROTOCOL_SAMPLES = 50_000
+# how a conditional model's evaluation samples get their classes (see class_labels_for)
+LABEL_SAMPLINGS = {
+    "balanced": "i % num_classes (balanced): every class N // num_classes samples, the first N % num_classes "
+                "classes one more",
+    "random": "uniformly random classes, sample i's drawn from seed + i (ADM, DiT and EDM2 draw random labels)",
+}
+_LABEL_STREAM = 0x1abe1  # keeps the label draw of seed + i apart from the noise drawn from the same seed
 
 
 def metric_prefix(name: str, n: int) -> str:
-    """`fid` for the full 50k protocol, else the sample count in the name (`fid10k`, `fid500`)."""
+    """`fid` for the full 50k protocol, else the sample count in the name (`fid10k`, `fid500`; a name ending in a
+    digit takes an underscore: `fd_dinov2_10k`)."""
     if n >= FULL_PROTOCOL_SAMPLES:
         return name
+    name = f"{name}_" if name[-1].isdigit() else name
     return f"{name}{n // 1000}k" if n % 1000 == 0 else f"{name}{n}"
 
 
@@ -52,11 +62,20 @@ def rank_indices(n: int, rank: int, world: int) -> range:
 
 
 def class_labels_for(indices: Sequence[int], num_classes: int | None, choices: Sequence[int] | None = None,
-                     device: str | torch.device | None = None) -> Tensor | None:
-    """Label of sample i: choices[i % len(choices)], else i % num_classes (balanced); None if unconditional."""
+                     device: str | torch.device | None = None, label_sampling: str = "balanced",
+                     seed: int = 0) -> Tensor | None:
+    """Label of sample i: choices[i % len(choices)], else i % num_classes ("balanced"), or a class drawn uniformly
+    from seed + i ("random"); None if unconditional. Both depend on i alone, not on batches or ranks."""
+    if label_sampling not in LABEL_SAMPLINGS:
+        raise ValueError(f"label_sampling {label_sampling!r} is unknown: expected one of {sorted(LABEL_SAMPLINGS)}")
     if num_classes is None:
         return None
-    labels = [choices[i % len(choices)] if choices else i % num_classes for i in indices]
+    if choices:
+        labels = [choices[i % len(choices)] for i in indices]
+    elif label_sampling == "random":
+        labels = [int(np.random.default_rng([(seed + i) % 2**64, _LABEL_STREAM]).integers(num_classes)) for i in indices]
+    else:
+        labels = [i % num_classes for i in indices]
     return torch.tensor(labels, dtype=torch.long, device=device)
 
 
@@ -93,10 +112,12 @@ def guide_mismatch(module, guide) -> str | None:
 
 def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int], *, seed: int = 0,
              guidance: Guidance = Guidance(), ema: bool = True, class_choices: Sequence[int] | None = None,
-             batch_size: int = 64, device: str | torch.device | None = None,
+             label_sampling: str = "balanced", batch_size: int = 64, device: str | torch.device | None = None,
              progress: bool = False) -> Iterator[tuple[list[int], Tensor, Tensor | None, int]]:
     """(indices, uint8 images, labels, nfe) per batch; sample i uses seed + i, so batches do not matter.
 
+    label_sampling: how a conditional model's classes are drawn when `class_choices` is not given
+    (LABEL_SAMPLINGS: "balanced", i % num_classes, or "random").
     image_shape: what the network samples (a latent module's latent (C, h, w)); samples are yielded decoded to
     pixels by the module's codec (`module.codec.pixel_shape(image_shape)` is their shape).
     guidance: every guidance option (diffusion_pl/guidance.py); its null label defaults to the module's, and its
@@ -122,7 +143,7 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
                   disable=not progress) as bar:
             for start in range(0, len(indices), batch_size):
                 idx = indices[start:start + batch_size]
-                labels = class_labels_for(idx, module.num_classes, class_choices, device)
+                labels = class_labels_for(idx, module.num_classes, class_choices, device, label_sampling, seed)
                 out = sample(model, module.process, module.prediction, sampler, (len(idx), *image_shape),
                              class_labels=labels, guidance=denoising, seeds=[seed + i for i in idx], device=device)
                 bar.update(len(idx))

@@ -1,10 +1,13 @@
-"""Sample-quality statistics: FID (Heusel et al. 2017), KID (Binkowski et al. 2018), IS (Salimans et al. 2016).
+"""Sample-quality statistics: FID (Heusel et al. 2017), KID (Binkowski et al. 2018), IS (Salimans et al. 2016),
+precision / recall (Kynkaanniemi et al. 2019, precision_recall.py) and FD_DINOv2 (dinov2.py, EDM2's).
 
 Frechet math, the on-disk reference-statistics cache, and SampleMetrics, which accumulates the
 generated side with torchmetrics and reduces it over DDP ranks. A feature extractor is any nn.Module
 mapping uint8 (B, 3, H, W) to features (B, D), or to a pair (features, logits); features are
 computed once per batch (`extract`) and passed through to torchmetrics. Reference statistics are
-computed once per (data, extractor, protocol) and cached as `$DIFFUSION_PL_CACHE/fid_refs/<hash>.pt`.
+computed once per (data, extractor, protocol, kept features) and cached as
+`$DIFFUSION_PL_CACHE/fid_refs/<hash>.pt`; a further feature space (DINOv2) has its own entry, as its
+extractor is part of the key.
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 from tqdm import tqdm
 
 from diffusion_pl.utils.fileio import atomic_path
 from diffusion_pl.evaluation.generation import rank_world
+from diffusion_pl.evaluation.metrics.precision_recall import PR_NEIGHBOURS, PR_REFERENCE, precision_recall, reference_subset
 from diffusion_pl.utils.paths import cache_dir
 
 __all__ = ["PROTOCOL", "ReferenceStats", "SampleMetrics", "extract", "fingerprint", "reference_stats",
@@ -75,12 +80,25 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
 # ----------------------------------------------------------------------------- reference statistics
 @dataclass
 class ReferenceStats:
-    """Reference feature statistics: count, sum, sum of outer products (+ all features, for KID)."""
+    """Reference feature statistics: count, sum, sum of outer products (+ all features for KID, or the features of
+    the `reference_subset` for precision / recall)."""
 
     n: int
     feature_sum: Tensor  # (D,) float64
     outer_sum: Tensor  # (D, D) float64
-    features: Tensor | None = None  # (n, D) float32
+    features: Tensor | None = None  # (n, D) or (subset, D) float32
+
+    def subset_features(self, keep: int) -> Tensor:
+        """The features of `reference_subset(n, keep)`: picked from all features, or those kept."""
+        if self.features is None:
+            raise ValueError("reference statistics lack features: expected reference_stats(..., with_features=...) "
+                             "for precision / recall")
+        if self.features.shape[0] == self.n:
+            return self.features[reference_subset(self.n, keep)]
+        if self.features.shape[0] != min(keep, self.n):
+            raise ValueError(f"reference statistics keep {self.features.shape[0]} features: expected all {self.n} or "
+                             f"the subset of {min(keep, self.n)}")
+        return self.features
 
     @property
     def mu(self) -> Tensor:
@@ -104,15 +122,17 @@ def fingerprint(extractor: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _cache_file(data_key: str, extractor_key: str, with_features: bool) -> Path:
+def _cache_file(data_key: str, extractor_key: str, with_features: bool | int) -> Path:
     key = json.dumps({"data": data_key, "extractor": extractor_key, "protocol": PROTOCOL,
                       "features": with_features}, sort_keys=True)
     return cache_dir() / "fid_refs" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
 
-def _compute_reference(images: Iterable[Tensor], extractor: nn.Module, with_features: bool,
+def _compute_reference(images: Iterable[Tensor], extractor: nn.Module, with_features: bool | int,
                        device: torch.device, progress: bool, total: int | None) -> ReferenceStats:
     n, feature_sum, outer_sum, kept = 0, None, None, []
+    # a capped subset with a known total is picked while streaming; else all are kept and picked at the end
+    keep = reference_subset(total, with_features) if _capped(with_features) and total is not None else None
     with tqdm(total=total, desc="reference statistics", unit="img", disable=not progress) as bar:
         for batch in images:
             features, _ = extract(extractor, (batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch).to(device))
@@ -121,19 +141,35 @@ def _compute_reference(images: Iterable[Tensor], extractor: nn.Module, with_feat
                 outer_sum = features.new_zeros(features.shape[1], features.shape[1])
             feature_sum += features.sum(0)
             outer_sum += features.T @ features
-            n += features.shape[0]
-            if with_features:
+            if keep is not None:
+                rows = keep[(keep >= n) & (keep < n + features.shape[0])] - n
+                kept.append(features[rows.to(features.device)].float().cpu())
+            elif with_features:
                 kept.append(features.float().cpu())
+            n += features.shape[0]
             bar.update(features.shape[0])
     if n < 2:
         raise ValueError(f"reference data yielded {n} images: expected at least 2 for FID statistics")
-    return ReferenceStats(n, feature_sum.cpu(), outer_sum.cpu(), torch.cat(kept) if with_features else None)
+    if keep is not None and n != total:
+        raise ValueError(f"reference data yielded {n} images but its manifest counts {total}: expected the same")
+    features = torch.cat(kept) if with_features else None
+    if _capped(with_features) and keep is None:
+        features = features[reference_subset(n, with_features)]
+    return ReferenceStats(n, feature_sum.cpu(), outer_sum.cpu(), features)
 
 
-def reference_stats(images: Iterable[Tensor], data_key: str, extractor: nn.Module, *, with_features: bool = False,
-                    device: str | torch.device | None = None, progress: bool = True,
-                    total: int | None = None) -> ReferenceStats:
-    """Reference statistics of uint8 image batches, cached on disk per (data_key, extractor, protocol).
+def _capped(with_features: bool | int) -> bool:
+    """Whether `with_features` asks for a capped subset (an int) rather than all (True) or none (False)."""
+    return not isinstance(with_features, bool) and isinstance(with_features, int)
+
+
+def reference_stats(images: Iterable[Tensor], data_key: str, extractor: nn.Module, *,
+                    with_features: bool | int = False, device: str | torch.device | None = None,
+                    progress: bool = True, total: int | None = None) -> ReferenceStats:
+    """Reference statistics of uint8 image batches, cached on disk per (data_key, extractor, protocol, features).
+
+    with_features: False (mean and covariance only), True (every feature: KID) or a count (the features of
+    `reference_subset(n, count)`: precision / recall).
 
     `images` is iterated only on a cache miss, by local rank 0 of each node; the others wait and read the file.
     """
@@ -162,26 +198,48 @@ class _Passthrough(nn.Module):
         return x
 
 
+def _frechet(reference: ReferenceStats, device: torch.device) -> FrechetInceptionDistance:
+    """torchmetrics' FID state (feature sums) for features of the reference's dimension."""
+    dim = reference.feature_sum.shape[0]
+    return FrechetInceptionDistance(_Passthrough(dim), sync_on_compute=False).to(device)
+
+
 class SampleMetrics:
-    """FID (+ KID, IS) of generated uint8 images against ReferenceStats, reduced over DDP ranks by torchmetrics."""
+    """FID (+ KID, IS, precision / recall, Frechet distances in other feature spaces) of generated uint8 images
+    against ReferenceStats, reduced over DDP ranks by torchmetrics.
+
+    pr: precision and recall (k = pr_neighbours) against the reference's `subset_features(pr_reference)`.
+    others: (name, extractor, reference) of further feature spaces, each reported as its Frechet distance
+        under `name` (("fd_dinov2", DINOv2Features, its reference) gives EDM2's FD_DINOv2).
+    """
 
     def __init__(self, extractor: nn.Module, reference: ReferenceStats, *, kid: bool = False, isc: bool = False,
-                 kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10, seed: int = 0) -> None:
+                 pr: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10,
+                 pr_reference: int = PR_REFERENCE, pr_neighbours: int = PR_NEIGHBOURS, seed: int = 0,
+                 others: Sequence[tuple[str, nn.Module, ReferenceStats]] = ()) -> None:
         if kid and reference.features is None:
             raise ValueError("reference statistics lack features: expected reference_stats(..., with_features=True) "
                              "for KID")
         self.extractor, self.reference, self.seed = extractor, reference, seed
         dim = reference.feature_sum.shape[0]
         device = _device(extractor)  # DDP reduces the metric states on this device
-        self.fid = FrechetInceptionDistance(_Passthrough(dim), sync_on_compute=False).to(device)
+        self.fid = _frechet(reference, device)
         self.kid = KernelInceptionDistance(_Passthrough(dim), subsets=kid_subsets, subset_size=kid_subset_size,
                                            sync_on_compute=False).to(device) if kid else None
         self.isc = InceptionScore(_Passthrough(0), splits=isc_splits, sync_on_compute=False).to(device) if isc else None
+        self.pr_real = reference.subset_features(pr_reference) if pr else None
+        self.pr = CatMetric(sync_on_compute=False).to(device) if pr else None
+        self.pr_neighbours = pr_neighbours
+        self.others = [(name, other, ref, _frechet(ref, _device(other))) for name, other, ref in others]
 
     def update(self, images: Tensor) -> None:
         """Add a batch of generated uint8 images (B, 3, H, W) on the extractor's device."""
         features, logits = extract(self.extractor, images)
         self.fid.update(features, real=False)
+        if self.pr is not None:
+            self.pr.update(features.float())
+        for _, other, _, state in self.others:
+            state.update(extract(other, images.to(_device(other)))[0], real=False)
         if self.kid is not None:
             self.kid.update(features.float(), real=False)
         if self.isc is not None:
@@ -193,7 +251,9 @@ class SampleMetrics:
         """{'fid', 'n'} (+ 'kid', 'kid_std', 'is', 'is_std'); the same value on every rank."""
         # collectives first, on every rank: feature sums (FID) and features (KID, IS) over ranks
         self.fid.sync()  # a no-op outside DDP
-        for metric, name in ((self.kid, "fake_features"), (self.isc, "features")):
+        for *_, state in self.others:
+            state.sync()
+        for metric, name in ((self.kid, "fake_features"), (self.isc, "features"), (self.pr, "value")):
             if metric is not None:
                 _gather_lists(metric, name)
         rank, world = rank_world()
@@ -205,11 +265,12 @@ class SampleMetrics:
 
     def _values(self) -> dict[str, float]:
         n, ref = int(self.fid.fake_features_num_samples), self.reference
-        # the reference enters after the reduction, so it is counted once whatever the world size
-        self.fid.real_features_sum = ref.feature_sum.to(self.fid.fake_features_sum)
-        self.fid.real_features_cov_sum = ref.outer_sum.to(self.fid.fake_features_sum)
-        self.fid.real_features_num_samples = torch.tensor(ref.n, device=self.fid.fake_features_sum.device)
-        out = {"fid": float(self.fid.compute()), "n": n}
+        out = {"fid": _frechet_value(self.fid, ref), "n": n}
+        for name, _, other_ref, state in self.others:
+            out[name] = _frechet_value(state, other_ref)
+        if self.pr is not None:
+            fake = torch.cat(self.pr.value)
+            out["precision"], out["recall"] = precision_recall(self.pr_real.to(fake.device), fake, self.pr_neighbours)
         # KID subsets and IS splits draw torch.randperm from the global generator: fix it
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -220,6 +281,15 @@ class SampleMetrics:
             if self.isc is not None:
                 out["is"], out["is_std"] = (float(v) for v in self.isc.compute())
         return out
+
+
+def _frechet_value(state: FrechetInceptionDistance, reference: ReferenceStats) -> float:
+    """The Frechet distance of a reduced generated-side state against the reference statistics."""
+    # the reference enters after the reduction, so it is counted once whatever the world size
+    state.real_features_sum = reference.feature_sum.to(state.fake_features_sum)
+    state.real_features_cov_sum = reference.outer_sum.to(state.fake_features_sum)
+    state.real_features_num_samples = torch.tensor(reference.n, device=state.fake_features_sum.device)
+    return float(state.compute())
 
 
 def _gather_lists(metric, name: str) -> None:

@@ -67,8 +67,11 @@ def perturbed(model, offset=None, scale=1.0):
 
 @pytest.mark.slow
 def test_loss_is_lowest_at_the_exact_average_velocity():
-    """Same (x0, eps, t, r) draws for every model: E loss(u + c) - E loss(u) = c^2 D + 2 c E[u - u_tgt] > 0 only
-    if the target is centred on the exact u, i.e. the JVP's tangent and the (t - r) factor are right."""
+    """Same (x0, eps, t, r) draws for every model: E loss(u + c) - E loss(u) = |c|^2 + 2 c . E[u - u_tgt] > 0 for
+    every constant c only if the target is centred on the exact u, i.e. the JVP's tangent and the (t - r) factor
+    are right. (A perturbation that changes du/dt, e.g. scaling u, moves the stop-gradient target with it, so
+    the loss's value need not rise: the method's fixed point is its gradient's zero, not a minimum of the value.)
+    |c| = 0.3: |c|^2 = 0.09 against a sampling error of 2 |c| x ~0.04 in the cross term at 1500 draws."""
     process, prediction = RectifiedFlow(), VelocityPrediction()
     exact = MIXTURE.mean_flow_model(process, prediction, steps=16)
     loss_fn = MeanFlowLoss(MeanFlowTimes(ratio=1.0), norm_p=0.0)
@@ -80,8 +83,7 @@ def test_loss_is_lowest_at_the_exact_average_velocity():
 
     best = mean_loss(exact)
     others = {f"offset {c}": mean_loss(perturbed(exact, offset=torch.tensor(c, dtype=torch.float64)))
-              for c in ([0.15, 0.0], [-0.15, 0.0], [0.0, 0.15], [0.0, -0.15])}
-    others.update({f"scale {s}": mean_loss(perturbed(exact, scale=s)) for s in (0.9, 1.1)})
+              for c in ([0.3, 0.0], [-0.3, 0.0], [0.0, 0.3], [0.0, -0.3])}
     print(f"exact {best:.4f}; " + ", ".join(f"{k}: {v:.4f}" for k, v in others.items()))
     assert all(v > best for v in others.values()), (best, others)
 
@@ -99,7 +101,9 @@ def test_one_step_with_the_exact_average_velocity_samples_the_data(name):
     floor = sliced_wasserstein(MIXTURE.sample(n, torch.Generator().manual_seed(3)), data)
     one_step = sliced_wasserstein(out.x, data)
     print(f"{name}: SW2 one step {one_step:.4f}, exact-vs-exact {floor:.4f}")
-    assert one_step < 1.5 * floor
+    # 4000 samples: the exact-vs-exact distance itself varies by ~2x between draws (0.0165 at 20000 samples in
+    # test_mixture_training.py); an untrained network is at ~0.4
+    assert one_step < 2.5 * floor
 
 
 def test_meanflow_step_is_the_exact_jump():

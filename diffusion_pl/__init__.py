@@ -15,8 +15,8 @@ The package is layered; arrows point down only (docs/design.md, "Layout"):
     training/                    DiffusionModule, EMA, augmentation, training callbacks
     data/                        shards: prepare and stream
     codecs/                      the space the process runs in (pixels, VAE latents)
-    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, vlb.py,
-                                 likelihood.py, oracle.py, networks/
+    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, meanflow.py,
+                                 vlb.py, likelihood.py, oracle.py, networks/
     utils/                       errors, file I/O, paths, seeds, trust, hub, Lightning internals
 
 Glossary (names follow the papers):
@@ -64,6 +64,8 @@ _PUBLIC = {
     **dict.fromkeys(("UniPC",), "sampling.unipc"),
     **dict.fromkeys(("DenoisingLoss", "UniformTime", "LogNormalNoise", "LogitNormalTime", "ModeTime", "ShiftedTime",
                      "OutputMSE", "EpsMSE", "LikelihoodWeighting", "MinSNR", "EDMWeighting", "VelocityMSE"), "losses"),
+    **dict.fromkeys(("MeanFlowLoss", "MeanFlowTimes"), "meanflow"),
+    **dict.fromkeys(("MeanFlow",), "sampling.meanflow"),
     **dict.fromkeys(("bits_per_dim", "ode_nll"), "likelihood"),
     **dict.fromkeys(("GaussianMixture",), "oracle"),
     **dict.fromkeys(("ScoreNetwork",), "networks.base"),

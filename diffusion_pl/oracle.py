@@ -107,3 +107,57 @@ class GaussianMixture:
             return prediction.target(x0, eps, t.to(torch.float64), process).to(x_t.dtype)
 
         return exact
+
+    def velocity(self, x_t: Tensor, t: Tensor, process: Process) -> Tensor:
+        """Exact probability-flow velocity alpha'(t) E[x0 | x_t] + sigma'(t) E[eps | x_t], shaped like x_t (float64)."""
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        x0, eps = self.posterior_means(x_t, t, process)
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        return process.d_alpha(t).reshape(shape) * x0 + process.d_sigma(t).reshape(shape) * eps
+
+    def average_velocity(self, x_t: Tensor, t: Tensor, r: Tensor, process: Process, steps: int = 64) -> Tensor:
+        """MeanFlow's u(x_t, r, t) = (x_t - x_r) / (t - r) of the exact ODE (Geng et al. 2025, eq. 3), float64.
+
+        Classical Runge-Kutta (RK4) with `steps` equal steps from t to r per sample, in plain differentiable
+        tensor operations, so that forward-mode AD (the MeanFlow loss's JVP) runs through it; where r = t it
+        is the velocity itself. tests/core/test_meanflow.py checks it against an adaptive solver.
+        """
+        x = x_t.to(torch.float64)
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0])
+        r = torch.as_tensor(r, dtype=torch.float64).expand(x.shape[0])
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        h = ((r - t) / steps).reshape(shape)  # (B, 1, ...) signed step
+        dt = (r - t) / steps
+        z, tau = x, t
+        for _ in range(steps):
+            k1 = self.velocity(z, tau, process)
+            k2 = self.velocity(z + 0.5 * h * k1, tau + 0.5 * dt, process)
+            k3 = self.velocity(z + 0.5 * h * k2, tau + 0.5 * dt, process)
+            k4 = self.velocity(z + h * k3, tau + dt, process)
+            z, tau = z + h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4), tau + dt
+        # (x_t - x_r) / (t - r) = the mean of the steps' slopes: finite and exact also at r = t
+        return (x - z) / torch.where(r == t, torch.ones_like(r), t - r).reshape(shape) + \
+            torch.where((r == t).reshape(shape), self.velocity(x, t, process), torch.zeros_like(x))
+
+    def mean_flow_model(self, process: Process, prediction: Prediction, steps: int = 64) -> Model:
+        """The exact average-velocity network for `prediction`, in the model contract with the keyword r:
+        F such that the prediction's velocity of F (`prediction.average_velocity_of`) is `average_velocity`;
+        without r (r = t) it is `model`'s output."""
+        exact_at_t = self.model(process, prediction)
+
+        def exact(x_t: Tensor, t: Tensor, class_labels: Tensor | None = None, r: Tensor | None = None) -> Tensor:
+            t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+            if r is None:
+                return exact_at_t(x_t, t, class_labels)
+            u = self.average_velocity(x_t, t, r, process, steps)
+            # velocity of F: alpha' x0 + sigma' eps with (x0, eps) affine in (x_t, F): a_v x_t + b_v F
+            t64 = t.to(torch.float64)
+            a_x0, b_x0, a_eps, b_eps = prediction.coefficients(t64, process)
+            d_alpha, d_sigma = process.d_alpha(t64), process.d_sigma(t64)
+            shape = (-1,) + (1,) * (x_t.ndim - 1)
+            a_v = (d_alpha * a_x0 + d_sigma * a_eps).reshape(shape)
+            b_v = (d_alpha * b_x0 + d_sigma * b_eps).reshape(shape)
+            return ((u - a_v * x_t.to(torch.float64)) / b_v).to(x_t.dtype)
+
+        return exact
+

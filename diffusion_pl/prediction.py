@@ -29,7 +29,7 @@ from diffusion_pl.processes.base import AttributeRepr, Process, append_dims, che
 
 __all__ = ["Model", "Prediction", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
            "ScaledScorePrediction", "VelocityPrediction", "EDMPreconditioning", "DenoiserOutput", "Denoiser",
-           "precondition", "split_variance"]
+           "precondition", "split_variance", "average_velocity_of"]
 
 Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -212,6 +212,9 @@ class _Preconditioned(nn.Module):
 
     `augment_labels` (B, augment_dim), given only in training with `DiffusionModule(augment=...)`,
     reaches the network as a keyword; without it networks that take no such argument still work.
+    `r` (B,), the start of an interval [r, t] (MeanFlow's average velocity, diffusion_pl/meanflow.py),
+    reaches a network that declares `takes_interval` as the keyword `interval = c_noise(t) - c_noise(r)`
+    (0 at r = t); a network without an interval input is refused in one line.
     """
 
     def __init__(self, net: nn.Module, process: Process, prediction: Prediction) -> None:
@@ -221,12 +224,17 @@ class _Preconditioned(nn.Module):
         self.prediction = prediction
 
     def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None,
-                augment_labels: Tensor | None = None) -> Tensor:
+                augment_labels: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         c_in = _per_sample_like(self.prediction.c_in(t, self.process), x_t)
         c_noise = self.prediction.c_noise(t, self.process).to(x_t.dtype)
-        if augment_labels is not None:
-            return self.net(c_in * x_t, c_noise, class_labels, augment_labels=augment_labels)
-        return self.net(c_in * x_t, c_noise, class_labels)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        if r is not None:
+            if not getattr(self.net, "takes_interval", False):
+                raise ValueError(f"{type(self.net).__name__} takes no interval input, so it cannot give an average "
+                                 "velocity u(x, r, t): expected a network built with interval_embedding=True and "
+                                 "trained with MeanFlowLoss")
+            extra["interval"] = c_noise - self.prediction.c_noise(r, self.process).to(x_t.dtype)
+        return self.net(c_in * x_t, c_noise, class_labels, **extra)
 
 
 def precondition(net: nn.Module, process: Process, prediction: Prediction) -> nn.Module:
@@ -318,21 +326,23 @@ class Denoiser:
         level = self.process.noise_level(t.to(torch.float64))  # (B,) sigma/alpha
         return (level >= lo) & (level <= hi)
 
-    def output(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
-        """Raw (guided) network output F at (x_t, t)."""
+    def output(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None, r: Tensor | None = None) -> Tensor:
+        """Raw (guided) network output F at (x_t, t); with r, at the interval [r, t] (an average-velocity model)."""
         self.nfe += 1
         guidance = self.guidance
+        at_r = {} if r is None else {"r": r}
         if not guidance.active or (class_labels is None and guidance.guide is None):
-            return self.model(x_t, t, class_labels)
+            return self.model(x_t, t, class_labels, **at_r)
         mask = self._guided_mask(t)
         if mask is not None and not bool(mask.any()):
-            return self.model(x_t, t, class_labels)  # whole batch outside the interval: no extra call
+            return self.model(x_t, t, class_labels, **at_r)  # whole batch outside the interval: no extra call
         if guidance.guide is None:
             null = torch.full_like(class_labels, guidance.null_label)
-            out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
+            both = {} if r is None else {"r": torch.cat([r, r])}
+            out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]), **both)
             out_main, out_guide = out.chunk(2)  # (B, C', ...) each: F_c, F_u
         else:
-            out_main, out_guide = self.model(x_t, t, class_labels), guidance.guide(x_t, t, class_labels)
+            out_main, out_guide = self.model(x_t, t, class_labels, **at_r), guidance.guide(x_t, t, class_labels, **at_r)
         guided = _mix(out_main, out_guide, guidance.weight, x_t, guidance.check_channels(x_t.shape[1]))
         if mask is not None:
             guided = torch.where(append_dims(mask, guided.ndim), guided, out_main)
@@ -356,11 +366,31 @@ class Denoiser:
         return self(x_t, t, class_labels).velocity(_per_sample_like(self.process.d_alpha(t64), x_t),
                                                    _per_sample_like(self.process.d_sigma(t64), x_t))
 
+    def average_velocity(self, x_t: Tensor, t: Tensor, r: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """MeanFlow's u(x_t, r, t) = (x_t - x_r) / (t - r) along the probability-flow ODE (Geng et al. 2025, eq. 3).
+
+        The model's output at [r, t] read through the prediction's velocity (`DenoiserOutput.velocity`): at
+        r = t it is the instantaneous velocity; a model trained with `MeanFlowLoss` extends it to r < t.
+        """
+        t, r = _per_sample_time(t, x_t), _per_sample_time(r, x_t)
+        mean, _ = split_variance(self.output(x_t, t, class_labels, r=r), x_t)
+        return average_velocity_of(mean, x_t, t, self.process, self.prediction)
+
     def score(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """grad log p_t(x_t) = -eps_hat / sigma(t)."""
         t = _per_sample_time(t, x_t)
         sigma = _per_sample_like(self.process.sigma(t.to(torch.float64)), x_t)
         return -self(x_t, t, class_labels).eps / sigma
+
+
+def average_velocity_of(out: Tensor, x_t: Tensor, t: Tensor, process: Process, prediction: Prediction) -> Tensor:
+    """alpha'(t) x0_hat + sigma'(t) eps_hat of a network output `out` at time t (B,): the velocity it stands for.
+
+    Written with differentiable tensor operations only, so forward-mode AD (MeanFlow's JVP) runs through it.
+    """
+    x0, eps = prediction.to_x0_eps(out, x_t, t, process)
+    t64 = t.to(torch.float64)
+    return _per_sample_like(process.d_alpha(t64), x_t) * x0 + _per_sample_like(process.d_sigma(t64), x_t) * eps
 
 
 def _mix(out_main: Tensor, out_guide: Tensor, w: float, x_t: Tensor, k: int) -> Tensor:

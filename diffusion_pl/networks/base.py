@@ -17,6 +17,10 @@ once, by this base class's constructor:
 and its call is `net(x, noise_label, class_labels=None, augment_labels=None) -> (B, out_channels, H, W)`
 for x of shape (B, in_channels, H, W), H = W = img_resolution.
 
+A network with a second time input (MeanFlow's average velocity u(z, r, t), Geng et al. 2025) sets
+`takes_interval = True` and also takes `interval=` (B,), the noise label of t minus that of r (0 at r = t,
+also when it is None); UNet and DiT do with `interval_embedding=True`. Every other network keeps False.
+
 A base class rather than a `typing.Protocol`: the declared values are set and checked in one
 constructor (the resolution a recipe must give, in_channels defaulting to RGB, the null-label rule,
 positive sizes), which a Protocol cannot hold, and `isinstance(net, ScoreNetwork)` then means the
@@ -57,6 +61,7 @@ class ScoreNetwork(RecordsInit, nn.Module):
     num_classes: int | None
     null_label: int | None
     augment_dim: int
+    takes_interval: bool = False  # whether forward takes `interval=` (MeanFlow); see the module docstring
 
     def __init__(self, img_resolution: int | None, in_channels: int | None = None, out_channels: int | None = None,
                  num_classes: int | None = None, augment_dim: int = 0, class_null_row: bool = True) -> None:

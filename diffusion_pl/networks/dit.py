@@ -110,6 +110,10 @@ class DiT(ScoreNetwork):
         checkpoint_activations: recompute each transformer block in the backward pass instead of keeping its
             activations (`diffusion_pl.networks.checkpointing`): less memory, about one more forward pass
             per step; only while training with gradients. Outputs, gradients and weights are those without it.
+        interval_embedding: a second timestep embedder (sinusoid + MLP) of `interval` = c_noise(t) - c_noise(r),
+            added to c: MeanFlow's (t, t - r) conditioning (Geng et al. 2025, Sec. 4.3, Table 1c; the official
+            code's DiT sums a second TimestepEmbedder, Gsunshine/meanflow meanflow.py:163-165 passes it h = t - r).
+            Off by default (the network and its state_dict are then unchanged).
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class DiT(ScoreNetwork):
         frequency_endpoint: bool = False,
         mlp_norm_eps: float = 1e-6,
         checkpoint_activations: bool = False,
+        interval_embedding: bool = False,
     ) -> None:
         # the declared interface (networks/base.py): shapes, classes, null label, augmentation labels
         super().__init__(img_resolution, in_channels, out_channels, num_classes, augment_dim)
@@ -151,6 +156,11 @@ class DiT(ScoreNetwork):
             TimestepSinusoid(frequency_embedding_size, endpoint=frequency_endpoint),
             embedding_mlp(frequency_embedding_size, hidden_size),
         )
+        self.takes_interval = bool(interval_embedding)
+        self.interval_embedder = nn.Sequential(
+            TimestepSinusoid(frequency_embedding_size, endpoint=frequency_endpoint),
+            embedding_mlp(frequency_embedding_size, hidden_size),
+        ) if interval_embedding else None
         self.y_embedder = ClassEmbedding(num_classes, hidden_size) if num_classes is not None else None
         # Xavier-uniform like every linear layer here, which is EDM SongUNet's init of map_augment.
         self.augment_embedder = nn.Linear(augment_dim, hidden_size, bias=False) if augment_dim else None
@@ -176,6 +186,9 @@ class DiT(ScoreNetwork):
             nn.init.normal_(self.y_embedder.table.weight, std=0.02)
         nn.init.normal_(self.t_embedder[1][0].weight, std=0.02)
         nn.init.normal_(self.t_embedder[1][2].weight, std=0.02)
+        if self.interval_embedder is not None:
+            nn.init.normal_(self.interval_embedder[1][0].weight, std=0.02)
+            nn.init.normal_(self.interval_embedder[1][2].weight, std=0.02)
         # adaLN-Zero: every residual block starts as the identity (gates are zero)...
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -194,15 +207,23 @@ class DiT(ScoreNetwork):
         return x.reshape(B, C, g * p, g * p)
 
     def forward(
-        self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None
+        self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None,
+        interval: Tensor | None = None,
     ) -> Tensor:
         # x: (B, C_in, H, W), noise_label: (B,), class_labels: (B,) int64 or None,
-        # augment_labels: (B, augment_dim) or None (no augmentation: zeros) -> (B, C_out, H, W)
+        # augment_labels: (B, augment_dim) or None (no augmentation: zeros),
+        # interval: (B,) c_noise(t) - c_noise(r) or None (r = t), with interval_embedding only -> (B, C_out, H, W)
         B = x.shape[0]
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, T, D), T = (H / p) * (W / p)
         frequencies = self.t_embedder[0](batch_noise_label(noise_label, B))  # (B, F) float32
         mlp = self.t_embedder[1]
         c = mlp(frequencies.to(mlp[0].weight.dtype)).to(x.dtype)  # (B, D); float64 nets get float64
+        if self.interval_embedder is not None:
+            interval = torch.zeros_like(noise_label) if interval is None else interval
+            sinusoid, mlp = self.interval_embedder
+            c = c + mlp(sinusoid(batch_noise_label(interval, B)).to(mlp[0].weight.dtype)).to(x.dtype)
+        elif interval is not None:
+            raise ValueError("DiT got an interval but was built without one: expected interval_embedding=True")
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels, B).to(x.dtype)  # None -> null label
         if self.augment_embedder is not None and augment_labels is not None:

@@ -96,6 +96,9 @@ class UNet(ScoreNetwork):
             keeping its activations (`diffusion_pl.networks.checkpointing`): less memory, about one more
             forward pass per step; only while training with gradients. Outputs, gradients and weights are
             those without it.
+        interval_embedding: a second noise embedding, of `interval` = c_noise(t) - c_noise(r), summed with the
+            first before the embedding MLP: the (t, t - r) conditioning of MeanFlow (Geng et al. 2025, Sec. 4.3,
+            Table 1c). Off by default (the network and its state_dict are then unchanged).
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class UNet(ScoreNetwork):
         class_null_row: bool = True,
         init: Literal["ddpm", "score_sde", "edm", "adm"] = "ddpm",
         checkpoint_activations: bool = False,
+        interval_embedding: bool = False,
     ) -> None:
         # the declared interface (networks/base.py): shapes, classes, null label, augmentation labels
         super().__init__(img_resolution, in_channels, out_channels, num_classes, augment_dim, class_null_row)
@@ -177,6 +181,9 @@ class UNet(ScoreNetwork):
                           if num_classes is not None else None)
         self.map_augment = nn.Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
         self.map_emb = embedding_mlp(noise_channels, emb_channels)
+        self.takes_interval = bool(interval_embedding)
+        self.map_interval = noise_embedding(embedding, noise_channels, endpoint=embedding_endpoint,
+                                            fourier_scale=fourier_scale) if interval_embedding else None
 
         # Encoder: every module's output is kept as a skip connection.
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
@@ -226,12 +233,19 @@ class UNet(ScoreNetwork):
         init_unet(self, self.init)
 
     def forward(
-        self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None
+        self, x: Tensor, noise_label: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None,
+        interval: Tensor | None = None,
     ) -> Tensor:
         # x: (B, C_in, H, W), noise_label: (B,), class_labels: (B,) int64 or None,
-        # augment_labels: (B, augment_dim) or None (no augmentation: zeros) -> (B, C_out, H, W)
+        # augment_labels: (B, augment_dim) or None (no augmentation: zeros),
+        # interval: (B,) c_noise(t) - c_noise(r) or None (r = t), with interval_embedding only -> (B, C_out, H, W)
         B = x.shape[0]
         emb = self.noise_order(self.map_noise(batch_noise_label(noise_label, B))).to(x.dtype)  # (B, noise_channels)
+        if self.map_interval is not None:
+            interval = torch.zeros_like(noise_label) if interval is None else interval
+            emb = emb + self.noise_order(self.map_interval(batch_noise_label(interval, B))).to(x.dtype)
+        elif interval is not None:
+            raise ValueError("UNet got an interval but was built without one: expected interval_embedding=True")
         if self.map_label is not None and not self.class_after_mlp:
             emb = emb + self.map_label(class_labels, B).to(x.dtype)  # None -> null label
         if self.map_augment is not None and augment_labels is not None:

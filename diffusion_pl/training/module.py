@@ -35,6 +35,7 @@ from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
 from diffusion_pl.utils.errors import NonFiniteLossError, UserValueError, one_line
 from diffusion_pl.utils.recorded import NotRecordable, init_spec
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
+from diffusion_pl.meanflow import MeanFlowLoss
 from diffusion_pl.networks.base import ScoreNetwork, check_score_network
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes.base import Process
@@ -61,7 +62,8 @@ class DiffusionModule(L.LightningModule):
             classes (a `diffusion_pl.networks.base.ScoreNetwork`: UNet, DiT or a subclass); others are refused.
         process: the forward process (alpha(t), sigma(t)).
         prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
-        loss: time proposal x weighting, with label dropout for classifier-free guidance.
+        loss: time proposal x weighting, with label dropout for classifier-free guidance (`DenoisingLoss`); or
+            `MeanFlowLoss` (diffusion_pl/meanflow.py), an average-velocity model for one-step sampling.
         optimizer: a callable params -> optimizer (LightningCLI fills it from `optimizer:`).
         lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000); the same as
             `lr_schedule=Constant(lr_warmup_steps)`, kept for the recipes and saved configs that set it.
@@ -95,7 +97,7 @@ class DiffusionModule(L.LightningModule):
         net: ScoreNetwork,
         process: Process,
         prediction: Prediction | None = None,
-        loss: DenoisingLoss | None = None,
+        loss: DenoisingLoss | MeanFlowLoss | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_warmup_steps: int = 0,
         lr_schedule: Schedule | None = None,

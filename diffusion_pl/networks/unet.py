@@ -15,6 +15,7 @@ One implementation; the three published families differ only in the options belo
 | embedding_order     | sin_cos       | sin_cos        | cos_sin       |
 | embedding_endpoint  | True          | True           | False         |
 | norm_eps            | 1e-6          | 1e-6           | 1e-5          |
+| norm_groups         | None (32)     | None (32)      | None (32)     |
 | class_embedding     | -             | input, null    | after_mlp     |
 | init                | ddpm          | edm            | adm           |
 
@@ -87,6 +88,9 @@ class UNet(ScoreNetwork):
         embedding_endpoint: sinusoid frequencies 10000^(-i/(K-1)) reaching 1/10000 (DDPM, DDPM++) or
             10000^(-i/K) (ADM), for i < K = half the embedding width.
         norm_eps: GroupNorm epsilon: 1e-6 (DDPM, DDPM++) or 1e-5 (ADM).
+        norm_groups: groups of every GroupNorm (diffusers' UNet2DModel `norm_num_groups`; it must divide every
+            normalised width); None: 32, fewer in layers under 128 channels so that each group keeps at
+            least 4 channels (EDM's rule; all three families use 32 groups at their widths).
         class_embedding: "input": class table added to the noise embedding before the MLP (EDM);
             "after_mlp": a table of conditioning-vector width added after it (ADM).
         class_null_row: whether the class table has the null label num_classes (classifier-free
@@ -130,6 +134,7 @@ class UNet(ScoreNetwork):
         embedding_order: Literal["cos_sin", "sin_cos"] = "cos_sin",
         embedding_endpoint: bool = True,
         norm_eps: float = 1e-6,
+        norm_groups: int | None = None,
         class_embedding: Literal["input", "after_mlp"] = "input",
         class_null_row: bool = True,
         init: Literal["ddpm", "score_sde", "edm", "adm"] = "ddpm",
@@ -143,7 +148,7 @@ class UNet(ScoreNetwork):
         levels = len(channel_mult)
         resolutions = tuple(img_resolution >> level for level in range(levels))
         _check_args(img_resolution, model_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions,
-                    dropout)
+                    dropout, norm_groups)
         _check_reference_args(embedding_order, class_embedding, init)
         self.checkpoint_activations = check_checkpoint_option("UNet", checkpoint_activations)
         emb_channels = model_channels * emb_mult
@@ -163,7 +168,7 @@ class UNet(ScoreNetwork):
         def block(cin: int, cout: int, res: int, attn: bool = False, mode: str = "none") -> ResBlock:
             num_heads = heads(cout, res) if attn else 0
             return ResBlock(cin, cout, emb_channels, dropout, skip_scale, scale_shift, mode, resample_proj, num_heads,
-                            resample_filter, norm_eps)
+                            resample_filter, norm_eps, norm_groups)
 
         def resampler(ch: int, res: int, mode: Literal["up", "down"]) -> nn.Module:
             return block(ch, ch, res, mode=mode) if resample == "resblock" else ConvResample(ch, mode,
@@ -222,7 +227,7 @@ class UNet(ScoreNetwork):
                 ch = model_channels * mult
             self.dec.append(blocks)
 
-        self.norm_out = group_norm(ch, norm_eps)
+        self.norm_out = group_norm(ch, norm_eps, norm_groups)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
         self.conv_out.zero_init = True
         self.init = init
@@ -294,7 +299,7 @@ def _check_reference_args(embedding_order, class_embedding, init) -> None:
 
 
 def _check_args(
-    img_resolution, model_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions, dropout
+    img_resolution, model_channels, channel_mult, num_res_blocks, attn_resolutions, resolutions, dropout, norm_groups
 ) -> None:
     """One-sentence ValueErrors for bad constructor input."""
     if not channel_mult or min(channel_mult) < 1:
@@ -313,6 +318,9 @@ def _check_args(
             raise ValueError(f"attn_resolutions entry {res} is not reachable; expected values from {resolutions}.")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    if norm_groups is not None and (isinstance(norm_groups, bool) or not isinstance(norm_groups, int)
+                                    or norm_groups < 1):
+        raise ValueError(f"norm_groups must be None or a positive integer, got {norm_groups!r}.")
 
 
 def _check_ncsnpp_args(noise_mult, resample_filter, progressive_input, resample) -> None:

@@ -20,15 +20,21 @@ from diffusion_pl.networks.fir import FIRResample
 __all__ = ["group_norm", "Resample", "ConvResample", "SpatialAttention", "ResBlock", "SwapHalves", "init_unet"]
 
 
-def group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, fewer for narrow layers so each group keeps >= 4 channels (EDM).
+def group_norm(channels: int, eps: float = 1e-6, groups: int | None = None) -> nn.GroupNorm:
+    """GroupNorm with `groups` groups; None: 32, fewer for narrow layers so each group keeps >= 4 channels (EDM).
 
     eps: 1e-6 in DDPM (tf.contrib group_norm's default) and EDM's SongUNet (networks.py:263);
     1e-5 in ADM (torch's default in GroupNorm32, guided_diffusion/nn.py:17, 100).
+    groups: one count for every layer, as diffusers' UNet2DModel `norm_num_groups` (models/unets/unet_2d.py);
+    it must divide `channels`.
     """
-    groups = min(32, max(1, channels // 4))
-    while channels % groups:
-        groups -= 1
+    if groups is None:
+        groups = min(32, max(1, channels // 4))
+        while channels % groups:
+            groups -= 1
+    elif channels % groups:
+        raise ValueError(f"norm_groups={groups} does not divide a GroupNorm of {channels} channels: expected a "
+                         "divisor of every block's channels (and of each decoder block's input, skip included).")
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
@@ -90,9 +96,10 @@ class SpatialAttention(nn.Module):
     then q, k, v per head, guided_diffusion/unet.py:347) is a row permutation of it.
     """
 
-    def __init__(self, channels: int, num_heads: int, skip_scale: float, eps: float = 1e-6) -> None:
+    def __init__(self, channels: int, num_heads: int, skip_scale: float, eps: float = 1e-6,
+                 groups: int | None = None) -> None:
         super().__init__()
-        self.norm = group_norm(channels, eps)
+        self.norm = group_norm(channels, eps, groups)
         self.attn = Attention(channels, num_heads=num_heads, qkv_bias=True)
         # Always F.scaled_dot_product_attention; timm would fall back to an explicit softmax
         # only for ONNX export or TIMM_FUSED_ATTN=0, neither of which applies here.
@@ -129,6 +136,7 @@ class ResBlock(nn.Module):
         attn_heads: int = 0,
         resample_filter: tuple[int, ...] = (1, 1),
         eps: float = 1e-6,
+        groups: int | None = None,
     ) -> None:
         super().__init__()
         self.scale_shift = scale_shift
@@ -136,18 +144,18 @@ class ResBlock(nn.Module):
         # (1, 1) is the box filter: nearest up / 2x2 average down; longer taps are NCSN++'s FIR.
         box = tuple(resample_filter) == (1, 1)
         self.resample = Resample(resample) if box else FIRResample(resample, resample_filter)
-        self.norm0 = group_norm(in_channels, eps)
+        self.norm0 = group_norm(in_channels, eps, groups)
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         # The embedding enters as a per-channel bias (DDPM) or as a scale and shift of the
         # normalised features (ADM's AdaGN, Dhariwal & Nichol 2021, Sec. 3).
         self.affine = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
-        self.norm1 = group_norm(out_channels, eps)
+        self.norm1 = group_norm(out_channels, eps, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv1.zero_init = True  # last layer of the residual branch
         project = in_channels != out_channels or (resample != "none" and resample_proj)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if project else nn.Identity()
-        self.attn = SpatialAttention(out_channels, attn_heads, skip_scale, eps) if attn_heads else nn.Identity()
+        self.attn = SpatialAttention(out_channels, attn_heads, skip_scale, eps, groups) if attn_heads else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H', W') with H' = 2H, H/2 or H

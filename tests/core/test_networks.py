@@ -240,6 +240,8 @@ def test_positional_embedding_resolves_both_noise_label_ranges():
         (lambda: unet_tiny(embedding="gaussian"), "embedding"),
         (lambda: unet_tiny(num_classes=0), "num_classes"),
         (lambda: unet_tiny(model_channels=33), "model_channels"),
+        (lambda: unet_tiny(norm_groups=0), "norm_groups must be None or a positive integer"),
+        (lambda: unet_tiny(norm_groups=12), "norm_groups=12 does not divide a GroupNorm of 32 channels"),
         (lambda: dit_tiny(img_resolution=31), "img_resolution"),
         (lambda: dit_tiny(num_heads=3), "hidden_size"),
         (lambda: dit_tiny(patch_size=3), "img_resolution"),
@@ -248,6 +250,22 @@ def test_positional_embedding_resolves_both_noise_label_ranges():
 def test_bad_constructor_input_raises_value_error(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def groups_by_width(net: torch.nn.Module) -> set[tuple[int, int]]:
+    return {(m.num_channels, m.num_groups) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
+
+
+def test_unet_norm_groups_option():
+    """None keeps the default rule (32 groups, >= 4 channels each); a count is used in every GroupNorm, as
+    diffusers' UNet2DModel norm_num_groups, with the same parameters but other outputs."""
+    default, eight = small(unet_tiny), small(unet_tiny, norm_groups=8)
+    assert groups_by_width(default) == {(32, 8), (64, 16), (96, 24), (128, 32)}
+    assert {g for _, g in groups_by_width(eight)} == {8}
+    eight.load_state_dict(perturb(default).state_dict())  # norm_groups changes no parameter shape
+    x, t = inputs()
+    with torch.no_grad():
+        assert (default(x, t) - eight(x, t)).abs().max() > 1e-3
 
 
 def test_fourier_embedding_option():

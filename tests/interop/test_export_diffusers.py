@@ -144,7 +144,7 @@ REFUSED = [
                                                                            "channel_mult": [1, 1]}},
      ("resample='resblock'", "BigGAN")),
     ("narrow", {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": {**UNET8, "model_channels": 32}},
-     ("GroupNorm groups", "32 groups")),
+     ("UNet norm_groups=None", "[8, 16] groups", "norm_groups set (e.g. 8")),
     ("conditional", {"class_path": "diffusion_pl.networks.unet.UNet", "init_args": {**UNET8, "num_classes": 10}},
      ("num_classes=10", "class-conditional")),
     ("dit-models-py", {"class_path": "diffusion_pl.networks.dit.dit_tiny", "init_args": {"img_resolution": 8,

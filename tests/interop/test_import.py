@@ -3,7 +3,7 @@
 No download here, so every reference is built from its config with random weights and saved the way
 the hub holds it. The U-Nets are google/ddpm-cifar10-32's config.json at small size (SMALL: 16x16, two
 levels of 128 channels; TINY: 8x8, one level of 128 channels, for the 1000-step sampling and the
-fine-tuning runs on the CPU; 128 channels keep every GroupNorm at 32 groups, as in diffusers). The DiT
+fine-tuning runs on the CPU; narrower U-Nets and other GroupNorm groupings: test_interop_unet_groups.py). The DiT
 `.pt` reference is diffusers' DiTTransformer2DModel with DiT's models.py sinusoid (downscale_freq_shift=0)
 and LayerNorm eps (1e-6) put back, the two places where diffusers' port differs in its computation (README
 "DiT: parity with DiT's models.py and diffusers"), its weights written under models.py's key names

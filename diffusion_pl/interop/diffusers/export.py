@@ -9,8 +9,10 @@
 inverse of unet.py / dit.py: the weight names come from the same tables (keys.py: UNET_KEYS, DIT_KEYS),
 read backwards, so only what those map is written, and only where the outputs are the same:
 
-- UNet: DDPM's architecture (unconditional; strided-conv resampling; additive time embedding of width
-  4 x model_channels; attention after every decoder block; 32 GroupNorm groups everywhere). ADM's
+- UNet: DDPM's architecture (unconditional; strided-conv resampling; additive time embedding, of width
+  emb_mult x model_channels as UNet2DModel's time_embedding_dim; attention after every decoder block; one
+  GroupNorm group count in every layer, as UNet2DModel's norm_num_groups: `norm_groups`, or norm_groups=None
+  where that rule gives every layer the same count, e.g. 32 at widths >= 128). ADM's
   options (scale_shift, resample='resblock', class tables), DDPM++ / NCSN++'s (skip_rescale, Fourier
   embedding, FIR input pyramid) and EDM's augmentation labels have no UNet2DModel counterpart that
   the converters map, and are refused in one line naming the option.
@@ -49,7 +51,6 @@ _UNET_FIXED = {
     "skip_rescale": (False, "DDPM++'s 1/sqrt(2) residual rescaling is not a UNet2DModel option"),
     "decoder_attention": ("every_block", "UNet2DModel's AttnUpBlock2D attends after every block"),
     "embedding": ("positional", "NCSN++'s random Fourier embedding is not mapped"),
-    "emb_mult": (4, "UNet2DModel's time embedding is 4 x block_out_channels[0] wide"),
     "noise_mult": (1, "UNet2DModel's sinusoid is block_out_channels[0] wide"),
     "augment_dim": (0, "EDM's augmentation labels have no UNet2DModel input"),
     "progressive_input": ("none", "NCSN++'s input pyramid has no UNet2DModel counterpart"),
@@ -58,6 +59,13 @@ _UNET_FIXED = {
 
 def _refuse(network: str, option: str, value: Any, why: str) -> UserValueError:
     return UserValueError(f"{network} {option}={value!r} cannot be exported as diffusers: {why}")
+
+
+def _common_groups(net: torch.nn.Module) -> int:
+    """The most groups, at most 32, that divide every GroupNorm width of `net` and keep >= 4 channels per group
+    in the narrowest (1 if none does): the norm_groups to suggest."""
+    widths = {m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
+    return next((g for g in range(min(32, min(widths) // 4), 1, -1) if all(w % g == 0 for w in widths)), 1)
 
 
 def unet_to_diffusers(init_args: dict[str, Any], net: torch.nn.Module,
@@ -70,10 +78,12 @@ def unet_to_diffusers(init_args: dict[str, Any], net: torch.nn.Module,
         raise _refuse("UNet", "attn_heads", init_args["attn_heads"], "UNet2DModel sets heads per block from "
                       "attention_head_dim (channels per head); give attn_head_channels instead")
     groups = sorted({m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)})
-    if groups != [32]:
-        raise _refuse("UNet", "GroupNorm groups", groups, "UNet2DModel uses norm_num_groups in every layer; here "
-                      "narrow layers (< 128 channels) have fewer than 32 groups")
+    if len(groups) != 1:  # norm_groups=None gives narrow layers fewer groups
+        raise _refuse("UNet", "norm_groups", init_args.get("norm_groups"), f"its GroupNorms have {groups} groups and "
+                      "UNet2DModel one norm_num_groups for every layer; train with norm_groups set (e.g. "
+                      f"{_common_groups(net)}, a divisor of every width)")
     size, mult, mc = net.img_resolution, list(init_args["channel_mult"]), int(init_args["model_channels"])
+    emb_mult = int(init_args.get("emb_mult", 4))
     levels = [size >> i for i in range(len(mult))]
     attn = [int(r) for r in init_args["attn_resolutions"]]
     if any(r not in levels for r in attn):
@@ -88,10 +98,11 @@ def unet_to_diffusers(init_args: dict[str, Any], net: torch.nn.Module,
         "block_out_channels": [mc * m for m in mult], "layers_per_block": int(init_args["num_res_blocks"]),
         "mid_block_scale_factor": 1, "downsample_padding": 0 if init_args.get("downsample_padding") == "same" else 1,
         "downsample_type": "conv", "upsample_type": "conv", "dropout": float(init_args.get("dropout", 0.0)),
-        "act_fn": "silu", "attention_head_dim": init_args.get("attn_head_channels"), "norm_num_groups": 32,
+        "act_fn": "silu", "attention_head_dim": init_args.get("attn_head_channels"), "norm_num_groups": groups[0],
         "attn_norm_num_groups": None, "norm_eps": float(init_args.get("norm_eps", 1e-6)),
         "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
         "num_class_embeds": None,
+        "time_embedding_dim": None if emb_mult == 4 else mc * emb_mult,
     }
     out, unmatched = UNET_KEYS.to_theirs(state_dict)
     if unmatched:

@@ -13,7 +13,9 @@ and in one fused layer, each a row of `keys.UNET_KEYS` (which the export reads b
 
 Config (diffusers models/unets/unet_2d.py): `downsample_padding=0` is TensorFlow's 'SAME' padding
 (`downsample_padding="same"`), `flip_sin_to_cos=False` the [sin, cos] order, `freq_shift=1` the
-endpoint frequency 1/10000, `attention_head_dim=None` one head. Noise label: diffusers' `timestep`
+endpoint frequency 1/10000, `attention_head_dim=None` one head, `norm_num_groups` the groups of every
+GroupNorm (`norm_groups`; `attn_norm_num_groups` only as None or the same count), `time_embedding_dim`
+`emb_mult` x block_out_channels[0]. Noise label: diffusers' `timestep`
 (DDPM's step index 0..999, as `DDPMDiscrete.noise_label`).
 """
 
@@ -42,7 +44,7 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     expected = dict(time_embedding_type="positional", act_fn="silu", center_input_sample=False,
                     mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, downsample_type="conv",
                     upsample_type="conv", resnet_time_scale_shift="default", add_attention=True,
-                    class_embed_type=None, num_class_embeds=None, time_embedding_dim=None, attn_norm_num_groups=None)
+                    class_embed_type=None, num_class_embeds=None)
     for key, value in expected.items():
         if config.get(key, value) != value:
             raise UserValueError(f"diffusers UNet2DModel config {key}={config[key]!r} is not supported: "
@@ -70,6 +72,18 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     size = size if isinstance(size, int) else int(size[0]) if size[0] == size[-1] else None
     if size is None:
         raise UserValueError(f"diffusers UNet2DModel sample_size={config['sample_size']}: expected square images.")
+    groups = config.get("norm_num_groups", 32)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise UserValueError(f"diffusers UNet2DModel norm_num_groups={groups!r} is not supported: expected a positive "
+                             "integer (one GroupNorm group count for every layer).")
+    attn_groups = config.get("attn_norm_num_groups")
+    if attn_groups not in (None, groups):
+        raise UserValueError(f"diffusers UNet2DModel attn_norm_num_groups={attn_groups!r} is not supported: expected "
+                             f"None or norm_num_groups={groups} (one group count in every GroupNorm).")
+    emb_dim = config.get("time_embedding_dim") or 4 * model_channels
+    if emb_dim % model_channels:
+        raise UserValueError(f"diffusers UNet2DModel time_embedding_dim={emb_dim} is not supported: expected a "
+                             f"multiple of block_out_channels[0]={model_channels}.")
     head_dim = config.get("attention_head_dim", 8)
     return dict(
         img_resolution=size,
@@ -83,12 +97,14 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         attn_heads=1,
         attn_head_channels=None if head_dim is None else int(head_dim),
         dropout=float(config.get("dropout", 0.0)),
+        emb_mult=emb_dim // model_channels,
         resample="conv",
         decoder_attention="every_block",
         downsample_padding="same" if padding == 0 else "symmetric",
         embedding_order="cos_sin" if config.get("flip_sin_to_cos", True) else "sin_cos",
         embedding_endpoint=freq_shift == 1,
         norm_eps=float(config.get("norm_eps", 1e-5)),
+        norm_groups=groups,
         init="ddpm",
     )
 
@@ -134,10 +150,8 @@ def unet_from_diffusers_state(config: Mapping[str, Any], state_dict: Mapping[str
                               dtype: torch.dtype = torch.float32) -> UNet:
     """`unet_from_diffusers` from a UNet2DModel's config (config.json) and state dict, without diffusers."""
     kwargs = unet_kwargs_from_diffusers(config)
-    net = UNet(**kwargs).to(dtype)
-    groups = {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
-    if groups != {int(config.get("norm_num_groups", 32))}:
-        raise UserValueError(f"diffusers UNet2DModel norm_num_groups={config.get('norm_num_groups', 32)} "
-                             f"differs from this UNet's GroupNorm groups {sorted(groups)}: expected 32 groups and "
-                             "at least 128 channels in every block.")
+    try:
+        net = UNet(**kwargs).to(dtype)
+    except ValueError as error:  # e.g. norm_num_groups not dividing a width: diffusers cannot build it either
+        raise UserValueError(f"diffusers UNet2DModel config does not build a UNet: {error}") from None
     return load_diffusers_unet(net, state_dict).eval()

@@ -13,7 +13,8 @@ class_labels. Networks know nothing of processes or losses.
     base.py                           ScoreNetwork: the declared interface
     unet.py, unet_blocks.py, fir.py   the U-Net (DDPM, DDPM++, NCSN++, ADM) and its blocks
     unet_presets.py                   the U-Net presets of the papers, weight for weight
-    dit.py                            DiT and its presets
+    dit.py                            DiT and its presets (DiT, LightningDiT)
+    dit_blocks.py                     DiT's blocks and LightningDiT's block options
     embeddings.py                     noise-label, class-label and position embeddings
     checkpointing.py                  activation checkpointing of the blocks (checkpoint_activations)
     presets.py                        PRESETS: every preset function

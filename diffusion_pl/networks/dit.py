@@ -1,88 +1,27 @@
 """Diffusion Transformer with adaLN-Zero conditioning (Peebles & Xie 2023, "Scalable Diffusion Models
-with Transformers").
+with Transformers"), with LightningDiT's block options (RMSNorm, SwiGLU, 2-D RoPE, QK-norm, no shift;
+dit_blocks.py) and the presets of both.
 
-PatchEmbed, the fused Attention and Mlp come from timm; what is written here is what timm
-lacks: adaLN-Zero modulation, the timestep/label embedders and the un-patchify step.
+SiT (Ma et al. 2024, willisma/SiT) uses this network unchanged: its models.py is DiT's models.py but for
+the forward dropping the learned-sigma half of the output (models.py:245-246); a SiT is `DiT` with
+`out_channels = in_channels` trained with the linear interpolant and velocity prediction.
+
+PatchEmbed comes from timm, the blocks from dit_blocks.py; what is written here is the embedders, the
+position tables and the un-patchify step.
 """
 
 from __future__ import annotations
 
-import math
-from functools import partial
-
 import torch
-from timm.layers import Attention, Mlp, PatchEmbed
+from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from diffusion_pl.networks.base import ScoreNetwork
 from diffusion_pl.networks.checkpointing import check_checkpoint_option, run_block
+from diffusion_pl.networks.dit_blocks import DiTBlock, FinalLayer, TimestepSinusoid, check_block_options, rope_table
 from diffusion_pl.networks.embeddings import ClassEmbedding, batch_noise_label, embedding_mlp, sincos_2d
 
-__all__ = ["DiT", "dit_s_2", "dit_b_2", "dit_l_2", "dit_xl_2", "dit_tiny"]
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """Adaptive LayerNorm modulation x * (1 + scale) + shift, broadcast over tokens (DiT, Sec. 3.2)."""
-    # x: (B, T, D), shift/scale: (B, D)
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
-class TimestepSinusoid(nn.Module):
-    """DiT's timestep features [cos(t f_k), sin(t f_k)], f_k = exp(-ln(max_period) k / n), float32.
-
-    n = half (DiT, facebookresearch/DiT models.py:51-56) or half - 1 with endpoint=True
-    (diffusers' CombinedTimestepLabelEmbeddings: Timesteps(flip_sin_to_cos=True,
-    downscale_freq_shift=1), models/embeddings.py). The float32 operations are those of both
-    references, so the features agree bit for bit.
-    """
-
-    def __init__(self, num_channels: int, max_period: float = 10000.0, endpoint: bool = False) -> None:
-        super().__init__()
-        self.num_channels, self.max_period, self.endpoint = num_channels, max_period, endpoint
-
-    def forward(self, t: Tensor) -> Tensor:
-        # t: (B,) -> (B, num_channels), float32
-        half = self.num_channels // 2
-        exponent = -math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-        freqs = torch.exp(exponent / (half - (1 if self.endpoint and half > 1 else 0)))  # (half,)
-        angle = t.float()[:, None] * freqs[None]  # (B, half)
-        return torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
-
-
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero: conditioning regresses shift, scale and a gate per branch (DiT, Fig. 3)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6) -> None:
-        super().__init__()
-        # No learned affine: the modulation supplies scale and shift.
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.attn.fused_attn = True  # always F.scaled_dot_product_attention
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        # x: (B, T, D) tokens, c: (B, D) conditioning -> (B, T, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
-        x = x + gate1[:, None, :] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        x = x + gate2[:, None, :] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
-
-
-class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and a linear map from tokens to patches (DiT, Sec. 3.1 "Transformer decoder")."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        # x: (B, T, D), c: (B, D) -> (B, T, p * p * C_out)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+__all__ = ["DiT", "dit_s_2", "dit_b_2", "dit_l_2", "dit_xl_2", "dit_tiny", "lightningdit_b_1", "lightningdit_xl_1"]
 
 
 class DiT(ScoreNetwork):
@@ -114,6 +53,14 @@ class DiT(ScoreNetwork):
             added to c: MeanFlow's (t, t - r) conditioning (Geng et al. 2025, Sec. 4.3, Table 1c; the official
             code's DiT sums a second TimestepEmbedder, Gsunshine/meanflow meanflow.py:163-165 passes it h = t - r).
             Off by default (the network and its state_dict are then unchanged).
+        norm: "layernorm" (DiT) or "rmsnorm" (LightningDiT: RMSNorm with a learned scale in the blocks, the final
+            layer and the query/key norms).
+        mlp: "gelu" (DiT) or "swiglu" (LightningDiT: SiLU-gated, two thirds as wide, same parameter count).
+        qk_norm: normalise queries and keys per head (LightningDiT's use_qknorm).
+        rope: 2-D rotary position embedding of queries and keys, on top of the absolute sin-cos table
+            (LightningDiT's use_rope); needs hidden_size / num_heads divisible by 4.
+        adaln_shift: False drops the shift of the blocks' adaLN modulation (LightningDiT's wo_shift).
+        The defaults are DiT's; dit_blocks.py gives each option's formula and source lines.
     """
 
     def __init__(
@@ -133,6 +80,11 @@ class DiT(ScoreNetwork):
         mlp_norm_eps: float = 1e-6,
         checkpoint_activations: bool = False,
         interval_embedding: bool = False,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
+        rope: bool = False,
+        adaln_shift: bool = True,
     ) -> None:
         # the declared interface (networks/base.py): shapes, classes, null label, augmentation labels
         super().__init__(img_resolution, in_channels, out_channels, num_classes, augment_dim)
@@ -147,6 +99,7 @@ class DiT(ScoreNetwork):
             raise ValueError(f"depth must be at least 1, got {depth}.")
         if frequency_embedding_size < 2 or frequency_embedding_size % 2:
             raise ValueError(f"frequency_embedding_size must be positive and even, got {frequency_embedding_size}.")
+        check_block_options(hidden_size, num_heads, norm, mlp, qk_norm, rope, adaln_shift)
         self.patch_size = patch_size
         self.checkpoint_activations = check_checkpoint_option("DiT", checkpoint_activations)
 
@@ -167,8 +120,15 @@ class DiT(ScoreNetwork):
         # Fixed sin-cos positions: a buffer, not a frozen parameter (so not counted as a parameter).
         grid = img_resolution // patch_size
         self.register_buffer("pos_embed", sincos_2d(hidden_size, grid)[None], persistent=False)  # (1, T, D)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # Rotary angles of each token, shared by every block: a buffer like pos_embed (no weights).
+        self.rope_table: Tensor | None
+        if rope:
+            self.register_buffer("rope_table", rope_table(hidden_size // num_heads, grid), persistent=False)
+        else:
+            self.rope_table = None
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps, norm, mlp, qk_norm,
+                                              rope, adaln_shift) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -231,7 +191,7 @@ class DiT(ScoreNetwork):
             weight = self.augment_embedder.weight
             c = c + self.augment_embedder(augment_labels.to(weight.dtype)).to(x.dtype)  # (B, D)
         for block in self.blocks:
-            h = run_block(self, self.checkpoint_activations, block, h, c)  # (B, T, D)
+            h = run_block(self, self.checkpoint_activations, block, h, c, self.rope_table)  # (B, T, D)
         h = self.final_layer(h, c)  # (B, T, p * p * C_out)
         return self.unpatchify(h)  # (B, C_out, H, W)
 
@@ -284,4 +244,33 @@ def dit_tiny(
 ) -> DiT:
     """A 0.33M-parameter DiT (hidden 64, depth 4, 4 heads, patch 2) for tests and quick CPU runs."""
     size = dict(hidden_size=64, depth=4, num_heads=4, patch_size=2)
+    return DiT(img_resolution, in_channels, out_channels, num_classes, augment_dim=augment_dim, **{**size, **overrides})
+
+
+# LightningDiT's block options as its ImageNet config switches them on (hustvl/LightningDiT
+# configs/lightningdit_xl_vavae_f16d32.yaml:33-40): RMSNorm, SwiGLU, RoPE; no QK-norm; with the shift.
+LIGHTNING = dict(norm="rmsnorm", mlp="swiglu", rope=True, qk_norm=False, adaln_shift=True)
+
+
+def lightningdit_b_1(
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
+    augment_dim: int = 0, **overrides,
+) -> DiT:
+    """LightningDiT-B/1: hidden 768, depth 12, 12 heads, patch 1 (lightningdit.py:507-508), LightningDiT's blocks.
+
+    LightningDiT trains it on VA-VAE f16d32 latents: img_resolution=16, in_channels=32, num_classes=1000.
+    """
+    size = dict(hidden_size=768, depth=12, num_heads=12, patch_size=1, **LIGHTNING)
+    return DiT(img_resolution, in_channels, out_channels, num_classes, augment_dim=augment_dim, **{**size, **overrides})
+
+
+def lightningdit_xl_1(
+    img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None, num_classes: int | None = None,
+    augment_dim: int = 0, **overrides,
+) -> DiT:
+    """LightningDiT-XL/1: hidden 1152, depth 28, 16 heads, patch 1 (lightningdit.py:498-499), LightningDiT's blocks.
+
+    LightningDiT trains it on VA-VAE f16d32 latents: img_resolution=16, in_channels=32, num_classes=1000.
+    """
+    size = dict(hidden_size=1152, depth=28, num_heads=16, patch_size=1, **LIGHTNING)
     return DiT(img_resolution, in_channels, out_channels, num_classes, augment_dim=augment_dim, **{**size, **overrides})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion_pl.networks import checkpointing
-from diffusion_pl.networks.dit import dit_tiny
+from diffusion_pl.networks.dit import dit_tiny, lightningdit_b_1
 from diffusion_pl.networks.unet import UNet
 from diffusion_pl.utils.errors import UserValueError
 
@@ -41,7 +41,15 @@ def small_dit(checkpoint_activations: bool):
     return randomized(dit_tiny(16, 3, num_classes=3, checkpoint_activations=checkpoint_activations))
 
 
-NETS = {**{f"unet-{name}": (lambda ck, name=name: small_unet(name, ck)) for name in UNETS}, "dit": small_dit}
+def small_lightningdit(checkpoint_activations: bool):
+    """LightningDiT's blocks with every option on: the rotary table is an argument of each checkpointed block."""
+    torch.manual_seed(0)
+    return randomized(lightningdit_b_1(16, 3, num_classes=3, hidden_size=64, depth=2, num_heads=4, qk_norm=True,
+                                       adaln_shift=False, checkpoint_activations=checkpoint_activations))
+
+
+NETS = {**{f"unet-{name}": (lambda ck, name=name: small_unet(name, ck)) for name in UNETS}, "dit": small_dit,
+        "lightningdit": small_lightningdit}
 
 
 def batch():

@@ -106,6 +106,9 @@ def test_zero_output_at_init_and_shape(preset):
 #   removes the 11-row label table (11 * hidden). DiT-XL/2 at the paper's ImageNet latent
 #   setting (4 -> 8 channels, 1000 classes) is 674,834,720 + 294,912 pos_embed = 675,129,632
 #   ("675M" in Peebles & Xie 2023).
+# - LightningDiT: hustvl/LightningDiT models/lightningdit.py (LightningDiT_XL_1 / _B_1 with use_swiglu, use_rope,
+#   use_rmsnorm as configs/lightningdit_xl_vavae_f16d32.yaml) at its setting input_size=16, in_channels=32,
+#   num_classes=1000, learn_sigma=False, counted from that code without the frozen pos_embed.
 PUBLISHED = [
     ("unet_ddpm_cifar10", {}, 35_746_307, 35.7e6),
     ("unet_ddpmpp_cifar10", {}, 55_732_739, 55.7e6),
@@ -115,6 +118,8 @@ PUBLISHED = [
     ("dit_b_2", dict(num_classes=10), 129_537_036, None),
     ("dit_b_2", {}, 129_537_036 - 11 * 768, None),
     ("dit_xl_2", dict(in_channels=4, out_channels=8, num_classes=1000), 674_834_720, None),
+    ("lightningdit_xl_1", dict(img_resolution=16, in_channels=32, num_classes=1000), 674_961_824, None),
+    ("lightningdit_b_1", dict(img_resolution=16, in_channels=32, num_classes=1000), 130_359_584, None),
 ]
 
 

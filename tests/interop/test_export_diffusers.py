@@ -153,6 +153,10 @@ REFUSED = [
     ("dit-unconditional", {"class_path": "diffusion_pl.networks.dit.DiT", "init_args": {
         "img_resolution": 8, "hidden_size": 64, "depth": 1, "num_heads": 4, "frequency_endpoint": True}},
      ("unconditional DiT",)),
+    ("lightningdit", {"class_path": "diffusion_pl.networks.dit.DiT", "init_args": {
+        "img_resolution": 8, "num_classes": 10, "hidden_size": 64, "depth": 1, "num_heads": 4,
+        "frequency_endpoint": True, "norm": "rmsnorm", "mlp": "swiglu", "rope": True}},
+     ("DiT norm='rmsnorm'", "LayerNorm")),
 ]
 
 

@@ -89,7 +89,7 @@ def test_unsupported_config_is_refused():
 
 def test_timestep_sinusoid_frequencies():
     """DiT: f_k = 10000^(-k / 128) for k < 128; diffusers (endpoint): 10000^(-k / 127), the last exactly 1e-4."""
-    from diffusion_pl.networks.dit import TimestepSinusoid
+    from diffusion_pl.networks.dit_blocks import TimestepSinusoid
 
     for endpoint, n in ((False, 128), (True, 127)):
         features = TimestepSinusoid(256, endpoint=endpoint)(torch.tensor([1.0]))[0]  # t = 1: angle = f_k

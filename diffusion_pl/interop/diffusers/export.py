@@ -121,7 +121,13 @@ def dit_to_diffusers(init_args: dict[str, Any], net: torch.nn.Module,
               ("augment_dim", int(init_args.get("augment_dim", 0)) == 0, "augmentation labels have no diffusers input"),
               ("mlp_ratio", float(init_args.get("mlp_ratio", 4.0)) == 4.0, "diffusers' FeedForward is 4x wide"),
               ("frequency_embedding_size", int(init_args.get("frequency_embedding_size", 256)) == 256,
-               "diffusers' timestep sinusoid has 256 channels"))
+               "diffusers' timestep sinusoid has 256 channels"),
+              # LightningDiT's block options (networks/dit_blocks.py): DiTTransformer2DModel has none of them
+              ("norm", init_args.get("norm", "layernorm") == "layernorm", "diffusers' DiT blocks use LayerNorm"),
+              ("mlp", init_args.get("mlp", "gelu") == "gelu", "diffusers' DiT FeedForward is a GELU MLP"),
+              ("qk_norm", not init_args.get("qk_norm", False), "diffusers' DiT attention has no query/key norm"),
+              ("rope", not init_args.get("rope", False), "diffusers' DiT attention has no rotary embedding"),
+              ("adaln_shift", bool(init_args.get("adaln_shift", True)), "diffusers' ada_norm_zero has the shift"))
     for option, ok, why in checks:
         if not ok:
             raise _refuse("DiT", option, init_args.get(option), why)

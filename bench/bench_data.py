@@ -22,7 +22,7 @@ import torch
 
 from diffusion_pl.data.stream import ShardStream
 from diffusion_pl.data.sources import image_folder
-from diffusion_pl.data import prepare
+from diffusion_pl.data.writer import prepare
 from diffusion_pl.data.shards import resolve_shards
 from diffusion_pl.data.stream import ResumableLoader
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from bench_module import Repeat, Timer  # the same loop timer as the module benchmark (bench/ is on sys.path)
 from diffusion_pl.codecs.autoencoder import Autoencoder
 from diffusion_pl.data.sources import image_folder
-from diffusion_pl.data import prepare
+from diffusion_pl.data.writer import prepare
 from diffusion_pl.data.latents import LatentEncoder
 from diffusion_pl.losses import DenoisingLoss, LogNormalNoise
 from diffusion_pl.training.module import DiffusionModule

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion_pl.networks import PRESETS
+from diffusion_pl.networks.presets import PRESETS
 from diffusion_pl.networks.unet_presets import unet_ddpm_cifar10
 
 

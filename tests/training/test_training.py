@@ -123,10 +123,15 @@ def test_grad_norm_is_logged_before_clipping(tmp_path):
     assert logged > 1e-2, "the logged norm must be the one before clipping to 1e-3"
 
 
-def test_load_module_requires_a_cli_checkpoint(tmp_path):
+def test_a_python_checkpoint_naming_a_class_from_outside_the_package_needs_trust(tmp_path):
+    """A module built in Python saves its components' config (tests/training/test_python_checkpoint.py); this one's
+    loss is a class of the tests, outside the trusted packages, so loading it is refused in one line unless trusted."""
     _fit(tmp_path, 3)
-    with pytest.raises(ValueError, match="was not written by `diffusion-pl fit`"):
-        load_module(str(tmp_path / "checkpoints" / "last.ckpt"))
+    path = str(tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match=r"tests\.support\.training\.RecordingLoss") as err:
+        load_module(path)
+    assert "\n" not in str(err.value) and "trust_config" in str(err.value)
+    assert type(load_module(path, trust_config=True).loss_fn).__name__ == "RecordingLoss"
 
 
 class _NaNAfter(ScoreNetwork):

@@ -80,6 +80,7 @@ _PUBLIC = {
     **dict.fromkeys(("TrainingMonitor",), "training.callbacks.monitor"),
     **dict.fromkeys(("PreemptionCheckpoint",), "training.callbacks.checkpointing"),
     **dict.fromkeys(("TF32",), "training.callbacks.tf32"),
+    **dict.fromkeys(("BlockWrapPolicy",), "training.sharding"),
     **dict.fromkeys(("SampleGrid",), "evaluation.sample_grid"),
     **dict.fromkeys(("FIDCallback",), "evaluation.fid_callback"),
     **dict.fromkeys(("generate",), "evaluation.generation"),

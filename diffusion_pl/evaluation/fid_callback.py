@@ -12,6 +12,8 @@ The feature extractor and metric states live in this callback, never in the Ligh
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from diffusion_pl.evaluation.metrics.precision_recall import PR_REFERENCE
 from diffusion_pl.evaluation.metrics.statistics import ReferenceStats, SampleMetrics, _device, extract, reference_stats
 from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.training.log_step import log_step
+from diffusion_pl.training.sharding import is_sharded
 
 __all__ = ["FIDCallback"]
 
@@ -116,6 +119,14 @@ class FIDCallback(EveryNSteps):
         if stage == "fit" and self.num_samples < trainer.world_size:
             raise ValueError(f"FIDCallback: num_samples={self.num_samples} is below the {trainer.world_size} ranks: "
                              "expected at least one sample per rank")
+        if stage == "fit" and is_sharded(trainer.strategy):
+            # a sharded network's forward is a collective: every rank must run as many sampler calls
+            batches = {math.ceil(len(rank_indices(self.num_samples, r, trainer.world_size)) / self.batch_size)
+                       for r in range(trainer.world_size)}
+            if len(batches) > 1:
+                raise ValueError(f"FIDCallback: num_samples={self.num_samples} gives the {trainer.world_size} ranks "
+                                 f"different numbers of batches of {self.batch_size} under sharded training: expected "
+                                 f"a multiple of {trainer.world_size * self.batch_size} (world size x batch_size)")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         """Move the extractor to the module's device and load (or compute once) the reference statistics."""

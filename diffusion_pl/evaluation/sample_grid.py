@@ -15,6 +15,7 @@ from diffusion_pl.utils.fileio import atomic_path
 from diffusion_pl.evaluation.generation import generate
 from diffusion_pl.evaluation.image_logging import log_image
 from diffusion_pl.training.log_step import log_step
+from diffusion_pl.training.sharding import is_sharded
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.sampling.base import Sampler
 
@@ -72,9 +73,11 @@ class SampleGrid(EveryNSteps):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module) -> list[Path]:
-        """Sample and save one grid per sampler (rank 0 only; other ranks return at once)."""
+        """Sample and save one grid per sampler (rank 0; other ranks return at once, except under sharded training,
+        where every rank samples the same grid: a sharded network's forward gathers its weights from all ranks)."""
         step = log_step(trainer)
-        if trainer.global_rank != 0 or step == self._last_step or self.image_shape is None:
+        sharded = is_sharded(trainer.strategy)
+        if (trainer.global_rank != 0 and not sharded) or step == self._last_step or self.image_shape is None:
             return []
         self._last_step = step
         indices, labels, nrow = self.layout(pl_module.num_classes)
@@ -85,6 +88,8 @@ class SampleGrid(EveryNSteps):
             images = [u8 for _, u8, _, _ in generate(
                 pl_module, sampler, indices, self.image_shape, seed=self.seed, guidance=self.sampling_guidance(),
                 class_choices=labels, batch_size=self.batch_size, device=pl_module.device)]
+            if trainer.global_rank != 0:
+                continue
             grid = make_grid(torch.cat(images).cpu(), nrow=nrow, padding=1)  # uint8 (3, H', W')
             path = folder / f"{label}_step{step}.png"
             with atomic_path(path) as tmp:

@@ -6,5 +6,6 @@
     augment.py           EDM's non-leaking augmentation
     schedules.py         learning-rate schedules: warm-up + constant, cosine, EDM2's inverse square root
     phema.py             power-function EMA profiles and their post-hoc reconstruction math
+    sharding.py          sharded training (FSDP): the networks' auto-wrap policy, sharded gradient norms
     callbacks/           checkpointing, the power-function EMA, the base of step callbacks
 """

@@ -24,11 +24,11 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from diffusion_pl.utils.errors import UserValueError
 
-__all__ = ["EMA", "STATE_KEY"]
+__all__ = ["EMA", "STATE_KEY", "local_pairs"]
 
 STATE_KEY = "ema_state"  # the checkpoint entry holding `EMA.state_dict()`
 
@@ -86,8 +86,9 @@ class EMA:
         if self.images_seen is None:  # resumed from a checkpoint without the counter (module docstring)
             self.images_seen = step * images
         beta = self.beta(step, self.images_seen, images)
-        net_params = [p.detach() for p in net.parameters()]
-        torch._foreach_lerp_(list(averaged.parameters()), net_params, 1.0 - beta)
+        averaged_params, net_params = local_pairs(averaged, net)
+        if averaged_params:  # a rank of a sharded run may hold no slice of any parameter
+            torch._foreach_lerp_(averaged_params, net_params, 1.0 - beta)
         for b_avg, b_net in zip(averaged.buffers(), net.buffers()):
             b_avg.copy_(b_net)
         self.images_seen += images
@@ -103,6 +104,27 @@ class EMA:
         images_seen = (state or {}).get("images_seen")
         self.images_seen = None if images_seen is None else int(images_seen)
         self.step_images = 0
+
+
+def local_pairs(averaged: nn.Module, net: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters of `averaged` and of `net` in pairs, as this rank holds them.
+
+    Unsharded these are the full tensors. Under FSDP they are the rank's local shards: DTensors (FSDP2,
+    `fully_shard`) or views of the rank's slice of a flat parameter (FSDP1 with use_orig_params, Lightning's
+    FSDPStrategy). Both networks wrapped alike (diffusion_pl.training.sharding.BlockWrapPolicy), the rank holds
+    the same slice of each parameter in both, so the update is elementwise on the shards, with no
+    communication; a pair whose local shapes differ is refused in one line.
+    """
+    averaged_params = [p.detach() for p in averaged.parameters()]
+    net_params = [p.detach() for p in net.parameters()]
+    mismatch = len(averaged_params) != len(net_params) or next(
+        (i for i, (a, b) in enumerate(zip(averaged_params, net_params)) if a.shape != b.shape), None) is not None
+    if mismatch:
+        raise RuntimeError(f"EMA update: the averaged network's {len(averaged_params)} parameters on this rank do not "
+                           f"match the network's {len(net_params)} shape for shape: expected two networks sharded "
+                           "alike (under FSDP: auto_wrap_policy diffusion_pl.training.sharding.BlockWrapPolicy, "
+                           "which makes each network a unit of its own)")
+    return averaged_params, net_params
 
 
 def _positive(value: Any) -> bool:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from diffusion_pl.utils import lightning_compat
 from diffusion_pl.training.augment import AugmentPipe
+from diffusion_pl.training import sharding
 from diffusion_pl.training.ema import EMA, STATE_KEY as EMA_STATE_KEY
 from diffusion_pl.training.schedules import Constant, Schedule
 from diffusion_pl.training.log_step import STEP_KEY, log_step, step_in_progress
@@ -217,12 +218,14 @@ class DiffusionModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:  # the datamodule is set up before the module: its shapes are known
             check_data_fits(self.net, datamodule, self.codec)
-        net = self.net
         if self.channels_last:
-            net = net.to(memory_format=torch.channels_last)
+            self.net.to(memory_format=torch.channels_last)
             self.ema.to(memory_format=torch.channels_last)
-        if self.compile and stage == "fit":
-            net = torch.compile(net)
+
+    def on_fit_start(self) -> None:
+        # Here, after the strategy has set the module up, not in `setup`: FSDP replaces `self.net` by its
+        # wrapped unit then (training/sharding.py), and the training model must call that unit.
+        net = torch.compile(self.net) if self.compile else self.net
         # Kept out of the module tree so the compiled wrapper adds no state_dict keys.
         object.__setattr__(self, "_train_model", precondition(net, self.process, self.prediction))
 
@@ -276,7 +279,9 @@ class DiffusionModule(L.LightningModule):
         """Log the total gradient norm before clipping (all-reduced under DDP, unscaled under fp16); then,
         with grad_nan_to_num, replace non-finite entries (before clipping, which would spread a NaN)."""
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads:
+        if sharding.is_sharded(self.trainer.strategy):  # a rank holds a slice: every rank joins the sum
+            self.log("train/grad_norm", sharding.global_grad_norm(grads, self.trainer.strategy))
+        elif grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         if self.grad_nan_to_num:
             for grad in grads:

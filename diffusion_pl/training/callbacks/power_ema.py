@@ -29,7 +29,9 @@ before this one could save the step before its update; `state_dict` therefore ap
 first, and every checkpoint holds the averages of exactly the step it records. Under DDP every rank holds
 identical weights after the optimizer step (gradients are all-reduced), so each rank updates its own copy and no
 communication is needed; rank 0 writes the snapshots, and checkpoints hold rank 0's averages.
-Sharded strategies (FSDP, DeepSpeed, model parallel) are refused: there a rank holds only part of the weights.
+Sharded strategies (FSDP, DeepSpeed, model parallel) are refused (training/sharding.py `is_sharded`): there a rank
+holds only its slice of the weights, and a snapshot would have to gather every average from all ranks; the module's
+own EMA is sharded and supported there.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from diffusion_pl.training.callbacks.run_dir import run_dir
 from diffusion_pl.utils.errors import UserValueError, one_line
 from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.training.ema import EMA
+from diffusion_pl.training.sharding import is_sharded
 from diffusion_pl.training.phema import (SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, PowerFunctionEMA, check_sigma_rel,
                                          list_snapshot_files, save_snapshot, snapshot_name)
 
@@ -100,13 +103,13 @@ class PowerEMA(OptimizerStepCallback):
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        if is_sharded(trainer.strategy):
             raise UserValueError(f"PowerEMA needs every rank to hold the full weights, but the strategy is "
-                                 f"{type(trainer.strategy).__name__}: expected single-device or DDP training")
+                                 f"{type(trainer.strategy).__name__}, which shards them: expected single-device or DDP "
+                                 "training (sharded runs average with the module's own EMA, ema_decay / "
+                                 "ema_half_life_images, which is sharded with the weights)")
         if not isinstance(getattr(pl_module, "net", None), torch.nn.Module) \
                 or not isinstance(getattr(pl_module, "averaging", None), EMA):
             raise UserValueError(f"PowerEMA averages `pl_module.net` over the images counted by `pl_module.averaging`, "

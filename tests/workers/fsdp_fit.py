@@ -1,0 +1,67 @@
+"""Sharded-training worker for tests/training/test_sharding.py (run as a script, never collected).
+
+    PYTHONPATH=<repository root> python tests/workers/fsdp_fit.py OUT_DIR fsdp|ddp [--steps K]
+
+Fits a tiny class-conditional DiT for K optimizer steps on 2 CPU processes (gloo), under Lightning's
+FSDPStrategy with diffusion_pl.training.sharding.BlockWrapPolicy (through tests/support/sharding.py) or under
+DDP, with plain SGD so that the two runs agree to float rounding. Writes OUT_DIR/last.ckpt
+(`trainer.save_checkpoint`, the full state dict by default) and OUT_DIR/rank<R>.json: each step's logged
+train/grad_norm and, per parameter of this rank's `ema`, its local shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from diffusion_pl.losses import DenoisingLoss
+from diffusion_pl.networks.dit import dit_tiny
+from diffusion_pl.processes.variance_preserving import VPLinear
+from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.training.sharding import BlockWrapPolicy
+from tests.support.sharding import CPUFSDPStrategy
+from tests.support.training import IMAGE_SIZE, make_datamodule
+
+
+class GradNorms(L.Callback):
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.norms.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+
+def make_module() -> DiffusionModule:
+    net = dit_tiny(img_resolution=IMAGE_SIZE, num_classes=5)  # the five classes of builtin:shapes
+    return DiffusionModule(net, VPLinear(), loss=DenoisingLoss(p_uncond=0.0), ema_decay=0.5,
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("strategy", choices=("fsdp", "ddp"))
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    module = make_module()
+    strategy = CPUFSDPStrategy(auto_wrap_policy=BlockWrapPolicy()) if args.strategy == "fsdp" else "ddp"
+    norms = GradNorms()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=args.steps, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=args.out, limit_val_batches=0, callbacks=[norms])
+    trainer.fit(module, make_datamodule(batch_size=4))
+    trainer.save_checkpoint(args.out / "last.ckpt")  # every rank calls it: FSDP gathers the full state
+    record = {"grad_norms": norms.norms, "net_type": type(module.net).__name__,
+              "ema_shapes": [list(p.shape) for p in module.ema.parameters()]}
+    Path(args.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

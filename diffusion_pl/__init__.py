@@ -12,7 +12,7 @@ The package is layered; arrows point down only (docs/design.md, "Layout"):
     cli/                         front ends: argument parsing, then one library call
     interop/                     other libraries' weights in and out
     evaluation/                  generation, metrics, evaluation callbacks, post-hoc EMA sweep
-    training/                    DiffusionModule, EMA, augmentation, training callbacks
+    training/                    DiffusionModule, EMA, augmentation, REPA, training callbacks
     data/                        shards: prepare and stream
     codecs/                      the space the process runs in (pixels, VAE latents)
     the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, meanflow.py,
@@ -75,6 +75,7 @@ _PUBLIC = {
     **dict.fromkeys(("ShardDataModule",), "data.datamodule"),
     **dict.fromkeys(("DiffusionModule", "load_module"), "training.module"),
     **dict.fromkeys(("AugmentPipe",), "training.augment"),
+    **dict.fromkeys(("RepresentationAlignment", "ImageEncoder"), "training.repa"),
     **dict.fromkeys(("Schedule", "Constant", "Cosine", "InverseSqrt"), "training.schedules"),
     **dict.fromkeys(("PowerEMA",), "training.callbacks.power_ema"),
     **dict.fromkeys(("TrainingMonitor",), "training.callbacks.monitor"),

@@ -46,6 +46,11 @@ class Codec(ABC):
     def decode(self, x: Tensor) -> Tensor:
         """Samples of the diffusion model as images in [-1, 1]."""
 
+    def pixels(self, batch: Tensor, data: Tensor) -> Tensor:
+        """The clean images (B, 3, H, W) in [-1, 1] behind a training `batch` whose data (`encode`'s output, after
+        any augmentation) is `data`, for losses on images (REPA's encoder); here the data itself."""
+        return data
+
     @abstractmethod
     def sample_shape(self, data_shape: Sequence[int]) -> tuple[int, ...]:
         """The (C, h, w) the network samples, from the shape of one example of a training batch."""

@@ -87,6 +87,13 @@ class LatentCodec(Codec):
     def decode(self, x: Tensor) -> Tensor:
         return self.autoencoder.decode(x)
 
+    def pixels(self, batch: Tensor, data: Tensor) -> Tensor:
+        """Image batches as they are; latent shards' posterior decoded at its mean (one VAE decode per batch)."""
+        if self._is_posterior(batch.shape[1:]):
+            mean = batch.float().chunk(2, dim=1)[0]
+            return self.autoencoder.decode(self.autoencoder.normalize(mean))
+        return batch
+
     def _is_posterior(self, data_shape: Sequence[int]) -> bool:
         return len(data_shape) == 3 and data_shape[0] == 2 * self.autoencoder.latent_channels
 

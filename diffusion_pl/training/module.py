@@ -11,8 +11,8 @@ and nothing depends on how many steps a previous job ran (as EDM2 seeds from ima
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import functools
 import warnings
 from typing import Any, Literal
@@ -26,11 +26,12 @@ from torch import Tensor, nn
 from diffusion_pl.utils import lightning_compat
 from diffusion_pl.training.augment import AugmentPipe
 from diffusion_pl.training import sharding
+from diffusion_pl.training.repa import RepresentationAlignment
 from diffusion_pl.training.ema import EMA, STATE_KEY as EMA_STATE_KEY
 from diffusion_pl.training.schedules import Constant, Schedule
 from diffusion_pl.training.log_step import STEP_KEY, log_step, step_in_progress
 from diffusion_pl.codecs.autoencoder import Autoencoder
-from diffusion_pl.codecs.base import Codec, Pixels
+from diffusion_pl.codecs.base import Codec
 from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
 from diffusion_pl.utils.errors import NonFiniteLossError, UserValueError, one_line
@@ -40,10 +41,10 @@ from diffusion_pl.meanflow import MeanFlowLoss
 from diffusion_pl.networks.base import ScoreNetwork, check_score_network
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes.base import Process
-from diffusion_pl.training.shapes import DataShape, check_augment_labels, check_network_fits
+from diffusion_pl.training.shapes import check_augment_labels, check_data_fits
 from diffusion_pl.utils.seeding import mix_seed as step_seed
 
-__all__ = ["DiffusionModule", "check_data_fits", "load_module", "module_from_checkpoint"]
+__all__ = ["DiffusionModule", "load_module", "module_from_checkpoint"]
 
 # Lightning warns about submodules in eval mode at the start of fit; the EMA copy is one on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -91,6 +92,9 @@ class DiffusionModule(L.LightningModule):
         autoencoder: a frozen `Autoencoder` for latent diffusion: the module's codec (`self.codec`, `Pixels` when
             None; diffusion_pl/codecs/) is then its latents: batches become latents, samples are decoded; it is
             never in the optimizer, the EMA or the state_dict.
+        repa: REPA's representation alignment (`RepresentationAlignment`, diffusion_pl/training/repa.py): adds
+            weight x the alignment loss (logged as train/repa; train/loss stays the denoising loss); its projector
+            trains with the net (optimizer, state_dict; no EMA), its frozen encoder is in neither.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class DiffusionModule(L.LightningModule):
         augment: AugmentPipe | None = None,
         grad_nan_to_num: bool = False,
         autoencoder: Autoencoder | None = None,
+        repa: RepresentationAlignment | None = None,
     ) -> None:
         super().__init__()
         check_score_network(net, "net")
@@ -143,7 +148,8 @@ class DiffusionModule(L.LightningModule):
             self.save_hyperparameters()
         else:
             components = {"net": net, "process": process, "prediction": prediction, "loss": loss,
-                          "lr_schedule": lr_schedule, "augment": augment, "autoencoder": autoencoder}
+                          "lr_schedule": lr_schedule, "augment": augment, "autoencoder": autoencoder,
+                          "repa": repa}
             self.save_hyperparameters(ignore=[*components, "optimizer"])
             # the components' constructor calls as the CLI's config, so that sample / evaluate / export read the
             # checkpoints of a module fitted with a plain Trainer (the optimizer, a callable, is left out)
@@ -174,6 +180,12 @@ class DiffusionModule(L.LightningModule):
         # the space the process runs in; a plain object (not an nn.Module): no parameters, no state_dict entries
         self.codec: Codec = codec_for(autoencoder)
         self.codec.check_module(net, augment)
+        if repa is not None and autoencoder is not None and augment is not None:
+            raise UserValueError("repa with augment in a latent space: expected one of them (the encoder sees pixels, "
+                                 "the augmentation would change latents only)")
+        self.repa = repa
+        if repa is not None:
+            repa.bind(net)  # the projector, for the block's width
         self._train_model: Model | None = None
         self._pending_images = 0  # local images of the micro-batches since the last optimizer step
 
@@ -236,8 +248,8 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         self._reseed(batch_idx)
         self.log(STEP_KEY, float(step_in_progress(self.trainer)))  # this batch's metrics' index (log_step.py)
-        x0, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
-        x0 = self.codec.encode(x0)  # latents: one posterior draw, after the reseed
+        images, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
+        x0 = self.codec.encode(images)  # latents: one posterior draw, after the reseed
         self._pending_images += x0.shape[0]  # every rank draws batches of the same size (optimizer_step)
         model = self._train_model
         if self.augment is not None:  # drawn from the generator reseeded above, before the loss's draws
@@ -246,14 +258,19 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = class_labels if self.num_classes is not None else None
-        out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label)
+        with self.repa.capture(self.net) if self.repa is not None else contextlib.nullcontext() as tokens:
+            out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label)
         loss = out.loss.mean()
-        if not self._loss_is_finite(loss):
+        align = None if self.repa is None else self.repa.loss(tokens, self.codec.pixels(images, x0))
+        total = loss if align is None else loss + self.repa.weight * align
+        if not self._loss_is_finite(total):
             return None
         self.log("train/loss", loss, prog_bar=True)
+        if align is not None:
+            self.log("train/repa", align, prog_bar=True)
         for name, value in bucket_losses(out.loss.detach(), out.t, self.process).items():
             self.log(f"train/{name}", value)
-        return loss
+        return total
 
     def _loss_is_finite(self, loss: Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float()
@@ -297,7 +314,8 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         try:
-            optimizer = self.optimizer_fn(self.net.parameters())
+            extra = () if self.repa is None else self.repa.parameters()  # REPA's projector trains with the net
+            optimizer = self.optimizer_fn([*self.net.parameters(), *extra])
         except ValueError as err:  # torch.optim checks its values (lr, betas, eps, weight_decay) this way
             raise UserValueError(f"optimizer: {one_line(err)}: expected the optimizer's valid range") from err
         if self.lr_schedule is None:
@@ -341,21 +359,6 @@ def _component_specs(components: dict[str, Any]) -> dict[str, Any] | None:
         rank_zero_warn(f"this DiffusionModule's checkpoints will hold no config, so `diffusion-pl sample`, "
                        f"`evaluate` and `export` will not read them: {err}")
         return None
-
-
-def check_data_fits(net: ScoreNetwork, datamodule: Any, codec: Codec | None = None) -> None:
-    """Refuse, in one line naming both values, data whose channels, size or classes the network does not take.
-
-    The network's declared shapes against the data's (`diffusion_pl.training.shapes`), channels and size in the
-    codec's space (default `Pixels`): what the network sees of the data; classes from the datamodule itself.
-    """
-    codec = codec if codec is not None else Pixels()
-    codec.check_data(net, datamodule)  # the space's own rules (a latent space: the VAE's identity, latent shapes)
-    seen = codec.network_view(datamodule)  # pixels as they are, images as their latents, latent shards as they are
-    labels = DataShape.of(datamodule, size=False)
-    size, channels = getattr(seen, "output_size", None), getattr(seen, "channels", None)
-    check_network_fits(net, dataclasses.replace(labels, channels=None if channels is None else int(channels),
-                                                size=None if size is None else (int(size[0]), int(size[1]))))
 
 
 def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",

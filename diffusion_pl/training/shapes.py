@@ -5,7 +5,7 @@ img_resolution, num_classes, augment_dim); what data gives is a `DataShape`, rea
 (`DataShape.of`: ShardDataModule's `channels`, `image_size` / `output_size`, `num_classes`; a datamodule
 without one of them leaves it unchecked). Used by
 
-    DiffusionModule.setup          check_network_fits (via module.check_data_fits)
+    DiffusionModule.setup          check_network_fits (via check_data_fits)
     DiffusionModule.__init__       check_augment_labels
     `diffusion-pl fit`             network_fill: the unset in_channels / img_resolution of a recipe
     generation.guide_mismatch      network_mismatch: a guide must generate the same shape and classes
@@ -16,13 +16,15 @@ The latent side (latent shards, the autoencoder's latent shape and identity) is 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from diffusion_pl.codecs.base import Codec, Pixels
 from diffusion_pl.networks.base import ScoreNetwork
 from diffusion_pl.utils.errors import UserValueError
 
-__all__ = ["DataShape", "check_network_fits", "check_augment_labels", "network_fill", "network_mismatch",
+__all__ = ["DataShape", "check_data_fits", "check_network_fits", "check_augment_labels", "network_fill", "network_mismatch",
            "FILLED"]
 
 FILLED = ("in_channels", "img_resolution")  # the network options `diffusion-pl fit` fills from the data
@@ -114,3 +116,18 @@ def network_mismatch(net: ScoreNetwork, other: ScoreNetwork) -> tuple[str, Any, 
                (other.in_channels, other.img_resolution)),
               ("num_classes", net.num_classes, other.num_classes))
     return next(((what, own, theirs) for what, own, theirs in checks if own != theirs), None)
+
+
+def check_data_fits(net: ScoreNetwork, datamodule: Any, codec: Codec | None = None) -> None:
+    """Refuse, in one line naming both values, data whose channels, size or classes the network does not take.
+
+    The network's declared shapes against the data's (above), channels and size in the
+    codec's space (default `Pixels`): what the network sees of the data; classes from the datamodule itself.
+    """
+    codec = codec if codec is not None else Pixels()
+    codec.check_data(net, datamodule)  # the space's own rules (a latent space: the VAE's identity, latent shapes)
+    seen = codec.network_view(datamodule)  # pixels as they are, images as their latents, latent shards as they are
+    labels = DataShape.of(datamodule, size=False)
+    size, channels = getattr(seen, "output_size", None), getattr(seen, "channels", None)
+    check_network_fits(net, dataclasses.replace(labels, channels=None if channels is None else int(channels),
+                                                size=None if size is None else (int(size[0]), int(size[1]))))

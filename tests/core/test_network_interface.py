@@ -21,7 +21,8 @@ from diffusion_pl.networks.embeddings import ClassEmbedding
 from diffusion_pl.networks.presets import PRESETS
 from diffusion_pl.networks.unet_presets import unet_ddpm_cifar10, unet_tiny
 from diffusion_pl.processes.variance_preserving import VPLinear
-from diffusion_pl.training.module import DiffusionModule, check_data_fits
+from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.training.shapes import check_data_fits
 from diffusion_pl.training.shapes import (DataShape, check_augment_labels, check_network_fits, network_fill,
                                           network_mismatch)
 from diffusion_pl.utils.errors import UserValueError

@@ -18,7 +18,8 @@ from diffusion_pl.utils.errors import UserError
 from diffusion_pl.evaluation.generation import generate
 from diffusion_pl.codecs.base import Pixels
 from diffusion_pl.codecs.latent import LatentCodec, codec_for
-from diffusion_pl.training.module import DiffusionModule, check_data_fits
+from diffusion_pl.training.module import DiffusionModule
+from diffusion_pl.training.shapes import check_data_fits
 from diffusion_pl.networks.unet import UNet
 from diffusion_pl.processes.variance_preserving import VPLinear
 from diffusion_pl.sampling.posterior import DDIM

@@ -15,8 +15,8 @@ The package is layered; arrows point down only (docs/design.md, "Layout"):
     training/                    DiffusionModule, EMA, augmentation, training callbacks
     data/                        shards: prepare and stream
     codecs/                      the space the process runs in (pixels, VAE latents)
-    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, vlb.py,
-                                 likelihood.py, oracle.py, networks/
+    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, consistency.py,
+                                 vlb.py, likelihood.py, oracle.py, networks/
     utils/                       errors, file I/O, paths, seeds, trust, hub, Lightning internals
 
 Glossary (names follow the papers):
@@ -62,7 +62,9 @@ _PUBLIC = {
     **dict.fromkeys(("EDMStochastic",), "sampling.edm"),
     **dict.fromkeys(("DPMSolverPP", "DPMSolverPPSDE"), "sampling.dpm_solver"),
     **dict.fromkeys(("UniPC",), "sampling.unipc"),
-    **dict.fromkeys(("DenoisingLoss", "UniformTime", "LogNormalNoise", "LogitNormalTime", "ModeTime", "ShiftedTime",
+    **dict.fromkeys(("Consistency",), "sampling.consistency"),
+    **dict.fromkeys(("ConsistencyLoss", "ECTSchedule"), "consistency"),
+    **dict.fromkeys(("TrainingLoss", "DenoisingLoss", "UniformTime", "LogNormalNoise", "LogitNormalTime", "ModeTime", "ShiftedTime",
                      "OutputMSE", "EpsMSE", "LikelihoodWeighting", "MinSNR", "EDMWeighting", "VelocityMSE"), "losses"),
     **dict.fromkeys(("bits_per_dim", "ode_nll"), "likelihood"),
     **dict.fromkeys(("GaussianMixture",), "oracle"),

@@ -34,7 +34,7 @@ from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
 from diffusion_pl.utils.errors import NonFiniteLossError, UserValueError, one_line
 from diffusion_pl.utils.recorded import NotRecordable, init_spec
-from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
+from diffusion_pl.losses import DenoisingLoss, TrainingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.networks.base import ScoreNetwork, check_score_network
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes.base import Process
@@ -61,7 +61,9 @@ class DiffusionModule(L.LightningModule):
             classes (a `diffusion_pl.networks.base.ScoreNetwork`: UNet, DiT or a subclass); others are refused.
         process: the forward process (alpha(t), sigma(t)).
         prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
-        loss: time proposal x weighting, with label dropout for classifier-free guidance.
+        loss: a `TrainingLoss`: `DenoisingLoss` (time proposal x weighting, with label dropout for classifier-free
+            guidance; the default) or `diffusion_pl.consistency.ConsistencyLoss` (consistency training, ECT).
+            It gets the run's images seen at every call (ECT's schedule reads them).
         optimizer: a callable params -> optimizer (LightningCLI fills it from `optimizer:`).
         lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000); the same as
             `lr_schedule=Constant(lr_warmup_steps)`, kept for the recipes and saved configs that set it.
@@ -95,7 +97,7 @@ class DiffusionModule(L.LightningModule):
         net: nn.Module,
         process: Process,
         prediction: Prediction | None = None,
-        loss: DenoisingLoss | None = None,
+        loss: TrainingLoss | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_warmup_steps: int = 0,
         lr_schedule: Schedule | None = None,
@@ -155,6 +157,13 @@ class DiffusionModule(L.LightningModule):
         self.process = process
         self.prediction = prediction if prediction is not None else EpsPrediction()
         self.loss_fn = loss if loss is not None else DenoisingLoss()
+        if not isinstance(self.loss_fn, TrainingLoss):
+            raise UserValueError(f"loss is a {type(self.loss_fn).__name__}: expected a diffusion_pl.losses.TrainingLoss "
+                                 "(DenoisingLoss, ConsistencyLoss)")
+        try:
+            self.loss_fn.check(process, self.prediction)
+        except ValueError as err:
+            raise UserValueError(f"loss {type(self.loss_fn).__name__}: {one_line(err)}") from err
         self.optimizer_fn = optimizer
         self.lr_warmup_steps = lr_warmup_steps
         if lr_schedule is None and lr_warmup_steps:  # the warm-up it always was
@@ -236,7 +245,8 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = class_labels if self.num_classes is not None else None
-        out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label)
+        out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label,
+                           images_seen=self._images_seen(x0.shape[0]))
         loss = out.loss.mean()
         if not self._loss_is_finite(loss):
             return None
@@ -244,6 +254,14 @@ class DiffusionModule(L.LightningModule):
         for name, value in bucket_losses(out.loss.detach(), out.t, self.process).items():
             self.log(f"train/{name}", value)
         return loss
+
+    def _images_seen(self, batch: int) -> int:
+        """Training images of every optimizer step so far (the EMA's counter; for a checkpoint written before the
+        counter was saved, the first step's estimate `EMA.update` uses: steps x this batch x ranks)."""
+        seen = self.averaging.images_seen
+        if seen is None:
+            seen = self.global_step * batch * max(1, self.trainer.accumulate_grad_batches) * self.trainer.world_size
+        return int(seen)
 
     def _loss_is_finite(self, loss: Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float()
@@ -311,7 +329,7 @@ class DiffusionModule(L.LightningModule):
         labels = class_labels if self.num_classes is not None else None
         # the generator also draws the label dropout (p_uncond), so val/loss is deterministic
         out = self.loss_fn(self.model(ema=True), x0, self.process, self.prediction, labels, self.null_label,
-                           generator=g, t=t, eps=eps)
+                           generator=g, t=t, eps=eps, images_seen=self._images_seen(n))
         loss = out.loss.mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log(STEP_KEY, float(log_step(self.trainer)))  # after step k: logged at k, as training's (log_step.py)

@@ -109,15 +109,15 @@ class ConsistencyLoss(TrainingLoss):
     """Discrete-time consistency training with ECT's schedule (see the module docstring).
 
     Args:
-        proposal: the distribution of t (ECT, iCT: log-normal noise level, mean -1.1, std 2.0).
-        schedule: r from t and the images seen (`ECTSchedule`).
+        proposal: the distribution of t; None: ECT's and iCT's log-normal noise level, `LogNormalNoise(-1.1, 2.0)`.
+        schedule: r from t and the images seen; None: `ECTSchedule()`, ECT's CIFAR-10 settings.
         distance: 'pseudo_huber' (sqrt(||.||^2 + c^2) - c, summed over dimensions) or 'l2' (||.||^2).
         c: the pseudo-Huber constant; None means iCT's 0.00054 sqrt(dim) (Song & Dhariwal 2023, Sec. 3.3);
             ECT's CIFAR-10 run: 0 (the L2 norm, ct_train.py:75).
         p_uncond: label dropout for classifier-free guidance (as `DenoisingLoss`).
     """
 
-    def __init__(self, proposal: TimeProposal = LogNormalNoise(-1.1, 2.0), schedule: ECTSchedule = ECTSchedule(),
+    def __init__(self, proposal: TimeProposal | None = None, schedule: ECTSchedule | None = None,
                  distance: Distance = "pseudo_huber", c: float | None = 0.0, p_uncond: float = 0.0) -> None:
         if distance not in ("pseudo_huber", "l2"):
             raise ValueError(f"distance must be 'pseudo_huber' or 'l2', got {distance!r}")
@@ -125,7 +125,9 @@ class ConsistencyLoss(TrainingLoss):
             check_nonnegative("c", c)
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
-        self.proposal, self.schedule, self.distance, self.c, self.p_uncond = proposal, schedule, distance, c, p_uncond
+        self.proposal = proposal if proposal is not None else LogNormalNoise(-1.1, 2.0)
+        self.schedule = schedule if schedule is not None else ECTSchedule()
+        self.distance, self.c, self.p_uncond = distance, c, p_uncond
 
     def check(self, process: Process, prediction: Prediction) -> None:
         check_boundary(process, prediction)

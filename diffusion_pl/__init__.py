@@ -15,7 +15,7 @@ The package is layered; arrows point down only (docs/design.md, "Layout"):
     training/                    DiffusionModule, EMA, augmentation, REPA, training callbacks
     data/                        shards: prepare and stream
     codecs/                      the space the process runs in (pixels, VAE latents)
-    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, meanflow.py,
+    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, meanflow.py, consistency.py,
                                  vlb.py, likelihood.py, oracle.py, networks/
     utils/                       errors, file I/O, paths, seeds, trust, hub, Lightning internals
 
@@ -62,7 +62,9 @@ _PUBLIC = {
     **dict.fromkeys(("EDMStochastic",), "sampling.edm"),
     **dict.fromkeys(("DPMSolverPP", "DPMSolverPPSDE"), "sampling.dpm_solver"),
     **dict.fromkeys(("UniPC",), "sampling.unipc"),
-    **dict.fromkeys(("DenoisingLoss", "UniformTime", "LogNormalNoise", "LogitNormalTime", "ModeTime", "ShiftedTime",
+    **dict.fromkeys(("Consistency",), "sampling.consistency"),
+    **dict.fromkeys(("ConsistencyLoss", "ECTSchedule"), "consistency"),
+    **dict.fromkeys(("TrainingLoss", "DenoisingLoss", "UniformTime", "LogNormalNoise", "LogitNormalTime", "ModeTime", "ShiftedTime",
                      "OutputMSE", "EpsMSE", "LikelihoodWeighting", "MinSNR", "EDMWeighting", "VelocityMSE"), "losses"),
     **dict.fromkeys(("MeanFlowLoss", "MeanFlowTimes"), "meanflow"),
     **dict.fromkeys(("MeanFlow",), "sampling.meanflow"),

@@ -44,8 +44,10 @@ __all__ = [
     "MinSNR",
     "EDMWeighting",
     "VelocityMSE",
+    "TrainingLoss",
     "DenoisingLoss",
     "LossOutput",
+    "drop_labels",
     "bucket_losses",
     "log_snr_grid",
 ]
@@ -280,7 +282,27 @@ class LossOutput:
     vlb: Tensor | None = None
 
 
-class DenoisingLoss(AttributeRepr):
+class TrainingLoss(AttributeRepr):
+    """What `DiffusionModule` trains with: a per-sample loss for a batch of clean data (`DenoisingLoss`,
+    `diffusion_pl.consistency.ConsistencyLoss`).
+
+    `images_seen`, the training images of every optimizer step so far (the module's `EMA.images_seen`), is
+    passed to every call, so that a loss whose terms change over training (ECT's shrinking step) is a pure
+    function of the run's progress and resumes exactly; a loss that does not change ignores it.
+    """
+
+    def check(self, process: Process, prediction: Prediction) -> None:
+        """Refuse, in one line, a process or parameterization this loss cannot train; the default takes any."""
+
+    def __call__(self, model: Model, x0: Tensor, process: Process, prediction: Prediction,
+                 class_labels: Tensor | None = None, null_label: int | None = None,
+                 generator: torch.Generator | None = None, t: Tensor | None = None,
+                 eps: Tensor | None = None, images_seen: int = 0) -> LossOutput:
+        """Per-sample loss for clean data x0 (B, ...); pass t and eps for a deterministic (validation) loss."""
+        raise NotImplementedError
+
+
+class DenoisingLoss(TrainingLoss):
     """E_t w_out(t) ||F(x_t, t, y) - target||^2 (see the module docstring), with label dropout (Ho & Salimans 2022).
 
     vlb_weight: lambda of the hybrid loss (Nichol & Dhariwal 2021, Sec. 3.1: 0.001) for a network with a
@@ -306,15 +328,16 @@ class DenoisingLoss(AttributeRepr):
     def __call__(self, model: Model, x0: Tensor, process: Process, prediction: Prediction,
                  class_labels: Tensor | None = None, null_label: int | None = None,
                  generator: torch.Generator | None = None, t: Tensor | None = None,
-                 eps: Tensor | None = None) -> LossOutput:
-        """Per-sample loss for clean data x0 (B, ...); pass t and eps for a deterministic (validation) loss."""
+                 eps: Tensor | None = None, images_seen: int = 0) -> LossOutput:
+        """Per-sample loss for clean data x0 (B, ...); pass t and eps for a deterministic (validation) loss.
+        images_seen: unused (the denoising loss is the same at every step of training)."""
         b = x0.shape[0]
         if t is None:
             t = self.proposal.sample(b, process, generator=generator, device=x0.device)
         t = t.to(device=x0.device, dtype=x0.dtype)  # the model contract: t in x_t's dtype
         if eps is None:
             eps = _draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
-        class_labels = self._drop_labels(class_labels, null_label, generator)
+        class_labels = drop_labels(class_labels, null_label, self.p_uncond, generator)
         x_t = process.marginal(x0, t, eps)  # (B, ...)
         out, variance_interp = split_variance(model(x_t, t, class_labels), x_t)  # (B, ...), (B, ...) or None
         target = prediction.target(x0, eps, t, process).to(out.dtype)
@@ -342,14 +365,15 @@ class DenoisingLoss(AttributeRepr):
                              "vlb_num_steps: expected the number of steps N of its discretisation (e.g. 1000)")
         return self.vlb_num_steps
 
-    def _drop_labels(self, class_labels, null_label, generator):
-        """Replace each label by null_label with probability p_uncond (classifier-free guidance training)."""
-        if class_labels is None or self.p_uncond == 0.0:
-            return class_labels
-        if null_label is None:
-            raise ValueError("p_uncond > 0 with class labels needs null_label, the index of the 'no class' label")
-        drop = _draw(torch.rand, tuple(class_labels.shape), generator, class_labels.device) < self.p_uncond
-        return torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
+def drop_labels(class_labels: Tensor | None, null_label: int | None, p_uncond: float,
+                generator: torch.Generator | None = None) -> Tensor | None:
+    """Replace each label by null_label with probability p_uncond (classifier-free guidance training)."""
+    if class_labels is None or p_uncond == 0.0:
+        return class_labels
+    if null_label is None:
+        raise ValueError("p_uncond > 0 with class labels needs null_label, the index of the 'no class' label")
+    drop = _draw(torch.rand, tuple(class_labels.shape), generator, class_labels.device) < p_uncond
+    return torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
 
 
 LOG_SNR_EDGES = (-4.0, 0.0, 4.0)  # sigma/alpha > 7.4 | 1..7.4 | 0.14..1 | < 0.14

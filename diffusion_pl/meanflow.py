@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffusion_pl.losses import LossOutput
+from diffusion_pl.losses import LossOutput, TrainingLoss
 from diffusion_pl.prediction import Model, Prediction, average_velocity_of, split_variance
 from diffusion_pl.processes.base import AttributeRepr, Process, append_dims, check_nonnegative, check_positive
 
@@ -88,7 +88,7 @@ class MeanFlowTimes(AttributeRepr):
         return t.float(), r.float()
 
 
-class MeanFlowLoss(AttributeRepr):
+class MeanFlowLoss(TrainingLoss):
     """MeanFlow's loss sg(w) ||u_theta(x_t, r, t) - sg(u_tgt)||^2 (Geng et al. 2025, eq. 9-10; see the module docstring).
 
     times: the (t, r) proposal (`MeanFlowTimes`).
@@ -121,8 +121,9 @@ class MeanFlowLoss(AttributeRepr):
     def __call__(self, model: Model, x0: Tensor, process: Process, prediction: Prediction,
                  class_labels: Tensor | None = None, null_label: int | None = None,
                  generator: torch.Generator | None = None, t: Tensor | None = None,
-                 eps: Tensor | None = None, r: Tensor | None = None) -> LossOutput:
-        """Per-sample weighted loss (B,) for clean data x0 (B, ...); pass t (and r, eps) for a deterministic loss."""
+                 eps: Tensor | None = None, r: Tensor | None = None, images_seen: int = 0) -> LossOutput:
+        """Per-sample weighted loss (B,) for clean data x0 (B, ...); pass t (and r, eps) for a deterministic loss.
+        `images_seen` (the run's progress, `TrainingLoss`) does not change MeanFlow's loss."""
         check_process(process)
         b = x0.shape[0]
         if t is None:

@@ -95,6 +95,32 @@ class GaussianMixture:
         r = torch.softmax(logp_k, 1)[:, :, None]
         return (-(r * diff / var[:, :, None]).sum(1)).reshape(x_t.shape)
 
+    def consistency_function(self, x_t: Tensor, t: Tensor | float, process: Process, rtol: float = 1e-10,
+                             atol: float = 1e-10) -> Tensor:
+        """The exact consistency function f(x_t, t) = x(t_min) / alpha(t_min) (float64, x_t's shape): the
+        probability-flow ODE dx/dt = alpha' E[x0|x] + sigma' E[eps|x] of this mixture, integrated from each (x_t, t)
+        down to t_min by scipy's DOP853 (all samples as one system, in log t, so t_min must be > 0)."""
+        from scipy.integrate import solve_ivp  # float64 adaptive RK; torchdiffeq is an optional extra
+
+        if not process.t_min > 0:
+            raise ValueError(f"consistency_function integrates in log t: expected t_min > 0, got {process.t_min}")
+        x = x_t.reshape(x_t.shape[0], -1).to(torch.float64).cpu()
+        b, d = x.shape
+        log_t = torch.log(torch.as_tensor(t, dtype=torch.float64).cpu().expand(b))
+        span = math.log(process.t_min) - log_t  # (B,) <= 0
+
+        def rhs(u, y):
+            tt = torch.exp(log_t + u * span)
+            x0, eps = self.posterior_means(torch.from_numpy(y).reshape(b, d), tt, process)
+            v = process.d_alpha(tt)[:, None] * x0 + process.d_sigma(tt)[:, None] * eps
+            return (v * (tt * span)[:, None]).reshape(-1).numpy()
+
+        sol = solve_ivp(rhs, (0.0, 1.0), x.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol)
+        if not sol.success:
+            raise RuntimeError(f"the exact probability-flow ODE did not converge: {sol.message}")
+        alpha_min = float(process.alpha(torch.tensor([process.t_min], dtype=torch.float64))[0])
+        return (torch.from_numpy(sol.y[:, -1]).reshape(x_t.shape) / alpha_min).to(x_t.device)
+
     def model(self, process: Process, prediction: Prediction) -> Model:
         """The exact network for `prediction`: F = E[target | x_t], in the model contract (x_t, t, y) -> F.
 

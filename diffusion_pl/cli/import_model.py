@@ -3,6 +3,7 @@
     diffusion-pl import google/ddpm-cifar10-32 --out imported/ddpm_cifar10.ckpt
     diffusion-pl import DiT-XL-2-256x256.pt --out imported/dit_xl_2_256.ckpt         # --arch DiT-XL/2 implied
     diffusion-pl import path/to/DiT-B-2.pt --arch DiT-B/2 --image_size 256 --out imported/dit_b_2.ckpt
+    diffusion-pl import runs/cifar10_edm/checkpoints/last.ckpt --out imported/edm_cifar10.ckpt   # its EMA network
 
 The checkpoint holds the network (as the net and its EMA), the process and the parameterization
 that the scheduler config gives, so `sample`, `evaluate`, `export` and `fit --ckpt_path` (fine-tuning:
@@ -28,7 +29,8 @@ __all__ = ["main", "parser", "run"]
 def parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="diffusion-pl import", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("source", help="a diffusers model or pipeline folder, a hub id (owner/name: the Hugging Face cache "
+    p.add_argument("source", help="a checkpoint of `diffusion-pl fit` (.ckpt: its EMA network as a starting point, "
+                                  "e.g. ECT's tuning from an EDM run), a diffusers model or pipeline folder, a hub id (owner/name: the Hugging Face cache "
                                   "first, else downloaded), a facebookresearch/DiT .pt file, or DiT-XL-2-256x256.pt / "
                                   "DiT-XL-2-512x512.pt (torch hub's cache, else downloaded)")
     p.add_argument("--out", required=True, help="the checkpoint file to write (e.g. imported/model.ckpt)")

@@ -2,6 +2,8 @@
 
 Sources (`source`), tried in this order:
 
+- a `.ckpt` written by `diffusion-pl fit`: its network, process and parameterization with its EMA weights (as
+  both the network and the EMA), the start of a fine-tune with another loss (ECT from an EDM run);
 - a local folder: a diffusers model folder (config.json + diffusion_pytorch_model.safetensors or .bin)
   or a pipeline folder holding one in unet/ or transformer/; `UNet2DModel` becomes the `UNet`,
   `DiTTransformer2DModel` (or the legacy `Transformer2DModel` with norm_type ada_norm_zero, as
@@ -131,7 +133,7 @@ def _resolve(source: str, timeout: float) -> Path:
         return path
     if source in PUBLISHED:
         return _published_dit(source, timeout)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "~")) and not source.endswith(".pt"):
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "~")) and not source.endswith((".pt", ".ckpt")):
         return _hub_snapshot(source, timeout)
     raise MissingFileError(f"{source} does not exist: expected a diffusers model or pipeline folder, a hub id "
                            f"owner/name, a facebookresearch/DiT .pt file, or one of {', '.join(PUBLISHED)}")
@@ -285,6 +287,31 @@ def _autoencoder_hparams(vae: str | None, pipeline: str | None = None) -> dict[s
     return {"autoencoder": {"class_path": "diffusion_pl.codecs.autoencoder.Autoencoder", "init_args": args}}
 
 
+def _import_fit_checkpoint(path: Path, out: str | Path, provenance: dict[str, Any], overwrite: bool) -> Path:
+    """A checkpoint of `diffusion-pl fit` as a starting point: its network, process, parameterization (and
+    autoencoder), with its EMA weights as both the network and the EMA, and nothing else (no loss, optimizer or
+    loops), so that `fit --ckpt_path` tunes it with the recipe's loss from step 0. ECT starts so from EDM's
+    checkpoint (locuslab/ect training/ct_training_loop.py:192-193: the `ema` copied into net and ema)."""
+    from diffusion_pl.utils.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    missing = [key for key in ("net", "process") if key not in checkpoint.config]
+    if missing:
+        raise UserValueError(f"{path} holds no saved model.{' and model.'.join(missing)}: expected a checkpoint "
+                             "written by `diffusion-pl fit`")
+    weights = {k[len("ema."):]: v for k, v in checkpoint.state_dict.items() if k.startswith("ema.")}
+    if not weights:
+        raise UserValueError(f"{path} holds no EMA weights (ema.*): expected a checkpoint written by `diffusion-pl fit`")
+    config = checkpoint.config
+    prediction = config.get("prediction") or {"class_path": "diffusion_pl.prediction.EpsPrediction", "init_args": {}}
+    extra = {"autoencoder": config["autoencoder"]} if config.get("autoencoder") else {}
+    provenance.update(format="diffusion_pl fit checkpoint (EMA weights)", weights_file=str(path),
+                      global_step=checkpoint.global_step, weights_sha256=sha256_file(path), sampler=None, clip_x0=None)
+    weights = {k: v.detach().clone() for k, v in weights.items()}
+    return write_imported_checkpoint(out, config["net"], config["process"], prediction, weights, provenance, extra,
+                                     overwrite)
+
+
 def import_pretrained(source: str, out: str | Path, arch: str | None = None, image_size: int | None = None,
                       vae: str | None = "auto", overwrite: bool = False, download_timeout: float = 10.0) -> Path:
     """Write a diffusion_pl checkpoint at `out` from a published model (see the module docstring); returns `out`.
@@ -302,6 +329,8 @@ def import_pretrained(source: str, out: str | Path, arch: str | None = None, ima
     path = _resolve(str(source), download_timeout)
     provenance: dict[str, Any] = {"source": str(source), "diffusion_pl_version": __version__}
     extra: dict[str, Any] = {}
+    if path.is_file() and path.suffix == ".ckpt":
+        return _import_fit_checkpoint(path, out, provenance, overwrite)
     if path.is_file():  # a facebookresearch/DiT file
         from diffusion_pl.interop.dit_reference import PUBLISHED, dit_from_reference
         from diffusion_pl.networks.dit import DiT

@@ -35,9 +35,8 @@ from diffusion_pl.codecs.base import Codec
 from diffusion_pl.codecs.latent import codec_for
 from diffusion_pl.utils.checkpoint import Checkpoint, read_checkpoint
 from diffusion_pl.utils.errors import NonFiniteLossError, UserValueError, one_line
-from diffusion_pl.utils.recorded import NotRecordable, init_spec
-from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
-from diffusion_pl.meanflow import MeanFlowLoss
+from diffusion_pl.utils.recorded import NotRecordable, component_specs
+from diffusion_pl.losses import DenoisingLoss, TrainingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.networks.base import ScoreNetwork, check_score_network
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes.base import Process
@@ -64,8 +63,10 @@ class DiffusionModule(L.LightningModule):
             classes (a `diffusion_pl.networks.base.ScoreNetwork`: UNet, DiT or a subclass); others are refused.
         process: the forward process (alpha(t), sigma(t)).
         prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
-        loss: time proposal x weighting, with label dropout for classifier-free guidance (`DenoisingLoss`); or
-            `MeanFlowLoss` (diffusion_pl/meanflow.py), an average-velocity model for one-step sampling.
+        loss: a `TrainingLoss`: `DenoisingLoss` (time proposal x weighting, with label dropout for classifier-free
+            guidance; the default), `diffusion_pl.consistency.ConsistencyLoss` (consistency training, ECT) or
+            `diffusion_pl.meanflow.MeanFlowLoss` (an average-velocity model for one-step sampling). It gets the
+            run's images seen at every call (ECT's schedule reads them).
         optimizer: a callable params -> optimizer (LightningCLI fills it from `optimizer:`).
         lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000); the same as
             `lr_schedule=Constant(lr_warmup_steps)`, kept for the recipes and saved configs that set it.
@@ -102,7 +103,7 @@ class DiffusionModule(L.LightningModule):
         net: ScoreNetwork,
         process: Process,
         prediction: Prediction | None = None,
-        loss: DenoisingLoss | MeanFlowLoss | None = None,
+        loss: TrainingLoss | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_warmup_steps: int = 0,
         lr_schedule: Schedule | None = None,
@@ -153,9 +154,11 @@ class DiffusionModule(L.LightningModule):
             self.save_hyperparameters(ignore=[*components, "optimizer"])
             # the components' constructor calls as the CLI's config, so that sample / evaluate / export read the
             # checkpoints of a module fitted with a plain Trainer (the optimizer, a callable, is left out)
-            specs = _component_specs(components)
-            if specs is not None:
-                self.hparams.update(specs, _instantiator=lightning_compat.INSTANTIATOR)
+            try:
+                self.hparams.update(component_specs(components), _instantiator=lightning_compat.INSTANTIATOR)
+            except NotRecordable as err:
+                rank_zero_warn(f"this DiffusionModule's checkpoints will hold no config, so `diffusion-pl sample`, "
+                               f"`evaluate` and `export` will not read them: {err}")
         self.net = net
         # The EMA lives in the module, not in Lightning's EMAWeightAveraging callback: sampling and FID
         # callbacks need the averaged network at arbitrary steps (not only inside validation, where the
@@ -164,6 +167,13 @@ class DiffusionModule(L.LightningModule):
         self.process = process
         self.prediction = prediction if prediction is not None else EpsPrediction()
         self.loss_fn = loss if loss is not None else DenoisingLoss()
+        if not isinstance(self.loss_fn, TrainingLoss):
+            raise UserValueError(f"loss is a {type(self.loss_fn).__name__}: expected a diffusion_pl.losses.TrainingLoss "
+                                 "(DenoisingLoss, ConsistencyLoss, MeanFlowLoss)")
+        try:
+            self.loss_fn.check(process, self.prediction)
+        except ValueError as err:
+            raise UserValueError(f"loss {type(self.loss_fn).__name__}: {one_line(err)}") from err
         self.optimizer_fn = optimizer
         self.lr_warmup_steps = lr_warmup_steps
         if lr_schedule is None and lr_warmup_steps:  # the warm-up it always was
@@ -259,7 +269,8 @@ class DiffusionModule(L.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = class_labels if self.num_classes is not None else None
         with self.repa.capture(self.net) if self.repa is not None else contextlib.nullcontext() as tokens:
-            out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label)
+            out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label,
+                               images_seen=self._images_seen(x0.shape[0]))
         loss = out.loss.mean()
         align = None if self.repa is None else self.repa.loss(tokens, self.codec.pixels(images, x0))
         total = loss if align is None else loss + self.repa.weight * align
@@ -271,6 +282,14 @@ class DiffusionModule(L.LightningModule):
         for name, value in bucket_losses(out.loss.detach(), out.t, self.process).items():
             self.log(f"train/{name}", value)
         return total
+
+    def _images_seen(self, batch: int) -> int:
+        """Training images of every optimizer step so far (the EMA's counter; for a checkpoint written before the
+        counter was saved, the first step's estimate `EMA.update` uses: steps x this batch x ranks)."""
+        seen = self.averaging.images_seen
+        if seen is None:
+            seen = self.global_step * batch * max(1, self.trainer.accumulate_grad_batches) * self.trainer.world_size
+        return int(seen)
 
     def _loss_is_finite(self, loss: Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float()
@@ -341,24 +360,13 @@ class DiffusionModule(L.LightningModule):
         labels = class_labels if self.num_classes is not None else None
         # the generator also draws the label dropout (p_uncond), so val/loss is deterministic
         out = self.loss_fn(self.model(ema=True), x0, self.process, self.prediction, labels, self.null_label,
-                           generator=g, t=t, eps=eps)
+                           generator=g, t=t, eps=eps, images_seen=self._images_seen(n))
         loss = out.loss.mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log(STEP_KEY, float(log_step(self.trainer)))  # after step k: logged at k, as training's (log_step.py)
         for name, value in bucket_losses(out.loss, out.t, self.process).items():
             self.log(f"val/{name}", value, sync_dist=True)
         return loss
-
-
-def _component_specs(components: dict[str, Any]) -> dict[str, Any] | None:
-    """The `{class_path, init_args}` config of each component built in Python, or None (with a warning saying
-    which one cannot be written and why) when one cannot."""
-    try:
-        return {name: None if obj is None else init_spec(obj, name) for name, obj in components.items()}
-    except NotRecordable as err:
-        rank_zero_warn(f"this DiffusionModule's checkpoints will hold no config, so `diffusion-pl sample`, "
-                       f"`evaluate` and `export` will not read them: {err}")
-        return None
 
 
 def load_module(ckpt_path: str, map_location: str | torch.device = "cpu",

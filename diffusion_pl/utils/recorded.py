@@ -20,7 +20,7 @@ import importlib
 import inspect
 from typing import Any
 
-__all__ = ["RecordsInit", "attributes", "init_spec", "NotRecordable"]
+__all__ = ["RecordsInit", "attributes", "component_specs", "init_spec", "NotRecordable"]
 
 _PLAIN = (type(None), bool, int, float, str)
 
@@ -98,3 +98,8 @@ def init_spec(obj: RecordsInit, where: str = "object") -> dict[str, Any]:
         else:
             init_args[name] = _value(value, f"{where}.{name}")
     return {"class_path": path, "init_args": init_args}
+
+
+def component_specs(components: dict[str, Any]) -> dict[str, Any]:
+    """`init_spec` of each named component (None stays None); raises NotRecordable naming the first that cannot."""
+    return {name: None if obj is None else init_spec(obj, name) for name, obj in components.items()}

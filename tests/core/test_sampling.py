@@ -43,9 +43,11 @@ from diffusion_pl.utils.classes import public_subclasses
 
 PROCESSES = public_subclasses(Process)
 SAMPLERS = public_subclasses(Sampler)
-# samplers that integrate a diffusion model's denoiser; Consistency needs a consistency function instead (its exact
-# one, the integrated PF-ODE, is tested in tests/core/test_consistency.py): one E[x0 | x_T] is the data mean
-DENOISER_SAMPLERS = [s for s in SAMPLERS if s.__name__ != "Consistency"]
+# samplers that integrate a diffusion model's denoiser. Consistency needs a consistency function instead (one
+# E[x0 | x_T] is the data mean; its exact one, the integrated PF-ODE, is tested in tests/core/test_consistency.py) and
+# MeanFlow an average-velocity model taking the keyword r (its exact one: tests/core/test_meanflow.py)
+FEW_STEP = ("Consistency", "MeanFlow")
+DENOISER_SAMPLERS = [s for s in SAMPLERS if s.__name__ not in FEW_STEP]
 PREDICTIONS = public_subclasses(Prediction)
 GRIDS = [g for g in public_subclasses(TimeGrid) if g is not ExplicitGrid]
 
@@ -324,6 +326,8 @@ def test_seeds_give_the_same_sample_whatever_the_batch(sampler_cls):
         (MIX2.model(process, VelocityPrediction()), VelocityPrediction(), (2,)),
         (precondition(TinyNet().eval(), process, EpsPrediction()), EpsPrediction(), (3, 8, 8)),
     ]
+    if sampler_cls.__name__ == "MeanFlow":  # an average-velocity model (keyword r): the oracle's exact one
+        cases = [(MIX2.mean_flow_model(process, VelocityPrediction(), steps=8), VelocityPrediction(), (2,))]
     # oneDNN picks another convolution algorithm for a batch of one: the *network* would not be
     # batch-size invariant, which is not what is tested here
     with torch.backends.mkldnn.flags(enabled=False):

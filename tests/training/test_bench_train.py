@@ -54,8 +54,8 @@ def test_toy_run_prints_the_ratio_tables(toy_run):
         assert ratio == pytest.approx(fw_ips / plain_ips, rel=0.01)
         assert row[7] == row[8] == "n/a"  # peak memory: CUDA's allocator statistics only
     sample = _table(lines, SAMPLE_COLUMNS)
-    assert [(row[0], row[1], row[3]) for row in sample] == [
-        ("ddpmpp", "HeunODE", "off"), ("ddpmpp", "HeunODE", "on"), ("dit_xl2", "DDIM", "off"), ("dit_xl2", "DDIM", "on")]
+    assert [(row[0], row[1], row[3]) for row in sample] == [("ddpmpp", "HeunODE", "off"), ("ddpmpp", "HeunODE", "on"),
+                                                           ("dit_xl2", "DDIM", "off"), ("dit_xl2", "DDIM", "on")]
     assert [int(row[2]) for row in sample] == [5, 5, 4, 4]  # Heun: 2 steps x 2 + the final denoise; DDIM: steps
     assert all(len(row) == len(SAMPLE_COLUMNS) and float(row[5]) > 0 and float(row[6]) > 0 for row in sample)
     assert report["toy"] and report["device"].startswith("cpu")

@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> None:
                 net=net_name, sampler=sampler_cls.__name__, nfe=r["nfe"], fast=mode, batch=sample_batch,
                 framework_img_s=r["framework"], plain_img_s=r["plain"], ratio=r["framework"] / r["plain"],
                 max_diff=r["max_diff"])))
-    print("\nchecks (float32, fast paths off): both sides start from the same weights and give the same step-1 loss")
+    if report["checks"]:
+        print("\nchecks (float32, fast paths off): both sides start from the same weights and give the same step-1 "
+              "loss")
     for c in report["checks"]:
         print(f"  {c['net']}: same initial weights {'yes' if c['same_start'] else 'NO'}; step-1 loss framework "
               f"{c['loss1_framework']:.7g}, plain {c['loss1_plain']:.7g}; after the last step the weights' and the "

@@ -34,7 +34,7 @@ class DiffusionArgumentParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         words = parser.prog.replace(" [options]", "").split()
         command = "diffusion-pl" + (f" {words[-1]}" if len(words) > 1 else "")
-        if message.startswith("unrecognized arguments: "):
+        if message.lower().startswith("unrecognized arguments: "):  # jsonargparse < 4.40 capitalises it
             unknown = [a for a in message.split(": ", 1)[1].split() if a.startswith("-")]
             if unknown:
                 name = unknown[0].split("=", 1)[0]

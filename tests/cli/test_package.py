@@ -138,3 +138,29 @@ def run_image_size(run) -> int:
     from diffusion_pl.training.module import load_module
 
     return load_module(run["ckpt"]).net.img_resolution
+
+
+def test_ci_tests_every_declared_floor():
+    """.ci/floors.txt pins each dependency at the floor pyproject.toml declares (and names every dependency but torch
+    and torchvision, whose floors are the versions CI installs), so the floors CI installs are the declared ones."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    declared = {}
+    for line in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(line)
+        floors = [spec.version for spec in req.specifier if spec.operator == ">="]
+        assert len(floors) == 1, f"{line}: expected one floor (>=)"
+        declared[req.name.lower().replace("_", "-")] = floors[0]
+    pinned = {}
+    for line in (REPO / ".ci" / "floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pinned[name.strip().lower()] = version.strip()
+    assert set(pinned) == set(declared) - {"torch", "torchvision"}
+    for name, version in pinned.items():
+        floor = Version(declared[name])
+        assert Version(version).release[:len(floor.release)] == floor.release, \
+            f"{name}: .ci/floors.txt installs {version}, pyproject.toml declares >= {floor}"

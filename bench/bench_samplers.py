@@ -14,7 +14,11 @@ atol in {1e-2, 1e-3, 1e-4, 1e-5} (its NFE in the cell). ms/NFE is the median wal
 network evaluation, oracle included. A second table runs the few-step multistep solvers on four
 grids at 5, 10, 20 and 100 NFE, with the ratio of its 10-NFE error to the sampler's 1000-NFE error in
 the first table (the converged error). `--rows` runs only the named rows of the first table (and then
-neither AdaptiveODE nor diffusers' schedulers).
+neither AdaptiveODE nor diffusers' schedulers). `--sweep` runs instead only the settings table of the
+third-order question: DPM-Solver++ 3M (published and `exact_quadratic` weights) and UniPC orders 2 and 3
+(bh1, bh2), each with `lower_order_final` on and off, on log-SNR grids whose ramp starts at noise level
+80 (the default: one step from t_max ~ 157 down to 80 first), at t_max itself (no separate first step) or
+at 20 (a longer first step), at 5, 10 and 20 NFE, against DPMSolverPP's 1000-NFE error on the default grid.
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ GRID_SAMPLERS = ["DPMSolverPP", "DPMSolverPP order 3", "UniPC order 2", "UniPC"]
 GRIDS = {"logSNR": LogSNRGrid(), "time-uniform": UniformGrid(), "Karras rho=7": KarrasGrid(7.0),
          "diffusers timesteps": TimestepGrid()}
 RTOLS = [1e-2, 1e-3, 1e-4, 1e-5]
+SWEEP_NFES = [5, 10, 20]
+SWEEP_SOLVERS = {"DPMSolverPP 2M": partial(DPMSolverPP, order=2),
+                 "DPMSolverPP 3M": partial(DPMSolverPP, order=3),
+                 "DPMSolverPP 3M exact_quadratic": partial(DPMSolverPP, order=3, exact_quadratic=True),
+                 **{f"UniPC order {k} {v}": partial(UniPC, order=k, variant=v) for k in (2, 3) for v in ("bh2", "bh1")}}
+SWEEP_GRIDS = {"logSNR from 80": LogSNRGrid(), "logSNR from t_max": LogSNRGrid(1e4), "logSNR from 20": LogSNRGrid(20.0)}
 
 
 class SlicedW2:
@@ -104,12 +114,31 @@ def diffusers_run(scheduler, eps_model, x_T, nfe):
     return x
 
 
+def sweep(model, process, pred, sliced_w2, x_T, args) -> None:
+    """The few-step solvers over weights, orders, lower_order_final and the grid's start (see the docstring)."""
+    def run(make, nfe):  # all of these solvers take NFE = steps + 1
+        return sliced_w2(sample(model, process, pred, make(steps=nfe - 1), (args.n, args.dim), noise=x_T).x)
+
+    converged = run(DPMSolverPP, 1000)
+    print(f"\nconverged error (DPMSolverPP, 1000 NFE, default grid): {converged:.4f}, n = {args.n}\n")
+    print("| solver | grid | lower_order_final | " + " | ".join(f"NFE {n}" for n in SWEEP_NFES)
+          + " | NFE 10 / converged |")
+    print("|" + "---|" * (len(SWEEP_NFES) + 4))
+    for name, make in SWEEP_SOLVERS.items():
+        for grid_name, grid in SWEEP_GRIDS.items():
+            for lof in (True, False) if "2M" not in name else (True,):  # lower_order_final keeps 2M at 2
+                cells = [run(partial(make, grid=grid, lower_order_final=lof), nfe) for nfe in SWEEP_NFES]
+                print(f"| {name} | {grid_name} | {lof} | " + " | ".join(f"{e:.4f}" for e in cells)
+                      + f" | {cells[1] / converged:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", nargs="+", choices=sorted(SAMPLERS), help="only these rows of the first table")
+    parser.add_argument("--sweep", action="store_true", help="only the settings table of the few-step solvers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -122,6 +151,10 @@ def main() -> None:
     floors = [sliced_w2(mix.sample(args.n, torch.Generator().manual_seed(10 + k)).float()) for k in range(5)]
     floor = sum(floors) / len(floors)
     start = time.perf_counter()
+    if args.sweep:
+        sweep(model, process, pred, sliced_w2, x_T, args)
+        print(f"runtime {time.perf_counter() - start:.0f} s")
+        return
 
     rows: dict[str, dict[int, tuple[float, int]]] = {}
     ms_per_nfe: dict[str, float] = {}

@@ -405,8 +405,10 @@ def _mix(out_main: Tensor, out_guide: Tensor, w: float, x_t: Tensor, k: int) -> 
 
 
 def _per_sample_time(t: Tensor | float, x: Tensor) -> Tensor:
-    """Broadcast a scalar or (B,) time to a (B,) tensor in x's dtype and device."""
-    t = torch.as_tensor(t, device=x.device)
+    """Broadcast a scalar or (B,) time to a (B,) tensor in x's dtype and device (a Python float goes
+    straight to x's dtype, not through torch's float32 default, so float64 sampling sees the exact grid time)."""
+    t = t if isinstance(t, Tensor) else torch.tensor(t, dtype=x.dtype)
+    t = t.to(device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     return t.to(x.dtype)

@@ -15,12 +15,12 @@ from scipy.integrate import quad
 
 from diffusion_pl.cli.sampler_spec import resolve_sampler
 from diffusion_pl.oracle import GaussianMixture
-from diffusion_pl.prediction import EpsPrediction
+from diffusion_pl.prediction import EpsPrediction, X0Prediction
 from diffusion_pl.processes.variance_preserving import DDPMDiscrete
 from diffusion_pl.sampling.api import sample
-from diffusion_pl.sampling.base import Point
+from diffusion_pl.sampling.base import Point, points_at
 from diffusion_pl.sampling.dpm_solver import DPMSolverPP, DPMSolverPPSDE, dpm_update
-from diffusion_pl.sampling.grids import ExplicitGrid
+from diffusion_pl.sampling.grids import ExplicitGrid, LogSNRGrid
 from diffusion_pl.sampling.unipc import UniPC
 
 diffusers = pytest.importorskip("diffusers")
@@ -137,15 +137,17 @@ def _exact_step(f, x_t: float, lam_t: float, lam_s: float, gamma: float) -> floa
     return (p_s.sigma / p_t.sigma) * math.exp(-gamma * h) * x_t + p_s.alpha * integral
 
 
+@pytest.mark.parametrize("exact_quadratic", [False, True])
 @pytest.mark.parametrize("gamma", [0.0, 1.0])
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_dpm_update_weights(order, gamma):
+def test_dpm_update_weights(order, gamma, exact_quadratic):
     lams = [-1.3, -0.6, -0.1, 0.7]  # three evaluations, then the step to 0.7 (uneven spacing)
     p_t, p_s = _point(lams[2]), _point(lams[3])
 
     def step(f):
         history = [(lam, torch.tensor([f(lam)], dtype=torch.float64)) for lam in lams[:3]]
-        return float(dpm_update(torch.tensor([0.4], dtype=torch.float64), p_t, p_s, history, order, gamma))
+        x_t = torch.tensor([0.4], dtype=torch.float64)
+        return float(dpm_update(x_t, p_t, p_s, history, order, gamma, exact_quadratic))
 
     def linear(lam):
         return 0.3 - 0.8 * lam
@@ -158,14 +160,45 @@ def test_dpm_update_weights(order, gamma):
 
     # every order is exact for a constant x0_hat; the midpoint 2M step is not exact for a linear one (its
     # D1 weight (1 - e^-H) / 2 is the exact one to first order in h only), the 3M step is; the published 3M
-    # step takes the quadratic part at half the weight that would make it exact for a quadratic x0_hat
+    # step takes the quadratic part at half the weight that makes it exact for a quadratic x0_hat, the
+    # exact_quadratic one at that weight
     exact = {f: _exact_step(f, 0.4, lams[2], lams[3], gamma) for f in (constant, linear, quadratic)}
     assert step(constant) == pytest.approx(exact[constant], abs=1e-12)
     if order == 2:
         assert abs(step(linear) - exact[linear]) > 1e-3
     if order == 3:
         assert step(linear) == pytest.approx(exact[linear], abs=1e-12)
-        assert step(quadratic) - step(linear) == pytest.approx(0.5 * (exact[quadratic] - exact[linear]), rel=1e-9)
+        share = 1.0 if exact_quadratic else 0.5
+        assert step(quadratic) - step(linear) == pytest.approx(share * (exact[quadratic] - exact[linear]), rel=1e-9)
+
+
+def _quadratic_x0(x, t, class_labels):
+    """An x0-prediction network whose x0_hat is 0.3 - 0.8 lambda + 0.05 lambda^2 at every x."""
+    lam = torch.tensor([p.lam for p in points_at(PROCESS, t.tolist())], dtype=x.dtype)[:, None]
+    return (0.3 - 0.8 * lam + 0.05 * lam**2).expand_as(x)
+
+
+@pytest.mark.parametrize("exact_quadratic", [False, True])
+def test_exact_quadratic_3m_run_solves_the_ode_of_a_quadratic_x0_hat_exactly(exact_quadratic):
+    # the warm-up steps (orders 1 and 2) are not exact for a quadratic x0_hat; from the third grid time on
+    # every step is 3M (lower_order_final off), so the run from there on must be the exact ODE flow
+    times = LogSNRGrid().times(PROCESS, 8).tolist()
+    x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(ts):
+        sampler = DPMSolverPP(steps=len(ts) - 1, grid=ExplicitGrid(ts), order=3, final_denoise=False,
+                              lower_order_final=False, exact_quadratic=exact_quadratic)
+        return sample(_quadratic_x0, PROCESS, X0Prediction(), sampler, (4, 3), noise=x_T, dtype=torch.float64).x
+
+    p_2, p_end = points_at(PROCESS, [times[2], times[-1]])
+    flow = quad(lambda lam: math.exp(lam) * (0.3 - 0.8 * lam + 0.05 * lam**2), p_2.lam, p_end.lam,
+                epsabs=0.0, epsrel=1e-13)[0]
+    exact = (p_end.sigma / p_2.sigma) * run(times[:3]) + p_end.sigma * flow
+    error = float((run(times) - exact).abs().max())
+    if exact_quadratic:
+        assert error < 1e-12
+    else:
+        assert error > 1e-3
 
 
 # -- seeds, arguments and the --sampler spec ----------------------------------------------------------------

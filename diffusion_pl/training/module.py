@@ -38,6 +38,7 @@ from diffusion_pl.utils.errors import NonFiniteLossError, UserValueError, one_li
 from diffusion_pl.utils.recorded import NotRecordable, init_spec
 from diffusion_pl.losses import DenoisingLoss, bucket_losses, log_snr_grid
 from diffusion_pl.meanflow import MeanFlowLoss
+from diffusion_pl.scm import SCMLoss
 from diffusion_pl.networks.base import ScoreNetwork, check_score_network
 from diffusion_pl.prediction import EpsPrediction, Model, Prediction, precondition
 from diffusion_pl.processes.base import Process
@@ -65,7 +66,8 @@ class DiffusionModule(L.LightningModule):
         process: the forward process (alpha(t), sigma(t)).
         prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
         loss: time proposal x weighting, with label dropout for classifier-free guidance (`DenoisingLoss`); or
-            `MeanFlowLoss` (diffusion_pl/meanflow.py), an average-velocity model for one-step sampling.
+            `MeanFlowLoss` (diffusion_pl/meanflow.py), an average-velocity model for one-step sampling; or `SCMLoss`
+            (diffusion_pl/scm.py), continuous-time consistency training (its adaptive weight trains with the net).
         optimizer: a callable params -> optimizer (LightningCLI fills it from `optimizer:`).
         lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000); the same as
             `lr_schedule=Constant(lr_warmup_steps)`, kept for the recipes and saved configs that set it.
@@ -102,7 +104,7 @@ class DiffusionModule(L.LightningModule):
         net: ScoreNetwork,
         process: Process,
         prediction: Prediction | None = None,
-        loss: DenoisingLoss | MeanFlowLoss | None = None,
+        loss: DenoisingLoss | MeanFlowLoss | SCMLoss | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_warmup_steps: int = 0,
         lr_schedule: Schedule | None = None,
@@ -259,7 +261,8 @@ class DiffusionModule(L.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = class_labels if self.num_classes is not None else None
         with self.repa.capture(self.net) if self.repa is not None else contextlib.nullcontext() as tokens:
-            out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label)
+            step = {"step": self.global_step} if getattr(self.loss_fn, "takes_step", False) else {}  # sCM's warm-up
+            out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label, **step)
         loss = out.loss.mean()
         align = None if self.repa is None else self.repa.loss(tokens, self.codec.pixels(images, x0))
         total = loss if align is None else loss + self.repa.weight * align
@@ -315,7 +318,8 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         try:
             extra = () if self.repa is None else self.repa.parameters()  # REPA's projector trains with the net
-            optimizer = self.optimizer_fn([*self.net.parameters(), *extra])
+            own = self.loss_fn.parameters() if isinstance(self.loss_fn, nn.Module) else ()  # sCM's adaptive weight
+            optimizer = self.optimizer_fn([*self.net.parameters(), *extra, *own])
         except ValueError as err:  # torch.optim checks its values (lr, betas, eps, weight_decay) this way
             raise UserValueError(f"optimizer: {one_line(err)}: expected the optimizer's valid range") from err
         if self.lr_schedule is None:

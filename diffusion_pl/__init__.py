@@ -15,7 +15,7 @@ The package is layered; arrows point down only (docs/design.md, "Layout"):
     training/                    DiffusionModule, EMA, augmentation, REPA, training callbacks
     data/                        shards: prepare and stream
     codecs/                      the space the process runs in (pixels, VAE latents)
-    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, meanflow.py, consistency.py,
+    the core (this folder)       processes/, prediction.py, guidance.py, sampling/, losses.py, meanflow.py, consistency.py, scm.py,
                                  vlb.py, likelihood.py, oracle.py, networks/
     utils/                       errors, file I/O, paths, seeds, trust, hub, Lightning internals
 
@@ -68,6 +68,7 @@ _PUBLIC = {
                      "OutputMSE", "EpsMSE", "LikelihoodWeighting", "MinSNR", "EDMWeighting", "VelocityMSE"), "losses"),
     **dict.fromkeys(("MeanFlowLoss", "MeanFlowTimes"), "meanflow"),
     **dict.fromkeys(("MeanFlow",), "sampling.meanflow"),
+    **dict.fromkeys(("SCMLoss",), "scm"),
     **dict.fromkeys(("bits_per_dim", "ode_nll"), "likelihood"),
     **dict.fromkeys(("GaussianMixture",), "oracle"),
     **dict.fromkeys(("ScoreNetwork",), "networks.base"),

@@ -187,3 +187,21 @@ class GaussianMixture:
 
         return exact
 
+    def consistency_model(self, process: Process, prediction: Prediction, steps: int = 64) -> Model:
+        """The exact consistency function f(x_t, t) = x_{t_min} of the probability-flow ODE (Song et al. 2023) as a
+        network for `prediction`: F such that the prediction's x0_hat of F is f (the sCM loss reads f that way).
+
+        x_{t_min} = x_t - (t - t_min) u(x_t, t_min, t) with `average_velocity` (RK4, differentiable, so the sCM
+        loss's JVP runs through it).
+        """
+
+        def exact(x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+            t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0]).to(torch.float64)
+            t_min = torch.full_like(t, process.t_min)
+            shape = (-1,) + (1,) * (x_t.ndim - 1)
+            x = x_t.to(torch.float64)
+            f = x - (t - t_min).reshape(shape) * self.average_velocity(x, t, t_min, process, steps)
+            a_x0, b_x0, _, _ = prediction.coefficients(t, process)  # x0_hat = a_x0 x_t + b_x0 F
+            return ((f - a_x0.reshape(shape) * x) / b_x0.reshape(shape)).to(x_t.dtype)
+
+        return exact

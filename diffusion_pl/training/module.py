@@ -64,9 +64,11 @@ class DiffusionModule(L.LightningModule):
         process: the forward process (alpha(t), sigma(t)).
         prediction: what the network predicts (eps, x0, v, score, velocity, EDM preconditioning).
         loss: a `TrainingLoss`: `DenoisingLoss` (time proposal x weighting, with label dropout for classifier-free
-            guidance; the default), `diffusion_pl.consistency.ConsistencyLoss` (consistency training, ECT) or
-            `diffusion_pl.meanflow.MeanFlowLoss` (an average-velocity model for one-step sampling). It gets the
-            run's images seen at every call (ECT's schedule reads them).
+            guidance; the default), `diffusion_pl.consistency.ConsistencyLoss` (consistency training, ECT),
+            `diffusion_pl.meanflow.MeanFlowLoss` (an average-velocity model for one-step sampling) or
+            `diffusion_pl.scm.SCMLoss` (continuous-time consistency training; its adaptive weight trains with the
+            net). It gets the run's images seen at every call (ECT's schedule reads them), and the step where it
+            declares `takes_step` (sCM's tangent warm-up).
         optimizer: a callable params -> optimizer (LightningCLI fills it from `optimizer:`).
         lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (DDPM: 5000); the same as
             `lr_schedule=Constant(lr_warmup_steps)`, kept for the recipes and saved configs that set it.
@@ -269,8 +271,9 @@ class DiffusionModule(L.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = class_labels if self.num_classes is not None else None
         with self.repa.capture(self.net) if self.repa is not None else contextlib.nullcontext() as tokens:
+            step = {"step": self.global_step} if getattr(self.loss_fn, "takes_step", False) else {}  # sCM's warm-up
             out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label,
-                               images_seen=self._images_seen(x0.shape[0]))
+                               images_seen=self._images_seen(x0.shape[0]), **step)
         loss = out.loss.mean()
         align = None if self.repa is None else self.repa.loss(tokens, self.codec.pixels(images, x0))
         total = loss if align is None else loss + self.repa.weight * align
@@ -334,7 +337,8 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         try:
             extra = () if self.repa is None else self.repa.parameters()  # REPA's projector trains with the net
-            optimizer = self.optimizer_fn([*self.net.parameters(), *extra])
+            own = self.loss_fn.parameters() if isinstance(self.loss_fn, nn.Module) else ()  # sCM's adaptive weight
+            optimizer = self.optimizer_fn([*self.net.parameters(), *extra, *own])
         except ValueError as err:  # torch.optim checks its values (lr, betas, eps, weight_decay) this way
             raise UserValueError(f"optimizer: {one_line(err)}: expected the optimizer's valid range") from err
         if self.lr_schedule is None:

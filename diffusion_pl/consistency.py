@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffusion_pl.losses import LogNormalNoise, LossOutput, TimeProposal, TrainingLoss, _draw, drop_labels
+from diffusion_pl.losses import LogNormalNoise, LossOutput, TimeProposal, TrainingLoss, draw, drop_labels
 from diffusion_pl.prediction import Model, Prediction, split_variance
 from diffusion_pl.processes.base import AttributeRepr, Process, append_dims, check_nonnegative
 
@@ -154,7 +154,7 @@ class ConsistencyLoss(TrainingLoss):
             t = self.proposal.sample(b, process, generator=generator, device=x0.device)
         t = t.to(device=x0.device, dtype=x0.dtype)
         if eps is None:
-            eps = _draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
+            eps = draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
         class_labels = drop_labels(class_labels, null_label, self.p_uncond, generator)
         t_r, weight, boundary = self.pair(t, process, images_seen)
         t_r = t_r.to(t.dtype)

@@ -49,12 +49,13 @@ __all__ = [
     "LossOutput",
     "drop_labels",
     "bucket_losses",
+    "draw",
     "log_snr_grid",
 ]
 
 
-def _draw(fn, shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
-    """Draw on the generator's device (torch requires it), then move to `device`."""
+def draw(fn, shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
+    """Draw on the generator's device (torch requires it), then move to `device` (float64)."""
     gen_device = generator.device if generator is not None else device
     return fn(shape, generator=generator, device=gen_device, dtype=torch.float64).to(device)
 
@@ -78,7 +79,7 @@ class UniformTime(TimeProposal):
             i = torch.randint(len(grid), (n,), generator=generator,
                               device=generator.device if generator is not None else device)
             return grid.to(i.device)[i].to(device=device, dtype=torch.float32)
-        u = _draw(torch.rand, (n,), generator, device)
+        u = draw(torch.rand, (n,), generator, device)
         return (process.t_min + (process.t_max - process.t_min) * u).float()
 
 
@@ -90,7 +91,7 @@ class LogNormalNoise(TimeProposal):
         self.p_mean, self.p_std = p_mean, p_std
 
     def sample(self, n, process, generator=None, device=None):
-        log_noise = self.p_mean + self.p_std * _draw(torch.randn, (n,), generator, device)
+        log_noise = self.p_mean + self.p_std * draw(torch.randn, (n,), generator, device)
         # noise level s = sigma/alpha means log-SNR = -2 log s; t_from_log_snr clamps to [t_min, t_max]
         return process.t_from_log_snr(-2.0 * log_noise).float()
 
@@ -103,7 +104,7 @@ class LogitNormalTime(TimeProposal):
         self.mean, self.std = mean, std
 
     def sample(self, n, process, generator=None, device=None):
-        u = torch.sigmoid(self.mean + self.std * _draw(torch.randn, (n,), generator, device))
+        u = torch.sigmoid(self.mean + self.std * draw(torch.randn, (n,), generator, device))
         return (process.t_min + (process.t_max - process.t_min) * u).float()
 
 
@@ -120,7 +121,7 @@ class ModeTime(TimeProposal):
         self.scale = scale
 
     def sample(self, n, process, generator=None, device=None):
-        u = _draw(torch.rand, (n,), generator, device)
+        u = draw(torch.rand, (n,), generator, device)
         f = 1.0 - u - self.scale * (torch.cos(0.5 * math.pi * u) ** 2 - 1.0 + u)
         # SD3 draws t with t = 1 pure noise, like this package; f maps [0, 1] onto itself
         return (process.t_min + (process.t_max - process.t_min) * f.clamp(0.0, 1.0)).float()
@@ -336,7 +337,7 @@ class DenoisingLoss(TrainingLoss):
             t = self.proposal.sample(b, process, generator=generator, device=x0.device)
         t = t.to(device=x0.device, dtype=x0.dtype)  # the model contract: t in x_t's dtype
         if eps is None:
-            eps = _draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
+            eps = draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
         class_labels = drop_labels(class_labels, null_label, self.p_uncond, generator)
         x_t = process.marginal(x0, t, eps)  # (B, ...)
         out, variance_interp = split_variance(model(x_t, t, class_labels), x_t)  # (B, ...), (B, ...) or None
@@ -372,7 +373,7 @@ def drop_labels(class_labels: Tensor | None, null_label: int | None, p_uncond: f
         return class_labels
     if null_label is None:
         raise ValueError("p_uncond > 0 with class labels needs null_label, the index of the 'no class' label")
-    drop = _draw(torch.rand, tuple(class_labels.shape), generator, class_labels.device) < p_uncond
+    drop = draw(torch.rand, tuple(class_labels.shape), generator, class_labels.device) < p_uncond
     return torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
 
 

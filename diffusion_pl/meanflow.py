@@ -36,17 +36,11 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffusion_pl.losses import LossOutput, TrainingLoss
+from diffusion_pl.losses import LossOutput, TrainingLoss, draw, drop_labels
 from diffusion_pl.prediction import Model, Prediction, average_velocity_of, split_variance
 from diffusion_pl.processes.base import AttributeRepr, Process, append_dims, check_nonnegative, check_positive
 
 __all__ = ["MeanFlowTimes", "MeanFlowLoss"]
-
-
-def _draw(fn, shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
-    """Draw on the generator's device (torch requires it), then move to `device`."""
-    gen_device = generator.device if generator is not None else device
-    return fn(shape, generator=generator, device=gen_device, dtype=torch.float64).to(device)
 
 
 class MeanFlowTimes(AttributeRepr):
@@ -74,12 +68,12 @@ class MeanFlowTimes(AttributeRepr):
                device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """(t, r), each (n,) float32 in [t_min, t_max], r <= t."""
         def logit_normal(mean: float, std: float) -> Tensor:
-            u = torch.sigmoid(mean + std * _draw(torch.randn, (n,), generator, device))
+            u = torch.sigmoid(mean + std * draw(torch.randn, (n,), generator, device))
             return process.t_min + (process.t_max - process.t_min) * u
 
         t = logit_normal(self.mean, self.std)
         r = logit_normal(self.mean if self.r_mean is None else self.r_mean, self.std if self.r_std is None else self.r_std)
-        equal = _draw(torch.rand, (n,), generator, device) >= self.ratio  # (n,) r = t for these
+        equal = draw(torch.rand, (n,), generator, device) >= self.ratio  # (n,) r = t for these
         if self.sort:
             t, r = torch.maximum(t, r), torch.minimum(t, r)
             r = torch.where(equal, t, r)
@@ -133,8 +127,8 @@ class MeanFlowLoss(TrainingLoss):
         if bool((r > t).any()):
             raise ValueError("MeanFlowLoss needs r <= t for every sample (the interval [r, t] runs backwards in time)")
         if eps is None:
-            eps = _draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
-        labels = _drop_labels(class_labels, null_label, self.p_uncond, generator)
+            eps = draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
+        labels = drop_labels(class_labels, null_label, self.p_uncond, generator)
         x_t = process.marginal(x0, t, eps)  # (B, ...)
         t64 = t.to(torch.float64)
         v = (append_dims(process.d_alpha(t64), x0.ndim) * x0 + append_dims(process.d_sigma(t64), x0.ndim) * eps)
@@ -174,15 +168,3 @@ def check_process(process: Process) -> None:
     if not bool(torch.isfinite(derivatives).all()):
         raise ValueError(f"MeanFlow needs finite alpha'(t) and sigma'(t) on [t_min, t_max] = [{process.t_min}, "
                          f"{process.t_max}]: {type(process).__name__} has an infinite one there")
-
-
-def _drop_labels(class_labels: Tensor | None, null_label: int | None, p_uncond: float,
-                 generator: torch.Generator | None) -> Tensor | None:
-    """Each label replaced by null_label with probability p_uncond (as DenoisingLoss does)."""
-    if class_labels is None or p_uncond == 0.0:
-        return class_labels
-    if null_label is None:
-        raise ValueError("p_uncond > 0 with class labels needs null_label, the index of the 'no class' label")
-    drop = _draw(torch.rand, tuple(class_labels.shape), generator, class_labels.device) < p_uncond
-    return torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
-

@@ -38,8 +38,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from diffusion_pl.losses import LogNormalNoise, LossOutput, TrainingLoss
-from diffusion_pl.meanflow import _draw, _drop_labels, jvp
+from diffusion_pl.losses import LogNormalNoise, LossOutput, TrainingLoss, draw, drop_labels
+from diffusion_pl.meanflow import jvp
 from diffusion_pl.prediction import Model, Prediction, split_variance
 from diffusion_pl.processes.base import Process, append_dims, check_nonnegative, check_positive
 
@@ -144,8 +144,8 @@ class SCMLoss(TrainingLoss, nn.Module):
             t = self.proposal.sample(x0.shape[0], process, generator=generator, device=x0.device)
         t = t.to(device=x0.device, dtype=x0.dtype)
         if eps is None:
-            eps = _draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
-        labels = _drop_labels(class_labels, null_label, self.p_uncond, generator)
+            eps = draw(torch.randn, tuple(x0.shape), generator, x0.device).to(x0.dtype)
+        labels = drop_labels(class_labels, null_label, self.p_uncond, generator)
         r = 1.0 if step is None or self.warmup_steps == 0 else min(1.0, step / self.warmup_steps)
         x_t = process.marginal(x0, t, eps)  # (B, ...)
         t64 = t.to(torch.float64)

@@ -115,7 +115,7 @@ def _published_dit(name: str, timeout: float) -> Path:
         if path.is_file():
             return path
     url = DOWNLOAD_URL.format(name)
-    from diffusion_pl.evaluation.metrics.inception import download_once
+    from diffusion_pl.utils.hub import download_once
 
     reason = download_once(url, cached, timeout)
     if reason is None:

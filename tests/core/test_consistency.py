@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from diffusion_pl.consistency import BOUNDARY_TOLERANCE, ConsistencyLoss, ECTSchedule, check_boundary
-from diffusion_pl.oracle import GaussianMixture
 from diffusion_pl.prediction import EDMPreconditioning, EpsPrediction, VelocityPrediction, X0Prediction
 from diffusion_pl.processes.exploding import EDM
 from diffusion_pl.processes.interpolants import RectifiedFlow

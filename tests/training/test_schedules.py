@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffusion_pl.training.module import DiffusionModule

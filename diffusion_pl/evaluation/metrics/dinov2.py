@@ -23,7 +23,6 @@ network loading fails in one line (DINOv2WeightsError) saying what to download.
 from __future__ import annotations
 
 import hashlib
-import os
 from functools import cached_property
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_pl.utils.errors import UserError
-from diffusion_pl.evaluation.metrics.inception import download_once
+from diffusion_pl.utils.hub import weights_file
 
 __all__ = ["DINOV2_WEIGHTS_ENV", "DINOV2_URL", "DINOV2_PROTOCOL", "DINOv2WeightsError", "DINOv2Features",
            "dinov2_weights_file", "hub_state_dict_to_timm", "load_dinov2"]
@@ -63,19 +62,8 @@ def _how_to_provide(reason: str) -> str:
 
 def dinov2_weights_file(path: str | Path | None = None, download_timeout: float = 10.0) -> Path:
     """The weights file: `path`, else $DIFFUSION_PL_DINOV2_WEIGHTS, else torch hub's cache (downloaded once)."""
-    path = path or os.environ.get(DINOV2_WEIGHTS_ENV) or None
-    if path is not None:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise DINOv2WeightsError(_how_to_provide(f"weights file {file} does not exist"))
-        return file
-    cached = _hub_weights_file()
-    if cached.is_file():
-        return cached
-    reason = download_once(DINOV2_URL, cached, download_timeout)
-    if reason is None:
-        return cached
-    raise DINOv2WeightsError(_how_to_provide(f"no weights file given and the download failed ({reason})"))
+    return weights_file(path, DINOV2_WEIGHTS_ENV, _hub_weights_file(), DINOV2_URL, download_timeout,
+                        lambda reason: DINOv2WeightsError(_how_to_provide(reason)))
 
 
 def hub_state_dict_to_timm(state_dict: dict[str, Tensor], net: nn.Module) -> dict[str, Tensor]:

@@ -8,15 +8,14 @@ the download probe gives up within its timeout, and loading fails in one line
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
-from diffusion_pl.utils.errors import UserError, one_line
-from diffusion_pl.utils.hub import probe
+from diffusion_pl.utils.errors import UserError
+from diffusion_pl.utils.hub import weights_file
 
 __all__ = ["WEIGHTS_ENV", "INCEPTION_URL", "InceptionWeightsError", "InceptionFeatures", "inception_weights_file",
            "load_inception", "random_inception_weights"]
@@ -41,33 +40,8 @@ def _how_to_provide(reason: str) -> str:
 
 def inception_weights_file(path: str | None = None, download_timeout: float = 10.0) -> Path:
     """The weights file: `path`, else $DIFFUSION_PL_INCEPTION_WEIGHTS, else torch hub's cache (downloaded once)."""
-    path = path or os.environ.get(WEIGHTS_ENV) or None
-    if path is not None:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise InceptionWeightsError(_how_to_provide(f"weights file {file} does not exist"))
-        return file
-    cached = _hub_weights_file()
-    if cached.is_file():
-        return cached
-    reason = download_once(INCEPTION_URL, cached, download_timeout)
-    if reason is None:
-        return cached
-    raise InceptionWeightsError(_how_to_provide(f"no weights file given and the download failed ({reason})"))
-
-
-def download_once(url: str, file: Path, timeout: float) -> str | None:
-    """Download `url` to `file` (torch hub's downloader, a progress bar) after checking within `timeout` seconds that
-    the server answers; None when done, else the one-line reason it failed (no network, a broken download)."""
-    reason = probe(url, timeout)
-    if reason is None:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(file), progress=True)
-            return None
-        except Exception as err:  # a failed download mid-way is as unusable as none
-            reason = one_line(err, 120)
-    return reason
+    return weights_file(path, WEIGHTS_ENV, _hub_weights_file(), INCEPTION_URL, download_timeout,
+                        lambda reason: InceptionWeightsError(_how_to_provide(reason)))
 
 
 class InceptionFeatures(nn.Module):

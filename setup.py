@@ -3,7 +3,8 @@
 Everything else is in pyproject.toml. The packages are listed here because pyproject.toml's
 `[tool.setuptools.packages.find]` finds only folders under diffusion_pl/, and an explicit `packages` list
 there would have to name every subpackage by hand; `diffusion_pl.recipes` maps to the top-level configs/
-folder (configs/sources/, the recipes' source tables, is no package and stays out of the wheel).
+folder, with the overrides of configs/overrides/ (configs/sources/, the recipes' source tables, is no package and
+stays out of the wheel).
 diffusion_pl/cli/recipes.py finds the recipes in an installed wheel and in a checkout.
 """
 
@@ -12,5 +13,5 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["diffusion_pl", "diffusion_pl.*"]), "diffusion_pl.recipes"],
     package_dir={"diffusion_pl.recipes": "configs"},
-    package_data={"diffusion_pl.recipes": ["*.yaml"]},
+    package_data={"diffusion_pl.recipes": ["*.yaml", "overrides/*.yaml"]},
 )

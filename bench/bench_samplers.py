@@ -19,6 +19,10 @@ third-order question: DPM-Solver++ 3M (published and `exact_quadratic` weights) 
 (bh1, bh2), each with `lower_order_final` on and off, on log-SNR grids whose ramp starts at noise level
 80 (the default: one step from t_max ~ 157 down to 80 first), at t_max itself (no separate first step) or
 at 20 (a longer first step), at 5, 10 and 20 NFE, against DPMSolverPP's 1000-NFE error on the default grid.
+`--paired` runs instead the low-noise measure of paired_error.py at `--paired_nfe` (default 10): common random
+numbers per seed, the ratio to the converged error as mean +- standard error over seeds, and the pathwise
+distance to the ODE solution from the same x_T; candidates are chosen on `--select_seeds` and measured again on
+`--confirm_seeds`. `--check_reference` compares that module's converged reference with a DOP853 solve.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from diffusion_pl.sampling.edm import EDMStochastic
 from diffusion_pl.sampling.grids import KarrasGrid, LogSNRGrid, TimestepGrid, UniformGrid
 from diffusion_pl.sampling.unipc import UniPC
 from diffusion_pl.sampling.api import sample
+from paired_error import check_reference, search
 
 NFES = [5, 10, 20, 35, 50, 100, 1000]
 SAMPLERS = {cls.__name__: cls for cls in [DDIM, DDPM, EulerMaruyama, PredictorCorrector, AnnealedLangevin, EulerODE,
@@ -139,6 +144,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", nargs="+", choices=sorted(SAMPLERS), help="only these rows of the first table")
     parser.add_argument("--sweep", action="store_true", help="only the settings table of the few-step solvers")
+    parser.add_argument("--paired", action="store_true",
+                        help="only the paired (common random numbers, several seeds) search of the few-step solvers")
+    parser.add_argument("--paired_nfe", type=int, default=10)
+    parser.add_argument("--select_seeds", type=int, nargs="+", default=list(range(8)))
+    parser.add_argument("--confirm_seeds", type=int, nargs="+", default=list(range(100, 116)))
+    parser.add_argument("--check_reference", action="store_true",
+                        help="only compare the paired search's converged reference with a DOP853 solve (seed 0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -146,6 +158,14 @@ def main() -> None:
     mix = GaussianMixture.random(3, args.dim, seed=3, spread=0.5, std_range=(0.1, 0.2))
     process, pred = DDPMDiscrete(1000, 1e-4, 0.02), EpsPrediction()
     model = mix.model(process, pred)
+    if args.check_reference or args.paired:
+        start = time.perf_counter()
+        if args.check_reference:
+            check_reference(mix, process, 0, args.n)
+        else:
+            search(model, process, pred, mix, args.paired_nfe, args.select_seeds, args.confirm_seeds, args.n, SlicedW2)
+        print(f"runtime {time.perf_counter() - start:.0f} s")
+        return
     sliced_w2 = SlicedW2(mix.sample(20 * args.n, torch.Generator().manual_seed(1)))
     x_T = torch.randn(args.n, args.dim, generator=torch.Generator().manual_seed(0))
     floors = [sliced_w2(mix.sample(args.n, torch.Generator().manual_seed(10 + k)).float()) for k in range(5)]

@@ -70,7 +70,7 @@ _PUBLIC = {
     **dict.fromkeys(("MeanFlow",), "sampling.meanflow"),
     **dict.fromkeys(("SCMLoss",), "scm"),
     **dict.fromkeys(("bits_per_dim", "ode_nll"), "likelihood"),
-    **dict.fromkeys(("GaussianMixture",), "oracle"),
+    **dict.fromkeys(("GaussianMixture", "GuidedMixture"), "oracle"),
     **dict.fromkeys(("ScoreNetwork",), "networks.base"),
     **dict.fromkeys(("UNet",), "networks.unet"),
     **dict.fromkeys(("DiT",), "networks.dit"),

@@ -117,6 +117,8 @@ class ConsistencyLoss(TrainingLoss):
         p_uncond: label dropout for classifier-free guidance (as `DenoisingLoss`).
     """
 
+    denoiser = False  # x0_hat is f, the trajectory's end: sampled by `Consistency`, refused by diffusion samplers
+
     def __init__(self, proposal: TimeProposal | None = None, schedule: ECTSchedule | None = None,
                  distance: Distance = "pseudo_huber", c: float | None = 0.0, p_uncond: float = 0.0) -> None:
         if distance not in ("pseudo_huber", "l2"):

@@ -292,6 +292,11 @@ class TrainingLoss(AttributeRepr):
     function of the run's progress and resumes exactly; a loss that does not change ignores it.
     """
 
+    # Whether the trained network, read through the prediction, is a denoiser (x0_hat ~ E[x0 | x_t] at every t),
+    # which every sampler may use. A consistency loss sets False: its x0_hat is the end of the ODE trajectory,
+    # which only samplers with `needs_denoiser = False` read; `generate` refuses the others in one line.
+    denoiser: bool = True
+
     def check(self, process: Process, prediction: Prediction) -> None:
         """Refuse, in one line, a process or parameterization this loss cannot train; the default takes any."""
 

@@ -30,6 +30,7 @@ meanflow/models/time_sampler.py:22-59.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -90,8 +91,20 @@ class MeanFlowLoss(TrainingLoss):
         dimensions (Sec. 4.3, 'Adaptive loss weighting'; Table 1e: p = 1 best on ImageNet, the default; c = 1e-3
         as the paper; the official JAX code uses c = 0.01, meanflow.py:84, py-meanflow c = 1e-3 with p = 0.75 on
         CIFAR-10, train_arg_parser.py:64-65). p = 0: the plain squared error.
-    p_uncond: label dropout (classifier-free guidance training, as DenoisingLoss); the guided target of
-        Sec. 4.2 is not implemented.
+    p_uncond: label dropout (classifier-free guidance training, as DenoisingLoss).
+    guidance_weight, guidance_kappa, guidance_t_interval: classifier-free guidance folded into the target
+        (Sec. 4.2 "Mean Flows with Guidance" and the appendix's mixing scale kappa; Gsunshine/meanflow
+        meanflow.py:171-189, 219-231). For a sample with a class label the velocity v_c (the JVP's tangent and the
+        target's first term) becomes v~ = w v_c + (1 - w - kappa) u_theta(x_t, t, t | null) + kappa
+        u_theta(x_t, t, t | c), both network terms without gradient; a sample whose label was dropped keeps v_c.
+        The network then learns the average velocity of the guided field w' v(x|c) + (1 - w') v(x) with the
+        effective weight w' = w / (1 - kappa) (Gsunshine/meanflow README.md:181-188), so sampling it is unguided
+        (weight 1). The network's dropout, if any, is active in those calls (the official code makes them with
+        train=False, meanflow.py:219; its DiT has no dropout layers).
+        guidance_t_interval (t_start, t_end): guide only where the sample's t is in it, as the
+        official t_start, t_end (meanflow.py:176, 183-184); None: every t. Defaults: no guidance. Guidance
+        needs p_uncond > 0 (the null label's velocity is learned from the dropped labels; the official
+        class_dropout_prob is 0.1, configs/default.py:58), class labels and the network's null label.
 
     Called as `DenoisingLoss` is: `loss(model, x0, process, prediction, class_labels, null_label, generator,
     t=None, eps=None)`. `model` takes the keyword `r` (a `precondition`ed network with `takes_interval`).
@@ -103,7 +116,8 @@ class MeanFlowLoss(TrainingLoss):
     """
 
     def __init__(self, times: MeanFlowTimes = MeanFlowTimes(), norm_p: float = 1.0, norm_c: float = 1e-3,
-                 p_uncond: float = 0.0) -> None:
+                 p_uncond: float = 0.0, guidance_weight: float = 1.0, guidance_kappa: float = 0.0,
+                 guidance_t_interval: tuple[float, float] | None = None) -> None:
         if not isinstance(times, MeanFlowTimes):
             raise TypeError(f"times must be a MeanFlowTimes, got {type(times).__name__}")
         check_nonnegative("norm_p", norm_p)
@@ -111,6 +125,14 @@ class MeanFlowLoss(TrainingLoss):
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.times, self.norm_p, self.norm_c, self.p_uncond = times, norm_p, norm_c, p_uncond
+        self.guidance_weight, self.guidance_kappa = float(guidance_weight), float(guidance_kappa)
+        self.guidance_t_interval = check_guidance(self.guidance_weight, self.guidance_kappa, guidance_t_interval,
+                                                  p_uncond)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the target is guided (guidance_weight != 1 or guidance_kappa != 0)."""
+        return self.guidance_weight != 1.0 or self.guidance_kappa != 0.0
 
     def __call__(self, model: Model, x0: Tensor, process: Process, prediction: Prediction,
                  class_labels: Tensor | None = None, null_label: int | None = None,
@@ -134,19 +156,49 @@ class MeanFlowLoss(TrainingLoss):
         v = (append_dims(process.d_alpha(t64), x0.ndim) * x0 + append_dims(process.d_sigma(t64), x0.ndim) * eps)
         v = v.to(x0.dtype)  # the conditional velocity dx_t/dt (B, ...)
 
-        def u_fn(z: Tensor, tt: Tensor, rr: Tensor) -> Tensor:
-            mean, variance = split_variance(model(z, tt, labels, r=rr), z)
+        def u_fn(z: Tensor, tt: Tensor, rr: Tensor, y: Tensor | None = labels) -> Tensor:
+            mean, variance = split_variance(model(z, tt, y, r=rr), z)
             if variance is not None:
                 raise ValueError("MeanFlowLoss trains an average velocity: expected a network with the data's "
                                  f"{z.shape[1]} output channels, not a learned variance")
             return average_velocity_of(mean, z, tt, process, prediction)
 
-        # d/dt u(x_t, r, t) along dx_t/dt = v, dr/dt = 0 (eq. 8): one forward-mode pass gives u and du/dt
-        u, du_dt = jvp(u_fn, (x_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
-        target = (v - append_dims(t - r, x0.ndim) * du_dt).detach()  # sg(u_tgt), eq. 10
-        sq = (u - target).pow(2).flatten(1).sum(1)  # (B,) ||Delta||^2
+        if self.guided:
+            v = self._guided_velocity(u_fn, v, x_t, t, labels, null_label)
+        # d/dt u(x_t, r, t) along dx_t/dt = v, dr/dt = 0 (eq. 8): one forward-mode pass gives u and du/dt. In
+        # float32 even under a mixed-precision run (bf16-mixed), as py-meanflow (meanflow/models/meanflow.py:54):
+        # du/dt enters the target multiplied by t - r, and bfloat16's 8-bit mantissa would round it away.
+        with torch.autocast(x0.device.type, enabled=False):
+            u, du_dt = jvp(u_fn, (x_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+            target = (v - append_dims(t - r, x0.ndim) * du_dt).detach()  # sg(u_tgt), eq. 10
+            sq = (u - target).pow(2).flatten(1).sum(1)  # (B,) ||Delta||^2
         weight = 1.0 / (sq.detach() + self.norm_c) ** self.norm_p if self.norm_p else torch.ones_like(sq)
         return LossOutput(loss=weight * sq, t=t)
+
+    def _guided_velocity(self, u_fn, v: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None,
+                         null_label: int | None) -> Tensor:
+        """v~ = w v + (1 - w - kappa) u(x_t, t, t | null) + kappa u(x_t, t, t | c) where the sample has a class label
+        and t is in the interval, else v (the official guidance_fn and cond_drop, meanflow.py:171-200)."""
+        if labels is None or null_label is None:
+            raise ValueError(f"MeanFlowLoss with guidance_weight={self.guidance_weight:g}, guidance_kappa="
+                             f"{self.guidance_kappa:g} needs class labels and the network's null label, got "
+                             f"{'no class labels' if labels is None else 'no null label'}: expected a class-"
+                             "conditional network with a null row (num_classes set)")
+        conditional = labels != null_label  # (B,) the dropped labels keep the plain target
+        if self.guidance_t_interval is not None:
+            lo, hi = self.guidance_t_interval
+            conditional = conditional & (t >= lo) & (t <= hi)
+        if not bool(conditional.any()):
+            return v
+        shape = (-1,) + (1,) * (v.ndim - 1)
+        w = torch.where(conditional, self.guidance_weight, 1.0).to(v.dtype).reshape(shape)
+        kappa = torch.where(conditional, self.guidance_kappa, 0.0).to(v.dtype).reshape(shape)
+        with torch.no_grad():  # the network's own velocities enter the stop-gradient target only
+            # two calls, not one of twice the batch: the model may carry per-sample inputs of batch size B
+            # (the augmentation labels DiffusionModule binds to it)
+            v_null = u_fn(x_t, t, t, torch.full_like(labels, null_label))
+            v_cond = u_fn(x_t, t, t, labels) if self.guidance_kappa else torch.zeros_like(v)
+        return w * v + (1.0 - w - kappa) * v_null + kappa * v_cond
 
 
 def jvp(fn, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -156,6 +208,28 @@ def jvp(fn, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[
         # torch's first forward-AD call loads decompositions with torch.jit.script, which warns (torch's own code)
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         return torch.func.jvp(fn, primals, tangents)
+
+
+def check_guidance(weight: float, kappa: float, interval, p_uncond: float) -> tuple[float, float] | None:
+    """Refuse, in one line, guidance options MeanFlowLoss cannot use; the interval as a (t_start, t_end) tuple."""
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"guidance_weight must be a finite number >= 0 (1 = no guidance), got {weight}")
+    if not 0.0 <= kappa < 1.0:
+        raise ValueError(f"guidance_kappa must be in [0, 1) (the effective weight is guidance_weight / (1 - kappa)), "
+                         f"got {kappa}")
+    if interval is not None:
+        try:
+            lo, hi = (float(x) for x in interval)
+        except (TypeError, ValueError):
+            raise ValueError(f"guidance_t_interval must be two times (t_start, t_end) or None, got {interval!r}") \
+                from None
+        if not lo <= hi:
+            raise ValueError(f"guidance_t_interval must have t_start <= t_end, got ({lo:g}, {hi:g})")
+        interval = (lo, hi)
+    if (weight != 1.0 or kappa != 0.0) and p_uncond == 0.0:
+        raise ValueError(f"guidance_weight={weight:g}, guidance_kappa={kappa:g} needs p_uncond > 0: the null label's "
+                         "velocity is learned from the dropped labels (the official code drops 10%)")
+    return interval
 
 
 def check_process(process: Process) -> None:

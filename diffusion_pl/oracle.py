@@ -17,7 +17,7 @@ from torch import Tensor
 from diffusion_pl.prediction import Model, Prediction
 from diffusion_pl.processes.base import Process
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "GuidedMixture", "field_average_velocity", "output_of_velocity"]
 
 
 class GaussianMixture:
@@ -142,28 +142,9 @@ class GaussianMixture:
         return process.d_alpha(t).reshape(shape) * x0 + process.d_sigma(t).reshape(shape) * eps
 
     def average_velocity(self, x_t: Tensor, t: Tensor, r: Tensor, process: Process, steps: int = 64) -> Tensor:
-        """MeanFlow's u(x_t, r, t) = (x_t - x_r) / (t - r) of the exact ODE (Geng et al. 2025, eq. 3), float64.
-
-        Classical Runge-Kutta (RK4) with `steps` equal steps from t to r per sample, in plain differentiable
-        tensor operations, so that forward-mode AD (the MeanFlow loss's JVP) runs through it; where r = t it
-        is the velocity itself. tests/core/test_meanflow.py checks it against an adaptive solver.
-        """
-        x = x_t.to(torch.float64)
-        t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0])
-        r = torch.as_tensor(r, dtype=torch.float64).expand(x.shape[0])
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        h = ((r - t) / steps).reshape(shape)  # (B, 1, ...) signed step
-        dt = (r - t) / steps
-        z, tau = x, t
-        for _ in range(steps):
-            k1 = self.velocity(z, tau, process)
-            k2 = self.velocity(z + 0.5 * h * k1, tau + 0.5 * dt, process)
-            k3 = self.velocity(z + 0.5 * h * k2, tau + 0.5 * dt, process)
-            k4 = self.velocity(z + h * k3, tau + dt, process)
-            z, tau = z + h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4), tau + dt
-        # (x_t - x_r) / (t - r) = the mean of the steps' slopes: finite and exact also at r = t
-        return (x - z) / torch.where(r == t, torch.ones_like(r), t - r).reshape(shape) + \
-            torch.where((r == t).reshape(shape), self.velocity(x, t, process), torch.zeros_like(x))
+        """MeanFlow's u(x_t, r, t) = (x_t - x_r) / (t - r) of the exact ODE (Geng et al. 2025, eq. 3), float64
+        (`field_average_velocity` of `velocity`); tests/core/test_meanflow.py checks it against an adaptive solver."""
+        return field_average_velocity(lambda z, tau: self.velocity(z, tau, process), x_t, t, r, steps)
 
     def mean_flow_model(self, process: Process, prediction: Prediction, steps: int = 64) -> Model:
         """The exact average-velocity network for `prediction`, in the model contract with the keyword r:
@@ -176,14 +157,7 @@ class GaussianMixture:
             if r is None:
                 return exact_at_t(x_t, t, class_labels)
             u = self.average_velocity(x_t, t, r, process, steps)
-            # velocity of F: alpha' x0 + sigma' eps with (x0, eps) affine in (x_t, F): a_v x_t + b_v F
-            t64 = t.to(torch.float64)
-            a_x0, b_x0, a_eps, b_eps = prediction.coefficients(t64, process)
-            d_alpha, d_sigma = process.d_alpha(t64), process.d_sigma(t64)
-            shape = (-1,) + (1,) * (x_t.ndim - 1)
-            a_v = (d_alpha * a_x0 + d_sigma * a_eps).reshape(shape)
-            b_v = (d_alpha * b_x0 + d_sigma * b_eps).reshape(shape)
-            return ((u - a_v * x_t.to(torch.float64)) / b_v).to(x_t.dtype)
+            return output_of_velocity(u, x_t, t, process, prediction)
 
         return exact
 
@@ -205,3 +179,85 @@ class GaussianMixture:
             return ((f - a_x0.reshape(shape) * x) / b_x0.reshape(shape)).to(x_t.dtype)
 
         return exact
+
+
+class GuidedMixture:
+    """Class-conditional data of a mixture: label k is its component k alone, the null label K the whole mixture.
+
+    `velocity` is the exact classifier-free guided field w v(x | k) + (1 - w) v(x) (Ho & Salimans 2022) for a
+    label k, the unconditional v(x) for the null label; `mean_flow_model` is the exact average velocity of that
+    field (MeanFlow with guidance, Geng et al. 2025, Sec. 4.2), the network a guided MeanFlow loss should learn.
+    """
+
+    def __init__(self, mixture: GaussianMixture, weight: float = 1.0) -> None:
+        self.mixture, self.weight = mixture, float(weight)
+        self.parts = [GaussianMixture(torch.ones(1), mixture.means[k:k + 1], mixture.stds[k:k + 1])
+                      for k in range(len(mixture.weights))]
+
+    @property
+    def null_label(self) -> int:
+        return len(self.parts)
+
+    def _per_label(self, values: list[Tensor], labels: Tensor) -> Tensor:
+        """values[k] (B, ...) for k <= K, each sample's own by its label."""
+        return torch.stack(values)[labels.to(torch.long), torch.arange(len(labels))]
+
+    def posterior_means(self, x_t: Tensor, t: Tensor, labels: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+        """E[x0 | x_t, label] and E[eps | x_t, label] (float64): the component's, or the mixture's for the null label."""
+        pairs = [m.posterior_means(x_t, t, process) for m in [*self.parts, self.mixture]]
+        return (self._per_label([p[0] for p in pairs], labels), self._per_label([p[1] for p in pairs], labels))
+
+    def velocity(self, x_t: Tensor, t: Tensor, labels: Tensor, process: Process) -> Tensor:
+        """The guided velocity w v(x_t | k) + (1 - w) v(x_t) of each sample's label k; v(x_t) for the null label."""
+        v_u = self.mixture.velocity(x_t, t, process)
+        guided = [self.weight * part.velocity(x_t, t, process) + (1.0 - self.weight) * v_u for part in self.parts]
+        return self._per_label([*guided, v_u], labels)
+
+    def mean_flow_model(self, process: Process, prediction: Prediction, steps: int = 64) -> Model:
+        """The exact average velocity of the guided field as a network for `prediction`, in the model contract
+        (x_t, t, class_labels, r=None); r = None is the guided velocity itself."""
+
+        def exact(x_t: Tensor, t: Tensor, class_labels: Tensor | None = None, r: Tensor | None = None) -> Tensor:
+            t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+            labels = class_labels if class_labels is not None else torch.full((x_t.shape[0],), self.null_label)
+            if r is None:
+                u = self.velocity(x_t.to(torch.float64), t, labels, process)
+            else:
+                u = field_average_velocity(lambda z, tau: self.velocity(z, tau, labels, process), x_t, t, r, steps)
+            return output_of_velocity(u, x_t, t, process, prediction)
+
+        return exact
+
+
+def field_average_velocity(velocity, x_t: Tensor, t: Tensor, r: Tensor, steps: int = 64) -> Tensor:
+    """u(x_t, r, t) = (x_t - x_r) / (t - r) of the ODE dx/dtau = velocity(x, tau) (float64), x_r by classical
+    Runge-Kutta (RK4) with `steps` equal steps from t to r per sample, in plain differentiable tensor operations,
+    so that forward-mode AD (the MeanFlow loss's JVP) runs through it; where r = t it is the velocity itself."""
+    x = x_t.to(torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0])
+    r = torch.as_tensor(r, dtype=torch.float64).expand(x.shape[0])
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    h = ((r - t) / steps).reshape(shape)  # (B, 1, ...) signed step
+    dt = (r - t) / steps
+    z, tau = x, t
+    for _ in range(steps):
+        k1 = velocity(z, tau)
+        k2 = velocity(z + 0.5 * h * k1, tau + 0.5 * dt)
+        k3 = velocity(z + 0.5 * h * k2, tau + 0.5 * dt)
+        k4 = velocity(z + h * k3, tau + dt)
+        z, tau = z + h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4), tau + dt
+    # (x_t - x_r) / (t - r) = the mean of the steps' slopes: finite and exact also at r = t
+    return (x - z) / torch.where(r == t, torch.ones_like(r), t - r).reshape(shape) + \
+        torch.where((r == t).reshape(shape), velocity(x, t), torch.zeros_like(x))
+
+
+def output_of_velocity(u: Tensor, x_t: Tensor, t: Tensor, process: Process, prediction: Prediction) -> Tensor:
+    """The network output F whose velocity under `prediction` is u (x_t's dtype): the velocity alpha' x0 + sigma' eps
+    with (x0, eps) affine in (x_t, F) is a_v x_t + b_v F."""
+    t64 = t.to(torch.float64)
+    a_x0, b_x0, a_eps, b_eps = prediction.coefficients(t64, process)
+    d_alpha, d_sigma = process.d_alpha(t64), process.d_sigma(t64)
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    a_v = (d_alpha * a_x0 + d_sigma * a_eps).reshape(shape)
+    b_v = (d_alpha * b_x0 + d_sigma * b_eps).reshape(shape)
+    return ((u - a_v * x_t.to(torch.float64)) / b_v).to(x_t.dtype)

@@ -25,7 +25,7 @@ theta = pi t / 2 exactly. Others (rectified flow, VE) are refused in one line. F
 alpha eps_hat - sigma x0_hat, which makes f the prediction's x0_hat; `VPrediction` (v = alpha eps - sigma x0)
 is F itself, the paper's parameterization.
 
-Sources: the paper (Sec. 4-5, Algorithm 1; proposal and sigma_d of its CIFAR-10 setting, App. G); NVIDIA
+Sources: the paper (Sec. 4-5, Algorithm 1); the default proposal and sigma_d are FastGen's; NVIDIA
 FastGen, NVlabs/FastGen fastgen/methods/consistency_model/sCM.py:178-179 (JVP tangents scaled by cos sin),
 :203 (theta from the noise level), :260 (warm-up), :265-268 (g), :272-275 (normalisation by the RMS norm),
 :285 (adaptive weight), and fastgen/configs/methods/config_scm.py:35-57 (defaults).
@@ -91,8 +91,8 @@ class AdaptiveWeight(nn.Module):
 class SCMLoss(TrainingLoss, nn.Module):
     """sCT, continuous-time consistency training (Lu & Song 2024, Algorithm 1; see the module docstring).
 
-    p_mean, p_std, sigma_d: the time proposal tan(theta) = exp(N(p_mean, p_std^2)) / sigma_d (the paper's
-        CIFAR-10 values -1.0, 1.4 and 0.5; FastGen config_scm.py:35-39), mapped to the process's t.
+    p_mean, p_std, sigma_d: the time proposal tan(theta) = exp(N(p_mean, p_std^2)) / sigma_d (defaults
+        -1.0, 1.4 and 0.5: FastGen config_scm.py:35-39), mapped to the process's t.
     norm_c: tangent normalisation g / (rms(g) + norm_c), rms the root mean square over the sample (the paper's
         ||g|| + c with c = 0.1; FastGen's default g_norm_spatial_invariance, which keeps c's meaning at every
         resolution); None: no normalisation.
@@ -109,6 +109,7 @@ class SCMLoss(TrainingLoss, nn.Module):
     """
 
     takes_step = True
+    denoiser = False  # x0_hat is f, the trajectory's end: sampled by `Consistency`, refused by diffusion samplers
     # an nn.Module (its adaptive weight trains) and a TrainingLoss: calls and reprs are the module's
     __call__ = nn.Module.__call__
     __repr__ = nn.Module.__repr__

@@ -12,6 +12,33 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (multi-process DDP/FSDP, multi-node, training runs); "
+                          "CI runs them, a plain `pytest` leaves them out")
+
+
+def pytest_report_header(config):
+    if not _runs_slow(config):
+        return "tests marked slow are left out: add --slow to run them (CI does)"
+    return None
+
+
+def _runs_slow(config) -> bool:
+    # an explicit -m (`-m slow`, `-m "not slow"`) chooses for itself
+    return bool(config.getoption("--slow") or config.getoption("markexpr"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """A plain run leaves out the slow tests (the quick run a contributor makes, under 5 minutes on 2 cores)."""
+    if _runs_slow(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One intra-op thread in the test process.

@@ -5,6 +5,7 @@
     diffusion-pl list recipes                  the packaged recipes (`diffusion-pl fit --config NAME`)
     diffusion-pl list recipes quickstart       print a recipe
     diffusion-pl list recipes quickstart --write my.yaml    copy it out for editing (an existing file is refused)
+    diffusion-pl list overrides                partial configs given after a recipe (`--config RECIPE --config fast`)
 
 Each category is the public subclasses of one base class (diffusion_pl.utils.classes.public_subclasses) once
 the package that defines them is imported, plus the network presets (diffusion_pl.networks.presets.PRESETS)
@@ -126,9 +127,16 @@ def _recipes() -> list[Entry]:
     return [Entry(name, "", "", recipe_title(recipes_dir() / f"{name}.yaml")) for name in recipe_names()]
 
 
+def _overrides() -> list[Entry]:
+    from diffusion_pl.cli.recipes import override_names, recipe_path, recipe_title
+
+    return [Entry(name, "", "", recipe_title(recipe_path(name))) for name in override_names()]
+
+
 # category -> (where a recipe or command uses it, its entries)
 CATEGORIES: dict[str, tuple[str, Callable[[], list[Entry]]]] = {
     "recipes": ("training recipes: diffusion-pl fit --config NAME", _recipes),
+    "overrides": ("partial configs given after a recipe: diffusion-pl fit --config RECIPE --config NAME", _overrides),
     "networks": ("model.net class_path: the networks and their presets (parameters at a preset's defaults)",
                  _networks),
     "processes": ("model.process class_path: forward processes alpha(t), sigma(t)", _processes),
@@ -164,17 +172,18 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="categories: " + ", ".join(CATEGORIES))
     p.add_argument("category", nargs="?", choices=list(CATEGORIES), metavar="CATEGORY",
                    help="what to list (none: every category with its count)")
-    p.add_argument("name", nargs="?", metavar="NAME", help="with `recipes`: print this recipe (YAML, its comments included)")
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help="with `recipes` or `overrides`: print this recipe or override (YAML, its comments included)")
     p.add_argument("--write", metavar="PATH", default=None,
-                   help="with `recipes NAME`: write the recipe to PATH (a new file, or into a folder) for editing; "
-                        "an existing file is refused")
+                   help="with `recipes NAME` or `overrides NAME`: write it to PATH (a new file, or into a folder) for "
+                        "editing; an existing file is refused")
     return p
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.name is not None and args.category != "recipes":
-        raise CommandError(f"list {args.category} {args.name}: a name is taken by `list recipes NAME` only: "
-                           f"expected `diffusion-pl list {args.category}`")
+    if args.name is not None and args.category not in ("recipes", "overrides"):
+        raise CommandError(f"list {args.category} {args.name}: a name is taken by `list recipes NAME` and "
+                           f"`list overrides NAME` only: expected `diffusion-pl list {args.category}`")
     if args.write is not None and args.name is None:
         raise CommandError("--write: expected a recipe to write: diffusion-pl list recipes NAME --write PATH")
     if args.name is not None:
@@ -184,7 +193,8 @@ def run(args: argparse.Namespace) -> None:
             sys.stdout.write(recipe_path(args.name).read_text(encoding="utf-8"))
             return
         out = write_recipe(args.name, args.write)
-        print(f"wrote {out}: train with `diffusion-pl fit --config {out}`", file=sys.stderr)
+        use = f"--config {out}" if args.category == "recipes" else f"--config RECIPE --config {out}"
+        print(f"wrote {out}: train with `diffusion-pl fit {use}`", file=sys.stderr)
         return
     if args.category is not None:
         usage, _ = CATEGORIES[args.category]

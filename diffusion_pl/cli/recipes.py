@@ -7,6 +7,10 @@ package, and in a source checkout (or an editable install) in configs/ beside it
 `--config VALUE` (fit and validate) reads VALUE as a file when one exists at that path; a bare name (letters,
 digits, `_`, `-`: no folder, no suffix) that is not a file names a packaged recipe. A recipe's title is the
 text of its first comment line up to the first ": " (`# DDPM on CIFAR-10: Ho, Jain & Abbeel ...`).
+
+Overrides are partial configs given after a recipe, which change one aspect of any recipe: configs/overrides/*.yaml
+(`fit --config cifar10_edm --config fast`, `--config fsdp`). They are addressed by name like recipes and listed
+apart from them (`diffusion-pl list overrides`); a name is a recipe's or an override's, never both.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from pathlib import Path
 
 from diffusion_pl.utils.errors import MissingFileError, UserValueError
 
-__all__ = ["recipes_dir", "recipe_names", "recipe_path", "recipe_title", "config_file", "write_recipe"]
+__all__ = ["recipes_dir", "recipe_names", "override_names", "recipe_path", "recipe_title", "config_file",
+           "write_recipe"]
 
 SUFFIX = ".yaml"
+OVERRIDES = "overrides"  # the subfolder of the overrides
 _NAME = re.compile(r"[\w-]+")  # a bare recipe name: no folder, no suffix
 
 
@@ -39,12 +45,31 @@ def recipe_names() -> list[str]:
     return sorted(path.stem for path in recipes_dir().glob(f"*{SUFFIX}"))
 
 
+def override_names() -> list[str]:
+    """The names of the packaged overrides (partial configs given after a recipe), sorted."""
+    return sorted(path.stem for path in (recipes_dir() / OVERRIDES).glob(f"*{SUFFIX}"))
+
+
+def _packaged(name: str) -> Path | None:
+    """The file of the packaged recipe or override `name`, None when there is neither."""
+    if not _NAME.fullmatch(name):
+        return None
+    for path in (recipes_dir() / f"{name}{SUFFIX}", recipes_dir() / OVERRIDES / f"{name}{SUFFIX}"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _known() -> str:
+    return (f"a recipe ({', '.join(recipe_names())}) or an override ({', '.join(override_names())}); "
+            "`diffusion-pl list recipes`, `diffusion-pl list overrides`")
+
+
 def recipe_path(name: str) -> Path:
-    """The file of the packaged recipe `name`; one line naming the recipes when there is none."""
-    path = recipes_dir() / f"{name}{SUFFIX}"
-    if not _NAME.fullmatch(name) or not path.is_file():
-        raise UserValueError(f"no recipe {name!r}: expected one of {', '.join(recipe_names())} "
-                             "(`diffusion-pl list recipes`)")
+    """The file of the packaged recipe or override `name`; one line naming them when there is none."""
+    path = _packaged(name)
+    if path is None:
+        raise UserValueError(f"no recipe {name!r}: expected {_known()}")
     return path
 
 
@@ -65,13 +90,13 @@ def config_file(value: object) -> object:
     if not isinstance(value, str) or Path(value).exists():
         return value
     if _NAME.fullmatch(value):
-        path = recipes_dir() / f"{value}{SUFFIX}"
-        if not path.is_file():
+        path = _packaged(value)
+        if path is None:
             raise UserValueError(f"--config {value}: no such file and no recipe of that name: expected a YAML file "
-                                 f"or one of {', '.join(recipe_names())} (`diffusion-pl list recipes`)")
+                                 f"or {_known()}")
         return str(path)
     stem = Path(value).stem
-    if Path(value).suffix in (".yaml", ".yml") and (recipes_dir() / f"{stem}{SUFFIX}").is_file():
+    if Path(value).suffix in (".yaml", ".yml") and _packaged(stem) is not None:
         raise MissingFileError(f"--config {value}: no such file: expected an existing file, or the packaged "
                                f"recipe by name: --config {stem}")
     return value

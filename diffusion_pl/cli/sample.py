@@ -37,7 +37,7 @@ from diffusion_pl.cli.common import CommandError, CommandParser, add_model_optio
 from diffusion_pl.cli.sampler_spec import SAMPLER_STEPS_HELP, resolve_sampler, sampler_help
 from diffusion_pl.utils.errors import run_command
 from diffusion_pl.utils.fileio import atomic_path, sha256_file, writable_folder
-from diffusion_pl.evaluation.generation import class_labels_for, generate, rank_indices
+from diffusion_pl.evaluation.generation import check_sampler, class_labels_for, generate, rank_indices
 from diffusion_pl.evaluation.loading import guidance_config, load_checkpoint, load_guide, make_fabric
 from diffusion_pl.evaluation.samples import read_rgb
 from diffusion_pl.guidance import Guidance
@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> Path:
     fabric = make_fabric(args.devices, args.accelerator, what="--devices")
     rank, world = fabric.global_rank, fabric.world_size
     module = load_checkpoint(args.ckpt, fabric.device, trust_config=args.trust_config)
+    check_sampler(module, sampler, f"--ckpt_path {args.ckpt}")  # a consistency model with a diffusion sampler
     loaded = load_guide(module, guidance, fabric.device, names=flag)  # the guide checkpoint checked and loaded
     config, out, shape = _config(args, module, spec, guidance), Path(args.out), module.net.image_shape
     guidance = loaded

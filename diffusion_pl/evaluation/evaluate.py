@@ -43,7 +43,7 @@ from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.data.reference import reference_images
 from diffusion_pl.data.shards import resolve_shards
 from diffusion_pl.evaluation.bits_per_dim import dataset_bits_per_dim, first_images
-from diffusion_pl.evaluation.generation import LABEL_SAMPLINGS, generate, rank_indices, sampler_label
+from diffusion_pl.evaluation.generation import LABEL_SAMPLINGS, check_sampler, generate, rank_indices, sampler_label
 from diffusion_pl.evaluation.loading import (Names, argument_name, guidance_config, load_checkpoint, load_guide,
                                              make_fabric)
 from diffusion_pl.evaluation.metrics.dinov2 import load_dinov2
@@ -206,7 +206,9 @@ def _run(options: EvalOptions, checkpoints: list, samples, on_report) -> list[Ev
     for ckpt in checkpoints or [None]:
         start = time.time()
         module, (count, height, width) = _open_source(options, fabric, ckpt, samples)
-        guidance = None if module is None else load_guide(  # checked before the slow reference
+        if module is not None:  # checked before the slow reference
+            check_sampler(module, options.samplers, f"{options.names('ckpt')} {_label(ckpt)}")
+        guidance = None if module is None else load_guide(
             module, options.guidance, fabric.device, names=options.names)
         if reference is None:
             reference, data_info = _reference(options, fabric, extractor, height, width)

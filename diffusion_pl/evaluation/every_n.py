@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from diffusion_pl.guidance import Guidance
-from diffusion_pl.evaluation.generation import sampler_label
+from diffusion_pl.evaluation.generation import check_sampler, sampler_label
 from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.sampling.ode import HeunODE
 from diffusion_pl.sampling.base import Sampler
@@ -90,9 +90,12 @@ class EveryNSteps(OptimizerStepCallback):
         return self.guidance.replace(guide=self.guide) if self._guide else self.guidance
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        """Make the labels unique; load the guide checkpoint before training and refuse, in one line, a guide that
+        """Make the labels unique; refuse, in one line, a sampler that cannot sample this module (a consistency
+        model's with a diffusion sampler); load the guide checkpoint before training and refuse a guide that
         cannot guide this module."""
         self.labels = self.unique_labels(trainer)
+        if stage == "fit":
+            check_sampler(pl_module, self.samplers, f"{type(self).__name__}: the module")
         if stage != "fit" or self.guidance.guide_path is None or self._guide:
             return
         from diffusion_pl.evaluation.loading import load_guide

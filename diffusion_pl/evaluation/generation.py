@@ -17,13 +17,17 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from diffusion_pl import sampling
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.data.pixels import to_uint8
 from diffusion_pl.sampling.api import sample
+from diffusion_pl.sampling.base import Sampler
 from diffusion_pl.training.shapes import network_mismatch
+from diffusion_pl.utils.classes import import_submodules, public_subclasses
+from diffusion_pl.utils.errors import UserValueError
 
 __all__ = ["FULL_PROTOCOL_SAMPLES", "LABEL_SAMPLINGS", "metric_prefix", "sampler_label", "class_labels_for", "generate",
-           "rank_world", "rank_indices", "guide_mismatch"]
+           "rank_world", "rank_indices", "guide_mismatch", "sampler_mismatch", "check_sampler"]
 
 FULL_PROTOCOL_SAMPLES = 50_000
 # how a conditional model's evaluation samples get their classes (see class_labels_for)
@@ -110,6 +114,32 @@ def guide_mismatch(module, guide) -> str | None:
     return None
 
 
+def sampler_mismatch(module, sampler) -> str | None:
+    """Why `sampler` cannot sample `module` (a sentence to follow the model's name), or None when it can.
+
+    A model trained with a loss whose network is no denoiser (`TrainingLoss.denoiser` False: ConsistencyLoss, SCMLoss)
+    samples only with a sampler that needs none (`Sampler.needs_denoiser` False: Consistency). Every other pair
+    is allowed, a diffusion model with the Consistency sampler and a MeanFlow model (a velocity model at r = t)
+    with every sampler included.
+    """
+    loss = getattr(module, "loss_fn", None)
+    if getattr(loss, "denoiser", True) or not getattr(sampler, "needs_denoiser", True):
+        return None
+    import_submodules(sampling)  # every sampler class known, for the list of those that fit
+    fits = ", ".join(cls.__name__ for cls in public_subclasses(Sampler) if not cls.needs_denoiser)
+    return (f"was trained with {type(loss).__name__}, whose network is a consistency function (its x0 output is the "
+            f"end of the ODE trajectory), not the denoiser that {type(sampler).__name__} needs at every step: "
+            f"expected a consistency sampler ({fits}; e.g. --sampler consistency)")
+
+
+def check_sampler(module, samplers, what: str = "the model") -> None:
+    """Refuse, in one line (UserValueError), the first of `samplers` (one or a list) that cannot sample `module`."""
+    for sampler in samplers if isinstance(samplers, (list, tuple)) else [samplers]:
+        problem = sampler_mismatch(module, sampler)
+        if problem is not None:
+            raise UserValueError(f"{what} {problem}")
+
+
 def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int], *, seed: int = 0,
              guidance: Guidance = Guidance(), ema: bool = True, class_choices: Sequence[int] | None = None,
              label_sampling: str = "balanced", batch_size: int = 64, device: str | torch.device | None = None,
@@ -124,6 +154,7 @@ def generate(module, sampler, indices: Sequence[int], image_shape: Sequence[int]
     guide, when set, is a loaded DiffusionModule (same process and prediction; its EMA weights when `ema`;
     `diffusion_pl.evaluation.loading.load_guide` loads a checkpoint path).
     """
+    check_sampler(module, sampler)
     guide_module = guidance.guide
     if guidance.guide_path is not None:
         raise ValueError(f"guidance guide {guidance.guide_path} is a checkpoint path: expected the loaded module "

@@ -103,6 +103,10 @@ class UNet(ScoreNetwork):
         interval_embedding: a second noise embedding, of `interval` = c_noise(t) - c_noise(r), summed with the
             first before the embedding MLP: the (t, t - r) conditioning of MeanFlow (Geng et al. 2025, Sec. 4.3,
             Table 1c). Off by default (the network and its state_dict are then unchanged).
+        noise_label_scale: multiplies the noise label (and the interval) before the embeddings. 1: the process's
+            label as is (1000 t for the continuous-time processes); 0.001 embeds t itself, as MeanFlow's PyTorch
+            port embeds raw t in [0, 1] (Gsunshine/py-meanflow meanflow/models/unet.py:370-372), which keeps the
+            embedding's frequencies, and so d/dt of the network, 1000 times lower.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class UNet(ScoreNetwork):
         init: Literal["ddpm", "score_sde", "edm", "adm"] = "ddpm",
         checkpoint_activations: bool = False,
         interval_embedding: bool = False,
+        noise_label_scale: float = 1.0,
     ) -> None:
         # the declared interface (networks/base.py): shapes, classes, null label, augmentation labels
         super().__init__(img_resolution, in_channels, out_channels, num_classes, augment_dim, class_null_row)
@@ -187,6 +192,11 @@ class UNet(ScoreNetwork):
         self.map_augment = nn.Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
         self.map_emb = embedding_mlp(noise_channels, emb_channels)
         self.takes_interval = bool(interval_embedding)
+        if isinstance(noise_label_scale, bool) or not isinstance(noise_label_scale, (int, float)) or \
+                not (math.isfinite(noise_label_scale) and noise_label_scale > 0):
+            raise ValueError(f"noise_label_scale must be a positive number (1: the process's noise label), got "
+                             f"{noise_label_scale!r}")
+        self.noise_label_scale = float(noise_label_scale)
         self.map_interval = noise_embedding(embedding, noise_channels, endpoint=embedding_endpoint,
                                             fourier_scale=fourier_scale) if interval_embedding else None
 
@@ -245,10 +255,11 @@ class UNet(ScoreNetwork):
         # augment_labels: (B, augment_dim) or None (no augmentation: zeros),
         # interval: (B,) c_noise(t) - c_noise(r) or None (r = t), with interval_embedding only -> (B, C_out, H, W)
         B = x.shape[0]
-        emb = self.noise_order(self.map_noise(batch_noise_label(noise_label, B))).to(x.dtype)  # (B, noise_channels)
+        scale = self.noise_label_scale
+        emb = self.noise_order(self.map_noise(scale * batch_noise_label(noise_label, B))).to(x.dtype)  # (B, noise_ch)
         if self.map_interval is not None:
             interval = torch.zeros_like(noise_label) if interval is None else interval
-            emb = emb + self.noise_order(self.map_interval(batch_noise_label(interval, B))).to(x.dtype)
+            emb = emb + self.noise_order(self.map_interval(scale * batch_noise_label(interval, B))).to(x.dtype)
         elif interval is not None:
             raise ValueError("UNet got an interval but was built without one: expected interval_embedding=True")
         if self.map_label is not None and not self.class_after_mlp:

@@ -125,6 +125,10 @@ class Sampler(AttributeRepr):
     adaptive samplers). `grid=None` picks the sampler's default grid (`default_grid`).
     """
 
+    # whether its steps need a denoiser E[x0 | x_t] (every diffusion sampler); False for a sampler that reads a
+    # consistency model's x0 output only at its own times (`Consistency`), see `TrainingLoss.denoiser`
+    needs_denoiser: bool = True
+
     def __init__(self, steps: int, grid: TimeGrid | None = None, final_denoise: bool = True) -> None:
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")

@@ -29,8 +29,11 @@ class Consistency(Sampler):
     The evaluation times are t_max followed by either the times whose noise levels sigma/alpha are
     `noise_levels` (steps - 1 of them, decreasing; ECT's 2-step CIFAR-10 sampler: [0.821]) or, without them,
     the first `steps` times of `grid` (default `KarrasGrid()`, whose last time t_min is not evaluated:
-    re-noising to t_min would add almost no noise). NFE = steps.
+    re-noising to t_min would add almost no noise). NFE = steps. It needs no denoiser: a consistency model
+    (ConsistencyLoss, SCMLoss) samples with it, and so does a diffusion model (one step is then one denoise).
     """
+
+    needs_denoiser = False
 
     def __init__(self, steps: int = 1, grid: TimeGrid | None = None,
                  noise_levels: Sequence[float] | None = None) -> None:

@@ -23,7 +23,8 @@ class MeanFlow(Sampler):
     Needs a model whose network takes an interval (`takes_interval`, e.g. UNet / DiT with
     interval_embedding=True); another model is refused in one line. The model at r = t is a velocity model, so
     the ODE samplers (EulerODE, HeunODE, ...) sample a MeanFlow model too. final_denoise is off by default:
-    the last jump lands at t_min.
+    the last jump lands at t_min. A model trained with `MeanFlowLoss`'s guidance options (guidance folded into
+    the target) has the guidance in its weights: sample it at guidance weight 1, the default.
     """
 
     def __init__(self, steps: int = 1, grid: TimeGrid | None = None, final_denoise: bool = False) -> None:

@@ -231,7 +231,8 @@ class DiffusionModule(L.LightningModule):
         # path; load_from_checkpoint has no trainer)
         if self._trainer is not None:
             self.codec.check_checkpoint(checkpoint, self._trainer.ckpt_path)
-            problem = _network_mismatch(self.net, checkpoint.get("state_dict", {}))
+            # FSDPStrategy has loaded the weights itself (strictly) and removed them from `checkpoint`
+            problem = _network_mismatch(self.net, checkpoint["state_dict"]) if "state_dict" in checkpoint else None
             if problem is not None:  # else load_state_dict prints one "size mismatch" line per tensor
                 raise UserValueError(f"checkpoint {self._trainer.ckpt_path} holds another network than the configured "
                                      f"model.net: {problem}: expected the recipe the run was trained with (its "

@@ -243,6 +243,7 @@ def test_a_full_disk_during_a_checkpoint_save(tmp_path, monkeypatch, capsys):
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_resuming_with_a_wider_network_names_the_first_mismatch(tmp_path, monkeypatch, capsys):
     """`fit --ckpt_path last` after the recipe's channel count changed: one line naming the checkpoint, the first
     parameter that differs and both shapes (not one "size mismatch" line per tensor)."""

@@ -22,3 +22,23 @@ def test_bench_script_imports(script, monkeypatch):
     spec.loader.exec_module(module)  # top level only: each script runs under `if __name__ == "__main__"`
     if script.name.startswith("bench_"):  # a script; other files are modules the scripts share (train_floor.py)
         assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
+
+
+def test_paired_sampler_reference_is_the_exact_ode_solution(monkeypatch):
+    """bench_samplers --paired divides every error by that of its converged reference and measures each sample's
+    distance to it: the reference must be the probability-flow ODE solution from the same x_T, to far below the
+    10-NFE errors (1e-2 and more) it is compared with."""
+    import torch
+
+    from diffusion_pl.oracle import GaussianMixture
+    from diffusion_pl.processes.variance_preserving import DDPMDiscrete
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import paired_error
+
+    mix = GaussianMixture.random(3, 8, seed=0, spread=1.0, std_range=(0.1, 0.2))
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    fast, exact = paired_error.reference_flow(mix, DDPMDiscrete(), z), paired_error.exact_flow(mix, DDPMDiscrete(), z)
+    for a, b in zip(fast, exact):  # x at t_min, then its final denoise
+        assert float((a - b).norm(dim=1).max()) < 1e-4
+    assert float((fast[0] - fast[1]).norm(dim=1).mean()) > 1e-3  # the two ends differ: both are checked

@@ -20,6 +20,7 @@ from tests.support.paths import REPO
 # members each category must show (a new class must join by itself: the checks below compare with the code)
 KNOWN = {
     "recipes": {"quickstart", "cifar10_ddpm", "imagenet256_dit_xl2"},
+    "overrides": {"fast", "fsdp"},
     "networks": {"UNet", "DiT", *(fn.__name__ for fn in PRESETS)},
     "processes": {"VPLinear", "VPCosine", "DDPMDiscrete", "SubVP", "VE", "EDM", "RectifiedFlow"},
     "predictions": {"EpsPrediction", "X0Prediction", "VPrediction", "VelocityPrediction", "EDMPreconditioning"},
@@ -53,6 +54,7 @@ def test_every_recipe_file_is_listed_with_its_title(capsys):
         assert path.read_text().startswith(f"# {title}: "), (path.name, title)  # the comment's "Title: ..."
 
 
+@pytest.mark.slow
 def test_networks_show_each_preset_with_its_class_path_and_size(capsys):
     lines = {line.split()[0]: line for line in _listed(capsys, "networks")[1:]}
     for preset in PRESETS:
@@ -67,6 +69,7 @@ def test_samplers_show_their_sampler_option_names(capsys):
         assert f"--sampler {name}" in lines[cls.__name__]
 
 
+@pytest.mark.slow
 def test_the_overview_counts_every_category(capsys):
     lines = _listed(capsys)
     for category in CATEGORIES:

@@ -114,6 +114,7 @@ def test_sample_refuses_to_overwrite_another_run(run, tmp_path, capsys):
     assert "expected one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sample_full_spec_with_eta_is_recorded_and_resumes(run, tmp_path, capsys, ddim_spec):
     npz = f"samples_3x{IMAGE_SIZE}x{IMAGE_SIZE}x3.npz"
     assert sample(run, tmp_path / "short", "--num_samples", "3") == 0  # the short-name form: DDIM, eta = 0
@@ -215,6 +216,7 @@ def test_evaluate_checks_the_sampler_specs_before_any_work(run, tmp_path, capsys
     assert len(err) == 1 and err[0].startswith("diffusion-pl evaluate: error: --sampler") and "init_args.eta" in err[0]
 
 
+@pytest.mark.slow
 def test_sample_two_processes_match_one(run, tmp_path):
     assert sample(run, tmp_path / "one", "--num_samples", "5", "--batch_size", "5") == 0
     env = {**os.environ, **run["env"], "OMP_NUM_THREADS": "1"}

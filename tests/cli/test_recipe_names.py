@@ -25,6 +25,7 @@ def _printed_config(capsys, *argv: str) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_a_recipe_by_name_from_a_folder_that_is_not_the_clone(tmp_path, monkeypatch, capsys):
     by_path = _printed_config(capsys, "--config", str(REPO / "configs" / "quickstart.yaml"))
     monkeypatch.chdir(tmp_path)
@@ -71,8 +72,11 @@ def test_the_wheel_ships_the_recipes_and_the_installed_package_finds_them(tmp_pa
                     "-q"], check=True, capture_output=True, timeout=600)
     wheel = next((tmp_path / "wheel").glob("diffusion_pl-*.whl"))
     files = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(f.split("/")[-1][: -len(".yaml")] for f in files if f.startswith("diffusion_pl/recipes/"))
+    shipped = sorted(f.split("/")[-1][: -len(".yaml")] for f in files
+                     if f.startswith("diffusion_pl/recipes/") and f.count("/") == 2)
     assert shipped == RECIPES
+    overrides = sorted(f.split("/")[-1][: -len(".yaml")] for f in files if f.startswith("diffusion_pl/recipes/overrides/"))
+    assert overrides == sorted(p.stem for p in (REPO / "configs" / "overrides").glob("*.yaml"))
     assert not [f for f in files if "recipes/sources" in f or f.startswith("configs/")]  # configs/sources stays out
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"), str(wheel), "-q"],
                    check=True, capture_output=True, timeout=600)

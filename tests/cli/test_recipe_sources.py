@@ -59,6 +59,7 @@ def _built(class_path: str, kwargs: dict) -> torch.nn.Module:
     return fn(**kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in RECIPES if "network" in SOURCES.get(n, {})])
 def test_recipe_network_is_its_preset_weight_for_weight(name):
     """Same seed, same weights, same outputs: options that hold no weights (padding, embedding, init) count too."""

@@ -68,6 +68,7 @@ def _shrink(net: dict) -> None:
         args.update(model_channels=16, num_res_blocks=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", CIFAR_RECIPES, ids=[r.stem for r in CIFAR_RECIPES])
 def test_cifar_recipe_trains_on_prepared_shards(recipe, cifar_shards, tmp_path):
     config = _localise(yaml.safe_load(recipe.read_text()), tmp_path, max_steps=2)
@@ -79,6 +80,7 @@ def test_cifar_recipe_trains_on_prepared_shards(recipe, cifar_shards, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_full_size_ddpm_recipe_takes_a_step(cifar_shards, tmp_path):
     """The published 35.7M DDPM U-Net, unchanged, on 300 real CIFAR-10 images."""
     config = _localise(yaml.safe_load((REPO / "configs" / "cifar10_ddpm.yaml").read_text()), tmp_path, max_steps=1)

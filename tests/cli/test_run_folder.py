@@ -51,6 +51,7 @@ def test_final_step_is_saved_when_max_steps_is_not_a_multiple(tiny, tmp_path):
     assert sorted(_step(p) for p in ckpts.glob("epoch=*.ckpt")) == [3, 5]
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_resumes_from_the_newest_step_not_last_ckpt(tiny, tmp_path, capsys, monkeypatch):
     """A step-5 checkpoint and an older last.ckpt (step 3): the resumed run continues from step 5."""
     from diffusion_pl.training.module import DiffusionModule
@@ -88,6 +89,7 @@ def test_second_fit_into_a_used_folder_is_refused(tiny, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before  # nothing replaced
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over_and_keeps_other_files(tiny, tmp_path):
     run = tmp_path / "run"
     assert _fit(tiny, run) == 0
@@ -98,6 +100,7 @@ def test_overwrite_starts_over_and_keeps_other_files(tiny, tmp_path):
     assert (run / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_concurrent_fit_into_the_same_folder_is_refused(tiny, tmp_path):
     """The first run holds the folder's lock for its whole life; the second stops at once with one line."""
     run = tmp_path / "run"
@@ -126,6 +129,7 @@ def test_concurrent_fit_into_the_same_folder_is_refused(tiny, tmp_path):
     assert _fit(tiny, run, "--ckpt_path", "last", "--trainer.max_steps", "1") == 0
 
 
+@pytest.mark.slow
 def test_one_option_moves_the_whole_run(tmp_path, monkeypatch):
     """The quickstart recipe with --trainer.default_root_dir elsewhere: nothing lands in its own runs/ folder."""
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))

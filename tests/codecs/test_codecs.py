@@ -115,6 +115,7 @@ def test_latent_codec_spec_is_saved_and_checked(tiny_autoencoder):
         other.check_checkpoint, checkpoint, "a.ckpt")
 
 
+@pytest.mark.slow
 def test_fit_parses_without_loading_the_vae(tmp_path, capsys, config_only_vae):
     """`fit` fills the network's latent shape from the VAE's config.json: the weights (absent here) load only when
     training first encodes; `--print_config` of a recipe whose VAE folder does not exist prints."""

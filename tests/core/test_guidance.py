@@ -337,6 +337,7 @@ def test_load_guide_refuses_a_mismatched_checkpoint_in_one_line(tmp_path, monkey
     assert loading.guidance_config(Guidance(weight=2.0)) == {}
 
 
+@pytest.mark.slow
 def test_sample_cli_with_a_guide_checkpoint(run, tmp_path, capsys):
     """`diffusion-pl sample --guide_ckpt`: the checkpoint as its own guide reproduces the unguided images
     and is recorded; a guide of another process (EDM) is refused in one line."""

@@ -132,6 +132,7 @@ def test_generate_and_the_sampling_callbacks_pass_it_on(tmp_path, monkeypatch, g
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_cli(run, tmp_path, capsys, monkeypatch):
     import diffusion_pl.evaluation.generation as generation
 

@@ -88,6 +88,7 @@ def test_solver_and_time_variable_paths(solver, time_variable):
 MIXTURE_32D = GaussianMixture.random(3, 32, seed=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process,prediction", [(VPLinear(), EpsPrediction()), (RectifiedFlow(), VelocityPrediction())],
                          ids=["VPLinear-eps", "RectifiedFlow-velocity"])
 def test_ode_nll_equals_exact_log_density_32d(process, prediction):
@@ -99,6 +100,7 @@ def test_ode_nll_equals_exact_log_density_32d(process, prediction):
     assert (result.nll - exact).abs().max() < TOL_NATS
 
 
+@pytest.mark.slow
 def test_ode_nll_hutchinson_is_unbiased_in_32d():
     """Rademacher probes (4 per solve, fixed along the solve), 4 probe seeds x 8 points in D = 32: the mean
     error is within TOL_NATS + 5 standard errors of zero. The per-point probe noise is ~0.3-0.7 nats

@@ -109,6 +109,7 @@ def test_training_approaches_oracle(name):
     assert trained < FACTOR * oracle, f"{name}: trained {trained:.4f} vs oracle {oracle:.4f}"
 
 
+@pytest.mark.slow
 def test_untrained_network_is_far():
     """The distance is sensitive: an untrained network is far outside the tolerance."""
     process, prediction, _, skip = CONFIGS["rectified-flow"]

@@ -48,6 +48,9 @@ SAMPLERS = public_subclasses(Sampler)
 # MeanFlow an average-velocity model taking the keyword r (its exact one: tests/core/test_meanflow.py)
 FEW_STEP = ("Consistency", "MeanFlow")
 DENOISER_SAMPLERS = [s for s in SAMPLERS if s.__name__ not in FEW_STEP]
+# annealed Langevin takes its many corrector steps: in the full run only (--slow)
+DENOISER_SAMPLER_PARAMS = [pytest.param(c, marks=pytest.mark.slow) if c is AnnealedLangevin else c
+                           for c in DENOISER_SAMPLERS]
 PREDICTIONS = public_subclasses(Prediction)
 GRIDS = [g for g in public_subclasses(TimeGrid) if g is not ExplicitGrid]
 
@@ -120,7 +123,7 @@ def run(process: Process, sampler: Sampler, mix: GaussianMixture, n: int, seed: 
 # -- every process x every sampler draws the mixture ---------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler_cls", DENOISER_SAMPLERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("sampler_cls", DENOISER_SAMPLER_PARAMS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("process_cls", PROCESSES, ids=lambda c: c.__name__)
 def test_sampler_recovers_mixture_2d(process_cls, sampler_cls):
     process, steps = process_cls(), STEPS.get(sampler_cls, 100)
@@ -134,7 +137,7 @@ def test_sampler_recovers_mixture_2d(process_cls, sampler_cls):
     assert coarse > err or coarse <= MMD_FACTOR * base, f"coarse {coarse:.2e} <= fine {err:.2e}"
 
 
-@pytest.mark.parametrize("sampler_cls", DENOISER_SAMPLERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("sampler_cls", DENOISER_SAMPLER_PARAMS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("process_cls", [VPLinear, RectifiedFlow], ids=lambda c: c.__name__)
 def test_sampler_recovers_mixture_64d(process_cls, sampler_cls):
     out = run(process_cls(), sampler_cls(steps=STEPS.get(sampler_cls, 100)), MIX64, N64)
@@ -430,6 +433,7 @@ def _binned_kl(process, p, x_samples):
     return float((p_bins * (p_bins.log() - q_bins.clamp_min(1e-12).log())).sum())
 
 
+@pytest.mark.slow
 def test_kl_bound_for_the_reverse_sde_with_an_imperfect_score():
     """KL(p | q_sde) <= KL(p_T | prior) + 1/2 int g2 E|score - s|^2 dt (Song et al. 2021b, Thm. 1; notes, seeds/001).
 

@@ -74,6 +74,7 @@ def test_refuses_processes_that_are_not_trigflow():
         SCMLoss(warmup_steps=-1)
 
 
+@pytest.mark.slow
 def test_adaptive_weight_learns_the_log_of_the_loss():
     # e^w L - w is smallest at w = -log L: with the network fixed, w learns the size of the unweighted loss
     process, prediction = Trigonometric(), VPrediction()

@@ -343,6 +343,7 @@ def test_all_undecodable_data_stops_with_one_line_data_error(tmp_path, monkeypat
     assert "\n" not in str(info.value) or workers, str(info.value)
 
 
+@pytest.mark.slow
 def test_undecodable_run_is_bounded(tmp_path):
     folder = tmp_path / "bad"
     write_tar(folder / "shard-000000.tar", [b"x"] * 300)

@@ -261,6 +261,7 @@ def test_a_live_prepare_is_left_alone_and_refused(tmp_path, capsys, host):
     assert partial.is_dir()
 
 
+@pytest.mark.slow
 def test_prepare_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, capsys):
     # A real prepare process, stopped mid-write: one of its files is a FIFO, so after writing the
     # shards before it (shard size 1) it blocks in open() with its partial folder on disk.

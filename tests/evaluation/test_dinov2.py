@@ -88,6 +88,7 @@ def test_weights_file_round_trip_and_fingerprint(tmp_path, small):
     assert all(torch.equal(v, converted[k]) for k, v in loaded.net.state_dict().items())
 
 
+@pytest.mark.slow
 def test_fd_dinov2_is_edm2s_frechet_formula(small):
     """FD_DINOv2 of SampleMetrics' `others` equals EDM2's calculate_metrics_from_stats (calculate_metrics.py:266-269:
     scipy's sqrtm of the covariance product) on the same features, and FID's own path on them."""
@@ -108,6 +109,7 @@ def test_fd_dinov2_is_edm2s_frechet_formula(small):
     assert math.isfinite(out["fd_dinov2"]) and out["fd_dinov2"] > 0
 
 
+@pytest.mark.slow
 def test_preflight_fails_in_one_line_without_weights(tmp_path, monkeypatch):
     def hang(*args, **kwargs):  # a network that never answers
         time.sleep(60)

@@ -106,6 +106,7 @@ def test_reference_cache_is_hit_on_the_second_run(single, tmp_path, monkeypatch,
     assert fid.last == pytest.approx(single["fid"].last, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_give_the_one_rank_fid(single, tmp_path):
     # a fresh cache: rank 0 computes the reference under DDP while rank 1 waits
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_PL_CACHE": str(tmp_path / "cache"),

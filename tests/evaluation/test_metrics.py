@@ -172,6 +172,7 @@ def test_preflight_fails_fast_without_weights(monkeypatch):
         load_inception("/nonexistent/inception.pth")
 
 
+@pytest.mark.slow
 def test_preflight_passes_with_a_weights_file(tmp_path, monkeypatch):
     path = random_inception_weights(tmp_path / "inception.pth", seed=3)  # torch-fidelity's format: a state_dict
     extractor = load_inception(str(path))
@@ -203,6 +204,7 @@ def test_preflight_passes_with_a_weights_file(tmp_path, monkeypatch):
         load_inception(str(bad))
 
 
+@pytest.mark.slow
 def test_generation_loads_without_the_metrics_stack():
     """Sample grids and `diffusion-pl sample` import generation, never diffusion_pl.evaluation.metrics (torch-fidelity)."""
     # `import lightning` itself imports torchmetrics (and so torch-fidelity), so for the callback the

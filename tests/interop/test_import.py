@@ -206,6 +206,7 @@ def models_py():
     return models_py_reference()  # DiT-S/2 (12 blocks, 384 wide, 6 heads) at 8x8 latents (64 px images)
 
 
+@pytest.mark.slow
 def test_dit_pt_import_matches_models_py(models_py, tmp_path):
     reference, state_dict = models_py
     torch.save(state_dict, tmp_path / "DiT-S-2-64.pt")
@@ -305,6 +306,7 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, save_unet, one_line_error):
 
 # -- the checkpoint in the other commands: sample, fine-tuning with fit --ckpt_path ------------------------------
 
+@pytest.mark.slow
 def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys, monkeypatch, save_unet,
                                                                tiny_fit_config):
     save_unet(tmp_path / "tiny", TINY, scheduler=diffusers.DDPMScheduler())
@@ -345,6 +347,7 @@ DDPM_256_FAMILY = {**DDPM_CIFAR10, "sample_size": 64, "block_out_channels": (128
                    "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4}
 
 
+@pytest.mark.slow
 def test_the_256_family_structure_imports_with_parity(tmp_path, save_unet):
     reference = save_unet(tmp_path / "ddpm256", DDPM_256_FAMILY, scheduler=diffusers.DDPMScheduler(), layout="flat")
     import_pretrained(str(tmp_path / "ddpm256"), tmp_path / "ddpm256.ckpt")

@@ -105,6 +105,7 @@ def test_small_config_float64_matches_diffusers():
         assert (other(x, TIMESTEPS) - reference).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_full_config_float32_matches_diffusers():
     theirs, ours = pair(DDPM_CIFAR10, torch.float32)
     preset = load_diffusers_unet(unet_ddpm_cifar10(), theirs.state_dict()).eval()

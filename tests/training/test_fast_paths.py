@@ -137,3 +137,16 @@ def test_tf32_callback_sets_the_policy_for_the_run_and_restores_it(tmp_path, mat
 def test_tf32_callback_refuses_a_non_bool_in_one_line():
     with pytest.raises(UserValueError, match=r"TF32: matmul='high': expected true or false"):
         TF32(matmul="high")
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_batches_are_pinned_whenever_cuda_is_available(cuda, monkeypatch):
+    """Pinned host memory on a CUDA machine (the loaders' pin_memory), so that Lightning's copy to the GPU, which
+    passes non_blocking=True for every device but cpu and mps, overlaps the step."""
+    from lightning.fabric.utilities.apply_func import _BLOCKING_DEVICE_TYPES
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    data = make_datamodule()
+    data.setup("fit")
+    assert data.train_dataloader().pin_memory is cuda
+    assert "cuda" not in _BLOCKING_DEVICE_TYPES  # Lightning copies batches to a GPU with non_blocking=True

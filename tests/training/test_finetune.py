@@ -146,3 +146,29 @@ def test_rerunning_a_fine_tune_into_its_run_folder_is_refused(tmp_path, imported
     assert main(["fit", "--config", config, "--ckpt_path", str(inside), "--trainer.max_steps", "4"]) == 0
     assert main(["fit", "--config", config, "--ckpt_path", str(imported), "--overwrite"]) == 0
     assert newest(root)["global_step"] == 2
+
+
+def test_an_imported_ddpm_tunes_into_a_consistency_model(tmp_path, imported, capsys):
+    """ECT from a published diffusion model: the imported DDPM's network, process (DDPMDiscrete) and eps prediction,
+    the recipe's ConsistencyLoss; the tuned checkpoint records the loss, samples with `--sampler consistency` and
+    refuses a diffusion sampler in one line."""
+    root = tmp_path / "ect"
+    config = yaml.safe_load(open(recipe(tmp_path, root, with_net=False)))
+    config["model"]["loss"] = {"class_path": "diffusion_pl.consistency.ConsistencyLoss",
+                               "init_args": {"schedule": {"class_path": "diffusion_pl.consistency.ECTSchedule",
+                                                          "init_args": {"images_per_stage": 4}}}}
+    config["model"]["optimizer"] = {"class_path": "torch.optim.RAdam", "init_args": {"lr": 1e-4}}
+    (tmp_path / "ect.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(tmp_path / "ect.yaml"), "--ckpt_path", str(imported)]) == 0
+    tuned, saved = newest(root), torch.load(imported, weights_only=True)["hyper_parameters"]
+    assert tuned["global_step"] == 2 and tuned["hyper_parameters"]["loss"]["class_path"].endswith("ConsistencyLoss")
+    assert same(tuned["hyper_parameters"]["process"], saved["process"])
+    assert tuned["hyper_parameters"]["process"]["class_path"].endswith("DDPMDiscrete")
+    ckpt = str(max(root.glob("checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime))
+    assert main(["sample", "--ckpt_path", ckpt, "--sampler", "consistency", "--num_samples", "2",
+                 "--out", str(tmp_path / "one_step")]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--ckpt_path", ckpt, "--sampler", "ddim", "--steps", "2", "--num_samples", "2",
+                 "--out", str(tmp_path / "ddim")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained with ConsistencyLoss" in err[0], err

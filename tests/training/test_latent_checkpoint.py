@@ -56,6 +56,7 @@ def _refused(fn, *args) -> str:
     return message
 
 
+@pytest.mark.slow
 def test_load_module_refuses_a_vae_folder_whose_weights_changed(tmp_path):
     vae = _vae_folder(tmp_path / "vae", seed=0)
     ckpt = _fit(tmp_path / "run", f"--model.autoencoder.init_args.pretrained={vae}",
@@ -70,6 +71,7 @@ def test_load_module_refuses_a_vae_folder_whose_weights_changed(tmp_path):
                               f"{tiny_autoencoder(seed=1).spec()['weights_sha256'][:12]}: expected the same VAE")
 
 
+@pytest.mark.slow
 def test_load_module_checks_the_saved_spec_and_loads_older_checkpoints(tmp_path):
     ckpt = _fit(tmp_path / "run")
     spec = torch.load(ckpt, weights_only=True, map_location="cpu")[SPEC_KEY]
@@ -112,6 +114,7 @@ def test_resuming_fit_refuses_another_autoencoder(tmp_path):
     Pixels().check_checkpoint({SPEC_KEY: tiny_autoencoder().spec()})
 
 
+@pytest.mark.slow
 def test_saved_configs_of_latent_checkpoints_from_before_codecs_load_and_resume(tmp_path):
     """`load_module` and `fit --ckpt_path` (LightningCLI parses the saved hyper_parameters over the recipe) rebuild
     the latent codec from a saved `autoencoder:` entry."""

@@ -237,6 +237,7 @@ def test_updates_after_each_optimizer_step_under_gradient_accumulation(tmp_path)
     assert [s for s, _ in list_snapshot_files(tmp_path / "phema")] == [2, 2, 3, 3]  # every 2 steps + the last
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_and_checkpoints_hold_their_step(tmp_path):
     """6 steps straight == 3 steps + resume from a checkpoint saved by a callback that runs before PowerEMA's
     update (state_dict applies it first) + 3 steps: averages, images seen and snapshot files alike."""
@@ -286,6 +287,7 @@ KILL_DURING_SNAPSHOT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_snapshot_write_leaves_no_partial_snapshot(tmp_path):
     folder = tmp_path / "phema"
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SNAPSHOT, str(folder)], timeout=120, capture_output=True)

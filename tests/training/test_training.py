@@ -52,6 +52,7 @@ def _optimizer_state(trainer: L.Trainer) -> dict:
     return {f"{i}.{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path):
     """6 steps straight == 3 steps + resume from the step-3 checkpoint + 3 steps (weights, EMA, optimizer).
 
@@ -175,6 +176,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "ckpts" / "last.ckpt"
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(path)], timeout=120, capture_output=True)
@@ -241,6 +243,7 @@ def _steps(path: Path) -> list[int]:
     return [int(s) for s in path.read_text().split()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_nonzero_then_resumes(tmp_path):
     config = _cli_config(tmp_path, max_steps=100_000)
     proc = subprocess.Popen([sys.executable, "-m", "diffusion_pl", "fit", "--config", str(config)], env=_env(),

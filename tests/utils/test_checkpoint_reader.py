@@ -269,6 +269,7 @@ def npz(folder: Path) -> np.ndarray:
     return np.load(next(folder.glob("*.npz")))["arr_0"]
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_loads_samples_and_exports_as_today(trained, tmp_path, capsys):
     new = trained["ckpt"]
     old = rewrite(new, tmp_path / "old.ckpt", to_old_paths)
@@ -292,6 +293,7 @@ def test_an_old_checkpoint_loads_samples_and_exports_as_today(trained, tmp_path,
     assert exported[0]["net"] == exported[1]["net"] and exported[0]["process"] == exported[1]["process"]
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_fine_tunes_and_resumes(trained, tmp_path, capsys):
     old = rewrite(trained["ckpt"], tmp_path / "old.ckpt", to_old_paths, callbacks=False)
     # fine-tuning: a recipe without a network takes the old checkpoint's, read with today's paths

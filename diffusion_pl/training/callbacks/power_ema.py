@@ -26,12 +26,19 @@ Timing: the update runs once per optimizer step, after it (`on_optimizer_step_en
 callbacks/optimizer_step.py: the end of the batch whose global_step moved, never a micro-batch of gradient
 accumulation). Lightning runs callbacks' batch-end hooks in list order, so a checkpoint callback listed
 before this one could save the step before its update; `state_dict` therefore applies a pending update
-first, and every checkpoint holds the averages of exactly the step it records. Under DDP every rank holds
-identical weights after the optimizer step (gradients are all-reduced), so each rank updates its own copy and no
-communication is needed; rank 0 writes the snapshots, and checkpoints hold rank 0's averages.
-Sharded strategies (FSDP, DeepSpeed, model parallel) are refused (training/sharding.py `is_sharded`): there a rank
-holds only its slice of the weights, and a snapshot would have to gather every average from all ranks; the module's
-own EMA is sharded and supported there.
+first, and every checkpoint holds the averages of exactly the step it records.
+
+Under DDP every rank holds identical weights after the optimizer step (gradients are all-reduced), so each rank
+updates its own copy and no communication is needed; rank 0 writes the snapshots, and checkpoints hold rank 0's
+averages. Under Lightning's FSDPStrategy (sharded, `use_orig_params=True`, its default) a rank holds a flat slice
+of each parameter, and each average is kept as the same slice: the update is the same foreach lerp on the
+rank's slices, still with no communication. Snapshots and checkpoint state are gathered whole
+(training/sharding.py `FlatShards`, one collective each, every rank calls it) so they are the files and entries
+a DDP run writes: `reconstruct-ema` reads them unchanged, and a checkpoint resumes under either strategy. On
+resume each rank cuts its slices out of the whole averages. The checkpoint holds whole averages, not each rank's
+slices, because Lightning writes the callbacks' state from rank 0 alone (with `state_dict_type: full` and in the
+metadata file of `sharded`): other ranks' slices would be lost. DeepSpeed and model-parallel strategies are
+refused.
 """
 
 from __future__ import annotations
@@ -42,13 +49,14 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffusion_pl.training.callbacks.run_dir import run_dir
 from diffusion_pl.utils.errors import UserValueError, one_line
 from diffusion_pl.training.callbacks.optimizer_step import OptimizerStepCallback
 from diffusion_pl.training.ema import EMA
-from diffusion_pl.training.sharding import is_sharded
+from diffusion_pl.training.sharding import FlatShards, is_sharded, unwrapped_name
 from diffusion_pl.training.phema import (SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, PowerFunctionEMA, check_sigma_rel,
                                          list_snapshot_files, save_snapshot, snapshot_name)
 
@@ -100,20 +108,26 @@ class PowerEMA(OptimizerStepCallback):
         self._step_done = -1  # global step the averages correspond to
         self._no_history = False  # started mid-run without averages in the checkpoint
         self._last_snapshot = -1
+        self._full: dict | None = None  # sharded runs: the network's names, shapes and state_dict keys, unwrapped
+        self._shards: FlatShards | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if is_sharded(trainer.strategy):
-            raise UserValueError(f"PowerEMA needs every rank to hold the full weights, but the strategy is "
-                                 f"{type(trainer.strategy).__name__}, which shards them: expected single-device or DDP "
-                                 "training (sharded runs average with the module's own EMA, ema_decay / "
-                                 "ema_half_life_images, which is sharded with the weights)")
         if not isinstance(getattr(pl_module, "net", None), torch.nn.Module) \
                 or not isinstance(getattr(pl_module, "averaging", None), EMA):
             raise UserValueError(f"PowerEMA averages `pl_module.net` over the images counted by `pl_module.averaging`, "
                                  f"which {type(pl_module).__name__} lacks: expected a DiffusionModule")
+        self._full = None
+        if is_sharded(trainer.strategy):
+            strategy = trainer.strategy
+            if not isinstance(strategy, FSDPStrategy) or not strategy.kwargs.get("use_orig_params", True):
+                raise UserValueError(f"PowerEMA keeps its averages sharded like the weights under FSDPStrategy, but "
+                                     f"the strategy is {type(strategy).__name__}"
+                                     f"{' with use_orig_params=False' if isinstance(strategy, FSDPStrategy) else ''}"
+                                     ": expected single-device, DDP or FSDPStrategy (use_orig_params=True) training")
+            self._full = _layout(pl_module.net)  # before the strategy wraps it: the full shapes
         self._trainer = trainer
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -125,11 +139,23 @@ class PowerEMA(OptimizerStepCallback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         named = list(pl_module.net.named_parameters())
-        self.ema = PowerFunctionEMA([p for _, p in named], [n for n, _ in named], self.sigma_rels)
+        names = [unwrapped_name(n) for n, _ in named]
+        self.ema = PowerFunctionEMA([p for _, p in named], names, self.sigma_rels)
+        self._shards = None
+        if self._full is not None:  # FSDP: the averages are this rank's slices; collective
+            if names != self._full["names"]:
+                raise UserValueError(f"PowerEMA: the sharded network's parameters {names[:3]}... are not the network's "
+                                     f"{self._full['names'][:3]}...: expected FSDPStrategy to wrap it unchanged")
+            try:
+                self._shards = FlatShards([p for _, p in named], self._full["shapes"],
+                                          getattr(trainer.strategy.model, "process_group", None),
+                                          trainer.strategy.root_device)
+            except ValueError as err:
+                raise UserValueError(f"PowerEMA: {one_line(err)}") from err
         step = trainer.global_step
         if self._loaded is not None:
             try:
-                self.ema.load_state_dict(self._loaded)
+                self.ema.load_state_dict(self._local_state(self._loaded))
             except ValueError as err:
                 raise UserValueError(f"PowerEMA: {one_line(err)}") from err
             self._loaded = None
@@ -145,6 +171,22 @@ class PowerEMA(OptimizerStepCallback):
         self._step_done = step
         if trainer.is_global_zero:
             self._remove_abandoned(step)
+
+    def _local_state(self, state: dict) -> dict:
+        """A checkpoint's state (whole averages) with this rank's slices of them, under FSDP; as is otherwise."""
+        if self._shards is None:
+            return state
+        names, shapes = self._full["names"], self._full["shapes"]
+        local = []
+        for stored in state["averages"]:
+            if list(stored) != names:  # PowerFunctionEMA.load_state_dict names the difference
+                return state
+            for name, shape in zip(names, shapes):
+                if stored[name].shape != shape:
+                    raise ValueError(f"the checkpoint's average of {name} has shape {tuple(stored[name].shape)}, the "
+                                     f"network's {tuple(shape)}: expected the network it was trained with")
+            local.append(dict(zip(names, self._shards.local([stored[n] for n in names]))))
+        return {**state, "averages": local}
 
     def _remove_abandoned(self, step: int) -> None:
         """Snapshots past the step training (re)starts from belong to an abandoned continuation: remove them."""
@@ -188,15 +230,25 @@ class PowerEMA(OptimizerStepCallback):
 
     # -- snapshots --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def snapshot(self, pl_module: L.LightningModule, index: int) -> dict:
-        """The snapshot of profile `index`: the net's state_dict with its parameters replaced by their average."""
+    def snapshot(self, pl_module: L.LightningModule, index: int) -> dict | None:
+        """The snapshot of profile `index`: the net's state_dict with its parameters replaced by their average.
+
+        Under FSDP a collective (every rank calls it) that returns the snapshot on rank 0 and None elsewhere."""
         ema = self.ema
-        position = {id(p): i for i, p in enumerate(pl_module.net.parameters())}
         dtype = _DTYPES[self.snapshot_dtype]
+        if self._shards is not None:
+            whole = self._shards.gather(ema.averages[index])
+            if whole is None:
+                return None
+            buffers = {unwrapped_name(n): b for n, b in pl_module.net.named_buffers()}  # FSDP replicates buffers
+            pairs = [(key, whole[i] if i is not None else buffers[key], i is not None) for key, i in self._full["keys"]]
+        else:
+            position = {id(p): i for i, p in enumerate(pl_module.net.parameters())}
+            pairs = [(key, ema.averages[index][position[id(v)]] if id(v) in position else v, id(v) in position)
+                     for key, v in pl_module.net.state_dict(keep_vars=True).items()]
         state, averaged = {}, []
-        for key, value in pl_module.net.state_dict(keep_vars=True).items():
-            if id(value) in position:
-                value = ema.averages[index][position[id(value)]]
+        for key, value, is_average in pairs:
+            if is_average:
                 averaged.append(key)
                 value = value.to(dtype) if value.is_floating_point() else value
             state[key] = value.detach().to("cpu", copy=True).contiguous()
@@ -204,25 +256,45 @@ class PowerEMA(OptimizerStepCallback):
                 "nimg": int(ema.nimg), "sigma_rel": float(ema.sigma_rels[index]), "gamma": float(ema.gammas[index])}
 
     def write_snapshots(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
-        """Write one snapshot per sigma_rel at the current step (rank 0; other ranks return at once)."""
+        """Write one snapshot per sigma_rel at the current step (rank 0; under FSDP the shard group of rank 0
+        gathers them first, other ranks return at once)."""
         self._last_snapshot = trainer.global_step
-        if not trainer.is_global_zero or self.ema is None:
+        if self.ema is None or not (trainer.is_global_zero or (self._shards and self._shards.includes_global_zero)):
             return []
-        folder = self.folder or self._folder(trainer)
         paths = []
         for index, sigma_rel in enumerate(self.ema.sigma_rels):
-            path = folder / snapshot_name(trainer.global_step, sigma_rel)
-            save_snapshot(path, self.snapshot(pl_module, index))
-            paths.append(path)
+            snapshot = self.snapshot(pl_module, index)
+            if trainer.is_global_zero:
+                path = (self.folder or self._folder(trainer)) / snapshot_name(trainer.global_step, sigma_rel)
+                save_snapshot(path, snapshot)
+                paths.append(path)
         return paths
 
     # -- checkpoint state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The averages (whole: under FSDP gathered to rank 0, a collective; other ranks get no averages)."""
         self._catch_up()  # a checkpoint callback listed before this one saves after the step's update
         if self.ema is None:
             return {} if self._loaded is None else self._loaded
-        return self.ema.state_dict()
+        state = self.ema.state_dict()
+        if self._shards is not None:
+            names = self._full["names"]
+            whole = [self._shards.gather(averages) for averages in self.ema.averages]
+            state["averages"] = None if whole[0] is None else [dict(zip(names, w)) for w in whole]
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self._loaded = state_dict
+
+
+def _layout(net: torch.nn.Module) -> dict:
+    """Names and full shapes of `net`'s parameters, and its state_dict keys with the index of the parameter each
+    holds (None for a buffer): read before FSDP wraps the network, since afterwards a rank sees slices."""
+    names, shapes, position = [], [], {}
+    for name, p in net.named_parameters():
+        position[id(p)] = len(names)
+        names.append(name)
+        shapes.append(p.shape)
+    keys = [(key, position.get(id(value))) for key, value in net.state_dict(keep_vars=True).items()]
+    return {"names": names, "shapes": shapes, "keys": keys}

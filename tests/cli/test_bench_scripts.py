@@ -42,3 +42,21 @@ def test_paired_sampler_reference_is_the_exact_ode_solution(monkeypatch):
     for a, b in zip(fast, exact):  # x at t_min, then its final denoise
         assert float((a - b).norm(dim=1).max()) < 1e-4
     assert float((fast[0] - fast[1]).norm(dim=1).mean()) > 1e-3  # the two ends differ: both are checked
+
+
+@pytest.mark.slow
+def test_few_step_bench_tabulates_each_objective(monkeypatch, capsys):
+    """bench_few_step prints, for MeanFlow and sCM, the few-step row beside the diffusion baseline's samplers, and the
+    training cost of every few-step objective relative to DenoisingLoss (a tiny run: 5 steps, 200 samples)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", ["bench_few_step.py", "--steps", "5", "--n", "200", "--iters", "1"])
+    import bench_few_step
+
+    bench_few_step.main()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    for label in ("| MeanFlow | MeanFlow |", "| flow matching | UniPC |", "| sCM | Consistency |",
+                  "| diffusion (TrigFlow, v) | DPMSolverPP |"):
+        assert any(r.startswith(label) for r in rows), (label, out)
+    cost = [r for r in rows if r.startswith(("| MLP", "| UNet", "| DiT"))]
+    assert len(cost) == 3 and all(len(r.strip("| ").split(" | ")) == 8 for r in cost), cost

@@ -1,6 +1,8 @@
-"""MeanFlow and flow matching trained on the 2-D Gaussian mixture with one small MLP, and their sample distances.
+"""Few-step objectives (MeanFlow, sCM) and their diffusion baselines trained on the 2-D Gaussian mixture with small
+MLPs, and their sample distances.
 
-Shared by tests/core/test_meanflow_training.py and bench/bench_few_step.py (which tabulates more samplers and NFE).
+Shared by tests/core/test_meanflow_training.py, tests/core/test_scm_training.py and bench/bench_few_step.py (which
+tabulates more samplers and NFE).
 """
 
 from __future__ import annotations
@@ -45,6 +47,22 @@ class IntervalMLP(nn.Module):
         return self.net(torch.cat([x_in, torch.sin(phase), torch.cos(phase)], 1))
 
 
+class TimeMLP(nn.Module):
+    """net(x_in, noise_label, y): SiLU MLP on [x_in, sin/cos of the noise label 1000 t at low frequencies (0.3 to 10
+    per unit t)], for sCM: high-frequency time features make dF/dt, hence its tangent, explode (the paper's
+    Sec. 4.1)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, num_freqs: int = 8) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.logspace(-3.5, -2, num_freqs))
+        self.net = nn.Sequential(nn.Linear(dim + 2 * num_freqs, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x_in, noise_label, class_labels=None):
+        phase = noise_label[:, None] * self.freqs
+        return self.net(torch.cat([x_in, torch.sin(phase), torch.cos(phase)], 1))
+
+
 def meanflow_loss() -> MeanFlowLoss:
     """Half the samples with r != t (py-meanflow's CIFAR-10 scripts use 75%, the paper's ImageNet 25%) and the plain
     squared error: on this mixture the adaptive weight (p = 1, 0.75, 0.5) left 2-step SW2 at 0.14-0.31 after 2000
@@ -65,16 +83,21 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_directions: int = 1
     return math.sqrt(((pa - pb) ** 2).mean().item())
 
 
-def train(loss_fn, steps: int, batch_size: int = 256, lr: float = 2e-3, seed: int = 0):
-    """IntervalMLP trained with `loss_fn` for `steps` Adam steps (cosine-annealed lr) on fresh mixture draws."""
+def train(loss_fn, steps: int, batch_size: int = 256, lr: float = 2e-3, seed: int = 0, net=IntervalMLP,
+          process=PROCESS, prediction=PREDICTION):
+    """`net()` trained with `loss_fn` for `steps` Adam steps (cosine-annealed lr) on fresh mixture draws; the loss's
+    own parameters (sCM's adaptive weight) train with it, and a loss that takes the step (sCM's warm-up) gets it."""
     torch.manual_seed(seed)
-    net = IntervalMLP()
-    model = precondition(net, PROCESS, PREDICTION)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net = net()
+    model = precondition(net, process, prediction)
+    params = [*net.parameters(), *(loss_fn.parameters() if isinstance(loss_fn, nn.Module) else [])]
+    opt = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        loss = loss_fn(model, MIXTURE.sample(batch_size, g).float(), PROCESS, PREDICTION, generator=g).loss.mean()
+    for step in range(steps):
+        extra = {"step": step} if getattr(loss_fn, "takes_step", False) else {}
+        loss = loss_fn(model, MIXTURE.sample(batch_size, g).float(), process, prediction, generator=g,
+                       images_seen=step * batch_size, **extra).loss.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -82,9 +105,9 @@ def train(loss_fn, steps: int, batch_size: int = 256, lr: float = 2e-3, seed: in
     return model.eval()
 
 
-def distance(model, sampler, n: int) -> float:
+def distance(model, sampler, n: int, process=PROCESS, prediction=PREDICTION) -> float:
     """SW2 between `n` samples of `model` drawn with `sampler` and `n` fresh mixture samples."""
-    x = sample(model, PROCESS, PREDICTION, sampler, (n, 2), generator=torch.Generator().manual_seed(2)).x
+    x = sample(model, process, prediction, sampler, (n, 2), generator=torch.Generator().manual_seed(2)).x
     return sliced_wasserstein(x, MIXTURE.sample(n, torch.Generator().manual_seed(100)))
 
 

@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     latent.add_argument("--no_flips", action="store_true",
                         help="with --encode: do not also encode the horizontally flipped images (half the work; "
                         "training on these shards then needs random_flip: false)")
+    latent.add_argument("--keep_images", action="store_true",
+                        help="with --encode: also store each image (as given; the centre crop with --center_crop) "
+                        "beside its latents, for REPA's encoder without a VAE decode per step (data latent_images: "
+                        "true)")
     parser = CommandParser(
         prog="diffusion-pl prepare", description="Write reproducible webdataset tar shards + manifest.json from "
         "CIFAR-10 or an image folder. Temporary folders (.OUT.partial-*, .OUT.old-*) left beside --out by a "
@@ -92,9 +96,11 @@ def _run(args: argparse.Namespace) -> None:
         raise PrepareError(f"--max_samples {args.max_samples} is invalid: expected a positive integer")
     if getattr(args, "center_crop", None) is not None and args.center_crop < 1:
         raise PrepareError(f"--center_crop {args.center_crop} is invalid: expected a positive integer side in pixels")
-    if args.encode is None and (args.no_flips or args.device is not None):
-        raise PrepareError(f"--{'no_flips' if args.no_flips else 'accelerator'} is given without --encode: expected "
-                           "--encode VAE (these options apply to latent shards only)")
+    latent_only = [flag for flag, given in (("no_flips", args.no_flips), ("accelerator", args.device is not None),
+                                            ("keep_images", args.keep_images)) if given]
+    if args.encode is None and latent_only:
+        raise PrepareError(f"--{latent_only[0]} is given without --encode: expected --encode VAE (these options apply "
+                           "to latent shards only)")
     if args.encode is not None and getattr(args, "mixed_sizes", False):
         raise PrepareError("--mixed_sizes is given with --encode: expected one image size to encode (use "
                            "--center_crop N to bring a folder's images to N x N)")
@@ -103,7 +109,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.encode is not None:  # loaded (or refused) before the source is read
         encoder = LatentEncoder(load_autoencoder(args.encode), batch_size=args.batch_size,
                                 device={"auto": None, "gpu": "cuda"}.get(args.device, args.device),
-                                flips=not args.no_flips)
+                                flips=not args.no_flips, images=args.keep_images)
     skipped: list[Unreadable] = []
     extra = {} if encoder is None else {"records": encoder.records, "meta": encoder.manifest_fields}
     m = prepare(args.source(args), args.out, split=args.split, max_samples=args.max_samples,

@@ -44,20 +44,22 @@ class ShardDataModule(L.LightningDataModule):
     workers, every sample drawn equally often, resumed exactly from a checkpoint at a cost
     independent of the step; validation is finite, in stored order, unflipped, each sample once.
     Latent shards give (float32 (B, 2 C, h, w) raw posterior [mean, std], labels) the same way; a
-    flipped slot reads the flipped image's encoding.
+    flipped slot reads the flipped image's encoding. With ``latent_images`` their training batches carry a third
+    element, the images kept beside the latents (``prepare --encode --keep_images``), for REPA's encoder.
     """
 
     def __init__(self, shards: str = "builtin:shapes", batch_size: int = 128, num_workers: int = 2,
                  image_size: int | None = None, random_flip: bool = True, seed: int = 0,
                  shuffle_buffer: int = 1000, val_shards: str | None = None, val_batch_size: int | None = None,
-                 manifest: str | None = None, max_bad_samples: int = MAX_BAD_SAMPLES):
+                 manifest: str | None = None, max_bad_samples: int = MAX_BAD_SAMPLES, latent_images: bool = False):
         """``shards``: a shard path, folder with manifest.json, brace pattern, http(s)/pipe: URL or
         builtin:shapes[?size=N&count=N]; ``image_size``: output size (resize + centre crop when the
         data differs; required for a manifest of mixed sizes; refused for latent shards); ``random_flip``: latent
         shards need flipped encodings for it; ``shuffle_buffer``: samples shuffled
         together (blocks of consecutive samples of a reader's range); ``manifest``: path/URL of a
         manifest for remote shards (classes, size, per-shard counts); ``max_bad_samples``:
-        consecutive undecodable samples after which a reader stops with a DataError."""
+        consecutive undecodable samples after which a reader stops with a DataError; ``latent_images``: latent
+        shards written with ``--keep_images`` also give their images in training batches (REPA: no VAE decode)."""
         super().__init__()
         if not isinstance(shards, str):
             raise UserValueError(f"data shards={shards!r} is invalid: {SHARDS_HELP}")
@@ -70,6 +72,9 @@ class ShardDataModule(L.LightningDataModule):
         _check_int("max_bad_samples", max_bad_samples, 1)
         if not isinstance(random_flip, bool):
             raise UserValueError(f"data random_flip={random_flip!r} is invalid: expected true or false")
+        if not isinstance(latent_images, bool):
+            raise UserValueError(f"data latent_images={latent_images!r} is invalid: expected true or false")
+        self.latent_images = latent_images
         self.shards, self.batch_size, self.num_workers, self.seed = shards, batch_size, num_workers, seed
         self.random_flip, self.shuffle_buffer, self.manifest = random_flip, shuffle_buffer, manifest
         self.val_shards, self.val_batch_size, self.max_bad_samples = val_shards, val_batch_size, max_bad_samples
@@ -179,6 +184,9 @@ class ShardDataModule(L.LightningDataModule):
         meta = self._train_manifest() or {}
         if self.latent:
             self._size = self._check_latents()
+        elif self.latent_images:
+            raise UserValueError(f"data latent_images=true but {self.shards} holds images, not latents: expected "
+                                 "latent shards (`prepare --encode VAE --keep_images`), or latent_images: false")
         elif self._image_size:
             self._size = (self._image_size,) * 2
         elif meta.get("mixed_sizes") or ("image_size" in meta and not meta["image_size"]):
@@ -198,6 +206,9 @@ class ShardDataModule(L.LightningDataModule):
             raise UserValueError(f"data random_flip=true but the latent shards {self.shards} hold no flipped "
                                  "encodings (prepared with --no_flips): expected random_flip: false, or shards "
                                  "prepared without --no_flips (a flipped latent is not the latent of a flipped image)")
+        if self.latent_images and not latent.get("images"):
+            raise UserValueError(f"data latent_images=true but the latent shards {self.shards} keep no images: "
+                                 "expected shards prepared with `--encode VAE --keep_images`, or latent_images: false")
         if self.val_shards:
             val = latent_meta(self._manifests.get("val"))
             if val is None or val["shape"] != latent["shape"]:
@@ -250,7 +261,7 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Infinite, shuffled, flipped, exactly resumable batches."""
         stream = self._stream("train", batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
-                              random_flip=self.random_flip, infinite=True)
+                              random_flip=self.random_flip, infinite=True, latent_images=self.latent_images)
         stream.order(self._world * max(1, self.num_workers))  # too little data: say so before training
         return ResumableLoader(stream, self._start_batch, num_workers=self.num_workers,
                                pin_memory=torch.cuda.is_available())

@@ -6,16 +6,22 @@ posterior (diffusion_pl.codecs.autoencoder; scale and shift are applied at train
     {key}.latent.npy        float16 (2, C, h, w): [mean, std] of the posterior of the image, stacked
     {key}.latent_flip.npy   the same for the horizontally flipped image (absent with --no_flips)
     {key}.cls               class index as decimal text, as in image shards
+    {key}.png / .jpg        with --keep_images: the encoded image itself (the centre crop with --center_crop),
+                            its bytes as an image shard stores them, for losses that need the pixels (REPA)
 
 Both orientations are encoded because flipping a latent tensor is not the latent of the flipped image;
 the stream's random flip picks ``latent_flip.npy`` (DiT's extract_features-style pre-extracted latents
-lose the flip otherwise). Storing the posterior's mean and std rather than one sample lets training
+lose the flip otherwise), and flips the kept image with it. Keeping the image costs its bytes (a 256x256
+RGB image is 196 KB before PNG compression, the float16 posteriors of both orientations 32 KB) and saves
+a VAE decode per training step where a loss needs the pixels. REPA keeps its images the same way: the
+256x256 centre crops beside their SD-VAE latents, both loaded per index (sihyun-yu/REPA
+preprocessing/README.md, dataset.py `CustomDataset.__getitem__`). Storing the posterior's mean and std rather than one sample lets training
 draw a fresh posterior sample every step (DiT's train.py:203 encodes with ``latent_dist.sample()``).
 
 The manifest is the image manifest (``image_size`` and ``channels`` are those of the encoded images)
 plus ``"autoencoder": Autoencoder.spec()`` (source, config / weights hashes, scale, shift, latent
 channels, downsampling) and ``"latent"``: {"shape": [C, h, w], "dtype": "float16", "stats": ["mean",
-"std"], "flip": true | false, "members": [...]}.
+"std"], "flip": true | false, "members": [...], "images": true | false}.
 
 Everything else is the writer's (diffusion_pl.data.writer): the fixed order, the checks, ``--skip_bad``,
 the atomic output folder, per-shard sha256 and the ``--overwrite`` rules. Encoding is deterministic:
@@ -118,10 +124,11 @@ class LatentEncoder:
         batch_size: images encoded at once.
         device: where the autoencoder runs (default: CUDA when available, else the CPU).
         flips: also encode the horizontally flipped images (``latent_flip.npy``).
+        images: also store each image itself (``png`` / ``jpg``, the bytes as given) beside its latents.
     """
 
     def __init__(self, autoencoder: Any, batch_size: int = 64, device: str | torch.device | None = None,
-                 flips: bool = True) -> None:
+                 flips: bool = True, images: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PrepareError(f"--batch_size {batch_size!r} is invalid: expected a positive integer")
         try:
@@ -131,14 +138,15 @@ class LatentEncoder:
         except RuntimeError as err:
             raise PrepareError(f"--accelerator {device!r} is invalid ({err}): expected cpu, cuda or cuda:N "
                                "on a machine that has it") from None
-        self.autoencoder, self.batch_size, self.flips = autoencoder, batch_size, flips
+        self.autoencoder, self.batch_size, self.flips, self.images = autoencoder, batch_size, flips, images
         self.latent_shape: tuple[int, int, int] | None = None
 
     def members(self) -> list[str]:
         return [LATENT_MEMBER, FLIP_MEMBER] if self.flips else [LATENT_MEMBER]
 
     def records(self, samples: Iterator[Sample]) -> Iterator[dict]:
-        """Tar records {__key__, latent.npy[, latent_flip.npy], cls} of the samples, encoded batch by batch."""
+        """Tar records {__key__, latent.npy[, latent_flip.npy][, png | jpg], cls} of the samples, encoded batch by
+        batch."""
         batch: list[Sample] = []
         for sample in samples:
             batch.append(sample)
@@ -171,6 +179,8 @@ class LatentEncoder:
             record = {"__key__": s.key}
             for member, stats in zip(self.members(), encoded):
                 record[member] = npy_bytes(stats[i])
+            if self.images:
+                record[s.ext] = s.image
             record["cls"] = str(s.label).encode()
             yield record
 
@@ -184,7 +194,7 @@ class LatentEncoder:
         """What a latent manifest adds to the image manifest (written once the shards are)."""
         return {"autoencoder": self.autoencoder.spec(),
                 "latent": {"shape": list(self.latent_shape), "dtype": LATENT_DTYPE, "stats": ["mean", "std"],
-                           "flip": self.flips, "members": self.members()}}
+                           "flip": self.flips, "members": self.members(), "images": self.images}}
 
 
 def latent_meta(manifest: dict | None) -> dict | None:

@@ -4,7 +4,8 @@ The order and why resuming costs the same at any step: diffusion_pl.data.order.
 
 Latent shards (diffusion_pl.data.latents) stream the same way: with ``latent_shape`` set, a sample's
 ``latent.npy`` (or, in a flipped slot, ``latent_flip.npy``, the encoding of the flipped image: a
-latent tensor is never flipped) becomes float32 (2 C, h, w), the raw posterior mean then std.
+latent tensor is never flipped) becomes float32 (2 C, h, w), the raw posterior mean then std; with
+``latent_images`` the image kept beside it (``prepare --encode --keep_images``) comes too, flipped with it.
 
 A reader stops with a one-line DataError after ``max_bad_samples`` consecutive slots without a
 decodable image (fewer for small data sets, see ShardStream), or when a finite read decoded
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 MAX_BAD_SAMPLES = 1000  # consecutive slots without a decodable image before a reader gives up
 WARN_FIRST, WARN_EVERY = 10, 1000  # per-sample warnings: the first ones, then every WARN_EVERY-th
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (data, labels) or, with latent_images, (latents, labels, images)
 
 
 def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> None:
@@ -70,7 +71,9 @@ class ShardStream(IterableDataset):
 
     With ``latent_shape`` (C, h, w) the shards are latent shards and a batch is (float32 (B, 2 C, h, w):
     the raw posterior mean and std concatenated on dim 1, labels int64 (B,)); a flipped slot reads the
-    flipped image's encoding; ``image_size`` must then be None.
+    flipped image's encoding; ``image_size`` must then be None. ``latent_images``: a third element, the images
+    stored beside the latents (float32 (B, C, H, W) in [-1, 1], flipped where the slot is), for losses that need
+    the pixels (REPA) without a VAE decode.
 
     A deterministic function of (seed, shard counts, rank, world_size, worker) that starts at
     batch ``start_batch`` (set by ResumableLoader just before each iterator is made) at a cost
@@ -83,8 +86,12 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, random_flip: bool = True, image_size: tuple[int, int] | None = None,
                  channels: int = 3, infinite: bool = True, counts: Sequence[int] | None = None,
-                 max_bad_samples: int = MAX_BAD_SAMPLES, latent_shape: Sequence[int] | None = None):
+                 max_bad_samples: int = MAX_BAD_SAMPLES, latent_shape: Sequence[int] | None = None,
+                 latent_images: bool = False):
         super().__init__()
+        if latent_images and latent_shape is None:
+            raise UserValueError("data latent_images=true is given for image shards: expected latent shards "
+                                 "(`prepare --encode VAE --keep_images`); image shards are the images already")
         if latent_shape is not None and image_size is not None:
             raise UserValueError(f"data image_size={image_size} is given for latent shards: expected none (latents "
                                  "are not resized; encode the images at the size to train at)")
@@ -99,6 +106,7 @@ class ShardStream(IterableDataset):
         self.channels, self.infinite, self.max_bad_samples = channels, infinite, max_bad_samples
         self.counts = list(counts) if counts is not None else None
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        self.latent_images = latent_images
         self.start_batch = 0
         self.skipped = 0  # empty slots (undecodable or unreadable samples) met by this copy (one per worker)
         self.decoded = 0  # images decoded by this copy
@@ -210,40 +218,52 @@ class ShardStream(IterableDataset):
 
     def _expected(self) -> str:
         if self.latent_shape is not None:
-            return f"latents ({LATENT_MEMBER} members of shape {(2, *self.latent_shape)}, as the manifest says)"
+            images = f" and the images kept beside them ({'/'.join(IMAGE_KEYS)})" if self.latent_images else ""
+            return f"latents ({LATENT_MEMBER} members of shape {(2, *self.latent_shape)}, as the manifest says){images}"
         return f"JPEG/PNG images ({'/'.join(IMAGE_KEYS)} members)"
 
-    def _decode(self, sample: dict, flip: bool = False) -> tuple[torch.Tensor, int]:
-        """uint8 (C, H, W) image (float32 (2 C, h, w) latent), flipped if asked, and class index (-1 when no 'cls')."""
+    def _decode(self, sample: dict, flip: bool = False) -> tuple[torch.Tensor, ...]:
+        """(uint8 (C, H, W) image or float32 (2 C, h, w) latent, flipped if asked, class index (-1 when no 'cls')),
+        with latent_images the latent's kept image (uint8, flipped with it) last."""
         label = int(sample["cls"]) if "cls" in sample else -1
         if self.latent_shape is not None:
             member = FLIP_MEMBER if flip else LATENT_MEMBER
             if member not in sample:
                 raise ValueError(f"no {member} member: expected the latent shards `prepare --encode` writes")
-            return decode_latent(sample[member], self.latent_shape), label
+            latent = decode_latent(sample[member], self.latent_shape)
+            if not self.latent_images:
+                return latent, label
+            image = self._image(sample, "no image beside the latent: expected shards of `prepare --encode "
+                                        "--keep_images`", channels=3)  # RGB, as REPA's encoder takes it
+            return latent, label, image.flip(-1) if flip else image
+        image = self._image(sample, f"no image field: expected one of {IMAGE_KEYS}", self.channels)
+        return image.flip(-1) if flip else image, label
+
+    def _image(self, sample: dict, missing: str, channels: int) -> torch.Tensor:
+        """The sample's image member as uint8 (channels, H, W), resized and cropped to image_size when it is set."""
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
-            raise ValueError(f"no image field: expected one of {IMAGE_KEYS}")
+            raise ValueError(missing)
         if decode_image is not None:
-            mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
+            mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
         else:
             with Image.open(io.BytesIO(data)) as im:
-                array = np.array(im.convert("RGB" if self.channels == 3 else "L"))
+                array = np.array(im.convert("RGB" if channels == 3 else "L"))
             image = torch.from_numpy(array).reshape(*array.shape[:2], -1).permute(2, 0, 1)
         if self.image_size is not None and tuple(image.shape[1:]) != self.image_size:
             image = _resize_crop(image, self.image_size)
-        return image.flip(-1) if flip else image, label
+        return image
 
     def _collate(self, batch: list[tuple[dict | None, bool]], reader: int = 0, readers: int = 1,
                  bound: int = MAX_BAD_SAMPLES) -> Batch | None:
         """Decode, flip and stack one batch; empty slots are dropped and counted, undecodable ones logged."""
-        images, labels = [], []
+        images, labels, kept = [], [], []
         for sample, flip in batch:
             try:
                 if sample is None:  # unreadable: already reported by _read_spans
                     raise EOFError("the sample could not be read from its shard")
-                image, label = self._decode(sample, flip)
+                image, label, *extra = self._decode(sample, flip)
             except Exception as err:  # noqa: BLE001 - a corrupt sample must not stop a run...
                 self.skipped += 1
                 self._bad_run += 1
@@ -263,10 +283,13 @@ class ShardStream(IterableDataset):
             self.decoded += 1
             images.append(image)
             labels.append(label)
+            kept.extend(extra)
         if not images:  # the whole batch was empty: drop it (the only case a batch goes missing)
             return None
-        x = torch.stack(images)
-        return x if self.latent_shape is not None else to_signed_unit(x), torch.tensor(labels, dtype=torch.int64)
+        x, y = torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        if self.latent_shape is None:
+            return to_signed_unit(x), y
+        return (x, y, to_signed_unit(torch.stack(kept))) if self.latent_images else (x, y)
 
 
 class ResumableLoader(DataLoader):

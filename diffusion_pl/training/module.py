@@ -258,10 +258,10 @@ class DiffusionModule(L.LightningModule):
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
         torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step, micro))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor | None:
         self._reseed(batch_idx)
         self.log(STEP_KEY, float(step_in_progress(self.trainer)))  # this batch's metrics' index (log_step.py)
-        images, class_labels = batch  # (B, C, H, W) in [-1, 1], (B,)
+        images, class_labels, *kept = batch  # (B, C, H, W) in [-1, 1] (or latents), (B,), [images beside latents]
         x0 = self.codec.encode(images)  # latents: one posterior draw, after the reseed
         self._pending_images += x0.shape[0]  # every rank draws batches of the same size (optimizer_step)
         model = self._train_model
@@ -276,7 +276,8 @@ class DiffusionModule(L.LightningModule):
             out = self.loss_fn(model, x0, self.process, self.prediction, labels, self.null_label,
                                images_seen=self._images_seen(x0.shape[0]), **step)
         loss = out.loss.mean()
-        align = None if self.repa is None else self.repa.loss(tokens, self.codec.pixels(images, x0))
+        pixels = kept[0] if kept else images  # the codec decodes latents only if REPA asks for pixels
+        align = None if self.repa is None else self.repa.loss(tokens, self.codec.pixels(pixels, x0))
         total = loss if align is None else loss + self.repa.weight * align
         if not self._loss_is_finite(total):
             return None
@@ -352,8 +353,8 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation: a deterministic denoising loss with EMA weights ----------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x0, class_labels = batch
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x0, class_labels, *_ = batch  # images kept beside latents are not needed here
         n = x0.shape[0]
         # fixed times: val_num_times log-SNRs evenly spaced over the process's range (the same noise
         # levels for every process), cycled over the batch; fixed noise per batch index

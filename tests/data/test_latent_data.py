@@ -50,8 +50,9 @@ def samples(n: int, ids_as_labels=False):
     return [Sample(f"{i:08d}", encode_png(noise(i)), "png", i if ids_as_labels else i % 3) for i in range(n)]
 
 
-def latent_shards(out: Path, ae, n=24, shard_size=6, flips=True, ids_as_labels=False, batch_size=4) -> Path:
-    encoder = LatentEncoder(ae, batch_size=batch_size, device="cpu", flips=flips)
+def latent_shards(out: Path, ae, n=24, shard_size=6, flips=True, ids_as_labels=False, batch_size=4,
+                  images=False) -> Path:
+    encoder = LatentEncoder(ae, batch_size=batch_size, device="cpu", flips=flips, images=images)
     classes = [str(i) for i in range(n)] if ids_as_labels else ["a", "b", "c"]
     write_shards(samples(n, ids_as_labels), out, classes=classes, shard_size=shard_size, records=encoder.records,
                  meta=encoder.manifest_fields)
@@ -131,7 +132,7 @@ def test_prepare_encode_is_deterministic_and_records_the_autoencoder(tmp_path, a
     assert (outs[0] / "manifest.json").read_bytes() == (outs[1] / "manifest.json").read_bytes()
     assert manifest["autoencoder"] == ae.spec() and manifest["image_size"] == [16, 16]
     assert manifest["latent"] == {"shape": [4, 8, 8], "dtype": "float16", "stats": ["mean", "std"], "flip": True,
-                                  "members": ["latent.npy", "latent_flip.npy"]}
+                                  "members": ["latent.npy", "latent_flip.npy"], "images": False}
     assert manifest["center_crop"]["size"] == 16 and manifest["count"] == 7
     assert [s["sha256"] for s in manifest["shards"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in tars[0]]
     # each record: the raw posterior of the crop and of its mirror image, float16 (2, C, h, w)
@@ -156,6 +157,7 @@ def test_prepare_encode_refusals_are_one_line(tmp_path, capsys):
     for i, size in enumerate([(16, 16), (15, 15)]):
         Image.fromarray(noise(i, size)).save(tree / f"{i}.png")
     runs = [(["--no_flips"], "--no_flips is given without --encode"),
+            (["--keep_images"], "--keep_images is given without --encode"),
             (["--encode", ENCODE, "--mixed_sizes"], "--mixed_sizes is given with --encode"),
             (["--encode", '{"config": {"nope": 1}}'], "autoencoder config is invalid"),
             (["--encode", "{not json"], "is not valid JSON"),
@@ -206,6 +208,55 @@ def test_flipped_slots_read_the_flipped_encoding(tmp_path, ae):
                                                                                                    False})])
     flipped_rows = [(a - b).abs().max() > 1e-2 for a, b in zip(x, unflipped)]
     assert 0.2 < sum(flipped_rows) / len(flipped_rows) < 0.8
+
+
+def test_prepare_keep_images_stores_each_crop_beside_its_latents(tmp_path):
+    tree = tmp_path / "tree" / "c"
+    tree.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(noise(i, (24, 20))).save(tree / f"{i}.png")
+    out = tmp_path / "out"
+    assert prepare_main(["folder", str(tmp_path / "tree"), "--out", str(out), "--center_crop", "16", "--encode",
+                         ENCODE, "--accelerator", "cpu", "--keep_images"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["latent"]["images"] is True and manifest["latent"]["shape"] == [4, 8, 8]
+    with tarfile.open(next(out.glob("*.tar"))) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    crops = sorted(np.asarray(adm_center_crop(Image.open(p), 16)[0]).tobytes() for p in sorted(tree.glob("*.png")))
+    kept = sorted(np.asarray(Image.open(io.BytesIO(members[f"{i:08d}.png"]))).tobytes() for i in range(3))
+    assert kept == crops and all(f"{i:08d}.latent.npy" in members for i in range(3))
+
+
+def test_kept_images_stream_flipped_with_their_latents(tmp_path, ae):
+    # the images kept beside the latents come as a third element, in the image stream's order and with its flips,
+    # and each batch's latents are the encodings of exactly those images
+    n, kw = 24, {"shuffle_buffer": 6, "random_flip": True, "seed": 3}
+    write_shards(samples(n), tmp_path / "img", classes=["a", "b", "c"], shard_size=6)
+    latents = resolve_shards(str(latent_shards(tmp_path / "lat", ae, n=n, images=True)))[0]
+    lat = stream_batches(latents, 6, latent_shape=(4, 8, 8), latent_images=True, **kw)
+    img = stream_batches(resolve_shards(str(tmp_path / "img"))[0], 6, **kw)
+    assert all(len(b) == 3 for b in lat)
+    kept, pixels = torch.cat([b[2] for b in lat]), torch.cat([b[0] for b in img])
+    assert kept.shape == (24, 3, 16, 16) and torch.equal(kept, pixels)
+    assert torch.allclose(torch.cat([b[0] for b in lat]), torch.cat(ae.encode(kept), 1), atol=2e-3)
+    assert len(stream_batches(latents, 1, latent_shape=(4, 8, 8), **kw)[0]) == 2  # asked for: (latents, labels)
+
+
+def test_latent_images_needs_shards_that_keep_them(tmp_path, ae):
+    plain = str(latent_shards(tmp_path / "plain", ae, n=6))
+    with pytest.raises(UserValueError, match="latent shards .* keep no images: expected shards prepared with"):
+        ShardDataModule(plain, latent_images=True).setup("fit")
+    write_shards(samples(4), tmp_path / "img", classes=["a", "b", "c"])
+    with pytest.raises(UserValueError, match="latent_images=true but .* holds images, not latents"):
+        ShardDataModule(str(tmp_path / "img"), latent_images=True).setup("fit")
+    with pytest.raises(UserValueError, match="latent_images='yes' is invalid"):
+        ShardDataModule(plain, latent_images="yes")
+    dm = ShardDataModule(str(latent_shards(tmp_path / "kept", ae, n=8, images=True)), batch_size=4, num_workers=0,
+                         latent_images=True, val_shards=str(tmp_path / "kept"))
+    dm.setup("fit")
+    x, labels, images = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 8, 8, 8) and images.shape == (4, 3, 16, 16) and -1 <= images.min() < images.max() <= 1
+    assert len(next(iter(dm.val_dataloader()))) == 2  # validation needs no pixels
 
 
 def test_flip_needs_flipped_encodings_and_latents_are_never_resized(tmp_path, ae):

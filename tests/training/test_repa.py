@@ -170,3 +170,39 @@ def test_the_encoder_sees_pixels_in_latent_training(tiny_autoencoder):
     posterior = torch.cat([mean, std], dim=1)  # latent shards (prepare --encode): decoded at the posterior mean
     decoded = codec.pixels(posterior, codec.encode(posterior))
     assert torch.allclose(decoded, ae.decode(ae.normalize(mean))) and decoded.shape == images.shape
+
+
+def test_latent_shards_that_keep_images_feed_them_to_the_encoder_without_a_decode(tmp_path, tiny_autoencoder,
+                                                                                    monkeypatch):
+    """`prepare --encode --keep_images` + data latent_images: REPA's encoder gets the stored images (flipped with
+    their latents), and the VAE never decodes during training."""
+    import lightning as L
+    import numpy as np
+
+    from diffusion_pl.data.datamodule import ShardDataModule
+    from diffusion_pl.data.latents import LatentEncoder
+    from diffusion_pl.data.png import encode_png
+    from diffusion_pl.data.writer import Sample, write_shards
+
+    ae = tiny_autoencoder()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(8)]
+    encoder = LatentEncoder(ae, batch_size=4, device="cpu", images=True)
+    write_shards([Sample(f"{i:08d}", encode_png(im), "png", i % 2) for i, im in enumerate(images)], tmp_path / "s",
+                 classes=["a", "b"], shard_size=4, records=encoder.records, meta=encoder.manifest_fields)
+    torch.manual_seed(0)
+    module = DiffusionModule(dit_tiny(img_resolution=8, in_channels=4, num_classes=2), RectifiedFlow(),
+                             autoencoder=ae, repa=tiny_repa())
+    seen = []
+    loss = module.repa.loss
+    monkeypatch.setattr(module.repa, "loss", lambda captured, pixels: seen.append(pixels) or loss(captured, pixels))
+    monkeypatch.setattr(type(ae), "decode", lambda *a, **k: pytest.fail("the VAE decoded during training"))
+    data = ShardDataModule(str(tmp_path / "s"), batch_size=4, num_workers=0, latent_images=True, seed=1)
+    L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, data)
+    source = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    candidates = torch.cat([source, source.flip(-1)])
+    rows = torch.cat(seen)
+    assert rows.shape == (12, 3, 16, 16)
+    assert all(any(torch.allclose(row, c, atol=1e-6) for c in candidates) for row in rows)
+    assert any(not any(torch.allclose(row, c, atol=1e-6) for c in source) for row in rows)  # flipped ones too

@@ -4,7 +4,10 @@ optimizer / EMA / state_dict, where gradients go, and a fit from YAML that logs 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -43,6 +46,23 @@ def test_alignment_loss_is_minus_the_mean_token_cosine():
     assert torch.allclose(alignment_loss(projected, features), expected, atol=1e-6)
     # aligned tokens (any positive scale) give the minimum, -1
     assert torch.allclose(alignment_loss(features * 3.0, features), torch.full((3,), -1.0), atol=1e-6)
+
+
+@pytest.mark.skipif(not os.environ.get("DIFFUSION_PL_REPA_REPO"),
+                    reason="DIFFUSION_PL_REPA_REPO (a checkout of sihyun-yu/REPA, checked at 67f7145) not set")
+def test_alignment_loss_is_repas_projection_loss(monkeypatch):
+    """REPA's own SILoss (loss.py, loaded from the checkout and run unchanged) on the same (8, 256, 768) tokens:
+    its proj_loss is the batch mean of `alignment_loss`."""
+    spec = importlib.util.spec_from_file_location("repa_reference_loss",
+                                                  os.path.join(os.environ["DIFFUSION_PL_REPA_REPO"], "loss.py"))
+    reference = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, reference)
+    spec.loader.exec_module(reference)
+    g = torch.Generator().manual_seed(0)
+    projected, features = torch.randn(8, 256, 768, generator=g), torch.randn(8, 256, 768, generator=g)
+    images = torch.randn(8, 4, 4, 4, generator=g)
+    _, proj_loss = reference.SILoss()(lambda x, t: (torch.zeros_like(x), [projected]), images, zs=[features])
+    assert torch.allclose(alignment_loss(projected, features).mean(), proj_loss, rtol=0, atol=1e-6)
 
 
 def test_projector_is_reprs_three_layer_silu_mlp_into_the_encoder_width():

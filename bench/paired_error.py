@@ -42,41 +42,13 @@ from diffusion_pl.sampling.unipc import UniPC
 
 
 def exact_flow(mix: GaussianMixture, process: Process, z: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tensor]:
-    """(x at t_min, its final denoise E[x0 | x_t_min]) of the probability-flow ODE from x_T = prior_std z, float64.
-
-    Integrated by scipy's DOP853 in lambda = log(alpha/sigma), where the ODE reads d(x/sigma)/dlambda =
-    e^lambda E[x0 | x] (Lu et al. 2022b, eq. 9): the oracle's posterior mean depends on t only through
-    alpha and sigma, so this right-hand side is smooth in lambda even on DDPMDiscrete, whose alpha(t) has a
-    kink at each of its 1000 steps (they cost AdaptiveODE, which integrates in t, thousands of evaluations
-    and leave it 1e-3 off at rtol = 1e-7). Needs a finite lambda at t_max and t_min (VP processes). It shares
-    no code with the samplers under test and checks `reference_flow` (`--check_reference`); at 90 s per seed
-    for n = 4000 it is too slow to be the reference itself.
-    """
-    from scipy.integrate import solve_ivp  # float64 high-order adaptive RK; torchdiffeq is an optional extra
-
-    n, shape = z.shape[0], z.shape
-
-    def at(t: float) -> Tensor:
-        return torch.tensor([t], dtype=torch.float64)
-
-    lam0, lam1 = (0.5 * float(process.log_snr(at(t))[0]) for t in (process.t_max, process.t_min))
-    if not (math.isfinite(lam0) and math.isfinite(lam1)):
-        raise ValueError(f"exact_flow integrates in lambda: expected it finite at t_max and t_min, got {lam0}, {lam1}")
-
-    def time_of(lam: float) -> Tensor:
-        return process.t_from_log_snr(torch.full((n,), 2.0 * lam, dtype=torch.float64))
-
-    def rhs(lam, y):
-        t = time_of(lam)
-        x = torch.from_numpy(y).reshape(shape) * process.sigma(t)[:, None]
-        return (math.exp(lam) * mix.posterior_means(x, t, process)[0]).reshape(-1).numpy()
-
-    y0 = (process.prior_std() * z.double() / float(process.sigma(at(process.t_max))[0])).reshape(-1).numpy()
-    sol = solve_ivp(rhs, (lam0, lam1), y0, method="DOP853", rtol=rtol, atol=rtol)
-    if not sol.success:
-        raise RuntimeError(f"the exact probability-flow ODE did not converge: {sol.message}")
-    t_min = torch.full((n,), process.t_min, dtype=torch.float64)
-    x_min = torch.from_numpy(sol.y[:, -1]).reshape(shape) * process.sigma(t_min)[:, None]
+    """(x at t_min, its final denoise E[x0 | x_t_min]) of the probability-flow ODE from x_T = prior_std z, float64:
+    the oracle's `GaussianMixture.flow_to_t_min` (scipy's DOP853 in lambda = log(alpha/sigma); it leaves AdaptiveODE,
+    which integrates in t, 1e-3 off on DDPMDiscrete at rtol = 1e-7). It shares no code with the samplers under test
+    and checks `reference_flow` (`--check_reference`); at 90 s per seed for n = 4000 it is too slow to be the
+    reference itself."""
+    x_min = mix.flow_to_t_min(process.prior_std() * z.double(), process.t_max, process, rtol=rtol, atol=rtol)
+    t_min = torch.full((z.shape[0],), process.t_min, dtype=torch.float64)
     return x_min, mix.posterior_means(x_min, t_min, process)[0]
 
 
@@ -213,7 +185,8 @@ def search(model, process, prediction, mix, nfe: int, select: list[int], confirm
     print_references(states, "confirmation seeds")
     r, se = mean_se(results[best][0])
     verdict = "meets" if r + 2 * se < 1.5 else "does not reliably meet"
-    print(f"\n{best}: {r:.3f} +- {se:.3f} on the confirmation seeds: {verdict} 1.5x (mean + 2 se < 1.5)")
+    print(f"\n{best}: {r:.3f} +- {se:.3f} on the confirmation seeds: {verdict} 1.5x (mean + 2 se < 1.5); "
+          f"{time.perf_counter() - start:.0f} s")
 
 
 def check_reference(mix: GaussianMixture, process: Process, seed: int, n: int) -> None:

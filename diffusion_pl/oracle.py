@@ -95,31 +95,47 @@ class GaussianMixture:
         r = torch.softmax(logp_k, 1)[:, :, None]
         return (-(r * diff / var[:, :, None]).sum(1)).reshape(x_t.shape)
 
+    def flow_to_t_min(self, x_t: Tensor, t: Tensor | float, process: Process, rtol: float = 1e-10,
+                      atol: float = 1e-10) -> Tensor:
+        """x(t_min) of this mixture's probability-flow ODE from each (x_t, t) (float64, x_t's shape).
+
+        Integrated by scipy's DOP853 in lambda = log(alpha / sigma), where the ODE reads d(x / sigma) / d lambda =
+        e^lambda E[x0 | x] (Lu et al. 2022b, eq. 9): E[x0 | x] depends on t only through alpha and sigma, so the
+        right-hand side is smooth in lambda even where alpha(t) is not (DDPMDiscrete's kinks at each of its 1000
+        steps, which cost an integrator in t thousands of evaluations). All samples form one system over u in [0, 1],
+        lambda running from each sample's own value to lambda(t_min); lambda must be finite at t and at t_min.
+        """
+        from scipy.integrate import solve_ivp  # float64 adaptive RK; torchdiffeq is an optional extra
+
+        x = x_t.reshape(x_t.shape[0], -1).to(torch.float64).cpu()
+        b, d = x.shape
+        t = torch.as_tensor(t, dtype=torch.float64).cpu().expand(b)
+        t_min = torch.full((b,), process.t_min, dtype=torch.float64)
+        lam0, lam1 = 0.5 * process.log_snr(t), 0.5 * process.log_snr(t_min)
+        if not (torch.isfinite(lam0).all() and torch.isfinite(lam1).all()):
+            raise ValueError("the exact probability-flow ODE is integrated in lambda = log(alpha / sigma): expected it "
+                             f"finite at t and t_min, got {lam0.min().item()} .. {lam1[0].item()}")
+        span = lam1 - lam0  # (B,) >= 0
+
+        def rhs(u, y):
+            lam = lam0 + u * span
+            tt = process.t_from_log_snr(2.0 * lam)
+            x0 = self.posterior_means(torch.from_numpy(y).reshape(b, d) * process.sigma(tt)[:, None], tt, process)[0]
+            return ((span * torch.exp(lam))[:, None] * x0).reshape(-1).numpy()
+
+        y0 = (x / process.sigma(t)[:, None]).reshape(-1).numpy()
+        sol = solve_ivp(rhs, (0.0, 1.0), y0, method="DOP853", rtol=rtol, atol=atol)
+        if not sol.success:
+            raise RuntimeError(f"the exact probability-flow ODE did not converge: {sol.message}")
+        x_min = torch.from_numpy(sol.y[:, -1]).reshape(b, d) * process.sigma(t_min)[:, None]
+        return x_min.reshape(x_t.shape).to(x_t.device)
+
     def consistency_function(self, x_t: Tensor, t: Tensor | float, process: Process, rtol: float = 1e-10,
                              atol: float = 1e-10) -> Tensor:
         """The exact consistency function f(x_t, t) = x(t_min) / alpha(t_min) (float64, x_t's shape): the
-        probability-flow ODE dx/dt = alpha' E[x0|x] + sigma' E[eps|x] of this mixture, integrated from each (x_t, t)
-        down to t_min by scipy's DOP853 (all samples as one system, in log t, so t_min must be > 0)."""
-        from scipy.integrate import solve_ivp  # float64 adaptive RK; torchdiffeq is an optional extra
-
-        if not process.t_min > 0:
-            raise ValueError(f"consistency_function integrates in log t: expected t_min > 0, got {process.t_min}")
-        x = x_t.reshape(x_t.shape[0], -1).to(torch.float64).cpu()
-        b, d = x.shape
-        log_t = torch.log(torch.as_tensor(t, dtype=torch.float64).cpu().expand(b))
-        span = math.log(process.t_min) - log_t  # (B,) <= 0
-
-        def rhs(u, y):
-            tt = torch.exp(log_t + u * span)
-            x0, eps = self.posterior_means(torch.from_numpy(y).reshape(b, d), tt, process)
-            v = process.d_alpha(tt)[:, None] * x0 + process.d_sigma(tt)[:, None] * eps
-            return (v * (tt * span)[:, None]).reshape(-1).numpy()
-
-        sol = solve_ivp(rhs, (0.0, 1.0), x.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol)
-        if not sol.success:
-            raise RuntimeError(f"the exact probability-flow ODE did not converge: {sol.message}")
+        probability-flow ODE of this mixture from each (x_t, t) down to t_min (`flow_to_t_min`)."""
         alpha_min = float(process.alpha(torch.tensor([process.t_min], dtype=torch.float64))[0])
-        return (torch.from_numpy(sol.y[:, -1]).reshape(x_t.shape) / alpha_min).to(x_t.device)
+        return self.flow_to_t_min(x_t, t, process, rtol, atol) / alpha_min
 
     def model(self, process: Process, prediction: Prediction) -> Model:
         """The exact network for `prediction`: F = E[target | x_t], in the model contract (x_t, t, y) -> F.

@@ -70,7 +70,8 @@ def table(n: int, process, prediction, few_step: tuple, baselines: tuple) -> Non
             for k in NFES:
                 sampler = samplers_at(k).get(name)
                 used = "" if sampler is None or name != "HeunODE" or k % 2 == 0 else f" ({k - 1})"
-                cells.append("-" if sampler is None else f"{distance(model, sampler, n, process, prediction):.4f}{used}")
+                value = None if sampler is None else distance(model, sampler, n, process, prediction)
+                cells.append("-" if value is None else f"{value:.4f}{used}")
             print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 

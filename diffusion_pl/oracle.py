@@ -19,6 +19,8 @@ from diffusion_pl.processes.base import Process
 
 __all__ = ["GaussianMixture", "GuidedMixture", "field_average_velocity", "output_of_velocity"]
 
+LAMBDA_FLOOR = -30.0  # where GaussianMixture.flow_to_t_min starts from alpha = 0 (lambda = -inf)
+
 
 class GaussianMixture:
     """Isotropic Gaussian mixture sum_k w_k N(mu_k, s_k^2 I) in D dimensions, the exact 'perfect network'."""
@@ -103,7 +105,9 @@ class GaussianMixture:
         e^lambda E[x0 | x] (Lu et al. 2022b, eq. 9): E[x0 | x] depends on t only through alpha and sigma, so the
         right-hand side is smooth in lambda even where alpha(t) is not (DDPMDiscrete's kinks at each of its 1000
         steps, which cost an integrator in t thousands of evaluations). All samples form one system over u in [0, 1],
-        lambda running from each sample's own value to lambda(t_min); lambda must be finite at t and at t_min.
+        lambda running from each sample's own value to lambda(t_min). Where alpha(t) = 0 (rectified flow and TrigFlow
+        at t = 1) lambda starts at LAMBDA_FLOOR instead of -inf: the dropped part of the integral is at most
+        e^LAMBDA_FLOOR |E[x0 | x]|, about 1e-13 of the data's scale. lambda(t_min) must be finite.
         """
         from scipy.integrate import solve_ivp  # float64 adaptive RK; torchdiffeq is an optional extra
 
@@ -111,10 +115,10 @@ class GaussianMixture:
         b, d = x.shape
         t = torch.as_tensor(t, dtype=torch.float64).cpu().expand(b)
         t_min = torch.full((b,), process.t_min, dtype=torch.float64)
-        lam0, lam1 = 0.5 * process.log_snr(t), 0.5 * process.log_snr(t_min)
+        lam0, lam1 = (0.5 * process.log_snr(t)).clamp_min(LAMBDA_FLOOR), 0.5 * process.log_snr(t_min)
         if not (torch.isfinite(lam0).all() and torch.isfinite(lam1).all()):
             raise ValueError("the exact probability-flow ODE is integrated in lambda = log(alpha / sigma): expected it "
-                             f"finite at t and t_min, got {lam0.min().item()} .. {lam1[0].item()}")
+                             f"finite at t_min and t, got {lam1[0].item()} and {lam0.min().item()}")
         span = lam1 - lam0  # (B,) >= 0
 
         def rhs(u, y):

@@ -15,8 +15,9 @@ lose the flip otherwise), and flips the kept image with it. Keeping the image co
 RGB image is 196 KB before PNG compression, the float16 posteriors of both orientations 32 KB) and saves
 a VAE decode per training step where a loss needs the pixels. REPA keeps its images the same way: the
 256x256 centre crops beside their SD-VAE latents, both loaded per index (sihyun-yu/REPA
-preprocessing/README.md, dataset.py `CustomDataset.__getitem__`). Storing the posterior's mean and std rather than one sample lets training
-draw a fresh posterior sample every step (DiT's train.py:203 encodes with ``latent_dist.sample()``).
+preprocessing/README.md, dataset.py `CustomDataset.__getitem__`). Storing the posterior's mean and std
+rather than one sample lets training draw a fresh posterior sample every step (DiT's train.py:203
+encodes with ``latent_dist.sample()``).
 
 The manifest is the image manifest (``image_size`` and ``channels`` are those of the encoded images)
 plus ``"autoencoder": Autoencoder.spec()`` (source, config / weights hashes, scale, shift, latent

@@ -17,7 +17,7 @@ from torch import Tensor
 from diffusion_pl.prediction import Model, Prediction
 from diffusion_pl.processes.base import Process
 
-__all__ = ["GaussianMixture", "GuidedMixture", "field_average_velocity", "output_of_velocity"]
+__all__ = ["GaussianMixture", "GuidedMixture", "field_average_velocity", "output_for"]
 
 LAMBDA_FLOOR = -30.0  # where GaussianMixture.flow_to_t_min starts from alpha = 0 (lambda = -inf)
 
@@ -177,7 +177,7 @@ class GaussianMixture:
             if r is None:
                 return exact_at_t(x_t, t, class_labels)
             u = self.average_velocity(x_t, t, r, process, steps)
-            return output_of_velocity(u, x_t, t, process, prediction)
+            return _output_of_velocity(u, x_t, t, process, prediction)
 
         return exact
 
@@ -195,8 +195,7 @@ class GaussianMixture:
             shape = (-1,) + (1,) * (x_t.ndim - 1)
             x = x_t.to(torch.float64)
             f = x - (t - t_min).reshape(shape) * self.average_velocity(x, t, t_min, process, steps)
-            a_x0, b_x0, _, _ = prediction.coefficients(t, process)  # x0_hat = a_x0 x_t + b_x0 F
-            return ((f - a_x0.reshape(shape) * x) / b_x0.reshape(shape)).to(x_t.dtype)
+            return output_for(f, x_t, t, process, prediction)  # the output whose x0_hat is f
 
         return exact
 
@@ -244,7 +243,7 @@ class GuidedMixture:
                 u = self.velocity(x_t.to(torch.float64), t, labels, process)
             else:
                 u = field_average_velocity(lambda z, tau: self.velocity(z, tau, labels, process), x_t, t, r, steps)
-            return output_of_velocity(u, x_t, t, process, prediction)
+            return _output_of_velocity(u, x_t, t, process, prediction)
 
         return exact
 
@@ -271,13 +270,22 @@ def field_average_velocity(velocity, x_t: Tensor, t: Tensor, r: Tensor, steps: i
         torch.where((r == t).reshape(shape), velocity(x, t), torch.zeros_like(x))
 
 
-def output_of_velocity(u: Tensor, x_t: Tensor, t: Tensor, process: Process, prediction: Prediction) -> Tensor:
-    """The network output F whose velocity under `prediction` is u (x_t's dtype): the velocity alpha' x0 + sigma' eps
-    with (x0, eps) affine in (x_t, F) is a_v x_t + b_v F."""
+def output_for(value: Tensor, x_t: Tensor, t: Tensor, process: Process, prediction: Prediction,
+               c_x0: Tensor | float = 1.0, c_eps: Tensor | float = 0.0) -> Tensor:
+    """The network output F whose c_x0 x0_hat + c_eps eps_hat is `value` at (x_t, t) (B,): `Prediction.to_x0_eps`
+    inverted along one combination, in float64, returned in x_t's dtype. (1, 0): the output whose x0_hat is `value`
+    (an exact consistency function as a network); (alpha'(t), sigma'(t)): the output whose velocity is `value`
+    (`prediction.average_velocity_of` inverted). x0_hat = a_x0 x_t + b_x0 F and eps_hat = a_eps x_t + b_eps F make
+    the combination a x_t + b F."""
+    x, t64 = x_t.to(torch.float64), t.to(torch.float64)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    a_x0, b_x0, a_eps, b_eps = (c.reshape(shape) for c in prediction.coefficients(t64, process))
+    c_x0, c_eps = (torch.as_tensor(c, dtype=torch.float64).expand_as(t64).reshape(shape) for c in (c_x0, c_eps))
+    a, b = c_x0 * a_x0 + c_eps * a_eps, c_x0 * b_x0 + c_eps * b_eps
+    return ((value.to(torch.float64) - a * x) / b).to(x_t.dtype)
+
+
+def _output_of_velocity(u: Tensor, x_t: Tensor, t: Tensor, process: Process, prediction: Prediction) -> Tensor:
+    """The network output F whose velocity alpha' x0_hat + sigma' eps_hat under `prediction` is u."""
     t64 = t.to(torch.float64)
-    a_x0, b_x0, a_eps, b_eps = prediction.coefficients(t64, process)
-    d_alpha, d_sigma = process.d_alpha(t64), process.d_sigma(t64)
-    shape = (-1,) + (1,) * (x_t.ndim - 1)
-    a_v = (d_alpha * a_x0 + d_sigma * a_eps).reshape(shape)
-    b_v = (d_alpha * b_x0 + d_sigma * b_eps).reshape(shape)
-    return ((u - a_v * x_t.to(torch.float64)) / b_v).to(x_t.dtype)
+    return output_for(u, x_t, t64, process, prediction, process.d_alpha(t64), process.d_sigma(t64))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from diffusion_pl.consistency import BOUNDARY_TOLERANCE, ConsistencyLoss, ECTSchedule, check_boundary
+from diffusion_pl.oracle import output_for
 from diffusion_pl.prediction import EDMPreconditioning, EpsPrediction, VelocityPrediction, X0Prediction
 from diffusion_pl.processes.exploding import EDM, VE
 from diffusion_pl.processes.interpolants import RectifiedFlow, Trigonometric
@@ -36,8 +37,7 @@ def consistency_model(f):
 
     def model(x, t, class_labels=None):
         t = torch.as_tensor(t).expand(x.shape[0]).to(torch.float64)
-        a_x0, b_x0, _, _ = PREDICTION.coefficients(t, PROCESS)
-        return ((f(x.to(torch.float64), t) - a_x0[:, None] * x) / b_x0[:, None]).to(x.dtype)
+        return output_for(f(x.to(torch.float64), t), x, t, PROCESS, PREDICTION)
 
     return model
 

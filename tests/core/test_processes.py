@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from diffusion_pl.oracle import GaussianMixture
-from diffusion_pl.prediction import Denoiser, Prediction
+from diffusion_pl.oracle import GaussianMixture, output_for
+from diffusion_pl.prediction import Denoiser, Prediction, average_velocity_of
 from diffusion_pl.processes.variance_preserving import DDPMDiscrete
 from diffusion_pl.processes.base import Process
 
@@ -158,6 +158,22 @@ def test_target_round_trip(process, prediction):
 
 # -- oracle --------------------------------------------------------------------------------------
 MIXTURE = GaussianMixture.random(3, 2, seed=0)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS, ids=repr)
+@pytest.mark.parametrize("process", PROCESSES, ids=repr)
+def test_output_for_inverts_to_x0_eps_along_x0_and_the_velocity(process, prediction):
+    """output_for(value, ...) is the output whose x0_hat (weights (1, 0)) or velocity alpha' x0_hat + sigma' eps_hat
+    (average_velocity_of) is `value`: the inverse the oracle's exact consistency and average-velocity models use."""
+    t = interior_times(process, 7)
+    t = t[finite_at(process, prediction, t)]
+    g = torch.Generator().manual_seed(2)
+    x_t, value = torch.randn(len(t), 3, generator=g, dtype=F64), torch.randn(len(t), 3, generator=g, dtype=F64)
+    out = output_for(value, x_t, t, process, prediction)
+    torch.testing.assert_close(prediction.to_x0_eps(out, x_t, t, process)[0], value, rtol=1e-9, atol=1e-9)
+    if process.discrete_times() is None:  # alpha', sigma' exist
+        out = output_for(value, x_t, t, process, prediction, process.d_alpha(t), process.d_sigma(t))
+        torch.testing.assert_close(average_velocity_of(out, x_t, t, process, prediction), value, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=repr)

@@ -49,6 +49,9 @@ RESUME_KEYWORDS = ("last", "hpc", "best", "registry")  # --ckpt_path values that
 # Resuming writes into a checkpoint folder that holds the run's earlier checkpoints, on purpose; folders
 # of other runs are refused before training (diffusion_pl.cli.run_folder), so Lightning's warning says nothing.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# Lightning 2.6 calls torch.utils._pytree's LeafSpec, which torch 2.14 deprecates (lightning/pytorch/utilities/
+# _pytree.py:21), once per fit: nothing a user can act on (pyproject.toml filters it for the tests too).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 class DiffusionCLI(LightningCLI):
     """LightningCLI for DiffusionModule and any LightningDataModule, with crash-safe checkpointing.
